@@ -1,0 +1,55 @@
+/**
+ * The core's own cross-field rules: Kata's value rules that belong to no single plugin. Each
+ * returns problems (never throws), so they are reported together with the plugins' vetoes.
+ * Hypervisor-, shared-fs- and TEE-specific rules live in their plugins.
+ */
+import type { Problem } from '../errors.js';
+import { hvKey, type KataConfig } from './types.js';
+
+type Rule = (cfg: KataConfig) => Problem | undefined;
+
+const RULES: readonly Rule[] = [
+  (cfg) =>
+    cfg.hypervisor.default_memory === 0
+      ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'default_memory'), value: 0, reason: 'VM memory cannot be zero', fix: 'set default_memory to the guest memory in MiB, e.g. 2048' }
+      : undefined,
+  (cfg) =>
+    nonEmpty(cfg.hypervisor.image) && nonEmpty(cfg.hypervisor.initrd)
+      ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'initrd'), value: cfg.hypervisor.initrd, reason: 'image and initrd path cannot be both set', fix: 'keep either image or initrd, not both' }
+      : undefined,
+  (cfg) =>
+    !nonEmpty(cfg.hypervisor.image) && !nonEmpty(cfg.hypervisor.initrd)
+      ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'image'), reason: 'missing image and initrd path: the guest needs a root filesystem', fix: 'set image (a guest disk image) or initrd (a guest initramfs)' }
+      : undefined,
+  (cfg) =>
+    !nonEmpty(cfg.hypervisor.kernel)
+      ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'kernel'), reason: 'missing kernel path', fix: 'set kernel to the guest kernel image' }
+      : undefined,
+  (cfg) =>
+    cfg.runtime.disable_new_netns && cfg.runtime.internetworking_model !== 'none'
+      ? {
+          code: 'KATA_ERR_CONFIG_VALUE',
+          key: 'runtime.disable_new_netns',
+          value: true,
+          reason: "disable_new_netns only works with the 'none' internetworking_model",
+          fix: 'set internetworking_model = "none", or disable_new_netns = false',
+        }
+      : undefined,
+  (cfg) =>
+    cfg.factory.vm_cache_number > 0 && cfg.hypervisorName !== 'qemu'
+      ? { code: 'KATA_ERR_CONFIG_VALUE', key: 'factory.vm_cache_number', value: cfg.factory.vm_cache_number, reason: 'the VM cache only supports qemu', fix: 'set vm_cache_number = 0' }
+      : undefined,
+];
+
+export function coreRuleProblems(cfg: KataConfig): Problem[] {
+  const out: Problem[] = [];
+  for (const rule of RULES) {
+    const p = rule(cfg);
+    if (p) out.push(p);
+  }
+  return out;
+}
+
+function nonEmpty(v: unknown): v is string {
+  return typeof v === 'string' && v.length > 0;
+}

@@ -1,0 +1,232 @@
+/**
+ * Coded errors. Every error the runtime raises on purpose carries a `code` from {@link ERROR_CODES};
+ * the table is the single source for the README's error table (a test keeps them in step).
+ *
+ * Messages are prefixed with `[plugin x]` when a plugin is involved, in the manner of rollup/vite,
+ * so that a log line alone tells whose decision it was.
+ */
+
+export interface ErrorCodeInfo {
+  /** What went wrong, in one line. */
+  readonly meaning: string;
+  /** What the user can do about it. */
+  readonly fix: string;
+}
+
+export const ERROR_CODES = Object.freeze({
+  KATA_ERR_USAGE: {
+    meaning: 'The command line is not understood (unknown flag or subcommand, missing argument).',
+    fix: 'Run `kata-runtime --help` and correct the command line.',
+  },
+  KATA_ERR_CONFIG_NOT_FOUND: {
+    meaning: 'No configuration file exists at any of the places looked at.',
+    fix: 'Install a configuration at /etc/kata-containers/configuration.toml, or name one with --config or KATA_CONF_FILE.',
+  },
+  KATA_ERR_CONFIG_READ: {
+    meaning: 'The configuration file exists but cannot be read.',
+    fix: 'Check the file permissions and that the path is a regular file.',
+  },
+  KATA_ERR_CONFIG_PARSE: {
+    meaning: 'The configuration file is not valid TOML.',
+    fix: 'Correct the TOML syntax at the line and column given.',
+  },
+  KATA_ERR_CONFIG_NO_HYPERVISOR: {
+    meaning: 'The configuration has no [hypervisor.<name>] section.',
+    fix: 'Add exactly one hypervisor section, e.g. [hypervisor.qemu] or [hypervisor.clh].',
+  },
+  KATA_ERR_CONFIG_MULTIPLE_HYPERVISORS: {
+    meaning: 'The configuration has more than one [hypervisor.<name>] section.',
+    fix: 'Keep exactly one hypervisor section; use one configuration file per hypervisor.',
+  },
+  KATA_ERR_HYPERVISOR_UNSUPPORTED: {
+    meaning: 'The hypervisor section names a hypervisor for which no plugin exists.',
+    fix: 'Use one of the hypervisors a plugin provides (see the error text), or load a third-party plugin that provides it.',
+  },
+  KATA_ERR_TEE_UNSUPPORTED: {
+    meaning: 'The configuration asks for a confidential-computing technology no plugin provides (e.g. SEV-SNP).',
+    fix: 'Use Intel TDX (confidential_guest = true without other TEE keys), or load a plugin that provides this TEE.',
+  },
+  KATA_ERR_CONFIG_SCHEMA: {
+    meaning: 'A configuration value has the wrong type or is out of range.',
+    fix: 'Correct each key listed; the text after the key says what is expected.',
+  },
+  KATA_ERR_CONFIG_VALUE: {
+    meaning: 'A configuration value is not allowed, alone or together with another key (a Kata value rule).',
+    fix: 'Apply the fix given for the key.',
+  },
+  KATA_ERR_CONFIG_VETO: {
+    meaning: 'A plugin refused a configuration value during the validated config phase.',
+    fix: 'Apply the fix given by the plugin, or disable the feature that plugin serves.',
+  },
+  KATA_ERR_CAPABILITY_MISSING: {
+    meaning: 'A plugin requires a capability that no loaded plugin provides for this configuration.',
+    fix: 'Change the configuration so the hypervisor offers the capability (the error names the key), or drop the plugin that needs it.',
+  },
+  KATA_ERR_CONFIG_INVALID: {
+    meaning: 'The configuration failed validation; the error lists every problem found (each with its own code).',
+    fix: 'Correct every problem listed, then run `kata-runtime validate` again.',
+  },
+  KATA_ERR_PLUGIN_NOT_FOUND: {
+    meaning: 'A plugin named in the configuration cannot be imported (no such file or package).',
+    fix: 'Give an absolute path to an ES module, or the name of an installed package, in [runtime] plugins.',
+  },
+  KATA_ERR_PLUGIN_IMPORT: {
+    meaning: 'A plugin module was found but threw while being imported.',
+    fix: 'Fix the plugin module; the cause is attached.',
+  },
+  KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT: {
+    meaning: 'A plugin module has no default export.',
+    fix: 'Export the plugin as `export default definePlugin({ manifest, apply })`.',
+  },
+  KATA_ERR_PLUGIN_BAD_MANIFEST: {
+    meaning: 'A plugin manifest is missing fields or has fields of the wrong type.',
+    fix: 'Give the manifest a name, a semver version, a runtime range, provides/requires lists, and an apply() function.',
+  },
+  KATA_ERR_PLUGIN_API_VERSION: {
+    meaning: "The plugin's supported runtime API range does not include this runtime's plugin API version.",
+    fix: "Upgrade the plugin, or widen its manifest's `runtime` range after checking it works with this API.",
+  },
+  KATA_ERR_PLUGIN_MISSING_DEPENDENCY: {
+    meaning: 'A plugin requires something (a role such as "hypervisor") that no loaded plugin provides.',
+    fix: 'Load a plugin that provides it, or remove the plugin that requires it.',
+  },
+  KATA_ERR_PLUGIN_DUPLICATE: {
+    meaning: 'Two plugins have the same name.',
+    fix: 'Remove one of them from [runtime] plugins; built-in plugin names cannot be reused.',
+  },
+  KATA_ERR_PLUGIN_APPLY: {
+    meaning: "A plugin's apply() threw while registering its hooks.",
+    fix: 'Fix the plugin; the cause is attached.',
+  },
+  KATA_ERR_PLUGIN_HOOK: {
+    meaning: 'A plugin threw inside one of its hook handlers.',
+    fix: 'Fix the plugin (the error names the plugin and hook); the cause is attached.',
+  },
+  KATA_ERR_PLUGIN_TAP: {
+    meaning: 'A plugin tried to tap a hook under another name, or a hook that does not exist.',
+    fix: 'Tap hooks with the plugin\'s own name (or no name) and only hooks listed in the hook table.',
+  },
+  KATA_ERR_PLUGIN_SCHEMA: {
+    meaning: "A plugin's configuration schema cannot be loaded or compiled.",
+    fix: 'Fix the JSON Schema the plugin manifest points to.',
+  },
+  KATA_ERR_INTERNAL: {
+    meaning: 'An unexpected internal error (a bug in the runtime).',
+    fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',
+  },
+} satisfies Record<string, ErrorCodeInfo>);
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export interface KataErrorOptions {
+  /** The plugin on whose behalf the error is raised. */
+  plugin?: string;
+  /** The hook in which it was raised. */
+  hook?: string;
+  /** Dotted configuration key path, e.g. `hypervisor.clh.shared_fs`. */
+  key?: string;
+  /** The offending value, when there is one. */
+  value?: unknown;
+  /** What the user should do; defaults to the code's generic fix. */
+  fix?: string;
+  cause?: unknown;
+}
+
+/** Base class of every coded error. `code`, `plugin`, `hook` and `key` are what tests and tools assert on. */
+export class KataError extends Error {
+  readonly code: ErrorCode;
+  readonly plugin: string | undefined;
+  readonly hook: string | undefined;
+  readonly key: string | undefined;
+  readonly value: unknown;
+  readonly fix: string;
+
+  constructor(code: ErrorCode, message: string, opts: KataErrorOptions = {}) {
+    super(opts.plugin ? `[plugin ${opts.plugin}] ${message}` : message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'KataError';
+    this.code = code;
+    this.plugin = opts.plugin;
+    this.hook = opts.hook;
+    this.key = opts.key;
+    this.value = opts.value;
+    this.fix = opts.fix ?? ERROR_CODES[code].fix;
+  }
+
+  toJSON(): Record<string, unknown> {
+    return dropUndefined({
+      code: this.code,
+      message: this.message,
+      plugin: this.plugin,
+      hook: this.hook,
+      key: this.key,
+      value: this.value,
+      fix: this.fix,
+    });
+  }
+}
+
+/**
+ * One problem found while judging a configuration. The validated config phase collects these from
+ * the schema check, the core's value rules and every plugin, then throws them together.
+ */
+export interface Problem {
+  readonly code: ErrorCode;
+  /** Dotted key path the problem is about. */
+  readonly key: string;
+  readonly value?: unknown;
+  readonly reason: string;
+  readonly fix: string;
+  /** Plugin that raised it; absent for the core's own rules. */
+  readonly plugin?: string;
+  readonly hook?: string;
+}
+
+/** Raised when a configuration has one or more problems; `problems` holds all of them. */
+export class ConfigInvalidError extends KataError {
+  readonly problems: readonly Problem[];
+  readonly configPath: string | undefined;
+
+  constructor(problems: readonly Problem[], configPath?: string) {
+    const where = configPath ? `${configPath}: ` : '';
+    const lines = problems.map((p) => `  - ${formatProblem(p)}`);
+    super('KATA_ERR_CONFIG_INVALID', `${where}invalid configuration (${problems.length} problem${problems.length === 1 ? '' : 's'}):\n${lines.join('\n')}`);
+    this.problems = problems;
+    this.configPath = configPath;
+  }
+
+  override toJSON(): Record<string, unknown> {
+    return { code: this.code, configPath: this.configPath, problems: this.problems.map((p) => dropUndefined({ ...p })) };
+  }
+}
+
+/** `[plugin tdx] hypervisor.clh.shared_fs = "virtio-fs": reason (fix: …) [KATA_ERR_CONFIG_VETO]` */
+export function formatProblem(p: Problem): string {
+  const who = p.plugin ? `[plugin ${p.plugin}] ` : '';
+  const val = p.value === undefined ? '' : ` = ${formatValue(p.value)}`;
+  return `${who}${p.key}${val}: ${p.reason} (fix: ${p.fix}) [${p.code}]`;
+}
+
+export function formatValue(v: unknown): string {
+  if (typeof v === 'bigint') return v.toString();
+  try {
+    return JSON.stringify(v) ?? String(v);
+  } catch {
+    return String(v);
+  }
+}
+
+export function isKataError(e: unknown): e is KataError {
+  return e instanceof KataError;
+}
+
+/** Wraps anything thrown into a KataError, keeping coded errors as they are. */
+export function toKataError(e: unknown, fallback: ErrorCode = 'KATA_ERR_INTERNAL', opts: KataErrorOptions = {}): KataError {
+  if (e instanceof KataError) return e;
+  const msg = e instanceof Error ? e.message : String(e);
+  return new KataError(fallback, msg, { ...opts, cause: e });
+}
+
+function dropUndefined<T extends Record<string, unknown>>(o: T): T {
+  for (const k of Object.keys(o)) if (o[k] === undefined) delete o[k];
+  return o;
+}

@@ -1,0 +1,139 @@
+/**
+ * The hook table: every hook the core calls, declared once, each with its tapable kind. Plugins get
+ * a tap-only view of it (see {@link createTapView}); the core wraps each tap so that whatever a
+ * handler throws comes out as a KATA_ERR_PLUGIN_HOOK error naming the plugin and the hook.
+ *
+ * Order within a hook is set with the named {@link STAGE} constants, never bare numbers.
+ */
+import { SyncHook, SyncWaterfallHook } from 'tapable';
+import type { CapabilityView, ReadonlyCapabilities } from './capabilities.js';
+import { SCOPE_FOR_PLUGIN } from './capabilities.js';
+import type { KataConfig, RawConfig } from './config/types.js';
+import { KataError } from './errors.js';
+import type { SandboxPlan } from './plan.js';
+import type { VerdictView } from './verdict.js';
+
+/** Named stages: hypervisor plugins first (they declare capabilities and build the VM spec), confidential-computing plugins late (they remove and override), finalisers last. */
+export const STAGE = Object.freeze({
+  /** The hypervisor plugin: base capabilities, the initial VM launch spec. */
+  HYPERVISOR: -100,
+  /** Device and feature plugins (shared fs, block devices): the default. */
+  DEVICES: 0,
+  /** Confidential-computing plugins: remove what a TEE cannot have, add TEE settings. */
+  CONFIDENTIAL: 100,
+  /** Render the launch artefact (argv, request body) from the finished spec. */
+  FINALIZE: 1000,
+});
+
+export type Stage = (typeof STAGE)[keyof typeof STAGE];
+
+/** Creates the hook table of one runtime instance. */
+export function createHooks() {
+  return Object.freeze({
+    /**
+     * The parsed TOML, before the shape check. Return a (possibly new) raw object to normalise or
+     * migrate keys. Runs after plugins are loaded, so it cannot change which plugins load.
+     */
+    configParsed: new SyncWaterfallHook<[RawConfig]>(['raw']),
+    /**
+     * Declare what this configuration's VM can do. The hypervisor plugin taps at STAGE.HYPERVISOR
+     * and adds its capabilities; later plugins add (a shared-fs daemon's features) or remove (a TEE
+     * removes CPU/memory hot-plug). Handlers receive a view that stamps changes with their name.
+     */
+    capabilities: new SyncHook<[CapabilityView, KataConfig]>(['capabilities', 'config']),
+    /**
+     * The validated config phase: record vetoes (`verdict.veto`), requirements
+     * (`verdict.require(capability, why)`) and warnings. The core then checks requirements against
+     * capabilities and throws one error listing every problem.
+     */
+    validate: new SyncHook<[KataConfig, VerdictView, ReadonlyCapabilities]>(['config', 'verdict', 'capabilities']),
+    /**
+     * Build the sandbox plan. The hypervisor plugin creates `plan.vm` at STAGE.HYPERVISOR, device
+     * plugins add to it, confidential plugins edit it, and the hypervisor plugin renders
+     * `plan.vm.launch` at STAGE.FINALIZE. Runs only for a valid configuration.
+     */
+    plan: new SyncWaterfallHook<[SandboxPlan, KataConfig, ReadonlyCapabilities]>(['plan', 'config', 'capabilities']),
+  });
+}
+
+export type Hooks = ReturnType<typeof createHooks>;
+export type HookName = keyof Hooks;
+
+/** Argument types as a plugin sees them (scoped views instead of the core's objects). */
+type TapArgs<H> = H extends SyncHook<infer A, unknown> ? (A extends unknown[] ? A : [A]) : never;
+type TapResult<H> = H extends SyncHook<unknown, infer R> ? R | undefined : never;
+
+export interface TapOptions {
+  /** Must be the plugin's own name when given. */
+  name?: string;
+  stage?: Stage;
+}
+
+export interface TapOnly<H> {
+  tap(nameOrOptions: string | TapOptions, fn: (...args: TapArgs<H>) => TapResult<H>): void;
+}
+
+/** What a plugin's apply() receives as `hooks`: tap, and nothing else. */
+export type TapOnlyHooks = { readonly [K in HookName]: TapOnly<Hooks[K]> };
+
+/** Objects the core passes to hooks that hand out per-plugin views. */
+interface Scopable {
+  [SCOPE_FOR_PLUGIN](plugin: string, hook: string): unknown;
+}
+
+function scope(arg: unknown, plugin: string, hook: string): unknown {
+  if (arg !== null && typeof arg === 'object' && SCOPE_FOR_PLUGIN in arg) return (arg as Scopable)[SCOPE_FOR_PLUGIN](plugin, hook);
+  return arg;
+}
+
+/**
+ * Builds the tap-only view of `hooks` for one plugin. Every handler is wrapped: its arguments are
+ * replaced by views stamped with the plugin's name, and anything it throws becomes a
+ * KATA_ERR_PLUGIN_HOOK error carrying `plugin` and `hook` (a KataError thrown on purpose keeps its
+ * own code but gains the plugin and hook).
+ */
+export function createTapView(hooks: Hooks, plugin: string): TapOnlyHooks {
+  const view: Record<string, { tap(nameOrOptions: string | TapOptions, fn: (...args: unknown[]) => unknown): void }> = {};
+  for (const hookName of Object.keys(hooks) as HookName[]) {
+    const hook = hooks[hookName] as unknown as { tap(opts: { name: string; stage?: number }, fn: (...a: unknown[]) => unknown): void };
+    view[hookName] = Object.freeze({
+      tap(nameOrOptions: string | TapOptions, fn: (...args: unknown[]) => unknown) {
+        const opts = typeof nameOrOptions === 'string' ? { name: nameOrOptions } : nameOrOptions ?? {};
+        if (opts.name !== undefined && opts.name !== plugin) {
+          throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" as "${opts.name}"; a plugin taps under its own name`, { plugin, hook: hookName });
+        }
+        if (typeof fn !== 'function') {
+          throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" without a handler function`, { plugin, hook: hookName });
+        }
+        hook.tap({ name: plugin, ...(opts.stage === undefined ? {} : { stage: opts.stage }) }, (...args: unknown[]) => {
+          try {
+            return fn(...args.map((a) => scope(a, plugin, hookName)));
+          } catch (e) {
+            throw stampHookError(e, plugin, hookName);
+          }
+        });
+      },
+    });
+  }
+  return new Proxy(Object.freeze(view), {
+    get(target, prop) {
+      if (typeof prop === 'string' && !(prop in target)) {
+        throw new KataError('KATA_ERR_PLUGIN_TAP', `there is no hook "${prop}"; hooks are: ${Object.keys(target).join(', ')}`, { plugin, hook: prop });
+      }
+      return Reflect.get(target, prop);
+    },
+  }) as unknown as TapOnlyHooks;
+}
+
+function stampHookError(e: unknown, plugin: string, hook: string): KataError {
+  if (e instanceof KataError) {
+    if (e.plugin === plugin && e.hook === hook) return e;
+    const stamped = new KataError(e.code, e.plugin ? e.message.replace(/^\[plugin [^\]]+\] /, '') : e.message, {
+      plugin, hook, key: e.key, value: e.value, fix: e.fix, cause: e.cause,
+    });
+    return stamped;
+  }
+  const msg = e instanceof Error ? e.message : String(e);
+  return new KataError('KATA_ERR_PLUGIN_HOOK', `${hook} handler threw: ${msg}`, { plugin, hook, cause: e });
+}
+

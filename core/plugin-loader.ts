@@ -1,0 +1,179 @@
+/**
+ * Plugin loading. Built-in plugins are imported by name from plugins/<name>/; third-party plugins
+ * by absolute path or package name from `[runtime] plugins`. Each is checked in a fixed order
+ * before its apply() runs (as fastify-plugin does):
+ *
+ *   1. the module imports (KATA_ERR_PLUGIN_NOT_FOUND / KATA_ERR_PLUGIN_IMPORT)
+ *   2. it has a default export (KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT)
+ *   3. the manifest has the right shape and apply() is a function (KATA_ERR_PLUGIN_BAD_MANIFEST)
+ *   4. its name is not taken (KATA_ERR_PLUGIN_DUPLICATE)
+ *   5. its API range includes this runtime's plugin API (KATA_ERR_PLUGIN_API_VERSION)
+ *   6. once all are loaded: every `requires` is provided (KATA_ERR_PLUGIN_MISSING_DEPENDENCY)
+ *   7. apply() does not throw (KATA_ERR_PLUGIN_APPLY)
+ */
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import semver from 'semver';
+import { KataError } from './errors.js';
+import { createTapView, type Hooks } from './hooks.js';
+import type { Logger } from './logger.js';
+import { builtinSchema } from './config/schema.js';
+import { PLUGIN_API_VERSION, type KataPlugin, type PluginManifest } from './plugin-api.js';
+
+/** Built-in plugins, by name. Their modules are only imported when the configuration needs them. */
+export const BUILTIN_PLUGINS = Object.freeze(['clh', 'qemu', 'virtiofs', 'devmapper', 'tdx'] as const);
+export type BuiltinPluginName = (typeof BUILTIN_PLUGINS)[number];
+
+/** Built-in hypervisor plugins, by `[hypervisor.<name>]` section name. */
+export const BUILTIN_HYPERVISORS: readonly string[] = Object.freeze(['clh', 'qemu']);
+
+export interface LoadedPlugin {
+  readonly plugin: KataPlugin;
+  readonly manifest: PluginManifest;
+  readonly builtin: boolean;
+  /** What was imported: the built-in name, a file URL or a package name. */
+  readonly specifier: string;
+  /** Resolved module URL, when known (for schema paths relative to the module). */
+  readonly moduleUrl: string | undefined;
+  /** Why the plugin was loaded, e.g. `shared_fs = "virtio-fs"`. */
+  readonly reason: string;
+}
+
+export async function importBuiltin(name: BuiltinPluginName, reason: string): Promise<LoadedPlugin> {
+  const url = new URL(`../plugins/${name}/index.js`, import.meta.url).href;
+  const mod = await importModule(url, name);
+  return checkModule(mod, { specifier: name, moduleUrl: url, builtin: true, reason });
+}
+
+/** `spec` is an absolute path to an ES module or an installed package name. */
+export async function importThirdParty(spec: string, reason: string): Promise<LoadedPlugin> {
+  let target: string;
+  if (path.isAbsolute(spec)) target = pathToFileURL(spec).href;
+  else if (spec.startsWith('.') || spec.includes(path.sep + path.sep)) {
+    throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" is a relative path`, {
+      key: 'runtime.plugins',
+      value: spec,
+      fix: 'Name a plugin by absolute path, or by the name of a package installed next to the runtime.',
+    });
+  } else target = spec;
+  const mod = await importModule(target, spec);
+  return checkModule(mod, {
+    specifier: spec,
+    moduleUrl: target.startsWith('file:') ? target : undefined,
+    builtin: false,
+    reason,
+  });
+}
+
+async function importModule(target: string, spec: string): Promise<unknown> {
+  try {
+    return await import(target);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    const notFound = err.code === 'ERR_MODULE_NOT_FOUND' || err.code === 'ERR_UNSUPPORTED_DIR_IMPORT' || err.code === 'ERR_PACKAGE_PATH_NOT_EXPORTED';
+    // A missing module *inside* the plugin is the plugin's bug, not a missing plugin.
+    if (notFound && mentions(err.message, spec, target)) {
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" cannot be found`, { key: 'runtime.plugins', value: spec, cause: e });
+    }
+    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `plugin "${spec}" failed to import: ${err.message ?? String(e)}`, { key: 'runtime.plugins', value: spec, cause: e });
+  }
+}
+
+function mentions(message: string, spec: string, target: string): boolean {
+  const file = target.startsWith('file:') ? decodeURIComponent(new URL(target).pathname) : target;
+  return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`);
+}
+
+async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'manifest'>): Promise<LoadedPlugin> {
+  const plugin = (mod as { default?: unknown }).default;
+  if (plugin === undefined || plugin === null) {
+    throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `plugin module "${meta.specifier}" has no default export`, { value: meta.specifier });
+  }
+  const problems = await manifestProblems(plugin);
+  const named = (plugin as { manifest?: { name?: unknown } }).manifest?.name;
+  const who = typeof named === 'string' ? named : meta.specifier;
+  if (problems.length > 0) {
+    throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `plugin "${who}" has a bad manifest: ${problems.join('; ')}`, { value: meta.specifier });
+  }
+  const p = plugin as KataPlugin;
+  if (!semver.satisfies(PLUGIN_API_VERSION, p.manifest.runtime)) {
+    throw new KataError('KATA_ERR_PLUGIN_API_VERSION', `supports plugin API ${p.manifest.runtime}, but this runtime implements ${PLUGIN_API_VERSION}`, {
+      plugin: p.manifest.name,
+      value: p.manifest.runtime,
+    });
+  }
+  return { ...meta, plugin: p, manifest: p.manifest };
+}
+
+/**
+ * Every reason the default export is not a usable plugin, or none. The shape comes from
+ * schemas/plugin-manifest.schema.json; semver validity is checked here (JSON Schema cannot).
+ */
+export async function manifestProblems(plugin: unknown): Promise<string[]> {
+  if (plugin === null || typeof plugin !== 'object') return ['the default export is not an object'];
+  const { manifest, apply } = plugin as { manifest?: unknown; apply?: unknown };
+  const out: string[] = [];
+  if (typeof apply !== 'function') out.push('apply must be a function');
+  if (manifest === null || typeof manifest !== 'object') {
+    out.push('manifest must be an object');
+    return out;
+  }
+  const shape = await builtinSchema('plugin-manifest.schema.json', '', 'core');
+  if (!shape.validate(manifest)) {
+    for (const e of shape.validate.errors ?? []) {
+      const where = ['manifest', ...e.instancePath.split('/').slice(1)].join('.');
+      const missing = e.keyword === 'required' ? `.${(e.params as { missingProperty: string }).missingProperty}` : '';
+      out.push(`${where}${missing}: ${e.keyword === 'required' ? 'is required' : e.message ?? 'is invalid'}`);
+    }
+  }
+  const m = manifest as Record<string, unknown>;
+  if (typeof m.version === 'string' && semver.valid(m.version) === null) out.push('manifest.version: must be a semver version');
+  if (typeof m.runtime === 'string' && semver.validRange(m.runtime) === null) out.push('manifest.runtime: must be a semver range (e.g. "^1.0.0")');
+  return out;
+}
+
+/** Checks names are unique and every `requires` is provided. */
+export function checkPluginSet(plugins: readonly LoadedPlugin[]): void {
+  const byName = new Map<string, LoadedPlugin>();
+  for (const p of plugins) {
+    const prev = byName.get(p.manifest.name);
+    if (prev) {
+      throw new KataError('KATA_ERR_PLUGIN_DUPLICATE', `plugin name "${p.manifest.name}" is used by both ${describe(prev)} and ${describe(p)}`, {
+        plugin: p.manifest.name,
+        key: 'runtime.plugins',
+        value: p.specifier,
+      });
+    }
+    byName.set(p.manifest.name, p);
+  }
+  const provided = new Set<string>();
+  for (const p of plugins) {
+    provided.add(p.manifest.name);
+    for (const r of p.manifest.provides ?? []) provided.add(r);
+  }
+  for (const p of plugins) {
+    for (const r of p.manifest.requires ?? []) {
+      if (!provided.has(r)) {
+        throw new KataError('KATA_ERR_PLUGIN_MISSING_DEPENDENCY', `requires "${r}", which no loaded plugin provides (loaded: ${[...byName.keys()].join(', ')})`, {
+          plugin: p.manifest.name,
+          value: r,
+        });
+      }
+    }
+  }
+}
+
+function describe(p: LoadedPlugin): string {
+  return p.builtin ? `the built-in plugin` : `"${p.specifier}"`;
+}
+
+/** Calls apply() with the plugin's tap-only view. */
+export function applyPlugin(p: LoadedPlugin, hooks: Hooks, log: Logger): void {
+  const name = p.manifest.name;
+  try {
+    p.plugin.apply(Object.freeze({ name, hooks: createTapView(hooks, name), log: log.child({ plugin: name }), apiVersion: PLUGIN_API_VERSION }));
+  } catch (e) {
+    if (e instanceof KataError && e.code === 'KATA_ERR_PLUGIN_TAP') throw e;
+    throw new KataError('KATA_ERR_PLUGIN_APPLY', `apply() threw: ${e instanceof Error ? e.message : String(e)}`, { plugin: name, cause: e });
+  }
+}

@@ -1,0 +1,325 @@
+/**
+ * The configuration phase, from TOML to a frozen ValidatedConfig and SandboxPlan:
+ *
+ *   parse → pick plugins → load and apply them → configParsed → shape check (core + plugin
+ *   schemas) → capabilities → core value rules + validate hook → requirements vs capabilities →
+ *   plan.
+ *
+ * Problems found from the shape check on are collected, not thrown one at a time: the caller gets
+ * every problem at once. Errors before that (unreadable file, no hypervisor section, a plugin that
+ * will not load) stop the phase immediately, since nothing after them can be judged.
+ */
+import { CapabilitySet, type CapabilityRecord, type CapabilityView, type RemovedCapability } from './capabilities.js';
+import { checkShape, builtinSchema, pluginSchema, type TableSchema } from './config/schema.js';
+import { coreRuleProblems } from './config/rules.js';
+import { parseToml, readConfigFile } from './config/parse.js';
+import type { KataConfig, RawConfig } from './config/types.js';
+import { ConfigInvalidError, KataError, type Problem } from './errors.js';
+import { createHooks, type Hooks } from './hooks.js';
+import { silentLogger, type Logger } from './logger.js';
+import type { SandboxPlan } from './plan.js';
+import {
+  BUILTIN_HYPERVISORS,
+  applyPlugin,
+  checkPluginSet,
+  importBuiltin,
+  importThirdParty,
+  type BuiltinPluginName,
+  type LoadedPlugin,
+} from './plugin-loader.js';
+import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
+
+export interface JudgeOptions {
+  /** Configuration file to read. */
+  file?: string;
+  /** TOML text (with `file` used only for messages). */
+  text?: string;
+  /** An already-parsed configuration. */
+  raw?: RawConfig;
+  log?: Logger;
+}
+
+export interface PluginInfo {
+  readonly name: string;
+  readonly version: string;
+  readonly builtin: boolean;
+  readonly specifier: string;
+  readonly reason: string;
+  readonly provides: readonly string[];
+}
+
+/** Everything the validated config phase decided, valid or not. */
+export interface Judgement {
+  readonly valid: boolean;
+  readonly configPath: string | undefined;
+  readonly hypervisor: string;
+  readonly plugins: readonly PluginInfo[];
+  readonly capabilities: readonly CapabilityRecord[];
+  readonly removedCapabilities: readonly RemovedCapability[];
+  readonly requirements: readonly (Requirement & { readonly met: boolean })[];
+  readonly problems: readonly Problem[];
+  readonly warnings: readonly ConfigWarning[];
+  readonly unknownKeys: readonly string[];
+  /** Present when the configuration passed the shape check. */
+  readonly config: KataConfig | undefined;
+  /** Present when the configuration is valid. */
+  readonly plan: SandboxPlan | undefined;
+}
+
+export interface ValidatedConfig {
+  readonly config: KataConfig;
+  readonly plan: SandboxPlan;
+  readonly judgement: Judgement;
+  /** The hook table the plugins tapped; the sandbox lifecycle goes on using it. */
+  readonly hooks: Hooks;
+  readonly plugins: readonly LoadedPlugin[];
+}
+
+interface PhaseState {
+  judgement: Judgement;
+  hooks: Hooks;
+  plugins: LoadedPlugin[];
+}
+
+/** Runs the validated config phase and reports every decision; throws only for errors that stop it early. */
+export async function judgeConfig(opts: JudgeOptions): Promise<Judgement> {
+  return (await runPhase(opts)).judgement;
+}
+
+/** Runs the validated config phase; throws ConfigInvalidError listing every problem when invalid. */
+export async function loadValidatedConfig(opts: JudgeOptions): Promise<ValidatedConfig> {
+  const { judgement, hooks, plugins } = await runPhase(opts);
+  if (!judgement.valid || !judgement.config || !judgement.plan) throw new ConfigInvalidError(judgement.problems, judgement.configPath);
+  return Object.freeze({ config: judgement.config, plan: judgement.plan, judgement, hooks, plugins });
+}
+
+async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
+  const log = opts.log ?? silentLogger();
+  const configPath = opts.file;
+  const parsed = opts.raw ?? (opts.text !== undefined ? parseToml(opts.text, opts.file) : configPath ? readConfigFile(configPath) : undefined);
+  if (!parsed) throw new KataError('KATA_ERR_INTERNAL', 'judgeConfig needs a file, a text or a raw configuration');
+  if (configPath) log.info({ path: configPath }, 'configuration loaded');
+
+  const hypervisorName = pickHypervisorSection(parsed, configPath);
+  const hypervisorTable = `hypervisor.${hypervisorName}`;
+  const problems: Problem[] = [];
+
+  // Plugins: third-party first (one of them may provide the hypervisor), then the built-ins the
+  // configuration needs.
+  const plugins: LoadedPlugin[] = [];
+  for (const spec of thirdPartySpecs(parsed)) plugins.push(await importThirdParty(spec, 'listed in runtime.plugins'));
+  const hvSection = parsed.hypervisor && (parsed.hypervisor as Record<string, unknown>)[hypervisorName];
+  const hv = (isObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
+  if (BUILTIN_HYPERVISORS.includes(hypervisorName)) {
+    plugins.unshift(await importBuiltin(hypervisorName as BuiltinPluginName, `[${hypervisorTable}] section`));
+  } else if (!plugins.some((p) => p.manifest.provides?.includes(`hypervisor:${hypervisorName}`))) {
+    const available = [...BUILTIN_HYPERVISORS, ...plugins.flatMap((p) => (p.manifest.provides ?? []).filter((r) => r.startsWith('hypervisor:')).map((r) => r.slice(11)))];
+    throw new KataError('KATA_ERR_HYPERVISOR_UNSUPPORTED', `configuration file contains hypervisor section [${hypervisorTable}], but no plugin provides the "${hypervisorName}" hypervisor (available: ${available.join(', ')})`, {
+      key: hypervisorTable,
+      value: hypervisorName,
+      fix: `Use a configuration for one of: ${available.join(', ')}; or list a plugin providing "hypervisor:${hypervisorName}" in [runtime] plugins.`,
+    });
+  }
+  for (const [name, reason] of builtinsFor(hv, hypervisorTable, problems)) plugins.push(await importBuiltin(name, reason));
+  checkPluginSet(plugins);
+
+  const hooks = createHooks();
+  for (const p of plugins) applyPlugin(p, hooks, log);
+
+  const raw = hooks.configParsed.call(structuredClone(parsed)) ?? parsed;
+
+  // Shape check. Missing tables are created first so that their defaults are filled in.
+  const data = raw as Record<string, unknown>;
+  for (const t of ['runtime', 'factory'] as const) if (!isObject(data[t])) data[t] ??= {};
+  if (!isObject(data.agent)) data.agent ??= { kata: {} };
+  const schemas = await schemasFor(plugins);
+  const shape = checkShape(data, schemas, hypervisorTable);
+  for (const key of shape.unknownKeys) log.warn({ key, path: configPath }, `unknown configuration key ${key} (ignored)`);
+  problems.push(...shape.problems);
+
+  const info = plugins.map(pluginInfo);
+  if (shape.problems.length > 0) {
+    // Values of the wrong type would mislead every later rule: report the shape problems alone.
+    return {
+      judgement: freezeJudgement({ valid: false, configPath, hypervisor: hypervisorName, plugins: info, capabilities: [], removedCapabilities: [], requirements: [], problems, warnings: [], unknownKeys: shape.unknownKeys, config: undefined, plan: undefined }),
+      hooks,
+      plugins,
+    };
+  }
+
+  const config = deepFreeze(buildConfig(data, configPath, hypervisorName, hypervisorTable));
+  const caps = new CapabilitySet();
+  // The hook's handlers receive per-plugin views of `caps` (see createTapView).
+  const asView = caps as unknown as CapabilityView;
+  hooks.capabilities.call(asView, config);
+
+  const verdict = new Verdict();
+  problems.push(...coreRuleProblems(config));
+  hooks.validate.call(config, verdict as unknown as Parameters<Hooks['validate']['call']>[1], caps.readonly());
+  problems.push(...verdict.problems);
+
+  const requirements = verdict.requirements.map((r) => ({ ...r, met: caps.has(r.capability) }));
+  for (const r of requirements) if (!r.met) problems.push(unmetRequirement(r, caps, hypervisorTable));
+
+  let plan: SandboxPlan | undefined;
+  if (problems.length === 0) plan = buildPlan(hooks, config, caps, verdict);
+
+  return {
+    judgement: freezeJudgement({
+      valid: problems.length === 0,
+      configPath,
+      hypervisor: hypervisorName,
+      plugins: info,
+      capabilities: caps.records(),
+      removedCapabilities: caps.removed(),
+      requirements,
+      problems,
+      warnings: verdict.warnings,
+      unknownKeys: shape.unknownKeys,
+      config,
+      plan,
+    }),
+    hooks,
+    plugins,
+  };
+}
+
+function pickHypervisorSection(raw: RawConfig, file: string | undefined): string {
+  const where = file ? `${file}: ` : '';
+  const hv = raw.hypervisor;
+  const names = isObject(hv) ? Object.keys(hv).filter((k) => isObject(hv[k])) : [];
+  if (names.length === 0) {
+    throw new KataError('KATA_ERR_CONFIG_NO_HYPERVISOR', `${where}the configuration has no [hypervisor.<name>] section`, { key: 'hypervisor' });
+  }
+  if (names.length > 1) {
+    throw new KataError('KATA_ERR_CONFIG_MULTIPLE_HYPERVISORS', `${where}the configuration has ${names.length} hypervisor sections (${names.map((n) => `[hypervisor.${n}]`).join(', ')}); exactly one is allowed`, {
+      key: 'hypervisor',
+      value: names,
+    });
+  }
+  return names[0] as string;
+}
+
+function thirdPartySpecs(raw: RawConfig): string[] {
+  const list = isObject(raw.runtime) ? raw.runtime.plugins : undefined;
+  // A malformed list is reported by the shape check; nothing is loaded from it.
+  return Array.isArray(list) && list.every((s) => typeof s === 'string' && s.length > 0) ? (list as string[]) : [];
+}
+
+/**
+ * Which built-in plugins this hypervisor section needs, and why. Reads raw values (before the
+ * shape check), applying Kata's defaults for absent keys; a value of the wrong type loads nothing
+ * and is reported by the shape check.
+ */
+function builtinsFor(hv: Record<string, unknown>, table: string, problems: Problem[]): [BuiltinPluginName, string][] {
+  const out: [BuiltinPluginName, string][] = [];
+  const sharedFs = hv.shared_fs ?? 'virtio-fs';
+  if (sharedFs === 'virtio-fs' || sharedFs === 'virtio-fs-nydus') out.push(['virtiofs', `shared_fs = "${sharedFs}"`]);
+  if (hv.disable_block_device_use !== true && (hv.disable_block_device_use === undefined || hv.disable_block_device_use === false)) {
+    out.push(['devmapper', 'disable_block_device_use = false']);
+  }
+  if (hv.confidential_guest === true) {
+    if (hv.sev_snp_guest === true) {
+      problems.push({
+        code: 'KATA_ERR_TEE_UNSUPPORTED',
+        key: `${table}.sev_snp_guest`,
+        value: true,
+        reason: 'AMD SEV-SNP confidential guests are not supported: no plugin provides SEV-SNP (only Intel TDX, through the tdx plugin)',
+        fix: 'remove sev_snp_guest to run an Intel TDX guest, or set confidential_guest = false',
+      });
+    } else {
+      out.push(['tdx', 'confidential_guest = true']);
+    }
+  }
+  return out;
+}
+
+async function schemasFor(plugins: readonly LoadedPlugin[]): Promise<TableSchema[]> {
+  const schemas = [await builtinSchema('configuration.schema.json', '', 'core'), await builtinSchema('hypervisor-common.schema.json', 'hypervisor.*', 'core')];
+  for (const p of plugins) {
+    const c = p.manifest.config;
+    if (!c) continue;
+    schemas.push(
+      p.builtin && typeof c.schema === 'string' ? await builtinSchema(c.schema, c.table, p.manifest.name) : await pluginSchema(c.schema, c.table, p.manifest.name, p.moduleUrl),
+    );
+  }
+  return schemas;
+}
+
+function buildConfig(data: Record<string, unknown>, path: string | undefined, hypervisorName: string, hypervisorTable: string): KataConfig {
+  const agents = data.agent as Record<string, KataConfig['agent']>;
+  const agentNames = Object.keys(agents);
+  // Kata reads every [agent.*] table and the last one wins; prefer [agent.kata] when present.
+  const agent = agents.kata ?? agents[agentNames[agentNames.length - 1] ?? 'kata'] ?? ({} as KataConfig['agent']);
+  return {
+    path,
+    hypervisorName,
+    hypervisorTable,
+    hypervisor: (data.hypervisor as Record<string, KataConfig['hypervisor']>)[hypervisorName] as KataConfig['hypervisor'],
+    agent,
+    runtime: data.runtime as KataConfig['runtime'],
+    factory: data.factory as KataConfig['factory'],
+    data,
+  };
+}
+
+function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict): SandboxPlan {
+  const initial: SandboxPlan = {
+    hypervisor: config.hypervisorName,
+    sharedFs: 'none',
+    rootfs: [],
+    blockDriver: null,
+    confidential: null,
+    vm: { hypervisor: config.hypervisorName },
+    notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
+  };
+  const plan = hooks.plan.call(initial, config, caps.readonly()) ?? initial;
+  if (plan.vm.launch === undefined) {
+    throw new KataError('KATA_ERR_INTERNAL', `the "${config.hypervisorName}" hypervisor plugin built no launch description in the plan hook`, { key: config.hypervisorTable });
+  }
+  if (plan.rootfs.length === 0) {
+    plan.notes.push({
+      by: 'core',
+      level: 'warn',
+      message: 'no way to deliver a container rootfs: shared_fs is "none" and block devices are disabled; only images pulled inside the guest can run',
+    });
+  }
+  // The capability set is final by now; record what the plan relied on.
+  if (caps.has('block-device-hotplug') && plan.rootfs.includes('block-hotplug') && plan.blockDriver === null) {
+    throw new KataError('KATA_ERR_INTERNAL', 'the plan delivers the rootfs by block hot-plug but names no block driver');
+  }
+  return deepFreeze(plan);
+}
+
+function unmetRequirement(r: Requirement, caps: CapabilitySet, hypervisorTable: string): Problem {
+  const removed = caps.removed().find((x) => x.name === r.capability);
+  const because = removed ? ` (removed by plugin ${removed.by}: ${removed.why})` : '';
+  return {
+    code: 'KATA_ERR_CAPABILITY_MISSING',
+    plugin: r.plugin,
+    hook: 'validate',
+    key: r.key ?? hypervisorTable,
+    reason: `requires capability "${r.capability}", which this configuration does not provide${because}: ${r.why}`,
+    fix: r.fix ?? `change the configuration so that the hypervisor provides "${r.capability}"`,
+  };
+}
+
+function pluginInfo(p: LoadedPlugin): PluginInfo {
+  return { name: p.manifest.name, version: p.manifest.version, builtin: p.builtin, specifier: p.specifier, reason: p.reason, provides: p.manifest.provides ?? [] };
+}
+
+function freezeJudgement(j: Judgement): Judgement {
+  return Object.freeze(j);
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Date);
+}
+
+export function deepFreeze<T>(o: T): T {
+  if (o !== null && typeof o === 'object' && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o as Record<string, unknown>)) deepFreeze(v);
+  }
+  return o;
+}

@@ -1,0 +1,84 @@
+/**
+ * The verdict of the validated config phase. Each plugin's `validate` handler receives a view that
+ * stamps every veto, requirement and warning with the plugin's name and the hook, so a plugin can
+ * neither forget its name nor claim another's.
+ */
+import type { ErrorCode, Problem } from './errors.js';
+import type { CapabilityName } from './capabilities.js';
+import { SCOPE_FOR_PLUGIN } from './capabilities.js';
+
+/** Codes a plugin may raise through the verdict. */
+export type VetoCode = Extract<ErrorCode, 'KATA_ERR_CONFIG_VETO' | 'KATA_ERR_CONFIG_VALUE' | 'KATA_ERR_TEE_UNSUPPORTED'>;
+
+export interface Veto {
+  /** Dotted key path, e.g. `hypervisor.clh.shared_fs`. */
+  key: string;
+  value?: unknown;
+  /** Why the value is not allowed here. */
+  reason: string;
+  /** What the user should change. */
+  fix: string;
+  /** Defaults to KATA_ERR_CONFIG_VETO. */
+  code?: VetoCode;
+}
+
+export interface Requirement {
+  readonly capability: CapabilityName;
+  readonly why: string;
+  readonly plugin: string;
+  /** The key whose value makes the capability appear; named in the error when it is missing. */
+  readonly key?: string;
+  readonly fix?: string;
+}
+
+export interface ConfigWarning {
+  readonly plugin: string | undefined;
+  readonly key: string;
+  readonly message: string;
+}
+
+/** What a plugin's `validate` handler receives. */
+export interface VerdictView {
+  veto(v: Veto): void;
+  require(capability: CapabilityName, why: string, opts?: { key?: string; fix?: string }): void;
+  warn(key: string, message: string): void;
+}
+
+export class Verdict {
+  readonly problems: Problem[] = [];
+  readonly requirements: Requirement[] = [];
+  readonly warnings: ConfigWarning[] = [];
+
+  veto(v: Veto, plugin?: string, hook?: string): void {
+    this.problems.push(clean({
+      code: v.code ?? 'KATA_ERR_CONFIG_VETO',
+      key: v.key,
+      value: v.value,
+      reason: v.reason,
+      fix: v.fix,
+      plugin,
+      hook,
+    }));
+  }
+
+  require(capability: CapabilityName, why: string, plugin: string, opts: { key?: string; fix?: string } = {}): void {
+    this.requirements.push(clean({ capability, why, plugin, key: opts.key, fix: opts.fix }));
+  }
+
+  warn(key: string, message: string, plugin?: string): void {
+    this.warnings.push({ plugin, key, message });
+  }
+
+  [SCOPE_FOR_PLUGIN](plugin: string, hook: string): VerdictView {
+    return {
+      veto: (v) => this.veto(v, plugin, hook),
+      require: (c, why, opts) => this.require(c, why, plugin, opts),
+      warn: (key, message) => this.warn(key, message, plugin),
+    };
+  }
+}
+
+function clean<T extends object>(o: T): T {
+  for (const k of Object.keys(o) as (keyof T)[]) if (o[k] === undefined) delete o[k];
+  return o;
+}
