@@ -1,0 +1,133 @@
+/**
+ * `kata-runtime`: argument parsing and dispatch. Each subcommand lives in its own module and is
+ * imported only when used, so `--version` or `validate` do not pay for the others.
+ *
+ * Exit codes: 0 success, 1 the command ran and found a problem (invalid configuration, host cannot
+ * run it, error), 2 usage error.
+ */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { KataError, isKataError, toKataError } from '../errors.js';
+import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../logger.js';
+import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../config/locate.js';
+import { runtimeVersion } from '../version.js';
+import { describeError, processIO, type CliIO } from './io.js';
+
+export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
+
+const OPTIONS = {
+  config: { type: 'string' },
+  'kata-config': { type: 'string' },
+  'log-level': { type: 'string' },
+  debug: { type: 'boolean' },
+  json: { type: 'boolean' },
+  version: { type: 'boolean', short: 'v' },
+  help: { type: 'boolean', short: 'h' },
+  'show-default-config-paths': { type: 'boolean' },
+  'kata-show-default-config-paths': { type: 'boolean' },
+} satisfies ParseArgsConfig['options'];
+
+export type CliFlags = {
+  config?: string | undefined;
+  json: boolean;
+};
+
+/** What a subcommand receives. */
+export interface CommandContext {
+  readonly io: CliIO;
+  readonly log: Logger;
+  readonly flags: CliFlags;
+  readonly args: readonly string[];
+  /** Finds the configuration file (--config, KATA_CONF_FILE, default paths) and logs which one. */
+  locate(): LocatedConfig;
+}
+
+type Command = (ctx: CommandContext) => Promise<number>;
+
+const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }> = {
+  validate: { summary: 'run the validated config phase and explain its decisions [--json]', load: async () => (await import('./validate.js')).validateCommand },
+  env: { summary: 'show the configuration, runtime, hypervisor, agent and host [--json]', load: async () => (await import('./env.js')).envCommand },
+  check: { summary: 'check that this host can run the configuration', load: async () => (await import('./check.js')).checkCommand },
+  version: { summary: 'print the runtime version', load: async () => versionCommand },
+};
+const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
+
+const USAGE = `Usage: kata-runtime [global options] <command> [command options]
+
+Commands:
+${Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(10)} ${c.summary}`).join('\n')}
+
+Global options:
+  --config, --kata-config FILE    configuration file (else KATA_CONF_FILE, else the default paths)
+  --show-default-config-paths     print the default configuration paths, /etc first
+  --log-level LEVEL               ${LOG_LEVELS.join('|')} (default warn; logs go to stderr)
+  --debug                         same as --log-level debug
+  --json                          machine-readable output (validate, env)
+  -v, --version                   print the version
+  -h, --help                      print this help
+`;
+
+export async function main(argv: readonly string[], io: CliIO = processIO): Promise<number> {
+  let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true; strict: true }>>;
+  try {
+    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    io.err(`kata-runtime: ${e instanceof Error ? e.message : String(e)}\n\n${USAGE}`);
+    return EXIT.USAGE;
+  }
+  const v = parsed.values;
+  if (v.help) {
+    io.out(USAGE);
+    return EXIT.OK;
+  }
+  if (v.version) return versionCommand({ io } as CommandContext);
+  if (v['show-default-config-paths'] || v['kata-show-default-config-paths']) {
+    io.out(defaultConfigPaths(io.env).join('\n') + '\n');
+    return EXIT.OK;
+  }
+  const level = v.debug ? 'debug' : (v['log-level'] ?? 'warn');
+  if (!LOG_LEVELS.includes(level as LogLevel)) {
+    io.err(`kata-runtime: unknown log level "${level}" (use one of ${LOG_LEVELS.join(', ')})\n`);
+    return EXIT.USAGE;
+  }
+  const [name, ...args] = parsed.positionals;
+  if (!name) {
+    io.err(`kata-runtime: no command given\n\n${USAGE}`);
+    return EXIT.USAGE;
+  }
+  const command = COMMANDS[ALIASES[name] ?? name];
+  if (!command) {
+    io.err(`kata-runtime: unknown command "${name}"\n\n${USAGE}`);
+    return EXIT.USAGE;
+  }
+  const log = createLogger({ level: level as LogLevel });
+  const flags: CliFlags = { config: v.config ?? v['kata-config'], json: v.json ?? false };
+  const ctx: CommandContext = {
+    io,
+    log,
+    flags,
+    args,
+    locate() {
+      const located = locateConfig({ flag: flags.config, env: io.env });
+      log.info({ path: located.path, source: located.source }, 'using configuration file');
+      return located;
+    },
+  };
+  try {
+    return await (await command.load())(ctx);
+  } catch (e) {
+    const err = isKataError(e) ? e : toKataError(e);
+    if (err.code === 'KATA_ERR_INTERNAL') log.error({ err: e }, 'internal error');
+    io.err(describeError(err));
+    return err.code === 'KATA_ERR_USAGE' ? EXIT.USAGE : EXIT.FAILED;
+  }
+}
+
+async function versionCommand(ctx: Pick<CommandContext, 'io'>): Promise<number> {
+  ctx.io.out(`kata-runtime  : ${runtimeVersion()}\n   plugin API : ${(await import('../plugin-api.js')).PLUGIN_API_VERSION}\n`);
+  return EXIT.OK;
+}
+
+/** For commands: a usage error with the command's own message. */
+export function usageError(message: string): KataError {
+  return new KataError('KATA_ERR_USAGE', message);
+}

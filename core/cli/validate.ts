@@ -1,0 +1,103 @@
+/**
+ * `kata-runtime [--config F] validate [--json]` (ours): runs the validated config phase and explains
+ * its decisions. It judges the configuration, not this host: the files it names need not exist.
+ *
+ * Exit 0 valid, 1 invalid (every problem on stderr), 2 usage error.
+ */
+import { formatProblem } from '../errors.js';
+import { judgeConfig, type Judgement } from '../runtime.js';
+import type { SandboxPlan } from '../plan.js';
+import { EXIT, usageError, type CommandContext } from './main.js';
+import { toJson } from './io.js';
+
+/** The `validate --json` document (documented in the README). */
+export interface ValidateReport {
+  valid: boolean;
+  configPath: string | undefined;
+  hypervisor: string;
+  plugins: Judgement['plugins'];
+  capabilities: Judgement['capabilities'];
+  removedCapabilities: Judgement['removedCapabilities'];
+  requirements: Judgement['requirements'];
+  problems: Judgement['problems'];
+  warnings: Judgement['warnings'];
+  unknownKeys: Judgement['unknownKeys'];
+  plan: Omit<SandboxPlan, 'vm'> | null;
+  /** The hypervisor launch spec: Cloud Hypervisor's vm.create body, or QEMU's argv. */
+  vm: unknown;
+}
+
+export function toReport(j: Judgement): ValidateReport {
+  const { vm, ...plan } = j.plan ?? ({} as SandboxPlan);
+  return {
+    valid: j.valid,
+    configPath: j.configPath,
+    hypervisor: j.hypervisor,
+    plugins: j.plugins,
+    capabilities: j.capabilities,
+    removedCapabilities: j.removedCapabilities,
+    requirements: j.requirements,
+    problems: j.problems,
+    warnings: j.warnings,
+    unknownKeys: j.unknownKeys,
+    plan: j.plan ? plan : null,
+    vm: j.plan ? vm.launch : null,
+  };
+}
+
+export async function validateCommand(ctx: CommandContext): Promise<number> {
+  if (ctx.args.length > 0) throw usageError(`validate takes no arguments (got ${ctx.args.join(' ')}); name the file with --config`);
+  const located = ctx.locate();
+  const j = await judgeConfig({ file: located.path, log: ctx.log });
+  ctx.io.out(ctx.flags.json ? toJson(toReport(j)) + '\n' : explain(j));
+  if (!j.valid) {
+    ctx.io.err(`kata-runtime: ${located.path}: invalid configuration (${j.problems.length} problem${j.problems.length === 1 ? '' : 's'}):\n${j.problems.map((p) => `  - ${formatProblem(p)}\n`).join('')}`);
+    return EXIT.FAILED;
+  }
+  return EXIT.OK;
+}
+
+/** The human-readable explanation. */
+export function explain(j: Judgement): string {
+  const lines: string[] = [];
+  lines.push(`configuration: ${j.configPath ?? '(in memory)'}`);
+  lines.push(`verdict:       ${j.valid ? 'valid' : `INVALID (${j.problems.length} problem${j.problems.length === 1 ? '' : 's'})`}`);
+  lines.push(`hypervisor:    ${j.hypervisor}`);
+  lines.push('', 'plugins:');
+  for (const p of j.plugins) lines.push(`  ${`${p.name} ${p.version}`.padEnd(20)} ${(p.builtin ? 'built-in' : p.specifier).padEnd(10)} loaded for ${p.reason}`);
+  if (j.capabilities.length > 0 || j.removedCapabilities.length > 0) {
+    lines.push('', 'capabilities:');
+    for (const c of j.capabilities) lines.push(`  + ${c.name.padEnd(28)} by ${c.by}${c.note ? ` (${c.note})` : ''}`);
+    for (const c of j.removedCapabilities) lines.push(`  - ${c.name.padEnd(28)} removed by ${c.by}: ${c.why}`);
+  }
+  if (j.requirements.length > 0) {
+    lines.push('', 'requirements:');
+    for (const r of j.requirements) lines.push(`  ${r.met ? 'met    ' : 'UNMET  '} ${r.plugin} needs ${r.capability}: ${r.why}`);
+  }
+  if (j.problems.length > 0) {
+    lines.push('', 'problems:');
+    for (const p of j.problems) lines.push(`  - ${formatProblem(p)}`);
+  }
+  if (j.unknownKeys.length > 0) {
+    lines.push('', 'unknown keys (ignored):');
+    for (const k of j.unknownKeys) lines.push(`  ${k}`);
+  }
+  if (j.plan) {
+    const plan = j.plan;
+    lines.push('', 'plan:');
+    lines.push(`  shared filesystem: ${plan.sharedFs}`);
+    lines.push(`  container rootfs:  ${plan.rootfs.length === 0 ? 'none' : plan.rootfs.map((r) => (r === 'block-hotplug' ? `block-hotplug (${plan.blockDriver ?? '?'})` : `shared-fs (${plan.sharedFs})`)).join(', else ')}`);
+    lines.push(`  confidential:      ${plan.confidential ? `${plan.confidential.tee} (firmware ${plan.confidential.firmware})` : 'no'}`);
+    for (const n of plan.notes) lines.push(`  ${n.level === 'warn' ? 'warning' : 'note'} [${n.by}]: ${n.message}`);
+    lines.push('', `vm (${plan.vm.hypervisor} launch):`);
+    const launch = plan.vm.launch;
+    if (Array.isArray(launch)) lines.push(`  ${launch.map((a) => shellQuote(String(a))).join(' \\\n    ')}`);
+    else lines.push(...toJson(launch).split('\n').map((l) => `  ${l}`));
+  }
+  return lines.join('\n') + '\n';
+}
+
+function shellQuote(s: string): string {
+  return /^[A-Za-z0-9_\-+=.,/:@%]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
