@@ -60,8 +60,8 @@ export type Hooks = ReturnType<typeof createHooks>;
 export type HookName = keyof Hooks;
 
 /** Argument types as a plugin sees them (scoped views instead of the core's objects). */
-type TapArgs<H> = H extends SyncHook<infer A, unknown> ? (A extends unknown[] ? A : [A]) : never;
-type TapResult<H> = H extends SyncHook<unknown, infer R> ? R | undefined : never;
+type TapArgs<H> = H extends { call(...args: infer A): unknown } ? A : never;
+type TapResult<H> = H extends { call(...args: never[]): infer R } ? R | undefined : never;
 
 export interface TapOptions {
   /** Must be the plugin's own name when given. */

@@ -145,6 +145,17 @@ export function isQemuSpec(vm: VmLaunchSpec): vm is QemuLaunchSpec {
   return vm.hypervisor === 'qemu';
 }
 
+/** A host-side daemon the sandbox needs (virtiofsd …), started by the plugin that planned it. */
+export interface DaemonSpec {
+  /** Plugin that starts and supervises it. */
+  readonly by: string;
+  readonly name: string;
+  binary: string;
+  args: string[];
+  /** The socket the VM connects to. */
+  socket: string;
+}
+
 export interface SandboxPlan {
   readonly hypervisor: string;
   /** The shared filesystem the sandbox uses, `none` when sharing is off. */
@@ -156,5 +167,7 @@ export interface SandboxPlan {
   /** The confidential-computing technology, or null. */
   confidential: { tee: 'tdx'; firmware: string } | null;
   vm: VmLaunchSpec;
+  /** Host-side daemons to start before the VM. */
+  daemons: DaemonSpec[];
   notes: PlanNote[];
 }

@@ -271,6 +271,7 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
     blockDriver: null,
     confidential: null,
     vm: { hypervisor: config.hypervisorName },
+    daemons: [],
     notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
   };
   const plan = hooks.plan.call(initial, config, caps.readonly()) ?? initial;

@@ -66,7 +66,7 @@ function esmRequires(code: string): string {
   const imports: string[] = [];
   const out = code.replace(/require\("([^"]+)"\)/g, (_m, mod: string) => {
     const name = `__rt${imports.length}`;
-    imports.push(`import * as ${name} from '${mod}.js';`);
+    imports.push(`import ${name} from '${mod}.js';`);
     return name;
   });
   return out.replace(/^"use strict";/, `"use strict";${imports.join('')}`);

@@ -276,3 +276,34 @@ export interface PluginManifestShape {
     schema: string | {};
   };
 }
+
+// virtiofs.schema.json
+/**
+ * Keys the virtiofs plugin reads from the active hypervisor section (checked only when shared_fs is virtio-fs).
+ */
+export interface VirtiofsKeys {
+  /**
+   * virtiofsd binary; must be set.
+   */
+  virtio_fs_daemon?: string;
+  /**
+   * virtiofsd cache mode.
+   */
+  virtio_fs_cache: 'never' | 'metadata' | 'always' | 'auto';
+  /**
+   * DAX window in MiB; DAX is not supported, a non-zero value is ignored with a warning.
+   */
+  virtio_fs_cache_size: number;
+  /**
+   * Request queue size of the vhost-user-fs device.
+   */
+  virtio_fs_queue_size: number;
+  /**
+   * Extra virtiofsd arguments, appended as given.
+   */
+  virtio_fs_extra_args: string[];
+  /**
+   * Ours, not Kata's: declare that the virtio-fs device offers VIRTIO_F_ACCESS_PLATFORM (a VMM that forces it for vhost-user devices and a guest kernel that accepts it). Only then may a TDX guest use virtio-fs.
+   */
+  virtio_fs_access_platform: boolean;
+}

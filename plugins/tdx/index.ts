@@ -1,0 +1,125 @@
+/**
+ * tdx: Intel TDX confidential guests. Loaded when `confidential_guest = true` (and no other TEE is
+ * asked for).
+ *
+ * A TD only lets a device reach guest pages the guest explicitly shares, and the guest kernel
+ * refuses any virtio device without VIRTIO_F_ACCESS_PLATFORM
+ * ("virtiofs virtio2: device must provide VIRTIO_F_ACCESS_PLATFORM"). virtiofsd does not offer it,
+ * so this plugin vetoes virtio-fs during the validated config phase, before any VM starts, and
+ * requires block-device hot-plug so the devmapper rootfs can reach the guest as virtio-blk.
+ */
+import { definePlugin, hvKey, isClhSpec, isQemuSpec, STAGE, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
+
+const PLUGIN_NAME = 'tdx';
+
+/** Cloud Hypervisor API calls take longer for a TD (Kata: 20 s instead of 1 s). */
+export const TDX_CLH_API_TIMEOUT_MS = 20_000;
+
+/** What a TD cannot have, and why. */
+const REMOVED = [
+  ['cpu-hotplug', 'a TD has a fixed vCPU count (Cloud Hypervisor: TdxNoCpuHotplug)'],
+  ['memory-hotplug', 'TDX guests cannot hot-plug memory'],
+  ['nvdimm-image', 'an NVDIMM/pmem image would be host-shared memory outside the TD; the image is attached as a read-only virtio-blk disk'],
+  ['balloon', 'a balloon would hand private TD memory back to the host'],
+] as const;
+
+function vetoSharedFs(cfg: KataConfig, verdict: VerdictView, accessPlatform: boolean): void {
+  const sharedFs = cfg.hypervisor.shared_fs;
+  const key = hvKey(cfg, 'shared_fs');
+  if ((sharedFs === 'virtio-fs' || sharedFs === 'virtio-fs-nydus') && !accessPlatform) {
+    verdict.veto({
+      key,
+      value: sharedFs,
+      reason: 'virtio-fs devices do not offer VIRTIO_F_ACCESS_PLATFORM, which a TDX guest requires of every device (the guest fails with "device must provide VIRTIO_F_ACCESS_PLATFORM")',
+      fix: 'set shared_fs = "none" and give containers a block-device rootfs (devmapper snapshotter, disable_block_device_use = false)',
+    });
+  }
+  if (sharedFs === 'virtio-9p') {
+    verdict.veto({
+      key,
+      value: sharedFs,
+      reason: "virtio-9p serves files from the host process, outside the TD's trust boundary, and the guest cannot verify what it reads",
+      fix: 'set shared_fs = "none" and give containers a block-device rootfs (devmapper snapshotter, disable_block_device_use = false)',
+    });
+  }
+}
+
+export default definePlugin({
+  manifest: {
+    name: PLUGIN_NAME,
+    version: '1.0.0',
+    runtime: '^1.0.0',
+    description: 'Intel TDX confidential guests: no virtio-fs, block-device rootfs by hot-plug',
+    provides: ['confidential-guest:tdx'],
+    requires: ['hypervisor'],
+  },
+  apply({ hooks }) {
+    hooks.capabilities.tap({ stage: STAGE.CONFIDENTIAL }, (caps) => {
+      caps.add('confidential-guest:tdx');
+      for (const [name, why] of REMOVED) caps.remove(name, why);
+    });
+
+    hooks.validate.tap(PLUGIN_NAME, (cfg, verdict, caps) => {
+      const hv = cfg.hypervisor;
+      vetoSharedFs(cfg, verdict, caps.has('virtio-fs:access-platform'));
+      if (!hv.firmware) {
+        verdict.veto({
+          key: hvKey(cfg, 'firmware'),
+          reason: 'firmware path is not specified: a TD boots through TDX firmware (TDVF, or td-shim on Cloud Hypervisor)',
+          fix: 'set firmware, e.g. "/usr/share/ovmf/OVMF.inteltdx.fd" (QEMU) or "/usr/share/td-shim/td-shim.bin" (Cloud Hypervisor)',
+        });
+      }
+      if (hv.block_device_driver === 'virtio-mmio') {
+        verdict.veto({
+          key: hvKey(cfg, 'block_device_driver'),
+          value: hv.block_device_driver,
+          reason: 'confidential guests must not use virtio-mmio, which is not hardened for confidential computing',
+          fix: 'set block_device_driver = "virtio-blk"',
+        });
+      }
+      if (!hv.disable_block_device_use) {
+        verdict.require('block-device-hotplug', 'the container rootfs reaches a TDX guest only as a hot-plugged virtio-blk device (devmapper snapshotter)', {
+          key: hvKey(cfg, 'block_device_driver'),
+          fix: 'set block_device_driver = "virtio-blk"',
+        });
+        if (cfg.hypervisorName === 'clh') {
+          verdict.require('virtio-blk', 'Cloud Hypervisor hot-plugs block devices only as virtio-blk', {
+            key: hvKey(cfg, 'block_device_driver'),
+            fix: 'set block_device_driver = "virtio-blk"',
+          });
+        }
+      }
+    });
+
+    hooks.plan.tap({ stage: STAGE.CONFIDENTIAL }, (plan, cfg) => {
+      const firmware = cfg.hypervisor.firmware;
+      plan.confidential = { tee: 'tdx', firmware };
+      const vm = plan.vm;
+      if (isClhSpec(vm)) {
+        vm.apiTimeoutMs = Math.max(vm.apiTimeoutMs, TDX_CLH_API_TIMEOUT_MS);
+        vm.vmConfig.payload = { ...vm.vmConfig.payload, firmware };
+        vm.vmConfig.platform = { ...vm.vmConfig.platform, tdx: true };
+        if (vm.vmConfig.memory) delete vm.vmConfig.memory.hotplug_size;
+        if (vm.vmConfig.cpus) vm.vmConfig.cpus.max_vcpus = vm.vmConfig.cpus.boot_vcpus;
+        delete vm.vmConfig.pmem;
+        delete vm.vmConfig.balloon;
+      } else if (isQemuSpec(vm)) {
+        // A TD needs KVM with TDX; no software emulation.
+        vm.accelerator = 'kvm';
+        vm.machine.options['confidential-guest-support'] = 'tdx';
+        vm.machine.options['kernel-irqchip'] = 'split';
+        vm.objects.push({ type: 'tdx-guest', id: 'tdx', props: {} });
+        vm.bios = firmware;
+        vm.virtioIommuPlatform = true;
+        vm.smp.maxcpus = vm.smp.cpus;
+        vm.memory.maxMiB = vm.memory.sizeMiB;
+        vm.memory.slots = 0;
+        vm.devices = vm.devices.filter((d) => d.type !== 'nvdimm' && d.type !== 'virtio-balloon-pci');
+        vm.objects = vm.objects.filter((o) => !(o.type === 'memory-backend-file' && o.id?.startsWith('nvdimm')));
+      } else {
+        plan.notes.push({ by: PLUGIN_NAME, level: 'warn', message: `the "${vm.hypervisor}" hypervisor plugin's launch spec is unknown to tdx; it must apply the TDX settings itself` });
+      }
+      return plan;
+    });
+  },
+});

@@ -1,0 +1,102 @@
+import assert from 'node:assert/strict';
+import { judgeConfig } from '../../../core/runtime.js';
+import type { KataError } from '../../../core/errors.js';
+import { TempDir, fakeConfig, fakeHypervisorSource } from '../../helpers/tmp.js';
+
+describe('plugin loader', () => {
+  let tmp: TempDir;
+  let hv: string;
+  beforeEach(() => {
+    tmp = new TempDir();
+    hv = tmp.file('fakevmm.mjs', fakeHypervisorSource('fakevmm'));
+  });
+  afterEach(() => tmp.cleanup());
+
+  const judgeWith = (plugins: string[], extraSection = '', extraRuntime = '') =>
+    judgeConfig({ text: fakeConfig('fakevmm', hv, extraSection).replace(`plugins = ["${hv}"]`, `plugins = ${JSON.stringify([hv, ...plugins])}\n${extraRuntime}`) });
+
+  const rejectsWith = async (p: Promise<unknown>, code: string, plugin?: string) => {
+    await assert.rejects(p, (e: KataError) => {
+      assert.equal(e.code, code, e.message);
+      if (plugin !== undefined) assert.equal(e.plugin, plugin);
+      return true;
+    });
+  };
+
+  it('loads a third-party hypervisor plugin by absolute path', async () => {
+    const j = await judgeWith([]);
+    assert.equal(j.valid, true, JSON.stringify(j.problems));
+    assert.deepEqual(j.plugins.map((p) => [p.name, p.builtin]), [['fakevmm', false]]);
+    assert.deepEqual(j.plan?.vm.launch, ['fakevmm', '--kernel', '/k']);
+  });
+
+  it('reports a missing module', () => rejectsWith(judgeWith([`${tmp.path}/nope.mjs`]), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+
+  it('reports a package that is not installed', () => rejectsWith(judgeWith(['kata-ts-no-such-plugin']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+
+  it('refuses a relative path', () => rejectsWith(judgeWith(['./rel.mjs']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+
+  it('reports a module that throws while importing', () => rejectsWith(judgeWith([tmp.file('throws.mjs', 'throw new Error("kaput");')]), 'KATA_ERR_PLUGIN_IMPORT'));
+
+  it('tells a missing dependency of the plugin from a missing plugin', () =>
+    rejectsWith(judgeWith([tmp.file('dep.mjs', 'import "kata-ts-missing-dependency"; export default {};')]), 'KATA_ERR_PLUGIN_IMPORT'));
+
+  it('reports a module without a default export', () => rejectsWith(judgeWith([tmp.file('nodefault.mjs', 'export const x = 1;')]), 'KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT'));
+
+  it('reports a bad manifest with every problem', async () => {
+    const bad = tmp.file('bad.mjs', 'export default { manifest: { name: "Bad Name", version: "one", provides: "x" }, apply: 1 };');
+    await assert.rejects(judgeWith([bad]), (e: KataError) => {
+      assert.equal(e.code, 'KATA_ERR_PLUGIN_BAD_MANIFEST');
+      for (const part of ['apply must be a function', 'manifest.name', 'manifest.runtime', 'manifest.provides', 'manifest.version']) assert.ok(e.message.includes(part), `${part} in ${e.message}`);
+      return true;
+    });
+  });
+
+  it('refuses a plugin built for another API major', () =>
+    rejectsWith(judgeWith([tmp.file('v2.mjs', 'export default { manifest: { name: "v2", version: "1.0.0", runtime: "^2.0.0" }, apply() {} };')]), 'KATA_ERR_PLUGIN_API_VERSION', 'v2'));
+
+  it('refuses a plugin whose requirement nobody provides', () =>
+    rejectsWith(
+      judgeWith([tmp.file('needy.mjs', 'export default { manifest: { name: "needy", version: "1.0.0", runtime: "^1.0.0", requires: ["gpu"] }, apply() {} };')]),
+      'KATA_ERR_PLUGIN_MISSING_DEPENDENCY',
+      'needy',
+    ));
+
+  it('refuses two plugins with one name', () => rejectsWith(judgeWith([tmp.file('dup.mjs', fakeHypervisorSource('fakevmm'))]), 'KATA_ERR_PLUGIN_DUPLICATE', 'fakevmm'));
+
+  it('reports apply() throwing, naming the plugin', () =>
+    rejectsWith(judgeWith([tmp.file('boom.mjs', 'export default { manifest: { name: "boom", version: "1.0.0", runtime: "^1.0.0" }, apply() { throw new Error("no"); } };')]), 'KATA_ERR_PLUGIN_APPLY', 'boom'));
+
+  it('reports a hypervisor section that no plugin serves, listing those that exist', async () => {
+    await assert.rejects(judgeConfig({ text: '[hypervisor.firecracker]\nkernel = "/k"\n' }), (e: KataError) => {
+      assert.equal(e.code, 'KATA_ERR_HYPERVISOR_UNSUPPORTED');
+      assert.equal(e.key, 'hypervisor.firecracker');
+      assert.match(e.message, /available: clh, qemu/);
+      return true;
+    });
+  });
+
+  it('checks a plugin schema, attributing its errors to the plugin, and knows its keys', async () => {
+    const withSchema = tmp.file(
+      'schemed.mjs',
+      `export default { manifest: { name: "schemed", version: "1.0.0", runtime: "^1.0.0", config: { table: "hypervisor.*", schema: { type: "object", properties: { turbo: { type: "boolean" }, level: { type: "integer", minimum: 1 } } } } }, apply() {} };`,
+    );
+    const j = await judgeWith([withSchema], 'turbo = "yes"\nlevel = 0\nmystery = 1');
+    assert.equal(j.valid, false);
+    assert.deepEqual(
+      j.problems.map((p) => [p.code, p.plugin, p.key]),
+      [
+        ['KATA_ERR_CONFIG_SCHEMA', 'schemed', 'hypervisor.fakevmm.turbo'],
+        ['KATA_ERR_CONFIG_SCHEMA', 'schemed', 'hypervisor.fakevmm.level'],
+      ],
+    );
+    assert.deepEqual(j.unknownKeys, ['hypervisor.fakevmm.mystery']);
+  });
+
+  it('reports a plugin schema file that cannot be read', () =>
+    rejectsWith(
+      judgeWith([tmp.file('noschema.mjs', 'export default { manifest: { name: "noschema", version: "1.0.0", runtime: "^1.0.0", config: { table: "runtime", schema: "./missing.json" } }, apply() {} };')]),
+      'KATA_ERR_PLUGIN_SCHEMA',
+      'noschema',
+    ));
+});
