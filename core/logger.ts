@@ -14,6 +14,8 @@ export interface LoggerOptions {
   level?: LogLevel;
   /** File descriptor to write to; 2 (stderr) by default. */
   fd?: number;
+  /** Write log lines here instead of a file descriptor (tests, in-process CLI). */
+  stream?: { write(line: string): void };
   name?: string;
 }
 
@@ -25,7 +27,7 @@ export function createLogger(opts: LoggerOptions = {}): Logger {
       timestamp: pino.stdTimeFunctions.isoTime,
       base: { pid: process.pid },
     },
-    pino.destination({ fd: opts.fd ?? 2, sync: true }),
+    opts.stream ?? pino.destination({ fd: opts.fd ?? 2, sync: true }),
   );
 }
 

@@ -99,7 +99,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     io.err(`kata-runtime: unknown command "${name}"\n\n${USAGE}`);
     return EXIT.USAGE;
   }
-  const log = createLogger({ level: level as LogLevel });
+  const log = createLogger({ level: level as LogLevel, ...(io === processIO ? {} : { stream: { write: (line: string) => io.err(line) } }) });
   const flags: CliFlags = { config: v.config ?? v['kata-config'], json: v.json ?? false };
   const ctx: CommandContext = {
     io,

@@ -1,0 +1,18 @@
+/**
+ * `npm run explain`: the config explainer on the two bundled examples. The TDX sandbox with a
+ * block-device rootfs validates; the CCv0-era TDX + virtio-fs configuration is vetoed by the tdx
+ * plugin before any VM starts. Exits non-zero unless both verdicts are what they should be.
+ */
+import path from 'node:path';
+import { main } from '../core/cli/main.js';
+import { PACKAGE_ROOT } from '../core/paths.js';
+
+const example = (f: string) => path.join(PACKAGE_ROOT, 'examples', f);
+const say = (s: string) => process.stdout.write(`\n\x1b[1m${s}\x1b[0m\n\n`);
+
+say('$ kata-runtime --config examples/configuration-clh-tdx.toml validate');
+const good = await main(['--config', example('configuration-clh-tdx.toml'), 'validate']);
+say('$ kata-runtime --config examples/configuration-clh-tdx-virtiofs.toml validate   # exit 1 expected');
+const vetoed = await main(['--config', example('configuration-clh-tdx-virtiofs.toml'), 'validate']);
+process.stdout.write(`\nexit codes: ${good} (valid), ${vetoed} (vetoed)\n`);
+process.exitCode = good === 0 && vetoed === 1 ? 0 : 1;

@@ -1,0 +1,56 @@
+import assert from 'node:assert/strict';
+import { readdirSync, statSync } from 'node:fs';
+import { detectBlockRootfs } from '../../../plugins/devmapper/block-rootfs.js';
+import { TempDir } from '../../helpers/tmp.js';
+
+const statAs = (kind: 'block' | 'file') => () => ({ isBlockDevice: () => kind === 'block' });
+
+/** The first block device node on this host, if any (loop devices usually exist). */
+function someBlockDevice(): string | undefined {
+  for (const name of readdirSync('/dev')) {
+    try {
+      if (statSync(`/dev/${name}`).isBlockDevice()) return `/dev/${name}`;
+    } catch {
+      // Nodes may vanish or be unreadable; look at the next one.
+    }
+  }
+  return undefined;
+}
+
+describe('detectBlockRootfs', () => {
+  it('takes a single mount of a block device node for a block rootfs', () => {
+    assert.deepEqual(detectBlockRootfs([{ type: 'ext4', source: '/dev/whatever' }], statAs('block')), { block: true, device: '/dev/whatever', reason: 'block device node' });
+  });
+
+  it('takes a device-mapper device for a block rootfs without looking at it', () => {
+    const neverCalled = () => assert.fail('stat must not be needed');
+    assert.equal(detectBlockRootfs([{ type: 'ext4', source: '/dev/mapper/snap-42' }], neverCalled).block, true);
+    assert.equal(detectBlockRootfs([{ type: 'xfs', source: '/dev/dm-3' }], neverCalled).block, true);
+  });
+
+  it('does not take an overlay or a directory for a block rootfs', () => {
+    assert.equal(detectBlockRootfs([{ type: 'overlay', source: 'overlay', options: ['lowerdir=/a'] }], statAs('file')).block, false);
+    const tmp = new TempDir();
+    try {
+      assert.equal(detectBlockRootfs([{ type: 'bind', source: tmp.path }]).block, false);
+    } finally {
+      tmp.cleanup();
+    }
+  });
+
+  it('does not take several mounts for a block rootfs', () => {
+    assert.equal(detectBlockRootfs([{ type: 'ext4', source: '/dev/dm-1' }, { type: 'bind', source: '/x' }]).block, false);
+  });
+
+  it('answers with a reason, not a throw, when the source cannot be examined', () => {
+    const r = detectBlockRootfs([{ type: 'ext4', source: '/nonexistent/dev' }]);
+    assert.equal(r.block, false);
+    assert.match(r.reason, /ENOENT/);
+  });
+
+  it("recognises a real block device node of this host's", function () {
+    const dev = someBlockDevice();
+    if (!dev) this.skip();
+    assert.deepEqual(detectBlockRootfs([{ type: 'ext4', source: dev as string }]), { block: true, device: dev, reason: 'block device node' });
+  });
+});
