@@ -1,6 +1,246 @@
-import type { CommandContext } from './main.js';
-// Placeholder replaced by the check implementation in this same change series.
+/**
+ * `kata-runtime check [--json]` (alias `kata-check`): can this host run this configuration?
+ *
+ * Judges the configuration first (an invalid one is reported, every problem on stderr), then runs
+ * the host checks that the configuration calls for: KVM, vhost-vsock, TDX for a confidential guest,
+ * the hypervisor binary and its version, and the files the configuration names. Each check is one
+ * line with a status:
+ *
+ *   ok    the requirement is met
+ *   info  a fact, nothing to do
+ *   WARN  it will run, worse than it could (e.g. QEMU on TCG instead of KVM)
+ *   FAIL  it will not run; the line says why and what to do
+ *
+ * Exit 0 when nothing FAILs and the configuration is valid, 1 otherwise. No root needed: /dev/kvm is
+ * opened, never used to create a VM.
+ *
+ * `KATA_TS_SYSROOT` (tests only) relocates the host facts (/proc, /sys, /dev, /etc) as it relocates
+ * the default configuration paths; the files the configuration names are checked as written.
+ */
+import { accessSync, constants as fsConstants, statSync } from 'node:fs';
+import { formatProblem } from '../errors.js';
+import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../host.js';
+import { isQemuSpec, type SandboxPlan } from '../plan.js';
+import { judgeConfig, type Judgement } from '../runtime.js';
+import { EXIT, usageError, type CommandContext } from './main.js';
+import { toJson } from './io.js';
+
+export type CheckStatus = 'ok' | 'info' | 'WARN' | 'FAIL';
+
+export interface HostCheck {
+  /** Stable identifier: kvm, vhost-vsock, tdx, hypervisor-binary, hypervisor-version, kernel, image, initrd, firmware, virtio-fs-daemon. */
+  readonly id: string;
+  readonly status: CheckStatus;
+  /** What was checked, for people. */
+  readonly subject: string;
+  readonly message: string;
+}
+
+/** The `check --json` document. */
+export interface CheckReport {
+  configPath: string | undefined;
+  hypervisor: string;
+  valid: boolean;
+  /** No check failed and the configuration is valid. */
+  capable: boolean;
+  checks: HostCheck[];
+  problems: Judgement['problems'];
+}
+
+/** What the host checks look at: the judged configuration and the host facts. */
+export interface CheckInputs {
+  readonly hypervisor: string;
+  /** The hypervisor section (after the shape check, defaults filled in). */
+  readonly section: Readonly<Record<string, unknown>>;
+  readonly plan: SandboxPlan | undefined;
+  readonly host: HostInfo;
+}
+
+/** Host root for detection: `/`, or KATA_TS_SYSROOT in tests. */
+export function hostRoot(env: NodeJS.ProcessEnv): string {
+  return env.KATA_TS_SYSROOT || '/';
+}
+
+/** The hypervisor binary this configuration runs: the plan's (what would be executed), else the `path` key. */
+export function hypervisorBinary(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined): string {
+  const fromPlan = plan?.vm.binary;
+  if (typeof fromPlan === 'string' && fromPlan) return fromPlan;
+  return typeof section.path === 'string' ? section.path : '';
+}
+
+/**
+ * The accelerator this configuration gets on this host. QEMU: the plan's choice (`auto` unless the
+ * configuration forces one) resolved by {@link chooseAccelerator}. Cloud Hypervisor: KVM, which it
+ * cannot run without. Other hypervisors: whatever their plugin decides; shown as unknown.
+ */
+export function acceleratorFor(hypervisor: string, section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined, host: HostInfo): { accelerator: string; reason: string } {
+  if (hypervisor === 'qemu') return chooseAccelerator(host, qemuAccelerator(section, plan));
+  if (hypervisor === 'clh') {
+    return { accelerator: 'kvm', reason: host.kvmCanRunStandardGuest ? `Cloud Hypervisor runs on KVM only; ${host.kvm.reason}` : `Cloud Hypervisor runs on KVM only, but ${host.kvm.reason}` };
+  }
+  return { accelerator: '', reason: `chosen by the plugin that provides the "${hypervisor}" hypervisor` };
+}
+
+/** The QEMU accelerator setting: the plan's, else the `accelerator` key (ours), else auto. */
+function qemuAccelerator(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined): AcceleratorChoice {
+  if (plan && isQemuSpec(plan.vm)) return plan.vm.accelerator;
+  const v = section.accelerator;
+  return v === 'kvm' || v === 'tcg' ? v : 'auto';
+}
+
 export async function checkCommand(ctx: CommandContext): Promise<number> {
-  ctx.io.err('kata-runtime: check is not implemented yet\n');
-  return 1;
+  if (ctx.args.length > 0) throw usageError(`check takes no arguments (got ${ctx.args.join(' ')}); name the file with --config`);
+  const located = ctx.locate();
+  const j = await judgeConfig({ file: located.path, log: ctx.log });
+  const host = detectHost({ root: hostRoot(ctx.io.env) });
+  const checks = j.config ? await hostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : [];
+  const failures = checks.filter((c) => c.status === 'FAIL');
+  const capable = j.valid && failures.length === 0;
+
+  if (ctx.flags.json) {
+    const report: CheckReport = { configPath: located.path, hypervisor: j.hypervisor, valid: j.valid, capable, checks, problems: j.problems };
+    ctx.io.out(toJson(report) + '\n');
+  } else {
+    ctx.io.out(renderChecks(located.path, j, checks));
+  }
+
+  const errors: string[] = [];
+  if (!j.valid) {
+    errors.push(`kata-runtime: ${located.path}: invalid configuration (${plural(j.problems.length, 'problem')}):\n${j.problems.map((p) => `  - ${formatProblem(p)}\n`).join('')}`);
+  }
+  if (failures.length > 0) {
+    errors.push(`kata-runtime: ERROR: System is not capable of running this configuration (${plural(failures.length, 'failed check')}):\n${failures.map((c) => `  - ${c.subject}: ${c.message}\n`).join('')}`);
+  }
+  if (errors.length > 0) {
+    ctx.io.err(errors.join(''));
+    return EXIT.FAILED;
+  }
+  return EXIT.OK;
+}
+
+/** Runs every host check this configuration calls for, in a fixed order. */
+export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
+  const { hypervisor, section, plan, host } = inputs;
+  const checks: HostCheck[] = [];
+  const confidential = section.confidential_guest === true;
+
+  checks.push(kvmCheck(hypervisor, section, plan, host, confidential));
+  checks.push(vsockCheck(hypervisor, host));
+  if (confidential) {
+    checks.push(
+      host.tdx.available
+        ? { id: 'tdx', status: 'ok', subject: 'Intel TDX', message: `available for confidential_guest = true (${host.tdx.reason})` }
+        : { id: 'tdx', status: 'FAIL', subject: 'Intel TDX', message: `confidential_guest = true needs Intel TDX, but ${host.tdx.reason}; run on a TDX host or set confidential_guest = false` },
+    );
+  }
+
+  const binary = hypervisorBinary(section, plan);
+  const binaryCheck = executableCheck('hypervisor-binary', 'hypervisor binary', binary, `${hypervisorTable(hypervisor)}.path`);
+  checks.push(binaryCheck);
+  if (binaryCheck.status === 'ok') checks.push(versionCheck(hypervisor, binary, await hypervisorVersion(binary)));
+
+  checks.push(...fileCheck('kernel', 'guest kernel', section.kernel, `${hypervisorTable(hypervisor)}.kernel`));
+  checks.push(...fileCheck('image', 'guest image', section.image, `${hypervisorTable(hypervisor)}.image`));
+  checks.push(...fileCheck('initrd', 'guest initrd', section.initrd, `${hypervisorTable(hypervisor)}.initrd`));
+  checks.push(...fileCheck('firmware', 'guest firmware', section.firmware, `${hypervisorTable(hypervisor)}.firmware`));
+
+  const sharedFs = section.shared_fs;
+  if (sharedFs === 'virtio-fs' || sharedFs === 'virtio-fs-nydus') {
+    const daemon = typeof section.virtio_fs_daemon === 'string' ? section.virtio_fs_daemon : '';
+    checks.push(
+      daemon
+        ? executableCheck('virtio-fs-daemon', 'virtio-fs daemon', daemon, `${hypervisorTable(hypervisor)}.virtio_fs_daemon`)
+        : { id: 'virtio-fs-daemon', status: 'FAIL', subject: 'virtio-fs daemon', message: `shared_fs = "${sharedFs}" needs virtio_fs_daemon (the virtiofsd binary), which is not set` },
+    );
+  }
+  return checks;
+}
+
+function kvmCheck(hypervisor: string, section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined, host: HostInfo, confidential: boolean): HostCheck {
+  const base = { id: 'kvm', subject: 'KVM' } as const;
+  if (host.kvmCanRunStandardGuest) return { ...base, status: 'ok', message: host.kvm.reason };
+  if (confidential) return { ...base, status: 'FAIL', message: `a confidential (TDX) guest needs KVM, but ${host.kvm.reason}` };
+  if (hypervisor === 'clh') return { ...base, status: 'FAIL', message: `Cloud Hypervisor needs KVM, but ${host.kvm.reason}; use a host with hardware virtualisation, or the QEMU configuration (it falls back to TCG)` };
+  if (hypervisor === 'qemu') {
+    const choice = acceleratorFor(hypervisor, section, plan, host);
+    if (choice.accelerator === 'kvm') return { ...base, status: 'FAIL', message: `${choice.reason}; set accelerator = "auto" to fall back to TCG` };
+    if (qemuAccelerator(section, plan) === 'tcg') return { ...base, status: 'info', message: `not used: ${choice.reason} (${host.kvm.reason})` };
+    return { ...base, status: 'WARN', message: `${host.kvm.reason}; QEMU falls back to TCG (software emulation): guests run, but slowly` };
+  }
+  return { ...base, status: 'WARN', message: `${host.kvm.reason}; whether the "${hypervisor}" hypervisor can do without is up to its plugin` };
+}
+
+function vsockCheck(hypervisor: string, host: HostInfo): HostCheck {
+  const base = { id: 'vhost-vsock', subject: 'vhost-vsock' } as const;
+  if (host.vhostVsock.available) return { ...base, status: 'ok', message: host.vhostVsock.reason };
+  if (hypervisor === 'clh') return { ...base, status: 'info', message: 'not needed: Cloud Hypervisor serves the guest vsock itself, over a unix socket on the host' };
+  if (hypervisor === 'qemu') return { ...base, status: 'WARN', message: `${host.vhostVsock.reason}; the agent channel uses virtio-serial instead` };
+  return { ...base, status: 'WARN', message: host.vhostVsock.reason };
+}
+
+function versionCheck(hypervisor: string, binary: string, v: HypervisorVersion): HostCheck {
+  const base = { id: 'hypervisor-version', subject: 'hypervisor version' } as const;
+  if (v.version === null) return { ...base, status: 'info', message: `unknown: ${v.reason}` };
+  const expected = hypervisor === 'qemu' ? 'qemu' : hypervisor === 'clh' ? 'cloud-hypervisor' : null;
+  const name = v.product === 'qemu' ? 'QEMU' : 'Cloud Hypervisor';
+  if (expected !== null && v.product !== expected) {
+    return { ...base, status: 'WARN', message: `${binary} is ${name} ${v.version}, not the hypervisor of [${hypervisorTable(hypervisor)}]` };
+  }
+  return { ...base, status: 'info', message: `${name} ${v.version}` };
+}
+
+/** A binary: exists, is a regular file, is executable. */
+function executableCheck(id: string, subject: string, file: string, key: string): HostCheck {
+  if (!file) return { id, status: 'FAIL', subject, message: `${key} is not set` };
+  const problem = fileProblem(file, fsConstants.X_OK);
+  return problem
+    ? { id, status: 'FAIL', subject, message: `${file} ${problem} (${key}); install it or correct the path` }
+    : { id, status: 'ok', subject, message: `${file} is executable` };
+}
+
+/** A file the guest needs, checked when the key is set (an unset kernel or image is a configuration problem). */
+function fileCheck(id: string, subject: string, value: unknown, key: string): HostCheck[] {
+  if (typeof value !== 'string' || value === '') return [];
+  const problem = fileProblem(value, fsConstants.R_OK);
+  return [
+    problem
+      ? { id, status: 'FAIL', subject, message: `${value} ${problem} (${key}); install it or correct the path` }
+      : { id, status: 'ok', subject, message: `${value} exists` },
+  ];
+}
+
+function fileProblem(file: string, mode: number): string | undefined {
+  try {
+    if (!statSync(file).isFile()) return 'is not a regular file';
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' || code === 'ENOTDIR' ? 'does not exist' : `cannot be read (${code ?? String(e)})`;
+  }
+  try {
+    accessSync(file, mode);
+    return undefined;
+  } catch {
+    return mode === fsConstants.X_OK ? 'is not executable' : 'is not readable';
+  }
+}
+
+export function renderChecks(configPath: string, j: Judgement, checks: readonly HostCheck[]): string {
+  const lines = [`configuration: ${configPath}`, `hypervisor:    ${j.hypervisor}`, `verdict:       ${j.valid ? 'valid' : `INVALID (${plural(j.problems.length, 'problem')}, see stderr)`}`, ''];
+  for (const c of checks) lines.push(`${c.status.padEnd(4)}  ${c.subject}: ${c.message}`);
+  if (checks.length > 0) lines.push('');
+  const failed = checks.filter((c) => c.status === 'FAIL').length;
+  const warned = checks.filter((c) => c.status === 'WARN').length;
+  if (!j.config) lines.push('Host not checked: the configuration could not be read as a whole (see stderr)');
+  else if (failed === 0 && j.valid) lines.push(`System is capable of running this configuration${warned > 0 ? ` (${plural(warned, 'warning')})` : ''}`);
+  else if (failed === 0) lines.push('The host passes every check, but the configuration is invalid (see stderr)');
+  else lines.push(`System is not capable of running this configuration (${plural(failed, 'failed check')}, see stderr)`);
+  return lines.join('\n') + '\n';
+}
+
+function hypervisorTable(hypervisor: string): string {
+  return `hypervisor.${hypervisor}`;
+}
+
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
 }

@@ -46,7 +46,7 @@ type Command = (ctx: CommandContext) => Promise<number>;
 const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }> = {
   validate: { summary: 'run the validated config phase and explain its decisions [--json]', load: async () => (await import('./validate.js')).validateCommand },
   env: { summary: 'show the configuration, runtime, hypervisor, agent and host [--json]', load: async () => (await import('./env.js')).envCommand },
-  check: { summary: 'check that this host can run the configuration', load: async () => (await import('./check.js')).checkCommand },
+  check: { summary: 'check that this host can run the configuration [--json]', load: async () => (await import('./check.js')).checkCommand },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };
 const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
@@ -61,7 +61,7 @@ Global options:
   --show-default-config-paths     print the default configuration paths, /etc first
   --log-level LEVEL               ${LOG_LEVELS.join('|')} (default warn; logs go to stderr)
   --debug                         same as --log-level debug
-  --json                          machine-readable output (validate, env)
+  --json                          machine-readable output (validate, env, check)
   -v, --version                   print the version
   -h, --help                      print this help
 `;
