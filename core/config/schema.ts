@@ -207,12 +207,12 @@ function fixFor(err: ErrorObject, reason: string): string {
   return `give a value that ${reason}`;
 }
 
+/** One problem per key: a value of the wrong type also fails its enum or range, which says nothing new. */
 function dedupe(problems: Problem[]): Problem[] {
   const seen = new Set<string>();
   return problems.filter((p) => {
-    const id = `${p.key}\u0000${p.reason}`;
-    if (seen.has(id)) return false;
-    seen.add(id);
+    if (seen.has(p.key)) return false;
+    seen.add(p.key);
     return true;
   });
 }

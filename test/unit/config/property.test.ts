@@ -43,11 +43,14 @@ const base = (hv: string) => ({
 
 const mutatedConfig = fc
   .record({
-    hv: fc.constantFrom('clh', 'qemu', 'clh', 'qemu', 'firecracker', 'nope'),
-    hvEdits: fc.array(fc.tuple(fc.constantFrom(...HV_KEYS), fc.option(anyValue, { nil: undefined })), { maxLength: 8 }),
-    rtEdits: fc.array(fc.tuple(fc.constantFrom(...RUNTIME_KEYS), anyValue), { maxLength: 3 }),
-    plugins: fc.option(pluginList, { nil: undefined }),
-    structural: fc.constantFrom('none', 'none', 'none', 'none', 'hv-not-table', 'two-hv', 'no-hv', 'agent-scalar', 'runtime-array'),
+    hv: fc.oneof({ weight: 10, arbitrary: fc.constantFrom('clh', 'qemu') }, { weight: 1, arbitrary: fc.constantFrom('firecracker', 'nope') }),
+    hvEdits: fc.array(fc.tuple(fc.constantFrom(...HV_KEYS), fc.option(anyValue, { nil: undefined })), { maxLength: 4 }),
+    rtEdits: fc.array(fc.tuple(fc.constantFrom(...RUNTIME_KEYS), anyValue), { maxLength: 2 }),
+    plugins: fc.oneof({ weight: 10, arbitrary: fc.constant(undefined) }, { weight: 1, arbitrary: pluginList }),
+    structural: fc.oneof(
+      { weight: 15, arbitrary: fc.constant('none') },
+      { weight: 1, arbitrary: fc.constantFrom('hv-not-table', 'two-hv', 'no-hv', 'agent-scalar', 'runtime-array') },
+    ),
   })
   .map(({ hv, hvEdits, rtEdits, plugins, structural }) => {
     const cfg = base(hv) as Record<string, unknown> & { hypervisor: Record<string, Record<string, unknown>>; runtime: Record<string, unknown> };

@@ -1,0 +1,43 @@
+/**
+ * What a QEMU VM can do for a given configuration (Kata's `qemuAmd64.capabilities`, made finer).
+ */
+import type { CapabilityView, KataConfig } from '../../core/plugin-api.js';
+import { SUPPORTED_MACHINE, qemuSection } from './config.js';
+
+export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void {
+  const hv = qemuSection(cfg);
+  if (!hv.disable_block_device_use) {
+    caps.add('block-device', `block_device_driver = "${hv.block_device_driver}"`);
+    if (hv.block_device_driver === 'virtio-blk') caps.add('virtio-blk', 'block devices are virtio-blk-pci devices');
+    const why = blockHotplugMissing(cfg);
+    if (why === undefined) {
+      caps.add('block-device-hotplug', `virtio-blk-pci hot-plugged into one of ${hv.hotplug_root_ports} reserved pcie-root-ports`);
+    }
+  }
+  caps.add('multi-queue');
+  if (hv.shared_fs !== 'none') {
+    caps.add('fs-sharing', `shared_fs = "${hv.shared_fs}"`);
+    if (hv.shared_fs === 'virtio-9p') caps.add('fs-sharing:virtio-9p', 'served by QEMU itself (-fsdev local + virtio-9p-pci)');
+    else caps.add('fs-sharing:virtio-fs', 'vhost-user-fs-pci; the daemon belongs to the virtiofs plugin');
+  }
+  caps.add('cpu-hotplug');
+  caps.add('memory-hotplug');
+  if (!hv.disable_image_nvdimm) caps.add('nvdimm-image', 'disable_image_nvdimm = false');
+  caps.add('balloon');
+}
+
+/**
+ * Why this configuration offers no block-device hot-plug, or undefined when it does. The plugin's
+ * driver hot-plugs exactly one kind of device: virtio-blk-pci into a pcie-root-port, which exists
+ * on q35 only (pcie.0 itself is not hot-pluggable).
+ */
+export function blockHotplugMissing(cfg: KataConfig): string | undefined {
+  const hv = qemuSection(cfg);
+  if (hv.disable_block_device_use) return 'disable_block_device_use = true';
+  if (hv.machine_type !== SUPPORTED_MACHINE) return `machine_type = "${hv.machine_type}": hot-plug into a pcie-root-port needs q35`;
+  if (hv.block_device_driver !== 'virtio-blk') {
+    return `block_device_driver = "${hv.block_device_driver}": the qemu plugin hot-plugs virtio-blk only`;
+  }
+  if (hv.hotplug_root_ports === 0) return 'hotplug_root_ports = 0: no pcie-root-port is reserved for hot-plug';
+  return undefined;
+}

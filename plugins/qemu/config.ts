@@ -1,0 +1,91 @@
+/**
+ * The qemu plugin's view of `[hypervisor.qemu]`: the common keys plus those of
+ * schemas/qemu.schema.json, and the names the launch description and the (later) driver share.
+ */
+import { SANDBOX_DIR, type HypervisorSection, type KataConfig } from '../../core/plugin-api.js';
+
+export const PLUGIN_NAME = 'qemu';
+
+/**
+ * Keys of schemas/qemu.schema.json after the shape check (every key with a default is present).
+ * Mirrors the `QemuSection` type generated into core/config/schema-types.ts; import that one
+ * instead once it is generated.
+ */
+export interface QemuSection {
+  path: string;
+  kernel: string;
+  machine_type: string;
+  block_device_driver: 'virtio-scsi' | 'virtio-blk' | 'virtio-mmio' | 'nvdimm' | 'virtio-blk-ccw';
+  accelerator: 'auto' | 'kvm' | 'tcg';
+  hotplug_root_ports: number;
+}
+
+export type QemuConfig = HypervisorSection & QemuSection;
+
+export function qemuSection(cfg: KataConfig): QemuConfig {
+  return cfg.hypervisor as QemuConfig;
+}
+
+/** The only machine type the plugin drives: hot-plug uses pcie-root-ports and every device is virtio-pci. */
+export const SUPPORTED_MACHINE = 'q35';
+
+/** Kata's limit for x86_64 QEMU guests (govmm `MaxQemuVCPUs`). */
+export const MAX_VCPUS = 240;
+
+/** Kata's smallest accepted guest memory, MiB; smaller values fall back to {@link DEFAULT_MEMORY_MIB}. */
+export const MIN_MEMORY_MIB = 256;
+export const DEFAULT_MEMORY_MIB = 2048;
+
+/** Kata's memory_slots when the key is 0. */
+export const DEFAULT_MEMORY_SLOTS = 10;
+
+/** Address space Kata reserves above maxmem for the guest image's NVDIMM, MiB (plus memory_offset). */
+export const NVDIMM_RESERVE_MIB = 1024;
+
+/** msize_9p bounds for virtio-9p (Kata runtime-rs); the lower bound is also in the common schema. */
+export const MSIZE_9P_MIN = 4096;
+export const MSIZE_9P_MAX = 8 * 1024 * 1024;
+
+/** The 9p mount tag the Kata agent mounts the shared directory by. */
+export const SHARED_MOUNT_TAG = 'kataShared';
+
+/** Run-directory paths the launch description uses; the driver substitutes SANDBOX_DIR. */
+export const SANDBOX_PATHS = Object.freeze({
+  agentSocket: `${SANDBOX_DIR}/agent.sock`,
+  qmpSocket: `${SANDBOX_DIR}/qmp.sock`,
+  consoleSocket: `${SANDBOX_DIR}/console.sock`,
+  consoleLog: `${SANDBOX_DIR}/console.log`,
+  /** The host directory served over virtio-9p; the driver creates it before starting QEMU. */
+  sharedDir: `${SANDBOX_DIR}/shared`,
+});
+
+/**
+ * Size in bytes of the guest image file. QEMU needs it for the NVDIMM's memory backend, and the plan
+ * does no I/O, so the plan carries this token and the driver substitutes the file's size.
+ */
+export const IMAGE_SIZE = '{image_size}';
+
+/** Ids in the launch description that the driver addresses (QMP, hot-plug). */
+export const QEMU_IDS = Object.freeze({
+  agentChardev: 'agent',
+  agentPort: 'agent-port',
+  virtioSerial: 'virtio-serial0',
+  qmpChardev: 'qmp',
+  consoleChardev: 'console',
+  consoleSerial: 'serial0',
+  rngObject: 'rng0',
+  rngDevice: 'rng-device0',
+  sharedFsdev: 'fs-kataShared',
+  sharedDevice: 'virtio-9p-kataShared',
+  imageNode: 'image',
+  imageDisk: 'image-disk',
+  imageMemory: 'image-mem',
+  imageNvdimm: 'image-nvdimm',
+  /** Guest RAM backend when memory is shared. */
+  ramBackend: 'guest-ram',
+  /** Prefix of the hot-plug root ports: rp0, rp1, … */
+  hotplugPortPrefix: 'rp',
+});
+
+/** The accelerator `auto` resolves to in a plan (the real choice is made when the VM starts). */
+export const PLAN_ACCELERATOR: 'kvm' = 'kvm';

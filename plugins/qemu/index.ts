@@ -1,0 +1,69 @@
+/**
+ * The QEMU hypervisor plugin, configuration half: capabilities, Kata's QEMU value rules, and the
+ * launch description (a QemuLaunchSpec in the plan, rendered to argv at STAGE.FINALIZE). Starting
+ * QEMU, QMP and hot-plug come with the driver.
+ *
+ * It also provides `shared-fs:virtio-9p`: a 9p share is served by QEMU itself (-fsdev + virtio-9p-pci),
+ * with no daemon of its own, so there is nothing for a separate plugin to own.
+ */
+import { STAGE, definePlugin, isQemuSpec } from '../../core/plugin-api.js';
+import { renderQemuArgv } from './argv.js';
+import { declareCapabilities } from './capabilities.js';
+import { PLAN_ACCELERATOR, PLUGIN_NAME, qemuSection } from './config.js';
+import { buildQemuLaunchSpec } from './launch-spec.js';
+import { qemuValueRules } from './rules.js';
+
+export default definePlugin({
+  manifest: {
+    name: PLUGIN_NAME,
+    version: '1.0.0',
+    runtime: '^1.0.0',
+    description: 'QEMU (q35) hypervisor: capabilities, value rules and the qemu-system-x86_64 command line; serves virtio-9p shares',
+    provides: ['hypervisor', 'hypervisor:qemu', 'shared-fs:virtio-9p'],
+    config: { table: 'hypervisor.qemu', schema: 'qemu.schema.json' },
+  },
+  apply(ctx) {
+    const { hooks } = ctx;
+
+    hooks.capabilities.tap({ stage: STAGE.HYPERVISOR }, (caps, cfg) => declareCapabilities(caps, cfg));
+
+    hooks.validate.tap({ stage: STAGE.HYPERVISOR }, (cfg, verdict, caps) => {
+      const { vetoes, warnings } = qemuValueRules(cfg, caps);
+      for (const v of vetoes) verdict.veto(v);
+      for (const w of warnings) verdict.warn(w.key, w.message);
+    });
+
+    hooks.plan.tap({ stage: STAGE.HYPERVISOR }, (plan, cfg, caps) => {
+      const hv = qemuSection(cfg);
+      const { spec, notes } = buildQemuLaunchSpec(cfg, caps);
+      plan.vm = spec;
+      for (const n of notes) plan.notes.push({ by: PLUGIN_NAME, ...n });
+      if (hv.shared_fs === 'virtio-9p') {
+        plan.sharedFs = 'virtio-9p';
+        if (!plan.rootfs.includes('shared-fs')) plan.rootfs.push('shared-fs');
+      }
+      if (caps.has('block-device')) plan.blockDriver = hv.block_device_driver;
+      return plan;
+    });
+
+    hooks.plan.tap({ stage: STAGE.FINALIZE }, (plan) => {
+      const vm = plan.vm;
+      if (!isQemuSpec(vm)) return plan;
+      if (vm.accelerator === 'auto') {
+        plan.notes.push({
+          by: PLUGIN_NAME,
+          level: 'info',
+          message: `accelerator "auto" is resolved when the VM starts (KVM when the host can run a standard guest, else TCG); the command line shown assumes ${PLAN_ACCELERATOR}`,
+        });
+      }
+      vm.launch = renderQemuArgv(vm, { accelerator: vm.accelerator === 'auto' ? PLAN_ACCELERATOR : vm.accelerator });
+      return plan;
+    });
+  },
+});
+
+export { renderQemuArgv, substituteTokens, effectiveDevice, formatQemuOption, hotplugPortDevice } from './argv.js';
+export { buildQemuLaunchSpec, hostResources, kernelCommandLine, parseMachineAccelerators } from './launch-spec.js';
+export { declareCapabilities, blockHotplugMissing } from './capabilities.js';
+export { qemuValueRules } from './rules.js';
+export { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, SANDBOX_PATHS } from './config.js';

@@ -1,0 +1,95 @@
+import assert from 'node:assert/strict';
+import { loadValidatedConfig } from '../../../core/runtime.js';
+import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
+import type { KataConfig } from '../../../core/config/types.js';
+import { buildQemuLaunchSpec, hotplugPortIds, parseMachineAccelerators } from '../../../plugins/qemu/launch-spec.js';
+
+const HOST = { cpus: 4, memoryMiB: 8192 };
+const ALL = ['cpu-hotplug', 'memory-hotplug', 'nvdimm-image', 'block-device', 'block-device-hotplug', 'virtio-blk'];
+
+function caps(...names: string[]): ReadonlyCapabilities {
+  return { has: (n) => names.includes(n), list: () => names };
+}
+
+async function configOf(extra = ''): Promise<KataConfig> {
+  const text = `[hypervisor.qemu]\nkernel = "/k"\nshared_fs = "none"\ndisable_block_device_use = true\n${extra}\n`;
+  return (await loadValidatedConfig({ text: extra.includes('image =') ? text : `${text}initrd = "/i"\n` })).config;
+}
+
+describe('buildQemuLaunchSpec', () => {
+  it('depends only on its arguments', async () => {
+    const cfg = await configOf('image = "/img"');
+    assert.deepEqual(buildQemuLaunchSpec(cfg, caps(...ALL), HOST), buildQemuLaunchSpec(cfg, caps(...ALL), HOST));
+  });
+
+  it('takes the host CPU count as the maximum when default_maxvcpus is 0', async () => {
+    assert.deepEqual(buildQemuLaunchSpec(await configOf('default_vcpus = 2'), caps(...ALL), HOST).spec.smp, { cpus: 2, maxcpus: 4 });
+  });
+
+  it('pins the maximum to the boot vCPUs without cpu-hotplug', async () => {
+    assert.deepEqual(buildQemuLaunchSpec(await configOf('default_vcpus = 2\ndefault_maxvcpus = 8'), caps(), HOST).spec.smp, { cpus: 2, maxcpus: 2 });
+  });
+
+  it('caps vCPUs at 240 and says so', async () => {
+    const { spec, notes } = buildQemuLaunchSpec(await configOf('default_maxvcpus = 1000'), caps(...ALL), HOST);
+    assert.equal(spec.smp.maxcpus, 240);
+    assert.equal(notes.length, 1);
+  });
+
+  it('takes the host memory as the maximum when default_maxmemory is 0, with Kata\'s 10 slots for memory_slots = 0', async () => {
+    const { spec } = buildQemuLaunchSpec(await configOf('default_memory = 1024\nmemory_slots = 0'), caps('memory-hotplug'), HOST);
+    assert.deepEqual(spec.memory, { sizeMiB: 1024, slots: 10, maxMiB: 8192, shared: false });
+  });
+
+  it('reserves no hot-plug memory without memory-hotplug', async () => {
+    const { spec } = buildQemuLaunchSpec(await configOf('default_maxmemory = 4096'), caps(), HOST);
+    assert.deepEqual(spec.memory, { sizeMiB: 2048, slots: 0, maxMiB: 2048, shared: false });
+  });
+
+  it('reserves 1 GiB plus memory_offset above the maximum for an NVDIMM image, even without memory hot-plug', async () => {
+    const { spec } = buildQemuLaunchSpec(await configOf('image = "/img"\nmemory_offset = 512'), caps('nvdimm-image'), HOST);
+    assert.deepEqual(spec.memory, { sizeMiB: 2048, slots: 10, maxMiB: 2048 + 1024 + 512, shared: false });
+  });
+
+  it('uses Kata\'s 2048 MiB for less than 256 MiB of memory, with a warning', async () => {
+    const { spec, notes } = buildQemuLaunchSpec(await configOf('default_memory = 128'), caps(), HOST);
+    assert.equal(spec.memory.sizeMiB, 2048);
+    assert.deepEqual(notes.map((n) => n.level), ['warn']);
+  });
+
+  it('mounts xfs and erofs images read-only without ext4 flags', async () => {
+    const xfs = buildQemuLaunchSpec(await configOf('image = "/img"\nrootfs_type = "xfs"'), caps('nvdimm-image'), HOST).spec.append;
+    assert.ok(xfs.includes('root=/dev/pmem0p1 rootflags=dax ro rootfstype=xfs'));
+    const erofs = buildQemuLaunchSpec(await configOf('image = "/img"\nrootfs_type = "erofs"'), caps(), HOST).spec.append;
+    assert.ok(erofs.includes('root=/dev/vda1 ro rootfstype=erofs'));
+    assert.ok(!erofs.includes('rootflags'));
+  });
+
+  it('passes firmware as the BIOS and enable_iommu_platform as virtioIommuPlatform', async () => {
+    const { spec } = buildQemuLaunchSpec(await configOf('firmware = "/fw.fd"\nenable_iommu_platform = true'), caps(), HOST);
+    assert.equal(spec.bios, '/fw.fd');
+    assert.equal(spec.virtioIommuPlatform, true);
+  });
+
+  it('adds no virtio-fs device and no TDX settings of its own', async () => {
+    const { spec } = buildQemuLaunchSpec(await configOf(), caps(...ALL, 'fs-sharing', 'fs-sharing:virtio-fs'), HOST);
+    assert.ok(!spec.devices.some((d) => d.type === 'vhost-user-fs-pci'));
+    assert.equal(spec.memory.shared, false);
+    assert.deepEqual(spec.machine.options, {});
+    assert.equal(spec.bios, undefined);
+  });
+});
+
+describe('parseMachineAccelerators', () => {
+  it('reads key=value, bare name (on) and noname (off) as QEMU does', () => {
+    assert.deepEqual(parseMachineAccelerators('nosmm, smbus=off ,pit,,usb=on'), { smm: false, smbus: 'off', pit: true, usb: 'on' });
+    assert.deepEqual(parseMachineAccelerators(''), {});
+  });
+});
+
+describe('hotplugPortIds', () => {
+  it('names the ports rp0 … in order', () => {
+    assert.deepEqual(hotplugPortIds(3), ['rp0', 'rp1', 'rp2']);
+    assert.deepEqual(hotplugPortIds(0), []);
+  });
+});
