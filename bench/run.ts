@@ -22,7 +22,8 @@ import { parseToml } from '../core/config/parse.js';
 
 const REF = path.resolve(PACKAGE_ROOT, '..', 'shared', 'reference', 'kata-configs');
 const CLH = existsSync(path.join(REF, 'configuration-clh.toml')) ? path.join(REF, 'configuration-clh.toml') : path.join(PACKAGE_ROOT, 'examples', 'configuration-clh-tdx.toml');
-const CLI = path.join(PACKAGE_ROOT, 'dist', 'bin', 'kata-runtime.js');
+// The installed `kata-runtime` (package.json bin): the bundle.
+const CLI = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
 
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);

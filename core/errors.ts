@@ -132,8 +132,20 @@ export interface KataErrorOptions {
   cause?: unknown;
 }
 
+const KATA_ERROR = Symbol.for('kata-ts.KataError');
+
 /** Base class of every coded error. `code`, `plugin`, `hook` and `key` are what tests and tools assert on. */
 export class KataError extends Error {
+  /**
+   * `instanceof` by brand, not by prototype: a third-party plugin imports `kata-ts/plugin` from the
+   * unbundled package while the CLI runs from a bundle, so two copies of this class can meet.
+   */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    // Subclasses keep ordinary prototype checks.
+    if (this !== KataError) return Function.prototype[Symbol.hasInstance].call(this, value);
+    return value !== null && typeof value === 'object' && (value as Record<symbol, unknown>)[KATA_ERROR] === true;
+  }
+  readonly [KATA_ERROR] = true;
   readonly code: ErrorCode;
   readonly plugin: string | undefined;
   readonly hook: string | undefined;

@@ -11,7 +11,7 @@
  * `KATA_TS_SYSROOT` (tests only) relocates the host facts, as for `check`.
  */
 import path from 'node:path';
-import semver from 'semver';
+import parseSemver from 'semver/functions/parse.js';
 import { stringify } from 'smol-toml';
 import { formatProblem, isKataError, type KataError, type Problem } from '../errors.js';
 import { readConfigFile } from '../config/parse.js';
@@ -172,7 +172,7 @@ export async function buildEnvInfo(inputs: EnvInputs): Promise<EnvInfo> {
   const version = binary ? await hypervisorVersion(binary) : { version: null, reason: 'no hypervisor path in the configuration' };
   const accel = hvName ? acceleratorFor(hvName, hvSection, plan, host) : { accelerator: '', reason: 'no hypervisor in the configuration' };
   const rv = runtimeVersion();
-  const sv = semver.parse(rv);
+  const sv = parseSemver(rv);
 
   return {
     Kernel: { Path: hv.str('kernel'), Parameters: hv.str('kernel_params') },

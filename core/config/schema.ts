@@ -9,7 +9,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { DIST_ROOT } from '../paths.js';
 import type { ErrorObject } from 'ajv';
 import { KataError, formatValue, type Problem } from '../errors.js';
 import { AJV_OPTIONS } from './ajv-options.js';
@@ -39,7 +40,7 @@ interface PrecompiledModule {
 let precompiled: Promise<PrecompiledModule> | undefined;
 
 function loadPrecompiled(): Promise<PrecompiledModule> {
-  precompiled ??= import(new URL('../../schemas/validators.js', import.meta.url).href).catch((e: unknown) => {
+  precompiled ??= import(pathToFileURL(path.join(DIST_ROOT, 'schemas', 'validators.js')).href).catch((e: unknown) => {
     precompiled = undefined;
     throw new KataError('KATA_ERR_INTERNAL', 'precompiled schema validators are missing; run `npm run build`', { cause: e });
   }) as Promise<PrecompiledModule>;
