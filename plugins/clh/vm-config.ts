@@ -8,15 +8,11 @@
 import { availableParallelism } from 'node:os';
 import type { ReadonlyCapabilities } from '../../core/capabilities.js';
 import type { HypervisorSection, KataConfig } from '../../core/config/types.js';
+import type { ClhSection as GeneratedClhSection } from '../../core/config/schema-types.js';
 import { SANDBOX_DIR, type ClhVmConfig } from '../../core/plan.js';
 
 /** The `[hypervisor.clh]` section after the shape check: the common keys plus those of clh.schema.json. */
-export type ClhSection = HypervisorSection & {
-  readonly path: string;
-  readonly kernel: string;
-  readonly block_device_driver: 'virtio-scsi' | 'virtio-blk' | 'virtio-mmio' | 'nvdimm' | 'virtio-blk-ccw';
-  readonly hypervisor_loglevel: number;
-};
+export type ClhSection = HypervisorSection & Readonly<GeneratedClhSection>;
 
 /** Host facts the body depends on; injectable so that the builder stays pure. */
 export interface HostInfo {

@@ -6,19 +6,9 @@ import { SANDBOX_DIR, type HypervisorSection, type KataConfig } from '../../core
 
 export const PLUGIN_NAME = 'qemu';
 
-/**
- * Keys of schemas/qemu.schema.json after the shape check (every key with a default is present).
- * Mirrors the `QemuSection` type generated into core/config/schema-types.ts; import that one
- * instead once it is generated.
- */
-export interface QemuSection {
-  path: string;
-  kernel: string;
-  machine_type: string;
-  block_device_driver: 'virtio-scsi' | 'virtio-blk' | 'virtio-mmio' | 'nvdimm' | 'virtio-blk-ccw';
-  accelerator: 'auto' | 'kvm' | 'tcg';
-  hotplug_root_ports: number;
-}
+/** Keys of schemas/qemu.schema.json after the shape check (generated from the schema). */
+export type { QemuSection } from '../../core/config/schema-types.js';
+import type { QemuSection } from '../../core/config/schema-types.js';
 
 export type QemuConfig = HypervisorSection & QemuSection;
 

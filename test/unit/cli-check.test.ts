@@ -4,21 +4,11 @@ import { chmodSync, cpSync } from 'node:fs';
 import path from 'node:path';
 import { hostChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../core/cli/check.js';
 import { main } from '../../core/cli/main.js';
-import type { CliIO } from '../../core/cli/io.js';
 import { detectHost } from '../../core/host.js';
-import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import { TempDir } from '../helpers/tmp.js';
+import { CLI, HOST_FIXTURES, STACK_FRAME, capture, makeFakeHosts } from '../helpers/cli.js';
 
-const HOST_FIXTURES = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'host');
-const CLI = path.join(DIST_ROOT, 'bin', 'kata-runtime.js');
-const STACK_FRAME = /^\s+at .+\(.*:\d+:\d+\)$/m;
 
-function capture(env: NodeJS.ProcessEnv) {
-  const out: string[] = [];
-  const err: string[] = [];
-  const io: CliIO = { out: (t) => void out.push(t), err: (t) => void err.push(t), env };
-  return { io, stdout: () => out.join(''), stderr: () => err.join('') };
-}
 
 /** id → status, for assertions that do not depend on wording. */
 function statuses(checks: readonly HostCheck[]): Record<string, CheckStatus> {
@@ -27,20 +17,13 @@ function statuses(checks: readonly HostCheck[]): Record<string, CheckStatus> {
 
 describe('kata-runtime check', () => {
   let tmp: TempDir;
-  const hosts: Record<string, string> = {};
+  let hosts: Record<string, string> = {};
   let qemuBin: string;
   let clhBin: string;
 
   before(() => {
     tmp = new TempDir('kata-check-');
-    for (const h of ['paravirtual-kvm', 'intel-kvm', 'intel-tdx']) {
-      hosts[h] = path.join(tmp.path, 'hosts', h);
-      cpSync(path.join(HOST_FIXTURES, h), hosts[h] as string, { recursive: true });
-    }
-    qemuBin = tmp.file('bin/qemu-system-x86_64', '#!/bin/sh\necho "QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7+deb12u6)"\n');
-    clhBin = tmp.file('bin/cloud-hypervisor', '#!/bin/sh\necho "cloud-hypervisor v40.0"\n');
-    chmodSync(qemuBin, 0o755);
-    chmodSync(clhBin, 0o755);
+    ({ hosts, qemuBin, clhBin } = makeFakeHosts(tmp));
   });
   after(() => tmp.cleanup());
 
