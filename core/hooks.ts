@@ -5,13 +5,14 @@
  *
  * Order within a hook is set with the named {@link STAGE} constants, never bare numbers.
  */
-import { SyncHook, SyncWaterfallHook } from 'tapable';
+import { AsyncParallelHook, AsyncSeriesBailHook, AsyncSeriesHook, SyncHook, SyncWaterfallHook } from 'tapable';
 import type { CapabilityView, ReadonlyCapabilities } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 import type { KataConfig, RawConfig } from './config/types.js';
 import { KataError } from './errors.js';
 import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
+import type { VmContext, VmExit, VmHandle } from './vm.js';
 
 /** Named stages: hypervisor plugins first (they declare capabilities and build the VM spec), confidential-computing plugins late (they remove and override), finalisers last. */
 export const STAGE = Object.freeze({
@@ -53,6 +54,23 @@ export function createHooks() {
      * `plan.vm.launch` at STAGE.FINALIZE. Runs only for a valid configuration.
      */
     plan: new SyncWaterfallHook<[SandboxPlan, KataConfig, ReadonlyCapabilities]>(['plan', 'config', 'capabilities']),
+    /**
+     * Before the VM is created: start host-side daemons the plan lists (virtiofsd …). A handler
+     * that throws aborts the start; what already started is stopped through `vmStopped`.
+     */
+    beforeVmStart: new AsyncSeriesHook<[VmContext]>(['ctx']),
+    /**
+     * Create the VM. The hypervisor plugin whose launch spec `ctx.plan.vm` is returns a VmHandle
+     * (not yet started); the others return undefined. First answer wins.
+     */
+    createVm: new AsyncSeriesBailHook<[VmContext], VmHandle | undefined>(['ctx']),
+    /** The VM is running and its control channel answers. */
+    vmStarted: new AsyncSeriesHook<[VmContext, VmHandle]>(['ctx', 'vm']),
+    /**
+     * The VM has stopped, or failed to start (then `exit` is undefined): stop daemons, clean up.
+     * Handlers run in parallel, so one that fails does not keep the others from cleaning up.
+     */
+    vmStopped: new AsyncParallelHook<[VmContext, VmExit | undefined]>(['ctx', 'exit']),
   });
 }
 
@@ -60,8 +78,9 @@ export type Hooks = ReturnType<typeof createHooks>;
 export type HookName = keyof Hooks;
 
 /** Argument types as a plugin sees them (scoped views instead of the core's objects). */
-type TapArgs<H> = H extends { call(...args: infer A): unknown } ? A : never;
+type TapArgs<H> = H extends { call(...args: infer A): unknown } ? A : H extends { promise(...args: infer A): unknown } ? A : never;
 type TapResult<H> = H extends { call(...args: never[]): infer R } ? R | undefined : never;
+type TapPromiseResult<H> = H extends { promise(...args: never[]): Promise<infer R> } ? Promise<R | undefined> : never;
 
 export interface TapOptions {
   /** Must be the plugin's own name when given. */
@@ -69,9 +88,10 @@ export interface TapOptions {
   stage?: Stage;
 }
 
-export interface TapOnly<H> {
-  tap(nameOrOptions: string | TapOptions, fn: (...args: TapArgs<H>) => TapResult<H>): void;
-}
+/** Synchronous hooks are tapped with `tap`, asynchronous ones with `tapPromise`. */
+export type TapOnly<H> = H extends { call(...args: never[]): unknown }
+  ? { tap(nameOrOptions: string | TapOptions, fn: (...args: TapArgs<H>) => TapResult<H>): void }
+  : { tapPromise(nameOrOptions: string | TapOptions, fn: (...args: TapArgs<H>) => TapPromiseResult<H>): void };
 
 /** What a plugin's apply() receives as `hooks`: tap, and nothing else. */
 export type TapOnlyHooks = { readonly [K in HookName]: TapOnly<Hooks[K]> };
@@ -93,27 +113,50 @@ function scope(arg: unknown, plugin: string, hook: string): unknown {
  * own code but gains the plugin and hook).
  */
 export function createTapView(hooks: Hooks, plugin: string): TapOnlyHooks {
-  const view: Record<string, { tap(nameOrOptions: string | TapOptions, fn: (...args: unknown[]) => unknown): void }> = {};
+  type Fn = (...args: unknown[]) => unknown;
+  type RawHook = {
+    call?: unknown;
+    tap(opts: { name: string; stage?: number }, fn: Fn): void;
+    tapPromise(opts: { name: string; stage?: number }, fn: Fn): void;
+  };
+  const view: Record<string, Record<string, (nameOrOptions: string | TapOptions, fn: Fn) => void>> = {};
   for (const hookName of Object.keys(hooks) as HookName[]) {
-    const hook = hooks[hookName] as unknown as { tap(opts: { name: string; stage?: number }, fn: (...a: unknown[]) => unknown): void };
-    view[hookName] = Object.freeze({
-      tap(nameOrOptions: string | TapOptions, fn: (...args: unknown[]) => unknown) {
-        const opts = typeof nameOrOptions === 'string' ? { name: nameOrOptions } : nameOrOptions ?? {};
-        if (opts.name !== undefined && opts.name !== plugin) {
-          throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" as "${opts.name}"; a plugin taps under its own name`, { plugin, hook: hookName });
-        }
-        if (typeof fn !== 'function') {
-          throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" without a handler function`, { plugin, hook: hookName });
-        }
-        hook.tap({ name: plugin, ...(opts.stage === undefined ? {} : { stage: opts.stage }) }, (...args: unknown[]) => {
-          try {
-            return fn(...args.map((a) => scope(a, plugin, hookName)));
-          } catch (e) {
-            throw stampHookError(e, plugin, hookName);
+    const hook = hooks[hookName] as unknown as RawHook;
+    const tapOptions = (nameOrOptions: string | TapOptions, fn: Fn) => {
+      const opts = typeof nameOrOptions === 'string' ? { name: nameOrOptions } : (nameOrOptions ?? {});
+      if (opts.name !== undefined && opts.name !== plugin) {
+        throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" as "${opts.name}"; a plugin taps under its own name`, { plugin, hook: hookName });
+      }
+      if (typeof fn !== 'function') {
+        throw new KataError('KATA_ERR_PLUGIN_TAP', `tapped hook "${hookName}" without a handler function`, { plugin, hook: hookName });
+      }
+      return { name: plugin, ...(opts.stage === undefined ? {} : { stage: opts.stage }) };
+    };
+    const entry: Record<string, (nameOrOptions: string | TapOptions, fn: Fn) => void> =
+      typeof hook.call === 'function'
+        ? {
+            tap(nameOrOptions: string | TapOptions, fn: Fn) {
+              hook.tap(tapOptions(nameOrOptions, fn), (...args: unknown[]) => {
+                try {
+                  return fn(...args.map((a) => scope(a, plugin, hookName)));
+                } catch (e) {
+                  throw stampHookError(e, plugin, hookName);
+                }
+              });
+            },
           }
-        });
-      },
-    });
+        : {
+            tapPromise(nameOrOptions: string | TapOptions, fn: Fn) {
+              hook.tapPromise(tapOptions(nameOrOptions, fn), async (...args: unknown[]) => {
+                try {
+                  return await fn(...args.map((a) => scope(a, plugin, hookName)));
+                } catch (e) {
+                  throw stampHookError(e, plugin, hookName);
+                }
+              });
+            },
+          };
+    view[hookName] = Object.freeze(entry);
   }
   return new Proxy(Object.freeze(view), {
     get(target, prop) {

@@ -8,13 +8,26 @@ describe('hooks', () => {
   it('declares a frozen table', () => {
     const hooks = createHooks();
     assert.ok(Object.isFrozen(hooks));
-    assert.deepEqual(Object.keys(hooks).sort(), ['capabilities', 'configParsed', 'plan', 'validate']);
+    assert.deepEqual(Object.keys(hooks).sort(), ['beforeVmStart', 'capabilities', 'configParsed', 'createVm', 'plan', 'validate', 'vmStarted', 'vmStopped']);
   });
 
   it('gives plugins a view with tap only', () => {
     const view = createTapView(createHooks(), 'p1');
     assert.deepEqual(Object.keys(view.validate), ['tap']);
     assert.equal((view.validate as unknown as { call?: unknown }).call, undefined);
+  });
+
+  it('offers tapPromise, not tap, on asynchronous hooks', () => {
+    const view = createTapView(createHooks(), 'p1');
+    assert.deepEqual(Object.keys(view.createVm), ['tapPromise']);
+  });
+
+  it('stamps a rejection inside an asynchronous handler with the plugin and hook', async () => {
+    const hooks = createHooks();
+    createTapView(hooks, 'p1').createVm.tapPromise('p1', async () => {
+      throw new Error('no VM today');
+    });
+    await assert.rejects(hooks.createVm.promise({} as never), (e: KataError) => e.code === 'KATA_ERR_PLUGIN_HOOK' && e.plugin === 'p1' && e.hook === 'createVm');
   });
 
   it('refuses a tap under another plugin name', () => {

@@ -1,0 +1,91 @@
+/**
+ * Starting and stopping a sandbox VM through the hooks: the core's half of the VM contract
+ * (core/vm.ts). The sandbox lifecycle (containers, agent) builds on this.
+ *
+ *   run dir → beforeVmStart (daemons) → createVm (the hypervisor plugin) → start → vmStarted
+ *   stop → vmStopped (daemons) → run dir removed
+ *
+ * A failure at any step undoes the steps before it, so a failed start leaves no process, socket or
+ * directory behind.
+ */
+import { mkdir, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { KataError, toKataError } from './errors.js';
+import { silentLogger, type Logger } from './logger.js';
+import type { ValidatedConfig } from './runtime.js';
+import type { BlockDeviceSpec, HotpluggedBlock, VmContext, VmExit, VmHandle } from './vm.js';
+
+/** Default root of per-sandbox run directories (Kata uses /run/vc and /run/kata-containers). */
+export const DEFAULT_RUN_ROOT = '/run/kata-ts';
+
+const SANDBOX_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+
+export interface LaunchOptions {
+  readonly sandboxId: string;
+  /** Parent of the run directory; tests use a temp dir. */
+  readonly runRoot?: string;
+  readonly log?: Logger;
+}
+
+export interface RunningVm {
+  readonly ctx: VmContext;
+  readonly vm: VmHandle;
+  hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
+  unplugBlock(id: string): Promise<void>;
+  /** Stops the VM and the daemons and removes the run directory. Safe to call twice. */
+  stop(): Promise<VmExit>;
+}
+
+export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions): Promise<RunningVm> {
+  if (!SANDBOX_ID.test(opts.sandboxId)) {
+    throw new KataError('KATA_ERR_USAGE', `invalid sandbox id "${opts.sandboxId}"`, { fix: 'use letters, digits, ".", "_" and "-", at most 128 characters' });
+  }
+  const log = (opts.log ?? silentLogger()).child({ sandbox: opts.sandboxId });
+  const runDir = path.join(opts.runRoot ?? DEFAULT_RUN_ROOT, opts.sandboxId);
+  await mkdir(runDir, { recursive: true, mode: 0o700 });
+  const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log });
+  const { hooks } = validated;
+
+  let vm: VmHandle | undefined;
+  try {
+    await hooks.beforeVmStart.promise(ctx);
+    vm = await hooks.createVm.promise(ctx);
+    if (!vm) {
+      throw new KataError('KATA_ERR_INTERNAL', `no plugin created a VM for the "${validated.plan.vm.hypervisor}" launch spec`, { key: validated.config.hypervisorTable });
+    }
+    log.info({ hypervisor: vm.hypervisor }, 'starting VM');
+    await vm.start();
+    await hooks.vmStarted.promise(ctx, vm);
+  } catch (e) {
+    const failure = toKataError(e);
+    const exit = vm ? await vm.stop().catch(() => undefined) : undefined;
+    await cleanup(ctx, hooks, exit, log);
+    throw failure;
+  }
+
+  const started = vm;
+  let stopping: Promise<VmExit> | undefined;
+  return {
+    ctx,
+    vm: started,
+    hotplugBlock: (dev) => started.hotplugBlock(dev),
+    unplugBlock: (id) => started.unplugBlock(id),
+    stop() {
+      stopping ??= (async () => {
+        const exit = await started.stop();
+        await cleanup(ctx, hooks, exit, log);
+        return exit;
+      })();
+      return stopping;
+    },
+  };
+}
+
+async function cleanup(ctx: VmContext, hooks: ValidatedConfig['hooks'], exit: VmExit | undefined, log: Logger): Promise<void> {
+  try {
+    await hooks.vmStopped.promise(ctx, exit);
+  } catch (e) {
+    log.error({ err: e }, 'cleanup after the VM stopped failed');
+  }
+  await rm(ctx.runDir, { recursive: true, force: true });
+}

@@ -1,0 +1,64 @@
+/**
+ * The VM contract between the core and hypervisor drivers. The core never talks to a hypervisor
+ * itself: it calls the `createVm` hook with the plan, and the hypervisor plugin whose launch spec
+ * it is answers with a {@link VmHandle}. Everything the sandbox lifecycle does to a VM afterwards
+ * goes through that handle.
+ */
+import type { KataConfig } from './config/types.js';
+import type { Logger } from './logger.js';
+import type { SandboxPlan } from './plan.js';
+
+/** What `createVm` handlers receive. */
+export interface VmContext {
+  /** Sandbox id; also names the run directory. */
+  readonly sandboxId: string;
+  /** The per-sandbox run directory (created by the core, removed after the VM stops). */
+  readonly runDir: string;
+  readonly plan: SandboxPlan;
+  readonly config: KataConfig;
+  readonly log: Logger;
+}
+
+/** A disk to hot-plug: a regular file (raw image) or a block device node. */
+export interface BlockDeviceSpec {
+  /** Unique within the VM; names the block node and the device. */
+  readonly id: string;
+  readonly path: string;
+  readonly readonly?: boolean;
+}
+
+export interface HotpluggedBlock {
+  readonly id: string;
+  /**
+   * Where the guest finds the device, in Kata's PCI path form: slots from the root bus down, two
+   * hex digits each, e.g. `02/00` (root port at slot 2, the disk at slot 0 behind it). The agent's
+   * `blk` Storage takes this as its source.
+   */
+  readonly pciPath: string;
+}
+
+/** How a VM process ended. */
+export interface VmExit {
+  /** True when the runtime asked it to stop. */
+  readonly expected: boolean;
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+  /** The hypervisor's last stderr lines, for the failure report. */
+  readonly stderrTail: readonly string[];
+}
+
+export interface VmHandle {
+  readonly hypervisor: string;
+  /** The hypervisor process, once started. */
+  readonly pid: number | undefined;
+  /** Boots the VM; resolves once the hypervisor is running the guest and its control channel answers. */
+  start(): Promise<void>;
+  /** Hot-plugs a disk into the running VM. */
+  hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
+  /** Removes a hot-plugged disk; resolves once the guest has released it. */
+  unplugBlock(id: string): Promise<void>;
+  /** Stops the VM (gracefully, then by force) and removes what the driver created in the run directory. */
+  stop(): Promise<VmExit>;
+  /** Settles when the hypervisor process ends, expected or not. */
+  readonly exited: Promise<VmExit>;
+}

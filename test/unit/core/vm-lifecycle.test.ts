@@ -1,0 +1,78 @@
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { loadValidatedConfig } from '../../../core/runtime.js';
+import { launchVm } from '../../../core/vm-lifecycle.js';
+import type { KataError } from '../../../core/errors.js';
+import { TempDir, fakeConfig, fakeHypervisorSource } from '../../helpers/tmp.js';
+
+/**
+ * A fake hypervisor whose VM records what happens to it in <runDir>/../events.log, and fails
+ * where the configuration's kernel path says: "/fail-start", "/fail-daemon".
+ */
+const LIFECYCLE = `
+    const log = (ctx, what) => fs.appendFileSync(ctx.runDir + '/../events.log', what + '\\n');
+    hooks.beforeVmStart.tapPromise('fakevmm', async (ctx) => {
+      log(ctx, 'daemon-start:' + fs.existsSync(ctx.runDir));
+      if (ctx.config.hypervisor.kernel === '/fail-daemon') throw new Error('daemon would not start');
+    });
+    hooks.createVm.tapPromise('fakevmm', async (ctx) => {
+      let resolveExit;
+      const exited = new Promise((r) => (resolveExit = r));
+      return {
+        hypervisor: 'fakevmm', pid: 4242, exited,
+        async start() { log(ctx, 'vm-start'); if (ctx.config.hypervisor.kernel === '/fail-start') throw new Error('bad kernel'); },
+        async hotplugBlock(dev) { log(ctx, 'plug:' + dev.id); return { id: dev.id, pciPath: '02/00' }; },
+        async unplugBlock(id) { log(ctx, 'unplug:' + id); },
+        async stop() { log(ctx, 'vm-stop'); const e = { expected: true, code: 0, signal: null, stderrTail: [] }; resolveExit(e); return e; },
+      };
+    });
+    hooks.vmStarted.tapPromise('fakevmm', async (ctx) => log(ctx, 'started'));
+    hooks.vmStopped.tapPromise('fakevmm', async (ctx, exit) => log(ctx, 'daemon-stop:' + (exit ? 'exit' : 'no-exit')));
+`;
+
+describe('launchVm', () => {
+  let tmp: TempDir;
+  let plugin: string;
+  const events = () => readFileSync(path.join(tmp.path, 'run', 'events.log'), 'utf8').trim().split('\n');
+  beforeEach(() => {
+    tmp = new TempDir();
+    plugin = tmp.file('fakevmm.mjs', `import * as fs from 'node:fs';\n${fakeHypervisorSource('fakevmm', LIFECYCLE)}`);
+  });
+  afterEach(() => tmp.cleanup());
+
+  const validated = (kernel: string) => loadValidatedConfig({ text: fakeConfig('fakevmm', plugin).replace('kernel = "/k"', `kernel = "${kernel}"`) });
+
+  it('starts daemons, creates and starts the VM, and on stop cleans up and removes the run directory', async () => {
+    const running = await launchVm(await validated('/k'), { sandboxId: 'sb1', runRoot: path.join(tmp.path, 'run') });
+    assert.equal(running.ctx.runDir, path.join(tmp.path, 'run', 'sb1'));
+    assert.deepEqual(await running.hotplugBlock({ id: 'd1', path: '/x' }), { id: 'd1', pciPath: '02/00' });
+    await running.unplugBlock('d1');
+    const exit = await running.stop();
+    assert.equal(exit.expected, true);
+    assert.deepEqual(events(), ['daemon-start:true', 'vm-start', 'started', 'plug:d1', 'unplug:d1', 'vm-stop', 'daemon-stop:exit']);
+    assert.equal(existsSync(running.ctx.runDir), false);
+  });
+
+  it('stops only once when stop is called twice', async () => {
+    const running = await launchVm(await validated('/k'), { sandboxId: 'sb2', runRoot: path.join(tmp.path, 'run') });
+    await Promise.all([running.stop(), running.stop()]);
+    assert.equal(events().filter((e) => e === 'vm-stop').length, 1);
+  });
+
+  it('undoes everything when the VM fails to start, and reports the plugin', async () => {
+    await assert.rejects(launchVm(await validated('/fail-start'), { sandboxId: 'sb3', runRoot: path.join(tmp.path, 'run') }), (e: KataError) => e.code === 'KATA_ERR_PLUGIN_HOOK' || /bad kernel/.test(e.message));
+    assert.deepEqual(events(), ['daemon-start:true', 'vm-start', 'vm-stop', 'daemon-stop:exit']);
+    assert.equal(existsSync(path.join(tmp.path, 'run', 'sb3')), false);
+  });
+
+  it('undoes the daemons when one fails to start, without creating a VM', async () => {
+    await assert.rejects(launchVm(await validated('/fail-daemon'), { sandboxId: 'sb4', runRoot: path.join(tmp.path, 'run') }), (e: KataError) => e.code === 'KATA_ERR_PLUGIN_HOOK' && e.plugin === 'fakevmm' && e.hook === 'beforeVmStart');
+    assert.deepEqual(events(), ['daemon-start:true', 'daemon-stop:no-exit']);
+    assert.equal(existsSync(path.join(tmp.path, 'run', 'sb4')), false);
+  });
+
+  it('refuses a sandbox id that could escape the run root', async () => {
+    await assert.rejects(launchVm(await validated('/k'), { sandboxId: '../etc', runRoot: path.join(tmp.path, 'run') }), (e: KataError) => e.code === 'KATA_ERR_USAGE');
+  });
+});
