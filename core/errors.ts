@@ -110,6 +110,46 @@ export const ERROR_CODES = Object.freeze({
     meaning: "A plugin's configuration schema cannot be loaded or compiled.",
     fix: 'Fix the JSON Schema the plugin manifest points to.',
   },
+  KATA_ERR_VM_START: {
+    meaning: 'The hypervisor could not be started, or exited before the VM was up (missing binary, bad kernel path, refused option).',
+    fix: "Read the hypervisor's own error in the message (its last stderr lines), and run `kata-runtime check` for this configuration.",
+  },
+  KATA_ERR_VM_EXITED: {
+    meaning: 'The hypervisor process ended while the sandbox was running, without being asked to.',
+    fix: "Read the hypervisor's last stderr lines in the message; the sandbox must be recreated.",
+  },
+  KATA_ERR_VM_STOP: {
+    meaning: 'The VM did not stop gracefully and had to be killed, or could not be cleaned up.',
+    fix: 'Usually harmless; if it repeats, check the guest kernel handles ACPI power-down.',
+  },
+  KATA_ERR_QMP: {
+    meaning: 'QEMU answered a QMP command with an error (its class and description are in the message).',
+    fix: 'Read the QMP error; it usually names the option or device QEMU refused.',
+  },
+  KATA_ERR_QMP_TIMEOUT: {
+    meaning: 'QEMU did not answer a QMP command, or did not send an awaited event, in time.',
+    fix: 'The VM may be overloaded or hung; check that QEMU is running and responsive.',
+  },
+  KATA_ERR_QMP_CLOSED: {
+    meaning: 'The QMP connection closed (QEMU exited) while a command was pending.',
+    fix: 'See why QEMU exited: its last stderr lines are reported with the sandbox failure.',
+  },
+  KATA_ERR_HOTPLUG_NO_SLOT: {
+    meaning: 'Every pcie-root-port reserved for hot-plug is in use.',
+    fix: 'Raise hotplug_root_ports in [hypervisor.qemu], or unplug a device first.',
+  },
+  KATA_ERR_HOTPLUG: {
+    meaning: 'A device could not be hot-plugged; what was already added for it has been removed again.',
+    fix: 'Read the cause (the hypervisor error) in the message; check the device path exists and is not in use.',
+  },
+  KATA_ERR_UNPLUG_TIMEOUT: {
+    meaning: 'The guest did not release a hot-plugged device in time.',
+    fix: 'The guest may be busy or not handle PCIe hot-unplug; the device stays attached until the sandbox stops.',
+  },
+  KATA_ERR_GUEST_IMAGE: {
+    meaning: 'The guest image (kernel and initramfs) could not be built or is missing.',
+    fix: 'Run `npm run guest:build` and read its progress output; it needs apt-get, dpkg-deb, busybox-static and cpio.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',
