@@ -122,6 +122,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The VM did not stop gracefully and had to be killed, or could not be cleaned up.',
     fix: 'Usually harmless; if it repeats, check the guest kernel handles ACPI power-down.',
   },
+  KATA_ERR_DAEMON_START: {
+    meaning: 'A host-side daemon the sandbox needs (virtiofsd) exited or did not create its socket in time.',
+    fix: "Read the daemon's last output in the message; check its path (e.g. virtio_fs_daemon) with `kata-runtime check`.",
+  },
   KATA_ERR_QMP: {
     meaning: 'QEMU answered a QMP command with an error (its class and description are in the message).',
     fix: 'Read the QMP error; it usually names the option or device QEMU refused.',

@@ -13,6 +13,11 @@
  */
 export const SANDBOX_DIR = '{sandbox_dir}';
 
+/** Replaces the {@link SANDBOX_DIR} token with the sandbox's run directory. */
+export function fillSandboxDir(value: string, runDir: string): string {
+  return value.split(SANDBOX_DIR).join(runDir);
+}
+
 export type SharedFsKind = 'virtio-fs' | 'virtio-fs-nydus' | 'virtio-9p' | 'none';
 
 /** How a container's root filesystem reaches the guest. */

@@ -6,7 +6,8 @@
  * TDX guest refuses the device. `virtio_fs_access_platform = true` is an explicit opt-in for a VMM
  * that forces the feature on vhost-user devices and a guest kernel that accepts it.
  */
-import { definePlugin, hvKey, isClhSpec, isQemuSpec, SANDBOX_DIR, STAGE, type KataConfig } from '../../core/plugin-api.js';
+import { mkdir } from 'node:fs/promises';
+import { Daemon, definePlugin, fillSandboxDir, hvKey, isClhSpec, isQemuSpec, SANDBOX_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
 import type { VirtiofsKeys } from '../../core/config/schema-types.js';
 
 const PLUGIN_NAME = 'virtiofs';
@@ -22,6 +23,9 @@ type Section = KataConfig['hypervisor'] & VirtiofsKeys;
 export function virtiofsdArgs(hv: Section): string[] {
   return ['--socket-path', VIRTIOFSD_SOCKET, '--shared-dir', SHARED_DIR, '--cache', hv.virtio_fs_cache, ...hv.virtio_fs_extra_args];
 }
+
+/** Running virtiofsd per sandbox. */
+const running = new WeakMap<VmContext, Daemon>();
 
 export default definePlugin({
   manifest: {
@@ -86,6 +90,29 @@ export default definePlugin({
         plan.notes.push({ by: PLUGIN_NAME, level: 'warn', message: `the "${vm.hypervisor}" hypervisor plugin's launch spec is unknown to virtiofs; it must add the vhost-user-fs device itself` });
       }
       return plan;
+    });
+
+    // Runtime half: virtiofsd runs from before the VM starts until after it stops.
+    hooks.beforeVmStart.tapPromise(PLUGIN_NAME, async (ctx) => {
+      const spec = ctx.plan.daemons.find((d) => d.by === PLUGIN_NAME);
+      if (!spec) return;
+      await mkdir(fillSandboxDir(SHARED_DIR, ctx.runDir), { recursive: true, mode: 0o700 });
+      const daemon = await Daemon.start({
+        name: spec.name,
+        plugin: PLUGIN_NAME,
+        binary: spec.binary,
+        args: spec.args.map((a) => fillSandboxDir(a, ctx.runDir)),
+        socket: fillSandboxDir(spec.socket, ctx.runDir),
+        cwd: ctx.runDir,
+        log: ctx.log.child({ plugin: PLUGIN_NAME }),
+      });
+      running.set(ctx, daemon);
+    });
+
+    hooks.vmStopped.tapPromise(PLUGIN_NAME, async (ctx) => {
+      const daemon = running.get(ctx);
+      running.delete(ctx);
+      await daemon?.stop();
     });
   },
 });
