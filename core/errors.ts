@@ -150,6 +150,26 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The guest did not release a hot-plugged device in time.',
     fix: 'The guest may be busy or not handle PCIe hot-unplug; the device stays attached until the sandbox stops.',
   },
+  KATA_ERR_AGENT_UNREACHABLE: {
+    meaning: 'The guest agent did not answer at its address before the dial deadline: the VM did not boot, or its agent did not start.',
+    fix: 'Read the guest console log; on a slow host (TCG) allow a longer dial timeout ([agent.kata] dial_timeout).',
+  },
+  KATA_ERR_AGENT_HANDSHAKE: {
+    meaning: 'The hybrid-vsock socket answered `CONNECT <port>` with something other than `OK <port>`.',
+    fix: "Check that the path is the VM's vsock socket and that the agent listens on port 1024.",
+  },
+  KATA_ERR_AGENT_CALL: {
+    meaning: 'The guest agent answered a request with an error, or did not answer in time (the RPC and gRPC code are in the message).',
+    fix: "Read the agent's error; DEADLINE_EXCEEDED on a slow guest: raise the call's timeout; UNIMPLEMENTED: the agent lacks this RPC.",
+  },
+  KATA_ERR_AGENT_CLOSED: {
+    meaning: 'The connection to the guest agent closed while requests were pending (the agent or the VM died).',
+    fix: 'Read the guest console and hypervisor logs; the sandbox must be recreated.',
+  },
+  KATA_ERR_VSOCK_UNSUPPORTED: {
+    meaning: 'The agent address is AF_VSOCK, which this runtime cannot open yet (Node.js has no vsock sockets).',
+    fix: 'Use QEMU with its virtio-serial agent channel, or Cloud Hypervisor (hybrid vsock over a unix socket).',
+  },
   KATA_ERR_GUEST_IMAGE: {
     meaning: 'The guest image (kernel and initramfs) could not be built or is missing.',
     fix: 'Run `npm run guest:build` and read its progress output; it needs apt-get, dpkg-deb, busybox-static and cpio.',

@@ -1,0 +1,11 @@
+/**
+ * ttrpc, containerd's small RPC protocol (protobuf messages in 10-byte-header frames over any byte
+ * stream), as kata-agent and containerd shims speak it. Unary calls only: no shim or Kata API
+ * streams.
+ */
+export { GrpcCode, grpcCodeName, type GrpcCodeName, type GrpcCodeValue } from './codes.js';
+export { TtrpcError, isTtrpcError } from './errors.js';
+export { FrameDecoder, encodeFrame, Flags, HEADER_LENGTH, MAX_MESSAGE_LENGTH, MessageType, type DecodedItem, type Frame, type FrameHeader } from './frame.js';
+export { TtrpcClient, type CallOptions, type ServiceClient, type TtrpcClientOptions } from './client.js';
+export { TtrpcServer, type CallContext, type RawHandler, type ServerConnection, type ServiceImpl, type TtrpcServerOptions } from './server.js';
+export type { MessageCodec, MessageInit, MethodDescriptor, RequestOf, ResponseOf, ServiceDescriptor } from './codec.js';
