@@ -172,7 +172,7 @@ export const ERROR_CODES = Object.freeze({
   },
   KATA_ERR_GUEST_IMAGE: {
     meaning: 'The guest image (kernel and initramfs) could not be built or is missing.',
-    fix: 'Run `npm run guest:build` and read its progress output; it needs apt-get, dpkg-deb, busybox-static and cpio.',
+    fix: 'Run `npm run guest:build` and read its progress output; it needs apt-get, dpkg-deb, depmod (kmod) and xz-utils, and access to the Debian archive.',
   },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',

@@ -1,0 +1,41 @@
+import { buildGuestImage, defaultCacheDir } from '../../guest/build-image.js';
+
+/** Paths of the guest image the tests boot (built by guest/build-image.ts into the cache dir). */
+export interface GuestImage {
+  /** The Debian generic kernel, `<cacheDir>/guest/vmlinuz`. */
+  kernel: string;
+  /** busybox-static, the virtio/9p/ext4 modules and /init, `<cacheDir>/guest/initramfs.cpio.gz`. */
+  initrd: string;
+  /** `uname -r` inside the guest, e.g. `6.1.0-41-amd64`. */
+  kernelVersion: string;
+  /** The cache root (KATA_TS_CACHE_DIR, /var/cache/kata-ts for root, else ~/.cache/kata-ts). */
+  cacheDir: string;
+}
+
+let pending: Promise<GuestImage> | undefined;
+
+/**
+ * Builds the guest image once per test run (the builder itself does nothing when the cached
+ * outputs match their manifest, about 1 s) and returns its paths. Concurrent callers share one
+ * build; builders in other processes wait on the cache's lock file. Call it from a `before` hook
+ * with a long timeout (`this.timeout(600_000)`): a cold build downloads the kernel package and
+ * takes 10–20 s here, more on a slow mirror. Progress goes to stderr. A failure is a KataError
+ * with code KATA_ERR_GUEST_IMAGE.
+ *
+ * guest/README.md has the console-line contract of the guest's /init (`KATA-TS-GUEST: ready …`,
+ * `KATA-TS-BLOCK: …`, `KATA-TS-9P: …`). The same kernel, uncompressed for PVH boot (about twice
+ * as fast under TCG), is at `guestImagePaths(cacheDir).vmlinux` when the manifest lists it.
+ */
+export async function ensureGuestImage(): Promise<GuestImage> {
+  pending ??= (async () => {
+    const cacheDir = defaultCacheDir();
+    const r = await buildGuestImage({ cacheDir, log: (line) => process.stderr.write(`      [guest:build] ${line}\n`) });
+    return { kernel: r.kernel, initrd: r.initrd, kernelVersion: r.kernelVersion, cacheDir };
+  })();
+  try {
+    return await pending;
+  } catch (err) {
+    pending = undefined; // a failed build is retried by the next caller
+    throw err;
+  }
+}
