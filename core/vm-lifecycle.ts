@@ -13,7 +13,7 @@ import path from 'node:path';
 import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import type { ValidatedConfig } from './runtime.js';
-import type { BlockDeviceSpec, HotpluggedBlock, VmContext, VmExit, VmHandle } from './vm.js';
+import type { BlockDeviceSpec, HotpluggedBlock, UnplugOptions, VmContext, VmExit, VmHandle } from './vm.js';
 
 /** Default root of per-sandbox run directories (Kata uses /run/vc and /run/kata-containers). */
 export const DEFAULT_RUN_ROOT = '/run/kata-ts';
@@ -31,7 +31,12 @@ export interface RunningVm {
   readonly ctx: VmContext;
   readonly vm: VmHandle;
   hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
-  unplugBlock(id: string): Promise<void>;
+  unplugBlock(id: string, opts?: UnplugOptions): Promise<void>;
+  /**
+   * Settles when the VM ends. An end nobody asked for (`expected: false`) is logged as an error
+   * with the hypervisor's last words; the sandbox lifecycle turns it into a sandbox failure.
+   */
+  readonly exited: Promise<VmExit>;
   /** Stops the VM and the daemons and removes the run directory. Safe to call twice. */
   stop(): Promise<VmExit>;
 }
@@ -69,7 +74,11 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
     ctx,
     vm: started,
     hotplugBlock: (dev) => started.hotplugBlock(dev),
-    unplugBlock: (id) => started.unplugBlock(id),
+    unplugBlock: (id, o) => started.unplugBlock(id, o),
+    exited: started.exited.then((exit) => {
+      if (!exit.expected) log.error({ code: exit.code, signal: exit.signal, stderr: exit.stderrTail, err: exit.error }, 'the VM ended unexpectedly');
+      return exit;
+    }),
     stop() {
       stopping ??= (async () => {
         const exit = await started.stop();

@@ -5,6 +5,7 @@
  * goes through that handle.
  */
 import type { KataConfig } from './config/types.js';
+import type { KataError } from './errors.js';
 import type { Logger } from './logger.js';
 import type { SandboxPlan } from './plan.js';
 
@@ -45,6 +46,13 @@ export interface VmExit {
   readonly signal: NodeJS.Signals | null;
   /** The hypervisor's last stderr lines, for the failure report. */
   readonly stderrTail: readonly string[];
+  /** The coded error that explains an unexpected or forced end (KATA_ERR_VM_EXITED, KATA_ERR_VM_STOP). */
+  readonly error?: KataError;
+}
+
+export interface UnplugOptions {
+  /** How long the guest gets to release the device (the driver's default otherwise). */
+  readonly timeoutMs?: number;
 }
 
 export interface VmHandle {
@@ -56,7 +64,7 @@ export interface VmHandle {
   /** Hot-plugs a disk into the running VM. */
   hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
   /** Removes a hot-plugged disk; resolves once the guest has released it. */
-  unplugBlock(id: string): Promise<void>;
+  unplugBlock(id: string, opts?: UnplugOptions): Promise<void>;
   /** Stops the VM (gracefully, then by force) and removes what the driver created in the run directory. */
   stop(): Promise<VmExit>;
   /** Settles when the hypervisor process ends, expected or not. */

@@ -70,11 +70,21 @@ export function effectiveDevice(device: QemuOption, spec: Pick<QemuLaunchSpec, '
 }
 
 /** The pcie-root-port for hot-plug port number `index` (0-based), with the given id. */
+/**
+ * The pcie.0 slot of hot-plug port `index`: port i sits at 00:(i+1).0 (slot 0 is the q35 host
+ * bridge). The address is given explicitly, so the guest PCI paths handed to the agent do not
+ * depend on the order devices are rendered in; the integration tests check it with `query-pci`.
+ */
+export function hotplugPortSlot(index: number): number {
+  return index + 1;
+}
+
 export function hotplugPortDevice(id: string, index: number): QemuOption {
-  // One chassis, slot = index + 1: (chassis, slot) pairs must be unique, and distinct slot
+  // One chassis, slot = the PCI slot: (chassis, slot) pairs must be unique, and distinct slot
   // numbers keep the guest's pciehp slot names distinct. No I/O window: a virtio device behind
   // a PCIe port is modern-only and needs none, and I/O space runs out after a dozen ports.
-  return { type: 'pcie-root-port', id, props: { bus: 'pcie.0', chassis: 1, slot: index + 1, 'io-reserve': 0 } };
+  const slot = hotplugPortSlot(index);
+  return { type: 'pcie-root-port', id, props: { bus: 'pcie.0', addr: `0x${slot.toString(16)}`, chassis: 1, slot, 'io-reserve': 0 } };
 }
 
 /**

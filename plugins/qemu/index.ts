@@ -1,7 +1,7 @@
 /**
- * The QEMU hypervisor plugin, configuration half: capabilities, Kata's QEMU value rules, and the
- * launch description (a QemuLaunchSpec in the plan, rendered to argv at STAGE.FINALIZE). Starting
- * QEMU, QMP and hot-plug come with the driver.
+ * The QEMU hypervisor plugin: capabilities, Kata's QEMU value rules, the launch description (a
+ * QemuLaunchSpec in the plan, rendered to argv at STAGE.FINALIZE), and the driver: `createVm`
+ * answers a QEMU plan with a QemuVm (driver.ts: process, QMP, block hot-plug).
  *
  * It also provides `shared-fs:virtio-9p`: a 9p share is served by QEMU itself (-fsdev + virtio-9p-pci),
  * with no daemon of its own, so there is nothing for a separate plugin to own.
@@ -10,6 +10,7 @@ import { STAGE, definePlugin, isQemuSpec } from '../../core/plugin-api.js';
 import { renderQemuArgv } from './argv.js';
 import { declareCapabilities } from './capabilities.js';
 import { PLAN_ACCELERATOR, PLUGIN_NAME, qemuSection } from './config.js';
+import { QemuVm } from './driver.js';
 import { buildQemuLaunchSpec } from './launch-spec.js';
 import { qemuValueRules } from './rules.js';
 
@@ -59,6 +60,9 @@ export default definePlugin({
       vm.launch = renderQemuArgv(vm, { accelerator: vm.accelerator === 'auto' ? PLAN_ACCELERATOR : vm.accelerator });
       return plan;
     });
+
+    // The VM for a QEMU plan, created but not started: the core calls start() next.
+    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isQemuSpec(vmCtx.plan.vm) ? new QemuVm(vmCtx) : undefined));
   },
 });
 
@@ -66,4 +70,7 @@ export { renderQemuArgv, substituteTokens, effectiveDevice, formatQemuOption, ho
 export { buildQemuLaunchSpec, hostResources, kernelCommandLine, parseMachineAccelerators } from './launch-spec.js';
 export { declareCapabilities, blockHotplugMissing } from './capabilities.js';
 export { qemuValueRules } from './rules.js';
+export { QemuVm, QEMU_VM_DEFAULTS, PID_FILE, type QemuVmExit, type QemuVmOptions } from './driver.js';
+export { QmpClient, QmpError, type QmpEvent } from './qmp.js';
+export { hotplugPciPath } from './hotplug.js';
 export { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, SANDBOX_PATHS } from './config.js';

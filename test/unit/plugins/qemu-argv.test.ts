@@ -87,11 +87,11 @@ describe('renderQemuArgv', () => {
     assert.ok(devices.every((d) => !d.includes('iommu_platform')));
   });
 
-  it('renders the hot-plug ports first, in order, with unique slots and no I/O window', () => {
+  it('renders the hot-plug ports first, in order, at fixed addresses with unique slots and no I/O window', () => {
     const devices = valuesOf(renderQemuArgv(handBuilt(), { accelerator: 'kvm' }), '-device');
     assert.deepEqual(devices.slice(0, 2), [
-      'pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,io-reserve=0',
-      'pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=2,io-reserve=0',
+      'pcie-root-port,id=rp0,bus=pcie.0,addr=0x1,chassis=1,slot=1,io-reserve=0',
+      'pcie-root-port,id=rp1,bus=pcie.0,addr=0x2,chassis=1,slot=2,io-reserve=0',
     ]);
   });
 

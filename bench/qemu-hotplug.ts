@@ -1,0 +1,235 @@
+/**
+ * Benchmark for the QEMU driver (issue 3), against the real qemu-system-x86_64 and the project's
+ * guest (Debian generic kernel + busybox initramfs, built into the cache if needed), under TCG
+ * here:
+ *
+ * 1. Boot: from the launchVm() call to the guest's `KATA-TS-GUEST: ready` console line, split into
+ *    our code before QEMU is spawned, QEMU spawn → QMP negotiated, and QMP → guest ready.
+ * 2. Hot-plug latency: hotplugBlock() from call to resolved (stat, queue, blockdev-add, device_add,
+ *    bookkeeping, logging at info) against the same two QMP commands sent by a bare client over its
+ *    own QMP monitor socket on the same VM. Alternating, 20+ of each, everything unplugged between
+ *    rounds. Target: the driver's overhead (difference of medians) under 5 ms per hot-plug.
+ *
+ * Exits 1 when a target is missed. Run with `npm run bench:qemu`.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { setTimeout as delay } from 'node:timers/promises';
+import { createLogger } from '../core/logger.js';
+import { SANDBOX_DIR, type QemuLaunchSpec } from '../core/plan.js';
+import { loadValidatedConfig, type ValidatedConfig } from '../core/runtime.js';
+import { launchVm, type RunningVm } from '../core/vm-lifecycle.js';
+import { buildGuestImage } from '../guest/build-image.js';
+import { SANDBOX_PATHS } from '../plugins/qemu/config.js';
+import { QemuVm } from '../plugins/qemu/driver.js';
+
+const BOOTS = 3;
+const ROUNDS = 6;
+/** Disks per client per round: the driver takes rp0–rp3, the bare client rp4–rp7. */
+const PER_ROUND = 4;
+const OVERHEAD_TARGET_MS = 5;
+const BENCH_QMP = 'bench-qmp.sock';
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+};
+const ms = (n: number) => `${n.toFixed(2)} ms`;
+let failed = false;
+const verdict = (ok: boolean, target: string) => {
+  if (!ok) failed = true;
+  return `${ok ? 'PASS' : 'FAIL'} (target: ${target})`;
+};
+
+/** The smallest QMP client that can hot-plug: one command at a time (callers do not overlap), events collected. */
+class BareQmp {
+  readonly #socket: net.Socket;
+  #buf = '';
+  #reply: ((m: Record<string, unknown>) => void) | undefined;
+  readonly #deleted = new Set<string>();
+  #onDeleted: (() => void)[] = [];
+
+  private constructor(socket: net.Socket) {
+    this.#socket = socket;
+    socket.setEncoding('utf8');
+    socket.on('data', (d: string) => {
+      this.#buf += d;
+      let nl: number;
+      while ((nl = this.#buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(this.#buf.slice(0, nl)) as Record<string, unknown>;
+        this.#buf = this.#buf.slice(nl + 1);
+        if (m.event === 'DEVICE_DELETED') {
+          const dev = (m.data as { device?: string }).device;
+          if (dev) this.#deleted.add(dev);
+          for (const wake of this.#onDeleted.splice(0)) wake();
+        } else if (!m.event) {
+          const r = this.#reply;
+          this.#reply = undefined;
+          r?.(m);
+        }
+      }
+    });
+  }
+
+  static async connect(socketPath: string): Promise<BareQmp> {
+    const socket = net.connect(socketPath);
+    const q = new BareQmp(socket);
+    await new Promise<Record<string, unknown>>((resolve) => (q.#reply = resolve)); // greeting
+    await q.cmd('qmp_capabilities');
+    return q;
+  }
+
+  cmd(execute: string, args?: object): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      this.#reply = (m) => (m.error ? reject(new Error(`${execute}: ${JSON.stringify(m.error)}`)) : resolve(m.return));
+      this.#socket.write(`${JSON.stringify(args ? { execute, arguments: args } : { execute })}\n`);
+    });
+  }
+
+  async unplug(id: string): Promise<void> {
+    this.#deleted.delete(id);
+    await this.cmd('device_del', { id });
+    while (!this.#deleted.has(id)) await new Promise<void>((r) => this.#onDeleted.push(r));
+    await this.cmd('blockdev-del', { 'node-name': id });
+  }
+
+  close(): void {
+    this.#socket.destroy();
+  }
+}
+
+async function waitForReady(consoleLog: string, timeoutMs: number): Promise<number> {
+  const until = performance.now() + timeoutMs;
+  let size = 0;
+  for (;;) {
+    const now = performance.now();
+    const st = existsSync(consoleLog) ? statSync(consoleLog).size : 0;
+    if (st !== size) {
+      size = st;
+      if (/KATA-TS-GUEST: ready/.test(readFileSync(consoleLog, 'latin1'))) return now;
+    }
+    if (now > until) throw new Error(`the guest did not print "KATA-TS-GUEST: ready" within ${timeoutMs} ms`);
+    await delay(2);
+  }
+}
+
+function qemuInstalled(): boolean {
+  return spawnSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).status === 0;
+}
+
+async function main(): Promise<void> {
+  if (!qemuInstalled()) {
+    console.log('qemu-system-x86_64 is not installed: nothing to measure');
+    return;
+  }
+  const image = await buildGuestImage({ log: (l) => process.stderr.write(`guest:build: ${l}\n`) });
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'kata-ts-bench-qemu-'));
+  const runRoot = path.join(tmp, 'run');
+  const log = createLogger({ level: 'info', stream: { write: () => undefined } }); // as a shim logs, to nowhere
+  let running: RunningVm | undefined;
+  let bare: BareQmp | undefined;
+  try {
+    const loaded = await loadValidatedConfig({
+      text: `[hypervisor.qemu]
+path = "qemu-system-x86_64"
+kernel = "${image.kernel}"
+initrd = "${image.initrd}"
+default_memory = 256
+default_maxvcpus = 1
+shared_fs = "none"
+disable_block_device_use = false
+block_device_driver = "virtio-blk"
+`,
+    });
+    // A second QMP monitor for the bare client: QEMU serves one client per monitor socket.
+    const vmSpec = structuredClone(loaded.plan.vm) as QemuLaunchSpec;
+    vmSpec.extraArgs.push('-chardev', `socket,id=bench-qmp,path=${SANDBOX_DIR}/${BENCH_QMP},server=on,wait=off`, '-mon', 'chardev=bench-qmp,mode=control');
+    const validated = { ...loaded, plan: { ...loaded.plan, vm: vmSpec } } as ValidatedConfig;
+
+    // 1. Boot
+    const phases: { before: number; qemu: number; guest: number; total: number }[] = [];
+    for (let i = 0; i < BOOTS; i++) {
+      const t0 = performance.now();
+      running = await launchVm(validated, { sandboxId: `boot${i}`, runRoot, log });
+      const ready = await waitForReady(SANDBOX_PATHS.consoleLog.replace(SANDBOX_DIR, running.ctx.runDir), 120_000);
+      const tl = (running.vm as QemuVm).timeline;
+      phases.push({ before: (tl.spawned as number) - t0, qemu: (tl.qmpReady as number) - (tl.spawned as number), guest: ready - (tl.qmpReady as number), total: ready - t0 });
+      if (i < BOOTS - 1) {
+        await running.stop();
+        running = undefined;
+      }
+    }
+    const p = (k: keyof (typeof phases)[number]) => median(phases.map((x) => x[k]));
+    const total = p('total');
+    console.log(`1. boot, launchVm() to "KATA-TS-GUEST: ready", ${BOOTS} boots under ${(running?.vm as QemuVm).accelerator?.accelerator}, medians`);
+    console.log(`   our code before spawn     ${ms(p('before')).padStart(12)}   ${((100 * p('before')) / total).toFixed(2)}%`);
+    console.log(`   QEMU spawn → QMP ready    ${ms(p('qemu')).padStart(12)}   ${((100 * p('qemu')) / total).toFixed(2)}%`);
+    console.log(`   QMP ready → guest ready   ${ms(p('guest')).padStart(12)}   ${((100 * p('guest')) / total).toFixed(2)}%`);
+    console.log(`   total                     ${ms(total).padStart(12)}`);
+
+    // 2. Hot-plug latency, driver vs bare QMP, alternating on the same VM.
+    const vm = (running as RunningVm).vm as QemuVm;
+    bare = await BareQmp.connect(path.join((running as RunningVm).ctx.runDir, BENCH_QMP));
+    const files = Array.from({ length: 2 * PER_ROUND }, (_, i) => {
+      const f = path.join(tmp, `disk${i}.img`);
+      writeFileSync(f, '');
+      truncateSync(f, 1024 * 1024);
+      return f;
+    });
+    const driverMs: number[] = [];
+    const bareMs: number[] = [];
+    const b = bare;
+    const plugDriver = async (id: string, file: string, into: number[] | undefined) => {
+      const t = performance.now();
+      await vm.hotplugBlock({ id, path: file });
+      into?.push(performance.now() - t);
+    };
+    const plugBare = async (id: string, file: string, port: string, into: number[] | undefined) => {
+      const t = performance.now();
+      await b.cmd('blockdev-add', { driver: 'raw', 'node-name': id, 'read-only': false, file: { driver: 'file', filename: file, 'read-only': false } });
+      await b.cmd('device_add', { driver: 'virtio-blk-pci', id, drive: id, bus: port, addr: '0' });
+      into?.push(performance.now() - t);
+    };
+    // Round 0 warms both paths up and is not counted.
+    for (let round = 0; round <= ROUNDS; round++) {
+      const count = round > 0;
+      const ids: { driver: string[]; bare: string[] } = { driver: [], bare: [] };
+      for (let k = 0; k < PER_ROUND; k++) {
+        const d = `d${round}x${k}`;
+        const q = `b${round}x${k}`;
+        const driverFirst = (round + k) % 2 === 0;
+        if (driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
+        await plugBare(q, files[PER_ROUND + k] as string, `rp${PER_ROUND + k}`, count ? bareMs : undefined);
+        if (!driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
+        ids.driver.push(d);
+        ids.bare.push(q);
+      }
+      const bareUnplugs = async () => {
+        for (const id of ids.bare) await b.unplug(id);
+      };
+      await Promise.all([...ids.driver.map((id) => vm.unplugBlock(id)), bareUnplugs()]);
+    }
+    const dm = median(driverMs);
+    const bm = median(bareMs);
+    const overhead = dm - bm;
+    console.log(`2. hot-plug latency (blockdev-add + device_add), ${driverMs.length} each, alternating, same VM, medians`);
+    console.log(`   baseline  bare QMP client            ${ms(bm).padStart(10)}`);
+    console.log(`   measured  QemuVm.hotplugBlock()      ${ms(dm).padStart(10)}   ratio ${(dm / bm).toFixed(2)}x`);
+    console.log(`   driver overhead per hot-plug         ${ms(overhead).padStart(10)}   ${verdict(overhead < OVERHEAD_TARGET_MS, `< ${OVERHEAD_TARGET_MS} ms`)}`);
+  } finally {
+    bare?.close();
+    await running?.stop();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+await main();
+if (failed) {
+  console.log('\nsome targets were missed');
+  process.exitCode = 1;
+}
