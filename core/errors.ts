@@ -174,6 +174,14 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The guest image (kernel and initramfs) could not be built or is missing.',
     fix: 'Run `npm run guest:build` and read its progress output; it needs apt-get, dpkg-deb, depmod (kmod) and xz-utils, and access to the Debian archive.',
   },
+  KATA_ERR_ROOTFS: {
+    meaning: "A container's rootfs cannot reach the guest with this configuration (e.g. a directory rootfs in a confidential sandbox, which has no shared filesystem).",
+    fix: 'Give the container a block-device rootfs (containerd devmapper snapshotter, or `kata-runtime run --rootfs <image or device>`), or enable a shared filesystem.',
+  },
+  KATA_ERR_SANDBOX: {
+    meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',
+    fix: 'Check the ids used; a failed sandbox must be stopped and created again.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',

@@ -12,7 +12,7 @@ import type { KataConfig, RawConfig } from './config/types.js';
 import { KataError } from './errors.js';
 import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
-import type { VmContext, VmExit, VmHandle } from './vm.js';
+import type { ContainerContext, RootfsAttachment, VmContext, VmExit, VmHandle } from './vm.js';
 
 /** Named stages: hypervisor plugins first (they declare capabilities and build the VM spec), confidential-computing plugins late (they remove and override), finalisers last. */
 export const STAGE = Object.freeze({
@@ -66,6 +66,12 @@ export function createHooks() {
     createVm: new AsyncSeriesBailHook<[VmContext], VmHandle | undefined>(['ctx']),
     /** The VM is running and its control channel answers. */
     vmStarted: new AsyncSeriesHook<[VmContext, VmHandle]>(['ctx', 'vm']),
+    /**
+     * Deliver a container's rootfs into the guest. A plugin that can (devmapper, for a block-device
+     * rootfs) hot-plugs or shares it and answers how the agent finds it; first answer wins. When
+     * no plugin answers, the core shares a directory rootfs through the shared filesystem.
+     */
+    attachRootfs: new AsyncSeriesBailHook<[ContainerContext], RootfsAttachment | undefined>(['container']),
     /**
      * The VM has stopped, or failed to start (then `exit` is undefined): stop daemons, clean up.
      * Handlers run in parallel, so one that fails does not keep the others from cleaning up.

@@ -13,6 +13,18 @@
  */
 export const SANDBOX_DIR = '{sandbox_dir}';
 
+/** The host directory shared with the guest (virtio-fs or virtio-9p), inside the run directory. */
+export const SANDBOX_SHARED_DIR = `${SANDBOX_DIR}/shared`;
+
+/** Where the guest mounts the shared filesystem (Kata's path). */
+export const GUEST_SHARED_DIR = '/run/kata-containers/shared/containers';
+
+/** Where block-device rootfs are mounted in the guest: guest-local, outside the shared mount. */
+export const GUEST_CONTAINERS_DIR = '/run/kata-containers/containers';
+
+/** The vsock port the Kata agent listens on. */
+export const AGENT_VSOCK_PORT = 1024;
+
 /** Replaces the {@link SANDBOX_DIR} token with the sandbox's run directory. */
 export function fillSandboxDir(value: string, runDir: string): string {
   return value.split(SANDBOX_DIR).join(runDir);
@@ -172,6 +184,17 @@ export interface SandboxPlan {
   /** The confidential-computing technology, or null. */
   confidential: { tee: 'tdx'; firmware: string } | null;
   vm: VmLaunchSpec;
+  /**
+   * How the runtime reaches the guest agent, set by the hypervisor plugin: `unix://<path>`
+   * (virtio-serial through a QEMU chardev) or `hvsock://<path>:<port>` (Cloud Hypervisor's hybrid
+   * vsock). Paths use {@link SANDBOX_DIR}.
+   */
+  agent: { address: string } | null;
+  /**
+   * The shared filesystem as the guest agent mounts it (a Kata `Storage` without its mount point,
+   * which is {@link GUEST_SHARED_DIR}), set by the shared-fs plugin; null without sharing.
+   */
+  sharedFsMount: { driver: string; source: string; fstype: string; options: string[] } | null;
   /** Host-side daemons to start before the VM. */
   daemons: DaemonSpec[];
   notes: PlanNote[];

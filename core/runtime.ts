@@ -271,6 +271,8 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
     blockDriver: null,
     confidential: null,
     vm: { hypervisor: config.hypervisorName },
+    agent: null,
+    sharedFsMount: null,
     daemons: [],
     notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
   };

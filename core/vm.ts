@@ -70,3 +70,37 @@ export interface VmHandle {
   /** Settles when the hypervisor process ends, expected or not. */
   readonly exited: Promise<VmExit>;
 }
+
+/** A container's root filesystem on the host. */
+export type RootfsSource =
+  /** A block device, or a filesystem image file: hot-plugged as a disk (the devmapper / TDX path). */
+  | { readonly kind: 'block'; readonly path: string; readonly fstype: string }
+  /** A directory: shared through the sandbox's shared filesystem. */
+  | { readonly kind: 'dir'; readonly path: string };
+
+/** What `attachRootfs` handlers receive. */
+export interface ContainerContext {
+  readonly sandbox: VmContext;
+  readonly vm: VmHandle;
+  readonly containerId: string;
+  readonly rootfs: RootfsSource;
+}
+
+/** A mount the guest agent performs (a Kata agent `Storage`). */
+export interface GuestStorage {
+  readonly driver: string;
+  readonly source: string;
+  readonly fstype: string;
+  readonly options: readonly string[];
+  readonly mountPoint: string;
+}
+
+/** How the guest finds a container's rootfs, and how to take it back. */
+export interface RootfsAttachment {
+  /** Mounts the agent performs before it creates the container. */
+  readonly storages: readonly GuestStorage[];
+  /** The rootfs path inside the guest (the OCI root.path). */
+  readonly guestPath: string;
+  /** Undoes the attachment after the container is removed. */
+  detach(): Promise<void>;
+}

@@ -24,11 +24,18 @@ const OPTIONS = {
   help: { type: 'boolean', short: 'h' },
   'show-default-config-paths': { type: 'boolean' },
   'kata-show-default-config-paths': { type: 'boolean' },
+  // run
+  rootfs: { type: 'string' },
+  interactive: { type: 'boolean', short: 'i' },
+  timings: { type: 'boolean' },
 } satisfies ParseArgsConfig['options'];
 
 export type CliFlags = {
   config?: string | undefined;
   json: boolean;
+  rootfs?: string | undefined;
+  interactive: boolean;
+  timings: boolean;
 };
 
 /** What a subcommand receives. */
@@ -47,6 +54,13 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
   validate: { summary: 'run the validated config phase and explain its decisions [--json]', load: async () => (await import('./validate.js')).validateCommand },
   env: { summary: 'show the configuration, runtime, hypervisor, agent and host [--json]', load: async () => (await import('./env.js')).envCommand },
   check: { summary: 'check that this host can run the configuration [--json]', load: async () => (await import('./check.js')).checkCommand },
+  run: {
+    summary: 'run CMD in a container in a new VM: run [--rootfs PATH] [-i] [--timings] -- CMD [ARG...]',
+    load: async () => {
+      const { runCommand } = await import('./run.js');
+      return (ctx) => runCommand(ctx, ctx.flags);
+    },
+  },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };
 const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
@@ -62,14 +76,20 @@ Global options:
   --log-level LEVEL               ${LOG_LEVELS.join('|')} (default warn; logs go to stderr)
   --debug                         same as --log-level debug
   --json                          machine-readable output (validate, env, check)
+  --rootfs PATH, -i, --timings    run: the container rootfs (block device, image file or directory),
+                                  connect stdin, print the time of each phase
   -v, --version                   print the version
   -h, --help                      print this help
 `;
 
 export async function main(argv: readonly string[], io: CliIO = processIO): Promise<number> {
+  // Everything after `--` belongs to the command being run, options included.
+  const dashDash = argv.indexOf('--');
+  const own = dashDash < 0 ? [...argv] : argv.slice(0, dashDash);
+  const passthrough = dashDash < 0 ? [] : argv.slice(dashDash + 1);
   let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true; strict: true }>>;
   try {
-    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: own, options: OPTIONS, allowPositionals: true, strict: true });
   } catch (e) {
     io.err(`kata-runtime: ${e instanceof Error ? e.message : String(e)}\n\n${USAGE}`);
     return EXIT.USAGE;
@@ -89,7 +109,8 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     io.err(`kata-runtime: unknown log level "${level}" (use one of ${LOG_LEVELS.join(', ')})\n`);
     return EXIT.USAGE;
   }
-  const [name, ...args] = parsed.positionals;
+  const [name, ...positionalArgs] = parsed.positionals;
+  const args = [...positionalArgs, ...passthrough];
   if (!name) {
     io.err(`kata-runtime: no command given\n\n${USAGE}`);
     return EXIT.USAGE;
@@ -100,7 +121,13 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     return EXIT.USAGE;
   }
   const log = createLogger({ level: level as LogLevel, ...(io === processIO ? {} : { stream: { write: (line: string) => io.err(line) } }) });
-  const flags: CliFlags = { config: v.config ?? v['kata-config'], json: v.json ?? false };
+  const flags: CliFlags = {
+    config: v.config ?? v['kata-config'],
+    json: v.json ?? false,
+    rootfs: v.rootfs,
+    interactive: v.interactive ?? false,
+    timings: v.timings ?? false,
+  };
   const ctx: CommandContext = {
     io,
     log,

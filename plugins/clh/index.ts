@@ -5,8 +5,8 @@
  *
  * Nothing here talks to a VMM; the driver that does is a separate piece.
  */
-import { definePlugin, hvKey, isClhSpec, STAGE, type ClhLaunchSpec, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
-import { buildVmConfig, clhArgs, CLH_API_TIMEOUT_MS, type ClhSection } from './vm-config.js';
+import { AGENT_VSOCK_PORT, definePlugin, hvKey, isClhSpec, STAGE, type ClhLaunchSpec, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
+import { buildVmConfig, clhArgs, CLH_API_TIMEOUT_MS, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
 
 const PLUGIN_NAME = 'clh';
 
@@ -106,6 +106,7 @@ export default definePlugin({
         apiTimeoutMs: CLH_API_TIMEOUT_MS,
       };
       plan.vm = vm;
+      plan.agent = { address: `hvsock://${VSOCK_SOCKET}:${AGENT_VSOCK_PORT}` };
       if (!hv.disable_block_device_use) plan.blockDriver = hv.block_device_driver;
       if (hv.image && !hv.disable_image_nvdimm) {
         plan.notes.push({ by: PLUGIN_NAME, level: 'info', message: 'the guest image is attached as a read-only virtio-blk disk: Cloud Hypervisor does not use NVDIMM (disable_image_nvdimm is ignored)' });

@@ -3,11 +3,17 @@
  * into the VM as virtio-blk. Loaded when block devices are enabled (`disable_block_device_use` is
  * false). This is how a rootfs reaches a confidential guest, which cannot use virtio-fs.
  */
-import { definePlugin, hvKey, STAGE } from '../../core/plugin-api.js';
+import { createHash } from 'node:crypto';
+import { definePlugin, GUEST_CONTAINERS_DIR, hvKey, STAGE, type GuestStorage } from '../../core/plugin-api.js';
 
 const PLUGIN_NAME = 'devmapper';
 
 export { detectBlockRootfs, type BlockRootfs, type RootfsMount } from './block-rootfs.js';
+
+/** The disk's id in the VM: hypervisor ids are short (QEMU: 31 characters), containerd's ids are 64 hex digits. */
+function diskId(containerId: string): string {
+  return `rootfs-${createHash('sha256').update(containerId).digest('hex').slice(0, 16)}`;
+}
 
 export default definePlugin({
   manifest: {
@@ -31,6 +37,18 @@ export default definePlugin({
       if (!plan.rootfs.includes('block-hotplug')) plan.rootfs.unshift('block-hotplug');
       plan.blockDriver ??= cfg.hypervisor.block_device_driver ?? null;
       return plan;
+    });
+
+    // Run time: a block-device rootfs is hot-plugged and mounted by the agent from its PCI path.
+    hooks.attachRootfs.tapPromise(PLUGIN_NAME, async (ctx) => {
+      if (ctx.rootfs.kind !== 'block' || !ctx.sandbox.plan.rootfs.includes('block-hotplug')) return undefined;
+      const id = diskId(ctx.containerId);
+      const { pciPath } = await ctx.vm.hotplugBlock({ id, path: ctx.rootfs.path, readonly: false });
+      const mountPoint = `${GUEST_CONTAINERS_DIR}/${ctx.containerId}/rootfs`;
+      // Kata's Storage for a virtio-blk rootfs: driver "blk", the PCI path as source.
+      const storage: GuestStorage = { driver: 'blk', source: pciPath, fstype: ctx.rootfs.fstype, options: ctx.rootfs.fstype === 'xfs' ? ['nouuid'] : [], mountPoint };
+      ctx.sandbox.log.info({ container: ctx.containerId, device: ctx.rootfs.path, pciPath }, 'rootfs hot-plugged');
+      return { storages: [storage], guestPath: mountPoint, detach: () => ctx.vm.unplugBlock(id) };
     });
   },
 });

@@ -2,7 +2,7 @@
  * The qemu plugin's view of `[hypervisor.qemu]`: the common keys plus those of
  * schemas/qemu.schema.json, and the names the launch description and the (later) driver share.
  */
-import { SANDBOX_DIR, type HypervisorSection, type KataConfig } from '../../core/plugin-api.js';
+import { SANDBOX_DIR, SANDBOX_SHARED_DIR, type HypervisorSection, type KataConfig } from '../../core/plugin-api.js';
 
 export const PLUGIN_NAME = 'qemu';
 
@@ -46,7 +46,7 @@ export const SANDBOX_PATHS = Object.freeze({
   consoleSocket: `${SANDBOX_DIR}/console.sock`,
   consoleLog: `${SANDBOX_DIR}/console.log`,
   /** The host directory served over virtio-9p; the driver creates it before starting QEMU. */
-  sharedDir: `${SANDBOX_DIR}/shared`,
+  sharedDir: SANDBOX_SHARED_DIR,
 });
 
 /**

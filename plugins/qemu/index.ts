@@ -7,6 +7,7 @@
  * with no daemon of its own, so there is nothing for a separate plugin to own.
  */
 import { STAGE, definePlugin, isQemuSpec } from '../../core/plugin-api.js';
+import { SANDBOX_PATHS, SHARED_MOUNT_TAG } from './config.js';
 import { renderQemuArgv } from './argv.js';
 import { declareCapabilities } from './capabilities.js';
 import { PLAN_ACCELERATOR, PLUGIN_NAME, qemuSection } from './config.js';
@@ -38,9 +39,12 @@ export default definePlugin({
       const hv = qemuSection(cfg);
       const { spec, notes } = buildQemuLaunchSpec(cfg, caps);
       plan.vm = spec;
+      plan.agent = { address: `unix://${SANDBOX_PATHS.agentSocket}` };
       for (const n of notes) plan.notes.push({ by: PLUGIN_NAME, ...n });
       if (hv.shared_fs === 'virtio-9p') {
         plan.sharedFs = 'virtio-9p';
+        // Kata's 9p storage: the agent mounts the tag with these options.
+        plan.sharedFsMount = { driver: '9p', source: SHARED_MOUNT_TAG, fstype: '9p', options: ['trans=virtio', 'version=9p2000.L', `msize=${hv.msize_9p}`, 'cache=mmap', 'nodev'] };
         if (!plan.rootfs.includes('shared-fs')) plan.rootfs.push('shared-fs');
       }
       if (caps.has('block-device')) plan.blockDriver = hv.block_device_driver;

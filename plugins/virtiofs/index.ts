@@ -7,7 +7,7 @@
  * that forces the feature on vhost-user devices and a guest kernel that accepts it.
  */
 import { mkdir } from 'node:fs/promises';
-import { Daemon, definePlugin, fillSandboxDir, hvKey, isClhSpec, isQemuSpec, SANDBOX_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
+import { Daemon, definePlugin, fillSandboxDir, hvKey, isClhSpec, isQemuSpec, SANDBOX_DIR, SANDBOX_SHARED_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
 import type { VirtiofsKeys } from '../../core/config/schema-types.js';
 
 const PLUGIN_NAME = 'virtiofs';
@@ -15,7 +15,7 @@ const PLUGIN_NAME = 'virtiofs';
 /** The mount tag the guest agent mounts (Kata's). */
 export const SHARED_FS_TAG = 'kataShared';
 export const VIRTIOFSD_SOCKET = `${SANDBOX_DIR}/virtiofsd.sock`;
-export const SHARED_DIR = `${SANDBOX_DIR}/shared`;
+export const SHARED_DIR = SANDBOX_SHARED_DIR;
 
 type Section = KataConfig['hypervisor'] & VirtiofsKeys;
 
@@ -74,6 +74,7 @@ export default definePlugin({
     hooks.plan.tap({ stage: STAGE.DEVICES }, (plan, cfg) => {
       const hv = cfg.hypervisor as Section;
       plan.sharedFs = hv.shared_fs === 'virtio-fs-nydus' ? 'virtio-fs-nydus' : 'virtio-fs';
+      plan.sharedFsMount = { driver: 'virtio-fs', source: SHARED_FS_TAG, fstype: 'virtiofs', options: ['nodev'] };
       if (!plan.rootfs.includes('shared-fs')) plan.rootfs.push('shared-fs');
       plan.daemons.push({ by: PLUGIN_NAME, name: 'virtiofsd', binary: hv.virtio_fs_daemon, args: virtiofsdArgs(hv), socket: VIRTIOFSD_SOCKET });
       const vm = plan.vm;
