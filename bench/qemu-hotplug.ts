@@ -139,7 +139,7 @@ async function main(): Promise<void> {
 path = "qemu-system-x86_64"
 kernel = "${image.kernel}"
 initrd = "${image.initrd}"
-default_memory = 256
+default_memory = 512
 default_maxvcpus = 1
 shared_fs = "none"
 disable_block_device_use = false

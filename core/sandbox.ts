@@ -73,6 +73,9 @@ export class GuestProcess {
       },
       final: (cb) => void agent.closeStdin(ids).then(() => cb(), cb),
     });
+    // A stream error must not take the runtime down when nobody listens: the process's wait()
+    // reports the failure (the agent or the VM gone) to whoever is waiting.
+    for (const s of [this.stdout, this.stderr, this.stdin]) s.on('error', () => undefined);
   }
 
   /** Resolves with the exit status once the process ends. */
@@ -173,7 +176,7 @@ export class Sandbox {
     const log = (opts.log ?? silentLogger()).child({ sandbox: opts.sandboxId });
     const { plan, config } = validated;
     if (!plan.agent) throw new KataError('KATA_ERR_INTERNAL', `the "${plan.hypervisor}" plugin planned no agent address`);
-    const running = await launchVm(validated, { ...opts, log });
+    const running = await launchVm(validated, opts);
     try {
       const address = fillSandboxDir(plan.agent.address, running.ctx.runDir);
       const deadlineMs = opts.agentDialTimeoutMs ?? config.agent.dial_timeout * 1000;

@@ -1,29 +1,34 @@
 /**
- * The guest image builder: Debian's generic kernel plus a small initramfs (busybox-static, the
- * virtio / 9p / ext4 modules, /init from guest/rootfs/, an empty /agent slot) in a cache
- * directory, for QEMU's `-kernel` / `-initrd`. guest/README.md has the contract of the image.
+ * The guest image builder: Debian's generic kernel plus an initramfs (busybox-static, the
+ * virtio / 9p / ext4 modules, /init from guest/rootfs/, and in /agent node with the guest agent)
+ * in a cache directory, for QEMU's `-kernel` / `-initrd`. guest/README.md has the contract of the image.
  *
- *   node dist/guest/build-image.js [--cache-dir DIR] [--force]      (npm run guest:build)
+ *   node dist/guest/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]   (npm run guest:build)
  *
- * Idempotent: `<cache>/guest/manifest.json` records what the outputs were built from (builder
- * code, guest/rootfs, module list, package versions) and their sha256. When all of it still
- * holds, the builder says so and does nothing.
+ * The initramfs is two archives back to back: the base (gzip'd cpio) and the agent (plain cpio,
+ * agent-payload.ts). Idempotent: `<cache>/guest/manifest.json` records what the outputs were
+ * built from (builder code, guest/rootfs, module list, package versions, the agent's inputs) and
+ * their sha256. When all of it still holds, the builder says so and does nothing; when only the
+ * agent's inputs changed, it keeps the base archive and replaces the agent archive.
  */
 import { createHash } from 'node:crypto';
 import { cp, chmod, copyFile, mkdir, mkdtemp, open, readFile, readdir, rename, rm, stat, symlink, unlink, writeFile } from 'node:fs/promises';
-import { createReadStream } from 'node:fs';
+import { createReadStream, createWriteStream } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pipeline } from 'node:stream/promises';
 import { KataError } from '../core/errors.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
+import { agentInputs, writeAgentArchive, type AgentInputs, type AgentManifest } from './agent-payload.js';
 import { CpioGzWriter, collectTree, type CpioEntry } from './cpio.js';
+import { ensureBusyboxRootfs } from './busybox-rootfs.js';
 import { aptDownload, aptListsPresent, findTool, requireTools, resolvePackages, run, unpackDeb, type DebPackage, type KernelPackage } from './debian.js';
 import { GUEST_MODULES, depmod, moduleDirOf, selectModules, stageModules } from './kernel-modules.js';
 import { extractVmlinux } from './vmlinux.js';
 
 /** Bumped when the image layout changes in a way a reader of the manifest should know about. */
-export const BUILDER_VERSION = '1';
+export const BUILDER_VERSION = '2';
 export const KERNEL_META_PACKAGE = 'linux-image-amd64';
 export const BUSYBOX_PACKAGE = 'busybox-static';
 /** Files copied as they are into the initramfs root (/init, /etc/acpi/…). Not compiled: read at run time. */
@@ -91,6 +96,11 @@ export interface GuestManifest {
     /** Every module file shipped, dependencies included. */
     readonly shipped: string[];
   };
+  /** The base (gzip'd) archive at the start of the initramfs; the agent archive follows it, 4-byte aligned. */
+  readonly initramfs: { readonly baseBytes: number; readonly baseSha256: string };
+  /** node, its libraries and the agent bundle in /agent; null when built without (`agentSkipped` says why). */
+  readonly agent: AgentManifest | null;
+  readonly agentSkipped?: string;
   /** vmlinux is there only when the kernel can be booted through PVH (see `vmlinuxSkipped`). */
   readonly outputs: Record<typeof OUTPUT_KERNEL | typeof OUTPUT_INITRD, OutputInfo> & { readonly [OUTPUT_VMLINUX]?: OutputInfo };
   /** Why no vmlinux was written. */
@@ -108,6 +118,10 @@ export interface BuildOptions {
   readonly log?: (line: string) => void;
   /** Parent of the temporary work directory. Default: the OS temp dir. */
   readonly tmpDir?: string;
+  /** Put node and the guest agent into /agent (default true). Without, /init falls back to its block-device loop. */
+  readonly agent?: boolean;
+  /** The node binary to ship. Default: the one running the builder. */
+  readonly node?: string;
 }
 
 export interface StepTiming {
@@ -273,6 +287,10 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
     });
   }
   const local = await localInputs();
+  const withAgent = opts.agent !== false;
+  const agent = withAgent
+    ? await step('bundle the agent, find node and its libraries', () => agentInputs(opts.node), (a) => `${a.bundle.length} byte bundle, node ${a.node.version}, ${a.libraries.length} libraries`)
+    : undefined;
   const unlock = await acquireLock(paths.dir, log);
   try {
     // Half-written outputs of a builder that was killed (we hold the lock: nobody else writes).
@@ -281,6 +299,7 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
     const listsPresent = await aptListsPresent();
     let reason = opts.force ? 'forced (--force)' : 'no image in the cache';
     const cached = opts.force ? undefined : await readManifest(paths.manifest);
+    let agentOnly = false;
     if (cached) {
       const checked = await step('check cache', async () => {
         const stale = await staleReason(cached, local, paths);
@@ -293,17 +312,30 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
         const bb = versions.get(BUSYBOX_PACKAGE);
         if (bb && bb !== cached.packages[BUSYBOX_PACKAGE]) return `${BUSYBOX_PACKAGE} is now ${bb} (cached: ${cached.packages[BUSYBOX_PACKAGE]})`;
         return undefined;
-      }, (stale) => stale ?? 'outputs match the manifest and inputs');
-      if (checked === undefined) {
+      }, (stale) => stale ?? 'base image matches the manifest and inputs');
+      const agentStale = checked === undefined ? agentChange(cached, agent) : undefined;
+      if (checked === undefined && agentStale === undefined) {
         const why = `guest image is up to date (kernel ${cached.kernel.release}, built ${cached.builtAt}${listsPresent ? '' : '; apt has no package lists, so newer packages were not looked for'}): nothing to do`;
         log(why);
         return result(false, why, cached);
       }
-      reason = checked;
+      reason = checked ?? (agentStale as string);
+      agentOnly = checked === undefined;
+    }
+    if (agentOnly && cached) {
+      log(`replacing the agent archive in ${paths.initrd} (${reason})`);
+      const manifest = await rebuildAgent(paths, cached, agent, { tmpDir: opts.tmpDir ?? os.tmpdir(), step, t0 }).catch((e: Error) => {
+        log(`cannot reuse the base archive (${e.message}): building everything`);
+        return undefined;
+      });
+      if (manifest) {
+        log(`built ${paths.initrd} (${manifest.outputs[OUTPUT_INITRD].bytes} bytes) in ${sec(manifest.buildMs)}`);
+        return result(true, reason, manifest);
+      }
     }
     log(`building the guest image in ${paths.dir} (${reason})`);
     requireTools(['apt-get', 'apt-cache', 'dpkg-deb', 'depmod']);
-    const manifest = await build(paths, local, { asRoot, listsPresent, tmpDir: opts.tmpDir ?? os.tmpdir(), step, t0 });
+    const manifest = await build(paths, local, agent, { asRoot, listsPresent, tmpDir: opts.tmpDir ?? os.tmpdir(), step, t0 });
     const vmlinuxNote = manifest.outputs[OUTPUT_VMLINUX] ? `, ${paths.vmlinux} (${manifest.outputs[OUTPUT_VMLINUX].bytes} bytes)` : '';
     log(
       `built ${paths.kernel} (${manifest.outputs[OUTPUT_KERNEL].bytes} bytes), ${paths.initrd} (${manifest.outputs[OUTPUT_INITRD].bytes} bytes)${vmlinuxNote} in ${sec(manifest.buildMs)}`,
@@ -317,15 +349,81 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
   }
 }
 
-interface BuildContext {
-  readonly asRoot: boolean;
-  readonly listsPresent: boolean;
+interface StepContext {
   readonly tmpDir: string;
   readonly t0: number;
   readonly step: <T>(name: string, fn: () => Promise<T>, detail?: (r: T) => string) => Promise<T>;
 }
 
-async function build(paths: GuestImagePaths, local: LocalInputs, ctx: BuildContext): Promise<GuestManifest> {
+interface BuildContext extends StepContext {
+  readonly asRoot: boolean;
+  readonly listsPresent: boolean;
+}
+
+const NO_AGENT = 'built without the agent (--no-agent)';
+
+/** Why the agent archive in the cached image is not the one wanted now, or undefined when it is. */
+function agentChange(cached: GuestManifest, agent: AgentInputs | undefined): string | undefined {
+  if (!agent) return cached.agent ? 'the image is wanted without the agent' : undefined;
+  if (!cached.agent) return 'the image is wanted with the agent';
+  if (cached.agent.inputsSha256 === agent.sha256) return undefined;
+  if (cached.agent.bundleSha256 !== agent.bundleSha256) return 'the agent bundle changed';
+  if (cached.agent.node.sha256 !== agent.node.sha256) return `node changed (${cached.agent.node.version} → ${agent.node.version})`;
+  if (cached.agent.startSha256 !== agent.startSha256) return '/agent/start changed';
+  return 'the agent archive\'s inputs changed (libraries, strip, or the builder)';
+}
+
+/** Appends the agent archive (if any) to the base archive, 4-byte aligned as the kernel wants a plain cpio. */
+async function composeInitrd(base: string, agentArchive: string | undefined, out: string): Promise<void> {
+  await copyFile(base, out);
+  if (!agentArchive) return;
+  const size = (await stat(base)).size;
+  const fh = await open(out, 'a');
+  try {
+    if (size % 4) await fh.write(Buffer.alloc(4 - (size % 4)));
+  } finally {
+    await fh.close();
+  }
+  await pipeline(createReadStream(agentArchive), createWriteStream(out, { flags: 'a' }));
+}
+
+/** Keeps the cached base archive and replaces the agent archive after it (the kernel and modules are untouched). */
+async function rebuildAgent(paths: GuestImagePaths, cached: GuestManifest, agent: AgentInputs | undefined, ctx: StepContext): Promise<GuestManifest> {
+  const { step } = ctx;
+  const work = await mkdtemp(path.join(ctx.tmpDir, 'kata-ts-guest-'));
+  const tmpInitrd = path.join(paths.dir, `.${OUTPUT_INITRD}.${process.pid}.tmp`);
+  const tmpManifest = path.join(paths.dir, `.${MANIFEST}.${process.pid}.tmp`);
+  try {
+    const base = path.join(work, 'base.cpio.gz');
+    const whole = await readFile(paths.initrd);
+    const baseBytes = whole.subarray(0, cached.initramfs.baseBytes);
+    if (createHash('sha256').update(baseBytes).digest('hex') !== cached.initramfs.baseSha256) throw new Error('the base archive does not match the manifest');
+    await writeFile(base, baseBytes);
+    const agentArchive = path.join(work, 'agent.cpio');
+    const agentManifest = agent
+      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
+      : null;
+    await composeInitrd(base, agentManifest ? agentArchive : undefined, tmpInitrd);
+    const { agentSkipped: _dropped, ...rest } = cached;
+    const manifest: GuestManifest = {
+      ...rest,
+      agent: agentManifest,
+      ...(agentManifest ? {} : { agentSkipped: NO_AGENT }),
+      outputs: { ...cached.outputs, [OUTPUT_INITRD]: await sha256File(tmpInitrd) },
+      builtAt: new Date().toISOString(),
+      buildMs: Math.round(performance.now() - ctx.t0),
+    };
+    await writeFile(tmpManifest, `${JSON.stringify(manifest, null, 2)}\n`);
+    await rename(tmpInitrd, paths.initrd);
+    await rename(tmpManifest, paths.manifest);
+    return manifest;
+  } finally {
+    await rm(work, { recursive: true, force: true });
+    await Promise.all([tmpInitrd, tmpManifest].map((f) => rm(f, { force: true })));
+  }
+}
+
+async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInputs | undefined, ctx: BuildContext): Promise<GuestManifest> {
   const { step } = ctx;
   const work = await mkdtemp(path.join(ctx.tmpDir, 'kata-ts-guest-'));
   const tmpKernel = path.join(paths.dir, `.${OUTPUT_KERNEL}.${process.pid}.tmp`);
@@ -393,7 +491,14 @@ async function build(paths: GuestImagePaths, local: LocalInputs, ctx: BuildConte
       (mods) => `busybox, ${mods.length} modules, /init, empty /agent`,
     );
 
-    await step('pack initramfs (cpio newc + gzip)', () => packInitramfs(stage, tmpInitrd), () => path.basename(paths.initrd));
+    const base = path.join(work, 'base.cpio.gz');
+    await step('pack the base archive (cpio newc + gzip)', () => packInitramfs(stage, base), () => path.basename(paths.initrd));
+    const agentArchive = path.join(work, 'agent.cpio');
+    const agentManifest = agent
+      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
+      : null;
+    await composeInitrd(base, agentManifest ? agentArchive : undefined, tmpInitrd);
+    const baseInfo = await sha256File(base);
 
     return await step(
       'install outputs',
@@ -406,6 +511,9 @@ async function build(paths: GuestImagePaths, local: LocalInputs, ctx: BuildConte
           kernel: { metaPackage: kernel.meta, package: kernel.name, version: kernel.version, release: kernel.release },
           packages: { [kernel.name]: kernel.version, [busybox.name]: busybox.version },
           modules: { requested: [...GUEST_MODULES], load: selection.load, builtin: selection.builtin, shipped },
+          initramfs: { baseBytes: baseInfo.bytes, baseSha256: baseInfo.sha256 },
+          agent: agentManifest,
+          ...(agentManifest ? {} : { agentSkipped: NO_AGENT }),
           outputs: {
             [OUTPUT_KERNEL]: await sha256File(tmpKernel),
             [OUTPUT_INITRD]: await sha256File(tmpInitrd),
@@ -482,16 +590,23 @@ async function packInitramfs(stage: string, out: string): Promise<void> {
   await writer.finish();
 }
 
-const USAGE = `usage: node dist/guest/build-image.js [--cache-dir DIR] [--force]
+const USAGE = `usage: node dist/guest/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]
 Builds the guest kernel and initramfs into <cache>/guest (default cache: KATA_TS_CACHE_DIR,
-else /var/cache/kata-ts as root, else ~/.cache/kata-ts). Does nothing when they are up to date.`;
+else /var/cache/kata-ts as root, else ~/.cache/kata-ts). Does nothing when they are up to date.
+  --no-agent    leave /agent empty (no node, no agent: /init reports block devices instead)
+  --node PATH   the node binary to put into the guest (default: the one running this)`;
 
 export async function main(argv: readonly string[]): Promise<number> {
   let cacheDir: string | undefined;
   let force = false;
+  let agent = true;
+  let node: string | undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
     if (a === '--force') force = true;
+    else if (a === '--no-agent') agent = false;
+    else if (a === '--node' && argv[i + 1] !== undefined) node = argv[++i];
+    else if (a.startsWith('--node=')) node = a.slice('--node='.length);
     else if (a === '--cache-dir' && argv[i + 1] !== undefined) cacheDir = argv[++i];
     else if (a.startsWith('--cache-dir=')) cacheDir = a.slice('--cache-dir='.length);
     else if (a === '-h' || a === '--help') {
@@ -503,8 +618,10 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
   }
   try {
-    const r = await buildGuestImage({ cacheDir, force, log: (line) => process.stderr.write(`guest:build: ${line}\n`) });
-    process.stdout.write(`kernel=${r.kernel}\n${r.vmlinux ? `vmlinux=${r.vmlinux}\n` : ''}initrd=${r.initrd}\nkernel_version=${r.kernelVersion}\n`);
+    const log = (line: string) => process.stderr.write(`guest:build: ${line}\n`);
+    const r = await buildGuestImage({ cacheDir, force, agent, node, log });
+    const rootfs = await ensureBusyboxRootfs(r.initrd, log);
+    process.stdout.write(`kernel=${r.kernel}\n${r.vmlinux ? `vmlinux=${r.vmlinux}\n` : ''}initrd=${r.initrd}\nrootfs=${rootfs}\nkernel_version=${r.kernelVersion}\n`);
     return 0;
   } catch (err) {
     const e = err instanceof KataError ? err : new KataError('KATA_ERR_GUEST_IMAGE', String(err));

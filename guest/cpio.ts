@@ -1,6 +1,7 @@
 /**
  * A streaming writer for the cpio "newc" format (the one the Linux kernel unpacks as an
- * initramfs), gzip-compressed with node:zlib.
+ * initramfs), gzip-compressed with node:zlib or plain, and a reader for initramfs files made of
+ * several such archives.
  *
  * Written here rather than piping `find | cpio -o -H newc` because the archive must not depend on
  * who runs the builder or when: every entry is owned by root, has a fixed mtime and comes in a
@@ -11,7 +12,8 @@ import { createWriteStream } from 'node:fs';
 import { lstat, open, readFile, readdir, readlink } from 'node:fs/promises';
 import path from 'node:path';
 import { once } from 'node:events';
-import { createGzip, type Gzip } from 'node:zlib';
+import type { Writable } from 'node:stream';
+import { createGzip, gunzipSync, inflateRawSync } from 'node:zlib';
 
 export type CpioEntry =
   | { readonly kind: 'dir'; readonly path: string; readonly mode: number }
@@ -56,23 +58,33 @@ function header(name: string, fields: { ino: number; mode: number; nlink: number
   return Buffer.concat([head, nameBytes, Buffer.alloc(pad4(head.length + nameBytes.length))]);
 }
 
-/** Writes newc entries into a gzip stream ending in `file`. Call {@link finish} once. */
-export class CpioGzWriter {
-  private readonly gzip: Gzip;
+export interface CpioWriterOptions {
+  /** gzip level 1–9, or `false` for a plain archive (a big payload boots faster that way: the kernel need not inflate it). Default 9. */
+  readonly gzip?: number | false;
+  /** mtime of every entry. Default 0. */
+  readonly mtime?: number;
+}
+
+/** Writes newc entries into `file`, gzip-compressed unless told otherwise. Call {@link finish} once. */
+export class CpioWriter {
+  private readonly sink: Writable;
   private readonly done: Promise<void>;
+  private readonly mtime: number;
   private ino = 1;
   private failed: Error | undefined;
 
-  constructor(file: string, private readonly mtime = 0) {
-    this.gzip = createGzip({ level: 9 });
+  constructor(file: string, opts: CpioWriterOptions = {}) {
+    this.mtime = opts.mtime ?? 0;
     const out = createWriteStream(file, { mode: 0o644 });
-    this.gzip.pipe(out);
+    const gzip = opts.gzip === false ? undefined : createGzip({ level: opts.gzip ?? 9 });
+    if (gzip) gzip.pipe(out);
+    this.sink = gzip ?? out;
     this.done = new Promise<void>((resolve, reject) => {
       const fail = (err: Error) => {
         this.failed = err;
         reject(err);
       };
-      this.gzip.on('error', fail);
+      gzip?.on('error', fail);
       out.on('error', fail);
       out.on('close', () => resolve());
     });
@@ -108,15 +120,86 @@ export class CpioGzWriter {
   /** Writes the trailer and waits until the file is closed. */
   async finish(): Promise<void> {
     await this.write(header(TRAILER, { ino: 0, mode: 0, nlink: 1, mtime: 0, size: 0 }));
-    this.gzip.end();
+    this.sink.end();
     await this.done;
   }
 
   private async write(buf: Buffer): Promise<void> {
     if (this.failed) throw this.failed;
     if (buf.length === 0) return;
-    if (!this.gzip.write(buf)) await Promise.race([once(this.gzip, 'drain'), this.done]);
+    if (!this.sink.write(buf)) await Promise.race([once(this.sink, 'drain'), this.done]);
     if (this.failed) throw this.failed;
+  }
+}
+
+/** {@link CpioWriter} with gzip -9 (the image's base archive). */
+export class CpioGzWriter extends CpioWriter {
+  constructor(file: string, mtime = 0) {
+    super(file, { gzip: 9, mtime });
+  }
+}
+
+export interface CpioMember {
+  readonly name: string;
+  /** st_mode: type and permission bits. */
+  readonly mode: number;
+  /** [major, minor] of a device node. */
+  readonly rdev: readonly [number, number];
+  /** File contents, or a symlink's target. */
+  readonly data: Buffer;
+}
+
+/** The length of the gzip member at the start of `buf` (header, deflate stream, trailer). */
+export function gzipMemberLength(buf: Buffer): number {
+  if (buf[0] !== 0x1f || buf[1] !== 0x8b || buf[2] !== 8) throw new Error('cpio: not a gzip member');
+  const flg = buf[3] as number;
+  let off = 10;
+  if (flg & 4) off += 2 + buf.readUInt16LE(off); // FEXTRA
+  if (flg & 8) off = buf.indexOf(0, off) + 1; // FNAME
+  if (flg & 16) off = buf.indexOf(0, off) + 1; // FCOMMENT
+  if (flg & 2) off += 2; // FHCRC
+  const r = inflateRawSync(buf.subarray(off), { info: true }) as unknown as { engine: { bytesWritten: number } };
+  return off + r.engine.bytesWritten + 8;
+}
+
+/**
+ * Reads an initramfs the way the kernel does: archives one after the other, each gzip-compressed
+ * or plain, with NUL padding between them; a later entry replaces an earlier one of the same name.
+ */
+export function readInitramfs(buf: Buffer): Map<string, CpioMember> {
+  const out = new Map<string, CpioMember>();
+  let off = 0;
+  while (off < buf.length) {
+    if (buf[off] === 0) {
+      off++;
+      continue;
+    }
+    if (buf[off] === 0x1f && buf[off + 1] === 0x8b) {
+      const len = gzipMemberLength(buf.subarray(off));
+      readArchive(gunzipSync(buf.subarray(off, off + len)), out);
+      off += len;
+      continue;
+    }
+    off += readArchive(buf.subarray(off), out);
+  }
+  return out;
+}
+
+/** Reads one newc archive up to its trailer into `out`; returns the bytes it took (padded to 4). */
+function readArchive(buf: Buffer, out: Map<string, CpioMember>): number {
+  let off = 0;
+  for (;;) {
+    if (buf.toString('ascii', off, off + 6) !== '070701') throw new Error(`cpio: no newc magic at offset ${off}`);
+    const field = (i: number) => Number.parseInt(buf.toString('ascii', off + 6 + i * 8, off + 14 + i * 8), 16);
+    const mode = field(1);
+    const size = field(6);
+    const rdev: [number, number] = [field(9), field(10)];
+    const nameSize = field(11);
+    const name = buf.toString('utf8', off + 110, off + 110 + nameSize - 1);
+    const dataStart = off + 110 + nameSize + pad4(110 + nameSize);
+    off = dataStart + size + pad4(size);
+    if (name === TRAILER) return off;
+    out.set(name, { name, mode, rdev, data: buf.subarray(dataStart, dataStart + size) });
   }
 }
 

@@ -32,6 +32,9 @@ export const GUEST_MODULES: readonly string[] = Object.freeze([
   '9pnet',
   '9pnet_virtio',
   '9p',
+  // virtio-fs shared directory (the agent's "virtio-fs" storage driver, for hosts with virtiofsd)
+  'fuse',
+  'virtiofs',
   // ext4 container rootfs on a hot-plugged disk; ext4 and jbd2 checksum metadata with crc32c
   // through the crypto API (a softdep, not a hard dependency, hence named here)
   'crc16',

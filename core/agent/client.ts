@@ -170,12 +170,25 @@ export class AgentClient {
 
   /** Waits for output; no deadline unless given. An empty result is end of file. */
   async readStdout(req: MessageInit<ReadStreamRequest>, opts: AgentCallOptions = {}): Promise<Uint8Array> {
-    return (await this.run('ReadStdout', 0, opts, (o) => this.agent.ReadStdout(req, o))).data;
+    return this.readStream('ReadStdout', () => this.run('ReadStdout', 0, opts, (o) => this.agent.ReadStdout(req, o)));
   }
 
   /** As {@link readStdout}, for standard error. */
   async readStderr(req: MessageInit<ReadStreamRequest>, opts: AgentCallOptions = {}): Promise<Uint8Array> {
-    return (await this.run('ReadStderr', 0, opts, (o) => this.agent.ReadStderr(req, o))).data;
+    return this.readStream('ReadStderr', () => this.run('ReadStderr', 0, opts, (o) => this.agent.ReadStderr(req, o)));
+  }
+
+  /**
+   * kata-agent ends a stream with an INTERNAL status whose message says "eof" ("read meet eof");
+   * older agents send empty data. Both become an empty result.
+   */
+  private async readStream(_method: string, call: () => Promise<{ data: Uint8Array }>): Promise<Uint8Array> {
+    try {
+      return (await call()).data;
+    } catch (e) {
+      if (e instanceof AgentError && e.kind === 'call' && e.grpcCode === GrpcCode.INTERNAL && /\beof\b/i.test(e.message)) return new Uint8Array(0);
+      throw e;
+    }
   }
 
   /** Resolves to the number of bytes the agent took. */

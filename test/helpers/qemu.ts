@@ -46,7 +46,7 @@ export function qemuConfigText(opts: { binary: string; kernel: string; initrd: s
 path = "${opts.binary}"
 kernel = "${opts.kernel}"
 initrd = "${opts.initrd}"
-default_memory = 256
+default_memory = 512
 default_maxvcpus = 1
 shared_fs = "none"
 disable_block_device_use = false

@@ -32,7 +32,7 @@ describe('documentation', () => {
 
   it('starts the README with exactly two command lines', async () => {
     const lines = (await readme()).split('\n');
-    assert.deepEqual(lines.slice(0, 4), ['```', 'npm ci && npm run explain', 'npm ci && npm test', '```']);
+    assert.deepEqual(lines.slice(0, 4), ['```', 'npm ci && npm run demo', 'npm ci && npm test', '```']);
   });
 
   describe('the README example plugin', () => {

@@ -1,0 +1,444 @@
+/**
+ * The agent's state and the operations behind each RPC: the sandbox (hostname, shared storages),
+ * its containers, their processes. service.ts maps RPCs onto these methods.
+ */
+import { mkdir, readFile, readdir, readlink, stat } from 'node:fs/promises';
+import path from 'node:path';
+import type {
+  CloseStdinRequest,
+  CreateContainerRequest,
+  CreateSandboxRequest,
+  ExecProcessRequest,
+  GuestDetailsRequest,
+  GuestDetailsResponse,
+  Process,
+  ReadStreamRequest,
+  RemoveContainerRequest,
+  SignalProcessRequest,
+  StartContainerRequest,
+  StringUser,
+  WaitProcessRequest,
+  WriteStreamRequest,
+} from '../../core/agent/proto.gen.js';
+import type { MessageInit } from '../../core/ttrpc/codec.js';
+import { alreadyExists, cancelled, deadlineExceeded, failedPrecondition, internal, invalidArgument, notFound } from './errors.js';
+import { log } from './log.js';
+import {
+  READY_WORD,
+  START_WORD,
+  buildEnv,
+  checkContainerId,
+  checkSignal,
+  execArgv,
+  executableInRoot,
+  initArgv,
+  lookPath,
+  resolveInRoot,
+  resolveUser,
+  type ProcessPlan,
+  type UserFiles,
+} from './oci.js';
+import { GuestProcess } from './process.js';
+import { STORAGE_DRIVERS, StorageManager, checkGuestPath } from './storage.js';
+import { busybox, busyboxOk, lstatOrUndefined, sleep } from './sys.js';
+import { AGENT_VERSION } from './version.js';
+
+type ContainerState = 'created' | 'running' | 'stopped';
+
+interface Container {
+  readonly id: string;
+  readonly root: string;
+  /** Mount points this container holds a reference on, in acquisition order. */
+  readonly storages: string[];
+  readonly init: GuestProcess;
+  /** Every process by exec id, the init among them. */
+  readonly processes: Map<string, GuestProcess>;
+  state: ContainerState;
+}
+
+export interface SandboxOptions {
+  /** How long a hot-plugged `blk` device may take to show up. */
+  readonly hotplugTimeoutMs: number;
+  /** How long a container's setup (namespaces, mounts) may take before CreateContainer fails. */
+  readonly createTimeoutMs: number;
+  /** An exec's record stays this long after it was waited for, unless both its streams reached EOF earlier. */
+  readonly execRetentionMs: number;
+}
+
+export const DEFAULT_SANDBOX_OPTIONS: SandboxOptions = Object.freeze({
+  hotplugTimeoutMs: 60_000,
+  createTimeoutMs: 60_000,
+  execRetentionMs: 5 * 60_000,
+});
+
+/** Longest single ReadStdout/ReadStderr answer (the ttrpc message limit is 4 MiB). */
+export const MAX_READ = 1024 * 1024;
+
+export class Sandbox {
+  private created = false;
+  private sandboxId = '';
+  private hostname = '';
+  private readonly sandboxStorages: string[] = [];
+  private readonly containers = new Map<string, Container>();
+  private readonly storage: StorageManager;
+
+  constructor(private readonly opts: SandboxOptions = DEFAULT_SANDBOX_OPTIONS) {
+    this.storage = new StorageManager({ hotplugTimeoutMs: opts.hotplugTimeoutMs });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Sandbox
+
+  async createSandbox(req: CreateSandboxRequest, signal?: AbortSignal): Promise<void> {
+    if (this.created) throw alreadyExists(`the sandbox${this.sandboxId ? ` ${this.sandboxId}` : ''} is already created`);
+    for (const m of req.kernelModules) {
+      if (!/^[\w-]+$/.test(m.name)) throw invalidArgument(`kernel module name ${JSON.stringify(m.name)}`);
+      await busyboxOk('modprobe', [m.name, ...m.parameters]).catch((e: Error) => {
+        throw internal(`cannot load kernel module ${m.name}: ${e.message}`, e);
+      });
+    }
+    if (req.hostname) {
+      await busyboxOk('hostname', [req.hostname]).catch((e: Error) => {
+        throw internal(`cannot set the hostname: ${e.message}`, e);
+      });
+    }
+    const acquired: string[] = [];
+    try {
+      for (const s of req.storages) acquired.push(await this.storage.acquire(s, signal));
+    } catch (e) {
+      for (const mp of acquired.reverse()) await this.storage.release(mp).catch(() => undefined);
+      throw e;
+    }
+    this.sandboxStorages.push(...acquired);
+    this.hostname = req.hostname;
+    this.sandboxId = req.sandboxId;
+    this.created = true;
+    log(`sandbox ${req.sandboxId || '(no id)'} created${req.hostname ? `, hostname ${req.hostname}` : ''}, ${acquired.length} storage(s)`);
+  }
+
+  /** Removes every container and unmounts every storage; the agent keeps serving (a new CreateSandbox may follow). */
+  async destroySandbox(): Promise<void> {
+    const problems: string[] = [];
+    for (const [id, c] of [...this.containers]) {
+      if (!c.init) continue; // still being created
+      try {
+        await this.removeContainer({ containerId: id, timeout: 0 });
+      } catch (e) {
+        problems.push((e as Error).message);
+      }
+    }
+    for (const mp of this.sandboxStorages.splice(0).reverse()) {
+      try {
+        await this.storage.release(mp);
+      } catch (e) {
+        problems.push((e as Error).message);
+      }
+    }
+    this.created = false;
+    this.sandboxId = '';
+    this.hostname = '';
+    log(`sandbox destroyed${problems.length ? ` with ${problems.length} problem(s)` : ''}`);
+    if (problems.length) throw internal(`DestroySandbox: ${problems.join('; ')}`);
+  }
+
+  async guestDetails(req: GuestDetailsRequest): Promise<MessageInit<GuestDetailsResponse>> {
+    let memBlockSizeBytes = 0n;
+    if (req.memBlockSize) {
+      const text = await readFile('/sys/devices/system/memory/block_size_bytes', 'utf8').catch(() => '');
+      if (/^[0-9a-fA-F]+\s*$/.test(text)) memBlockSizeBytes = BigInt(`0x${text.trim()}`);
+    }
+    const probe = req.memHotplugProbe ? (await lstatOrUndefined('/sys/devices/system/memory/probe')) !== undefined : false;
+    return {
+      memBlockSizeBytes,
+      supportMemHotplugProbe: probe,
+      agentDetails: {
+        version: AGENT_VERSION,
+        initDaemon: process.pid === 1,
+        deviceHandlers: [],
+        storageHandlers: [...STORAGE_DRIVERS],
+        supportsSeccomp: false,
+        extraFeatures: [],
+      },
+    };
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Containers
+
+  async createContainer(req: CreateContainerRequest, signal?: AbortSignal): Promise<void> {
+    const id = req.containerId;
+    checkContainerId(id);
+    if (this.containers.has(id)) throw alreadyExists(`container ${id} already exists`);
+    const spec = req.OCI;
+    if (!spec) throw invalidArgument(`container ${id}: the request has no OCI spec`);
+    const proc = spec.Process;
+    if (!proc) throw invalidArgument(`container ${id}: the OCI spec has no process`);
+    if (!spec.Root?.Path) throw invalidArgument(`container ${id}: the OCI spec has no root.path`);
+    const root = checkGuestPath(spec.Root.Path, 'root.path');
+    checkProcess(proc, `container ${id}`);
+    if (req.devices.length) log(`container ${id}: ${req.devices.length} device(s) ignored (not supported by this agent)`);
+
+    // Reserve the id while the storages mount (a concurrent create with the same id fails).
+    const storages: string[] = [];
+    const placeholder = { id } as Container;
+    this.containers.set(id, placeholder);
+    let init: GuestProcess | undefined;
+    try {
+      for (const s of req.storages) storages.push(await this.storage.acquire(s, signal));
+      const st = await stat(root).catch(() => undefined);
+      if (!st?.isDirectory()) throw invalidArgument(`container ${id}: root.path ${root} is not a directory in the guest`);
+      const plan = await this.plan(proc, req.stringUser, root, root);
+      if (!spec.Root.Readonly) await mkdir(path.posix.join(root, plan.cwd), { recursive: true }).catch(() => undefined);
+      const argv = initArgv(plan, {
+        root,
+        readonly: spec.Root.Readonly,
+        hostname: spec.Hostname || this.hostname,
+        mounts: spec.Mounts,
+        devices: spec.Linux?.Devices ?? [],
+      });
+      init = await GuestProcess.spawn(id, req.execId || id, argv, { control: true });
+      await this.waitReady(init, id);
+      await this.setOomScore(init, proc);
+    } catch (e) {
+      this.containers.delete(id);
+      if (init) {
+        init.control?.destroy();
+        await init.signal(9);
+        await init.exited;
+        init.dispose();
+      }
+      for (const mp of storages.reverse()) await this.storage.release(mp).catch(() => undefined);
+      throw e;
+    }
+    const container: Container = { id, root, storages, init, processes: new Map([[init.execId, init]]), state: 'created' };
+    this.containers.set(id, container);
+    void init.exited.then((status) => {
+      container.state = 'stopped';
+      log(`container ${id} exited with status ${status}`);
+    });
+    log(`container ${id} created (root ${root}, pid ${await init.pid()})`);
+  }
+
+  async startContainer(req: StartContainerRequest): Promise<void> {
+    const c = this.container(req.containerId);
+    if (c.state !== 'created') throw failedPrecondition(`container ${c.id} is ${c.state === 'running' ? 'already running' : 'stopped'}`);
+    const control = c.init.control;
+    if (!control || c.init.hasExited) throw failedPrecondition(`container ${c.id} is stopped`);
+    c.state = 'running';
+    await new Promise<void>((resolve, reject) => control.write(`${START_WORD}\n`, (err) => (err ? reject(internal(`cannot start container ${c.id}: ${err.message}`)) : resolve())));
+    // Answer once the process is in its root, so that an ExecProcess right after joins the right one.
+    const pid = await c.init.pid();
+    const want = await stat(c.root);
+    const deadline = Date.now() + this.opts.createTimeoutMs;
+    while (pid !== undefined && !c.init.hasExited) {
+      const have = await stat(`/proc/${pid}/root/`).catch(() => undefined);
+      if (have && have.dev === want.dev && have.ino === want.ino) break;
+      if (Date.now() > deadline) throw deadlineExceeded(`container ${c.id} did not enter its root within ${this.opts.createTimeoutMs} ms`);
+      await sleep(5);
+    }
+    control.destroy();
+    log(`container ${c.id} started`);
+  }
+
+  async removeContainer(req: RemoveContainerRequest): Promise<void> {
+    const c = this.container(req.containerId);
+    const limitMs = (req.timeout > 0 ? req.timeout : 30) * 1000;
+    // SIGKILL to the init ends its pid namespace, hence every exec too; kill those explicitly all the same.
+    c.init.control?.destroy();
+    for (const p of c.processes.values()) await p.signal(9);
+    const all = Promise.all([...c.processes.values()].map((p) => p.exited));
+    const timedOut = await Promise.race([all.then(() => false), sleep(limitMs).then(() => true)]);
+    if (timedOut) throw deadlineExceeded(`the processes of container ${c.id} did not exit within ${limitMs / 1000} s of SIGKILL`);
+    for (const p of c.processes.values()) p.dispose();
+    this.containers.delete(c.id);
+    const problems: string[] = [];
+    for (const mp of [...c.storages].reverse()) {
+      try {
+        await this.storage.release(mp);
+      } catch (e) {
+        problems.push((e as Error).message);
+      }
+    }
+    log(`container ${c.id} removed`);
+    if (problems.length) throw internal(`container ${c.id} removed, but: ${problems.join('; ')}`);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Processes
+
+  async execProcess(req: ExecProcessRequest): Promise<void> {
+    const c = this.container(req.containerId);
+    if (!req.execId) throw invalidArgument(`ExecProcess into ${c.id}: exec_id is empty`);
+    if (c.processes.has(req.execId)) throw alreadyExists(`exec id ${req.execId} already exists in container ${c.id}`);
+    if (!req.process) throw invalidArgument(`exec ${req.execId}: the request has no process`);
+    checkProcess(req.process, `exec ${req.execId}`);
+    if (c.state !== 'running' || c.init.hasExited) throw failedPrecondition(`container ${c.id} is not running`);
+    const pid = await c.init.pid();
+    if (pid === undefined) throw failedPrecondition(`container ${c.id} is not running`);
+    const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root);
+    const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid));
+    c.processes.set(req.execId, p);
+    void p.exited.then((status) => log(`exec ${req.execId} in container ${c.id} exited with status ${status}`));
+  }
+
+  async signalProcess(req: SignalProcessRequest): Promise<void> {
+    const c = this.container(req.containerId);
+    const sig = checkSignal(req.signal);
+    if (req.execId === '') {
+      // Every process of the container: the init first, then whatever else shares its pid namespace.
+      await c.init.signal(sig);
+      for (const pid of await pidsInNamespaceOf(await c.init.pid())) {
+        try {
+          process.kill(pid, sig);
+        } catch {
+          // gone
+        }
+      }
+      return;
+    }
+    await this.process(c, req.execId).signal(sig);
+  }
+
+  async waitProcess(req: WaitProcessRequest, signal?: AbortSignal): Promise<number> {
+    const c = this.container(req.containerId);
+    const p = this.process(c, req.execId);
+    const status = await abortable(p.exited, signal);
+    if (p !== c.init) this.retire(c, p);
+    return status;
+  }
+
+  async readStream(req: ReadStreamRequest, which: 'stdout' | 'stderr', signal?: AbortSignal): Promise<Buffer> {
+    const c = this.container(req.containerId);
+    const p = this.process(c, req.execId);
+    if (req.len === 0) throw invalidArgument('ReadStreamRequest.len must be above 0');
+    return p[which].read(Math.min(req.len, MAX_READ), signal);
+  }
+
+  async writeStdin(req: WriteStreamRequest): Promise<number> {
+    const c = this.container(req.containerId);
+    return this.process(c, req.execId).writeStdin(req.data);
+  }
+
+  closeStdin(req: CloseStdinRequest): void {
+    const c = this.container(req.containerId);
+    this.process(c, req.execId).closeStdin();
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private container(id: string): Container {
+    const c = this.containers.get(id);
+    if (!c || !c.init) throw notFound(`container ${id} not found`);
+    return c;
+  }
+
+  /** "" and the init's exec id (kata uses the container id) name the init. */
+  private process(c: Container, execId: string): GuestProcess {
+    if (execId === '') return c.init;
+    const p = c.processes.get(execId);
+    if (!p) throw notFound(`process ${execId} not found in container ${c.id}`);
+    return p;
+  }
+
+  /** Forgets a waited-for exec once its output has been read to the end, or after the retention time. */
+  private retire(c: Container, p: GuestProcess): void {
+    const start = Date.now();
+    const check = (): void => {
+      if (c.processes.get(p.execId) !== p) return;
+      if ((p.stdout.drained && p.stderr.drained) || Date.now() - start > this.opts.execRetentionMs) {
+        c.processes.delete(p.execId);
+        p.dispose();
+        return;
+      }
+      setTimeout(check, 1000).unref();
+    };
+    check();
+  }
+
+  private async plan(proc: Process, stringUser: StringUser | undefined, rootInAgent: string, rootForFiles: string): Promise<ProcessPlan> {
+    const read = async (p: string) => {
+      const real = await resolveInRoot(rootInAgent, p);
+      return real ? readFile(real, 'utf8').catch(() => undefined) : undefined;
+    };
+    const files: UserFiles = { passwd: await read('/etc/passwd'), group: await read('/etc/group') };
+    const user = resolveUser(proc.User, stringUser, files);
+    const env = buildEnv(proc.Env, user.home);
+    const cwd = checkGuestPath(proc.Cwd || '/', 'process cwd');
+    const found = await lookPath(proc.Args[0] as string, env, cwd, (p) => executableInRoot(rootInAgent, p));
+    if (!found) throw invalidArgument(`exec: ${JSON.stringify(proc.Args[0])}: executable file not found in the container (root ${rootForFiles}, PATH ${env.find((e) => e.startsWith('PATH='))?.slice(5) ?? '(unset)'})`);
+    const args = [found, ...proc.Args.slice(1)];
+    return { args, env, cwd, uid: user.uid, gid: user.gid, noNewPrivileges: proc.NoNewPrivileges, rlimits: proc.Rlimits };
+  }
+
+  /** Resolves once the init script says `ready` on fd 3; fails with what it said instead, or its stderr. */
+  private async waitReady(init: GuestProcess, id: string): Promise<void> {
+    const control = init.control;
+    if (!control) throw internal('no control channel');
+    let text = '';
+    const said = new Promise<string>((resolve) => {
+      control.setEncoding('utf8');
+      control.on('data', (d: string) => {
+        text += d;
+        if (text.includes('\n')) resolve(text.slice(0, text.indexOf('\n')));
+      });
+      control.once('end', () => resolve(text.trim()));
+    });
+    // The setup ending closes fd 3 (after the failure line, if any), so this settles either way.
+    const outcome = await Promise.race([
+      said.then((line) => ({ kind: 'line' as const, line })),
+      sleep(this.opts.createTimeoutMs).then(() => ({ kind: 'timeout' as const })),
+    ]);
+    control.removeAllListeners('data');
+    control.pause();
+    if (outcome.kind === 'line' && outcome.line === READY_WORD) return;
+    const stderr = init.stderr.buffered ? (await init.stderr.read(4096)).toString('utf8').trim() : '';
+    if (outcome.kind === 'timeout') throw deadlineExceeded(`container ${id}: setup did not finish within ${this.opts.createTimeoutMs} ms`);
+    const why = outcome.line || `setup exited with status ${await init.exited}`;
+    throw internal(`container ${id}: ${why}${stderr ? ` (${stderr.replace(/\s+/g, ' ')})` : ''}`);
+  }
+
+  private async setOomScore(p: GuestProcess, proc: Process): Promise<void> {
+    if (!proc.OOMScoreAdj) return;
+    const pid = await p.pid();
+    if (pid === undefined) return;
+    const r = await busybox('sh', ['-c', `echo ${Number(proc.OOMScoreAdj)} > /proc/${pid}/oom_score_adj`]);
+    if (r.code !== 0) log(`cannot set oom_score_adj of pid ${pid}: ${r.stderr.trim()}`);
+  }
+}
+
+function checkProcess(p: Process, what: string): void {
+  if (!p.Args.length || !p.Args[0]) throw invalidArgument(`${what}: the process has no args`);
+  if (p.Terminal) throw invalidArgument(`${what}: terminals are not supported by this agent (process.terminal = true); use pipes`);
+}
+
+/** Every pid that shares the pid namespace of `pid` (not `pid` itself). */
+async function pidsInNamespaceOf(pid: number | undefined): Promise<number[]> {
+  if (pid === undefined) return [];
+  const ns = await readlink(`/proc/${pid}/ns/pid`).catch(() => undefined);
+  if (!ns) return [];
+  const out: number[] = [];
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === pid) continue;
+    if ((await readlink(`/proc/${name}/ns/pid`).catch(() => undefined)) === ns) out.push(Number(name));
+  }
+  return out;
+}
+
+function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((resolve, reject) => {
+    if (signal.aborted) return reject(cancelled('the wait was cancelled'));
+    const onAbort = (): void => reject(cancelled('the wait was cancelled'));
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (e: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e as Error);
+      },
+    );
+  });
+}

@@ -1,0 +1,48 @@
+/**
+ * The ttrpc services the agent serves: `grpc.AgentService` (the subset in protos/kata/agent.proto)
+ * and `grpc.Health`, on top of {@link Sandbox}. Every handler's failure leaves as a gRPC status
+ * (errors.ts); RPCs of kata-agent that are not in our proto answer UNIMPLEMENTED (the server does that).
+ */
+import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../core/agent/proto.gen.js';
+import type { CallContext, TtrpcServer } from '../../core/ttrpc/server.js';
+import { GrpcCode } from '../../core/ttrpc/codes.js';
+import { isEndOfFile, toStatus } from './errors.js';
+import { debug, isDebug, log } from './log.js';
+import type { Sandbox } from './sandbox.js';
+import { API_VERSION, AGENT_VERSION } from './version.js';
+
+/** Calls `fn`, turning its failure into a status (logged unless it is a stream's end or a cancelled long poll). */
+async function handle<T>(ctx: CallContext, fn: () => Promise<T> | T): Promise<T> {
+  const t0 = isDebug() ? performance.now() : 0;
+  try {
+    const r = await fn();
+    debug(`${ctx.method} ok (${(performance.now() - t0).toFixed(1)} ms)`);
+    return r;
+  } catch (e) {
+    const status = toStatus(e);
+    if (status.code !== GrpcCode.CANCELLED && !isEndOfFile(status)) log(`${ctx.method} failed: ${status.message}`);
+    throw status;
+  }
+}
+
+export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
+  server.register(AgentService, {
+    CreateSandbox: (req, ctx) => handle(ctx, async () => (await sandbox.createSandbox(req, ctx.signal), {})),
+    DestroySandbox: (_req, ctx) => handle(ctx, async () => (await sandbox.destroySandbox(), {})),
+    GetGuestDetails: (req, ctx) => handle(ctx, () => sandbox.guestDetails(req)),
+    CreateContainer: (req, ctx) => handle(ctx, async () => (await sandbox.createContainer(req, ctx.signal), {})),
+    StartContainer: (req, ctx) => handle(ctx, async () => (await sandbox.startContainer(req), {})),
+    RemoveContainer: (req, ctx) => handle(ctx, async () => (await sandbox.removeContainer(req), {})),
+    ExecProcess: (req, ctx) => handle(ctx, async () => (await sandbox.execProcess(req), {})),
+    SignalProcess: (req, ctx) => handle(ctx, async () => (await sandbox.signalProcess(req), {})),
+    WaitProcess: (req, ctx) => handle(ctx, async () => ({ status: await sandbox.waitProcess(req, ctx.signal) })),
+    ReadStdout: (req, ctx) => handle(ctx, async () => ({ data: await sandbox.readStream(req, 'stdout', ctx.signal) })),
+    ReadStderr: (req, ctx) => handle(ctx, async () => ({ data: await sandbox.readStream(req, 'stderr', ctx.signal) })),
+    WriteStdin: (req, ctx) => handle(ctx, async () => ({ len: await sandbox.writeStdin(req) })),
+    CloseStdin: (req, ctx) => handle(ctx, () => (sandbox.closeStdin(req), {})),
+  });
+  server.register(Health, {
+    Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),
+    Version: () => ({ grpcVersion: API_VERSION, agentVersion: AGENT_VERSION }),
+  });
+}
