@@ -17,6 +17,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, 
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { Targets, median, ms } from './stats.js';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import { createLogger } from '../core/logger.js';
@@ -34,17 +35,8 @@ const PER_ROUND = 4;
 const OVERHEAD_TARGET_MS = 5;
 const BENCH_QMP = 'bench-qmp.sock';
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-};
-const ms = (n: number) => `${n.toFixed(2)} ms`;
-let failed = false;
-const verdict = (ok: boolean, target: string) => {
-  if (!ok) failed = true;
-  return `${ok ? 'PASS' : 'FAIL'} (target: ${target})`;
-};
+const targets = new Targets();
+const verdict = (ok: boolean, target: string) => targets.verdict(ok, target);
 
 /** The smallest QMP client that can hot-plug: one command at a time (callers do not overlap), events collected. */
 class BareQmp {
@@ -229,7 +221,7 @@ block_device_driver = "virtio-blk"
 }
 
 await main();
-if (failed) {
+if (targets.failed) {
   console.log('\nsome targets were missed');
   process.exitCode = 1;
 }

@@ -15,6 +15,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
+import { Targets, median, ms } from './stats.js';
 import { performance } from 'node:perf_hooks';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { judgeConfig } from '../core/runtime.js';
@@ -25,17 +26,8 @@ const CLH = existsSync(path.join(REF, 'configuration-clh.toml')) ? path.join(REF
 // The installed `kata-runtime` (package.json bin): the bundle.
 const CLI = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-};
-const ms = (n: number) => `${n.toFixed(2)} ms`;
-let failed = false;
-const verdict = (ok: boolean, target: string) => {
-  if (!ok) failed = true;
-  return `${ok ? 'PASS' : 'FAIL'} (target: ${target})`;
-};
+const targets = new Targets();
+const verdict = (ok: boolean, target: string) => targets.verdict(ok, target);
 
 async function configPhase(): Promise<void> {
   const text = readFileSync(CLH, 'utf8');
@@ -113,7 +105,7 @@ function tomlParsers(): void {
 await configPhase();
 processStart();
 tomlParsers();
-if (failed) {
+if (targets.failed) {
   console.log('\nsome targets were missed');
   process.exitCode = 1;
 }

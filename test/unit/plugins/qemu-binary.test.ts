@@ -6,7 +6,8 @@
  * start takes well under a second. Skipped when the binary is not installed.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { fakeBzImage, qemuBinary } from '../../helpers/qemu.js';
+import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -18,22 +19,7 @@ import { TempDir } from '../../helpers/tmp.js';
 const BINARY = 'qemu-system-x86_64';
 const IMAGE_BYTES = 8 * 1024 * 1024;
 
-/** The smallest file QEMU's x86 loader takes for a Linux bzImage: setup sectors and the "HdrS" header. */
-function fakeBzImage(): Buffer {
-  const b = Buffer.alloc(16 * 1024);
-  b[0x1f1] = 4; // setup sectors
-  b.write('HdrS', 0x202, 'latin1');
-  b.writeUInt16LE(0x020f, 0x206); // boot protocol 2.15
-  b[0x211] = 0x01; // LOADED_HIGH
-  b.writeUInt32LE(0x37ffffff, 0x22c); // initrd_addr_max
-  b.writeUInt32LE(2048, 0x238); // cmdline_size
-  return b;
-}
-
-function binaryPath(): string | undefined {
-  const r = spawnSync('sh', ['-c', `command -v ${BINARY}`], { encoding: 'utf8' });
-  return r.status === 0 ? r.stdout.trim() : undefined;
-}
+const binaryPath = qemuBinary;
 
 interface QmpReply {
   return?: unknown;
