@@ -93,6 +93,8 @@ export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<
     if (flags.interactive) process.stdin.pipe(container.stdin);
     else container.stdin.end();
     const status = await container.wait();
+    // On Ctrl-C the sandbox is torn down under the process: report the interrupt, as shells do.
+    if (interrupted) return 128 + (interrupted === 'SIGINT' ? 2 : 15);
     await Promise.all([outDone, errDone]);
     mark('process exited');
     process.stdin.unpipe(container.stdin);

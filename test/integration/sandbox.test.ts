@@ -128,6 +128,12 @@ describe('sandbox lifecycle @integration', function () {
       await c.delete();
     });
 
+    it('reports a process killed by the guest OOM killer as 137, and the sandbox goes on', async () => {
+      const r = await runIn('oom', ['sh', '-c', 'a=xxxxxxxxxxxxxxxx; while true; do a=$a$a; done']);
+      assert.equal(r.status, 137);
+      assert.equal((await runIn('after-oom', ['true'])).status, 0);
+    });
+
     it('runs two containers side by side and execs into a running one', async () => {
       const a = await sandbox.createContainer({ id: 'two-a', rootfs: { kind: 'block', path: freshImage('two-a'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
       const b = await sandbox.createContainer({ id: 'two-b', rootfs: { kind: 'block', path: freshImage('two-b'), fstype: 'ext4' }, process: { args: ['sh', '-c', 'echo b is here'] } });
