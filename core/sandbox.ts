@@ -25,7 +25,8 @@ import type { ContainerContext, RootfsAttachment, RootfsSource, VmExit } from '.
 
 const run = promisify(execFile);
 
-const CONTAINER_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+// As kata-agent checks it: at least two characters.
+const CONTAINER_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{1,127}$/;
 
 export interface ProcessSpec {
   readonly args: readonly string[];

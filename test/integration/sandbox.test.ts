@@ -214,6 +214,27 @@ describe('sandbox lifecycle @integration', function () {
       assert.equal(existsSync(path.join(runRoot, 'sb-noagent')), false);
     });
 
+    it('makes a waiting container fail, not hang, when the agent dies', async () => {
+      const runRoot = path.join(tmp.path, 'run-agent-dies');
+      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, BLOCK) }), { sandboxId: 'sb-agent-dies', runRoot });
+      try {
+        const c = await sandbox.createContainer({ id: 'bystander', rootfs: { kind: 'block', path: freshImage('bystander'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
+        await c.start();
+        c.stdin.end();
+        const waited = c.wait();
+        // SysRq f makes the guest kernel OOM-kill its largest process: the agent (node), since the
+        // container only runs sleep. The agent's /agent/start then powers the VM off.
+        const killer = await c.exec({ args: ['sh', '-c', 'echo f > /proc/sysrq-trigger'] });
+        killer.stdin.end();
+        await assert.rejects(waited, (e: KataError) => e.code === 'KATA_ERR_AGENT_CLOSED');
+        assert.equal((await sandbox.running.exited).expected, false);
+      } finally {
+        await sandbox.stop();
+      }
+      assert.deepEqual(await qemuLeftBehind(runRoot), []);
+      assert.equal(existsSync(path.join(runRoot, 'sb-agent-dies')), false);
+    });
+
     it('makes a waiting container fail, not hang, when the VM dies', async () => {
       const runRoot = path.join(tmp.path, 'run-die');
       const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, BLOCK) }), { sandboxId: 'sb-die', runRoot });
