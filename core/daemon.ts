@@ -6,6 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { rm, stat } from 'node:fs/promises';
 import { KataError } from './errors.js';
+import { LineRing } from './line-ring.js';
 import type { Logger } from './logger.js';
 
 export interface DaemonOptions {
@@ -37,7 +38,7 @@ const TAIL_LINES = 20;
 export class Daemon {
   readonly #opts: DaemonOptions;
   readonly #child: ChildProcess;
-  readonly #tail: string[] = [];
+  readonly #stderr = new LineRing(TAIL_LINES);
   #stopping = false;
   /** Settles when the process ends, whoever ended it. */
   readonly exited: Promise<DaemonExit>;
@@ -45,20 +46,17 @@ export class Daemon {
   private constructor(opts: DaemonOptions) {
     this.#opts = opts;
     this.#child = spawn(opts.binary, [...opts.args], { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] });
-    let partial = '';
     this.#child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
-      const lines = (partial + chunk).split('\n');
-      partial = lines.pop() ?? '';
-      for (const line of lines) this.#keep(line);
+      for (const line of this.#stderr.push(chunk)) opts.log.debug({ daemon: opts.name }, line);
     });
     this.exited = new Promise((resolve) => {
       this.#child.once('error', (e) => {
-        this.#keep(`${opts.binary}: ${e.message}`);
-        resolve({ expected: this.#stopping, code: null, signal: null, stderrTail: [...this.#tail] });
+        this.#stderr.push(`${opts.binary}: ${e.message}\n`);
+        resolve({ expected: this.#stopping, code: null, signal: null, stderrTail: this.#stderr.tail(TAIL_LINES) });
       });
       this.#child.once('exit', (code, signal) => {
-        if (partial) this.#keep(partial);
-        const exit = { expected: this.#stopping, code, signal, stderrTail: [...this.#tail] };
+        this.#stderr.flush();
+        const exit = { expected: this.#stopping, code, signal, stderrTail: this.#stderr.tail(TAIL_LINES) };
         if (!exit.expected) opts.log.error({ daemon: opts.name, code, signal, stderr: exit.stderrTail }, `${opts.name} exited unexpectedly`);
         resolve(exit);
       });
@@ -82,7 +80,7 @@ export class Daemon {
       if (await exists(opts.socket)) break;
       if (Date.now() > deadline) {
         await d.stop();
-        throw new KataError('KATA_ERR_DAEMON_START', `${opts.name} did not create its socket ${opts.socket} within ${opts.readyTimeoutMs ?? 10_000} ms${tailText(d.#tail)}`, {
+        throw new KataError('KATA_ERR_DAEMON_START', `${opts.name} did not create its socket ${opts.socket} within ${opts.readyTimeoutMs ?? 10_000} ms${tailText(d.#stderr.tail(TAIL_LINES))}`, {
           plugin: opts.plugin,
           value: opts.binary,
         });
@@ -109,12 +107,6 @@ export class Daemon {
     return this.exited;
   }
 
-  #keep(line: string): void {
-    if (line.length === 0) return;
-    this.#tail.push(line);
-    if (this.#tail.length > TAIL_LINES) this.#tail.shift();
-    this.#opts.log.debug({ daemon: this.#opts.name }, line);
-  }
 }
 
 async function exists(p: string): Promise<boolean> {

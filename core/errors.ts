@@ -310,7 +310,8 @@ export function toKataError(e: unknown, fallback: ErrorCode = 'KATA_ERR_INTERNAL
   return new KataError(fallback, msg, { ...opts, cause: e });
 }
 
-function dropUndefined<T extends Record<string, unknown>>(o: T): T {
-  for (const k of Object.keys(o)) if (o[k] === undefined) delete o[k];
+/** Deletes the keys whose value is undefined (for JSON output and exact-equality tests). */
+export function dropUndefined<T extends object>(o: T): T {
+  for (const k of Object.keys(o) as (keyof T)[]) if (o[k] === undefined) delete o[k];
   return o;
 }

@@ -72,4 +72,5 @@ export type { VmContext, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, Unp
 export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from './host.js';
 export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
+export { LineRing } from './line-ring.js';
 export { KataError } from './errors.js';

@@ -10,7 +10,7 @@
  * will not load) stop the phase immediately, since nothing after them can be judged.
  */
 import { CapabilitySet, type CapabilityRecord, type CapabilityView, type RemovedCapability } from './capabilities.js';
-import { checkShape, builtinSchema, pluginSchema, type TableSchema } from './config/schema.js';
+import { checkShape, builtinSchema, isPlainObject, pluginSchema, type TableSchema } from './config/schema.js';
 import { coreRuleProblems } from './config/rules.js';
 import { parseToml, readConfigFile } from './config/parse.js';
 import type { KataConfig, RawConfig } from './config/types.js';
@@ -109,7 +109,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   const plugins: LoadedPlugin[] = [];
   for (const spec of thirdPartySpecs(parsed)) plugins.push(await importThirdParty(spec, 'listed in runtime.plugins'));
   const hvSection = parsed.hypervisor && (parsed.hypervisor as Record<string, unknown>)[hypervisorName];
-  const hv = (isObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
+  const hv = (isPlainObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
   if (BUILTIN_HYPERVISORS.includes(hypervisorName)) {
     plugins.unshift(await importBuiltin(hypervisorName as BuiltinPluginName, `[${hypervisorTable}] section`));
   } else if (!plugins.some((p) => p.manifest.provides?.includes(`hypervisor:${hypervisorName}`))) {
@@ -130,8 +130,8 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
 
   // Shape check. Missing tables are created first so that their defaults are filled in.
   const data = raw as Record<string, unknown>;
-  for (const t of ['runtime', 'factory'] as const) if (!isObject(data[t])) data[t] ??= {};
-  if (!isObject(data.agent)) data.agent ??= { kata: {} };
+  for (const t of ['runtime', 'factory'] as const) if (!isPlainObject(data[t])) data[t] ??= {};
+  if (!isPlainObject(data.agent)) data.agent ??= { kata: {} };
   const schemas = await schemasFor(plugins);
   const shape = checkShape(data, schemas, hypervisorTable);
   for (const key of shape.unknownKeys) log.warn({ key, path: configPath }, `unknown configuration key ${key} (ignored)`);
@@ -187,7 +187,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
 function pickHypervisorSection(raw: RawConfig, file: string | undefined): string {
   const where = file ? `${file}: ` : '';
   const hv = raw.hypervisor;
-  const names = isObject(hv) ? Object.keys(hv).filter((k) => isObject(hv[k])) : [];
+  const names = isPlainObject(hv) ? Object.keys(hv).filter((k) => isPlainObject(hv[k])) : [];
   if (names.length === 0) {
     throw new KataError('KATA_ERR_CONFIG_NO_HYPERVISOR', `${where}the configuration has no [hypervisor.<name>] section`, { key: 'hypervisor' });
   }
@@ -201,7 +201,7 @@ function pickHypervisorSection(raw: RawConfig, file: string | undefined): string
 }
 
 function thirdPartySpecs(raw: RawConfig): string[] {
-  const list = isObject(raw.runtime) ? raw.runtime.plugins : undefined;
+  const list = isPlainObject(raw.runtime) ? raw.runtime.plugins : undefined;
   // A malformed list is reported by the shape check; nothing is loaded from it.
   return Array.isArray(list) && list.every((s) => typeof s === 'string' && s.length > 0) ? (list as string[]) : [];
 }
@@ -315,9 +315,6 @@ function freezeJudgement(j: Judgement): Judgement {
   return Object.freeze(j);
 }
 
-function isObject(v: unknown): v is Record<string, unknown> {
-  return v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Date);
-}
 
 export function deepFreeze<T>(o: T): T {
   if (o !== null && typeof o === 'object' && !Object.isFrozen(o)) {

@@ -3,7 +3,7 @@
  * stamps every veto, requirement and warning with the plugin's name and the hook, so a plugin can
  * neither forget its name nor claim another's.
  */
-import type { ErrorCode, Problem } from './errors.js';
+import { dropUndefined, type ErrorCode, type Problem } from './errors.js';
 import type { CapabilityName } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 
@@ -50,7 +50,7 @@ export class Verdict {
   readonly warnings: ConfigWarning[] = [];
 
   veto(v: Veto, plugin?: string, hook?: string): void {
-    this.problems.push(clean({
+    this.problems.push(dropUndefined({
       code: v.code ?? 'KATA_ERR_CONFIG_VETO',
       key: v.key,
       value: v.value,
@@ -62,7 +62,7 @@ export class Verdict {
   }
 
   require(capability: CapabilityName, why: string, plugin: string, opts: { key?: string; fix?: string } = {}): void {
-    this.requirements.push(clean({ capability, why, plugin, key: opts.key, fix: opts.fix }));
+    this.requirements.push(dropUndefined({ capability, why, plugin, key: opts.key, fix: opts.fix }));
   }
 
   warn(key: string, message: string, plugin?: string): void {
@@ -78,7 +78,3 @@ export class Verdict {
   }
 }
 
-function clean<T extends object>(o: T): T {
-  for (const k of Object.keys(o) as (keyof T)[]) if (o[k] === undefined) delete o[k];
-  return o;
-}

@@ -4,11 +4,11 @@
  *
  * Exit 0 valid, 1 invalid (every problem on stderr), 2 usage error.
  */
-import { formatProblem } from '../errors.js';
+import { ConfigInvalidError, formatProblem } from '../errors.js';
 import { judgeConfig, type Judgement } from '../runtime.js';
 import type { SandboxPlan } from '../plan.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
-import { toJson } from './io.js';
+import { describeError, toJson } from './io.js';
 
 /** The `validate --json` document (documented in the README). */
 export interface ValidateReport {
@@ -51,7 +51,7 @@ export async function validateCommand(ctx: CommandContext): Promise<number> {
   const j = await judgeConfig({ file: located.path, log: ctx.log });
   ctx.io.out(ctx.flags.json ? toJson(toReport(j)) + '\n' : explain(j));
   if (!j.valid) {
-    ctx.io.err(`kata-runtime: ${located.path}: invalid configuration (${j.problems.length} problem${j.problems.length === 1 ? '' : 's'}):\n${j.problems.map((p) => `  - ${formatProblem(p)}\n`).join('')}`);
+    ctx.io.err(describeError(new ConfigInvalidError(j.problems, located.path)));
     return EXIT.FAILED;
   }
   return EXIT.OK;

@@ -159,7 +159,7 @@ export function getTable(data: Record<string, unknown>, dotted: string): Record<
   return isPlainObject(cur) ? cur : undefined;
 }
 
-function isPlainObject(v: unknown): v is Record<string, unknown> {
+export function isPlainObject(v: unknown): v is Record<string, unknown> {
   return v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Date);
 }
 

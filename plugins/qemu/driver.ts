@@ -19,6 +19,7 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import {
   KataError,
+  LineRing,
   chooseAccelerator,
   detectHost,
   isQemuSpec,
@@ -433,41 +434,4 @@ function round(ms: number): number {
 
 function dropUndefined<T extends object>(o: T): Partial<T> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
-}
-
-/** The last `size` lines of a stream, split on newlines across chunks. */
-class LineRing {
-  readonly #size: number;
-  readonly #lines: string[] = [];
-  #partial = '';
-
-  constructor(size: number) {
-    this.#size = Math.max(1, size);
-  }
-
-  /** Adds a chunk; returns the lines it completed. */
-  push(chunk: string): string[] {
-    const parts = (this.#partial + chunk).split('\n');
-    this.#partial = parts.pop() ?? '';
-    const done = parts.map((l) => l.replace(/\r$/, '')).filter((l) => l.trim() !== '');
-    for (const l of done) this.#add(l);
-    return done;
-  }
-
-  /** Ends the stream: a last line without a newline counts. */
-  flush(): string[] {
-    const rest = this.#partial.trim() === '' ? [] : [this.#partial];
-    this.#partial = '';
-    for (const l of rest) this.#add(l);
-    return rest;
-  }
-
-  tail(n: number): string[] {
-    return [...this.#lines.slice(-n), ...(this.#partial.trim() ? [this.#partial] : [])].slice(-n);
-  }
-
-  #add(line: string): void {
-    this.#lines.push(line);
-    if (this.#lines.length > this.#size) this.#lines.shift();
-  }
 }
