@@ -1,4 +1,11 @@
 #!/usr/bin/env node
-// The containerd runtime v2 shim is not built yet (issue 5); it says so instead of pretending.
-process.stderr.write('containerd-shim-kata-v2: not implemented yet (see the README, "What is not built yet")\n');
-process.exitCode = 1;
+// containerd-shim-kata-v2: the containerd runtime v2 shim (core/shim/main.ts).
+import { shimMain } from '../core/shim/main.js';
+
+const code = await shimMain({
+  env: process.env,
+  argv: process.argv.slice(2),
+  stdout: (s) => process.stdout.write(s),
+  stderr: (s) => process.stderr.write(s),
+});
+process.exitCode = code;

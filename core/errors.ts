@@ -182,6 +182,26 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',
     fix: 'Check the ids used; a failed sandbox must be stopped and created again.',
   },
+  KATA_ERR_SHIM: {
+    meaning: 'containerd-shim-kata-v2 was started in a way it cannot work with (missing -id, -namespace or bundle, unknown action, socket already served by another shim).',
+    fix: 'Let containerd start the shim (runtime type io.containerd.kata.v2); when running it by hand, give -namespace, -id, -address and run it in the bundle directory.',
+  },
+  KATA_ERR_OCI_SPEC: {
+    meaning: "The container's OCI spec (the bundle's config.json or an exec's process spec) is missing, not valid JSON, or lacks a field the runtime needs.",
+    fix: 'Check the bundle containerd created; the error names the field. Specs written by containerd or CRI are valid.',
+  },
+  KATA_ERR_TASK_NOT_FOUND: {
+    meaning: 'A task API call named a container or exec id this shim does not know.',
+    fix: 'Check the id (`ctr task ls`); the task may already have been deleted.',
+  },
+  KATA_ERR_TASK_STATE: {
+    meaning: 'A task API call is not allowed in the state the task is in (starting twice, deleting a running task, exec into a stopped container).',
+    fix: 'Wait for the task to reach the state the call needs (`ctr task ls` shows it), or kill it first.',
+  },
+  KATA_ERR_NOT_IMPLEMENTED: {
+    meaning: 'The feature asked for is not built in this runtime (e.g. terminals, checkpoints, resource updates); the README lists what is not built.',
+    fix: 'Run without the feature (e.g. without -t / tty: true); see "What is not built yet" in the README.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',

@@ -65,6 +65,10 @@ export interface VmHandle {
   hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
   /** Removes a hot-plugged disk; resolves once the guest has released it. */
   unplugBlock(id: string, opts?: UnplugOptions): Promise<void>;
+  /** Freezes every vCPU (the whole sandbox); absent when the driver cannot. */
+  pause?(): Promise<void>;
+  /** Lets a paused VM run again. */
+  resume?(): Promise<void>;
   /** Stops the VM (gracefully, then by force) and removes what the driver created in the run directory. */
   stop(): Promise<VmExit>;
   /** Settles when the hypervisor process ends, expected or not. */

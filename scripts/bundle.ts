@@ -11,17 +11,24 @@ import { PACKAGE_ROOT } from '../core/paths.js';
 
 export const BUNDLE = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
 
-await build({
-  entryPoints: [path.join(PACKAGE_ROOT, 'dist', 'bin', 'kata-runtime.js')],
-  outfile: BUNDLE,
-  bundle: true,
-  minify: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node20',
-  // CommonJS dependencies inside an ES module bundle need a `require`.
-  banner: { js: "import { createRequire as __kataCreateRequire } from 'node:module'; const require = __kataCreateRequire(import.meta.url);" },
-  external: ['pino', 'ajv', 'node:*'],
-  logLevel: 'warning',
-});
-process.stdout.write(`bundled ${path.relative(PACKAGE_ROOT, BUNDLE)}\n`);
+export const SHIM_BUNDLE = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'containerd-shim-kata-v2.mjs');
+
+for (const [entry, outfile] of [
+  ['kata-runtime.js', BUNDLE],
+  ['containerd-shim-kata-v2.js', SHIM_BUNDLE],
+] as const) {
+  await build({
+    entryPoints: [path.join(PACKAGE_ROOT, 'dist', 'bin', entry)],
+    outfile,
+    bundle: true,
+    minify: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    // CommonJS dependencies inside an ES module bundle need a `require`.
+    banner: { js: "import { createRequire as __kataCreateRequire } from 'node:module'; const require = __kataCreateRequire(import.meta.url);" },
+    external: ['pino', 'ajv', 'node:*'],
+    logLevel: 'warning',
+  });
+}
+process.stdout.write(`bundled ${path.relative(PACKAGE_ROOT, BUNDLE)} and ${path.relative(PACKAGE_ROOT, SHIM_BUNDLE)}\n`);

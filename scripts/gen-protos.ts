@@ -31,6 +31,11 @@ export interface ProtoModule {
 export const PROTO_MODULES: readonly ProtoModule[] = [
   { out: 'core/ttrpc/proto.gen.ts', protos: ['ttrpc/request.proto'], codecImport: './codec.js' },
   { out: 'core/agent/proto.gen.ts', protos: ['kata/agent.proto', 'kata/health.proto'], codecImport: '../ttrpc/codec.js' },
+  {
+    out: 'core/shim/proto.gen.ts',
+    protos: ['containerd/task/v2/shim.proto', 'containerd/events/task.proto', 'containerd/services/ttrpc/events/v1/events.proto', 'containerd/runtimeoptions/v1/options.proto'],
+    codecImport: '../ttrpc/codec.js',
+  },
 ];
 
 interface ScalarInfo {

@@ -97,12 +97,15 @@ export class TtrpcServer {
     return conn;
   }
 
-  /** Listens on a unix socket and serves every connection. */
-  async listen(socketPath: string): Promise<net.Server> {
+  /**
+   * Listens on a unix socket and serves every connection. `{ fd }` serves a socket some other
+   * process bound and passed down (the shim's `start` binds, its daemon serves).
+   */
+  async listen(socket: string | { readonly fd: number }): Promise<net.Server> {
     const server = net.createServer((sock) => this.serve(sock));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(socketPath, () => {
+      server.listen(typeof socket === 'string' ? socket : { fd: socket.fd }, () => {
         server.off('error', reject);
         resolve();
       });

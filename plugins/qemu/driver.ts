@@ -157,6 +157,16 @@ export class QemuVm implements VmHandle {
     return this.#running('unplug a disk').unplug(id, opts);
   }
 
+  /** Freezes the guest's vCPUs (QMP `stop`); the QEMU process and its devices stay. */
+  async pause(): Promise<void> {
+    await this.#qmpWhileRunning('pause the VM').execute('stop');
+  }
+
+  /** Lets a paused guest run again (QMP `cont`). */
+  async resume(): Promise<void> {
+    await this.#qmpWhileRunning('resume the VM').execute('cont');
+  }
+
   stop(): Promise<QemuVmExit> {
     this.#stopping ??= this.#stop();
     return this.#stopping;
@@ -361,6 +371,11 @@ export class QemuVm implements VmHandle {
     const exited = await Promise.race([this.exited.then(() => true), delay(ms, false, { signal: timer.signal }).catch(() => false)]);
     timer.abort();
     return exited;
+  }
+
+  #qmpWhileRunning(what: string): QmpClient {
+    if (this.#state !== 'running' || !this.#qmp) throw new KataError('KATA_ERR_TASK_STATE', `cannot ${what}: the VM is ${this.#state}`, { plugin: PLUGIN_NAME });
+    return this.#qmp;
   }
 
   #running(what: string): BlockHotplug {

@@ -12,6 +12,7 @@ import { PACKAGE_ROOT } from '../../../core/paths.js';
 import type { MessageCodec } from '../../../core/ttrpc/codec.js';
 import * as ttrpcProto from '../../../core/ttrpc/proto.gen.js';
 import * as agentProto from '../../../core/agent/proto.gen.js';
+import * as shimProto from '../../../core/shim/proto.gen.js';
 import { PROTO_MODULES, generateAllProtoModules, loadProtos } from '../../../scripts/gen-protos.js';
 
 const SEED = 20261126;
@@ -136,7 +137,8 @@ describe('generated protobuf codecs', () => {
 
   for (const mod of PROTO_MODULES) {
     const root = loadProtos(mod.protos);
-    const gen = mod.out.includes('ttrpc') ? ttrpcProto : agentProto;
+    const gen = { 'core/ttrpc/proto.gen.ts': ttrpcProto, 'core/agent/proto.gen.ts': agentProto, 'core/shim/proto.gen.ts': shimProto }[mod.out];
+    if (!gen) throw new Error(`no test import for ${mod.out}`);
     for (const codec of codecs(gen as Record<string, unknown>)) {
       const type = root.lookupType(codec.typeName);
       it(`encode ${codec.typeName} as protobufjs's reflection does, and decode it back`, () => {
@@ -154,7 +156,7 @@ describe('generated protobuf codecs', () => {
   }
 
   it('reject garbage with an Error, never anything else, for every message type', () => {
-    const all = [...codecs(ttrpcProto as Record<string, unknown>), ...codecs(agentProto as Record<string, unknown>)];
+    const all = [ttrpcProto, agentProto, shimProto].flatMap((m) => codecs(m as Record<string, unknown>));
     fc.assert(
       fc.property(fc.constantFrom(...all), fc.uint8Array({ maxLength: 64 }), (codec, bytes) => {
         try {

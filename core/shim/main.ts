@@ -1,0 +1,239 @@
+/**
+ * containerd-shim-kata-v2: the runtime v2 shim containerd starts for `io.containerd.kata.v2`.
+ *
+ *   start   Binds nothing itself: spawns the shim daemon (this program with `-socket PATH`),
+ *           detached and with its own stdio, waits until it serves, writes `<bundle>/address` and
+ *           prints only `unix://PATH` (containerd 1.6 reads stdout and stderr together and dials
+ *           what it reads). A container of a pod whose shim already runs gets that shim's address.
+ *   delete  Cleans up after a shim that is gone (containerd 1.6 also runs it after every normal
+ *           task deletion): unmounts the rootfs, kills what is left of the sandbox's VM, removes its
+ *           run directory, and prints a DeleteResponse. Idempotent.
+ *   (daemon) Serves containerd.task.v2.Task over ttrpc on the socket and forwards task events to
+ *           $TTRPC_ADDRESS; exits after Shutdown, or on SIGTERM/SIGINT after stopping the sandbox.
+ */
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmod, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { KataError, toKataError } from '../errors.js';
+import { createLogger, type Logger } from '../logger.js';
+import { SHIPPED_QEMU_CONFIG } from '../cli/run.js';
+import { TtrpcServer } from '../ttrpc/index.js';
+import { runtimeVersion } from '../version.js';
+import { DEFAULT_RUN_ROOT } from '../vm-lifecycle.js';
+import { EventPublisher } from './events.js';
+import { parseShimFlags, type ShimFlags } from './flags.js';
+import { openLogPipe } from './log-pipe.js';
+import { readBundleSpec } from './oci.js';
+import { DeleteResponse, Task } from './proto.gen.js';
+import { isMountPoint, unmount } from './rootfs.js';
+import { TaskService } from './service.js';
+import { timestamp } from './time.js';
+
+/** Where shim sockets live: containerd's own convention, whatever its state directory. */
+export const SOCKET_DIR = '/run/containerd/s';
+const READY_LINE = 'ready';
+const START_TIMEOUT_MS = 20_000;
+
+export interface ShimEnv {
+  readonly env: NodeJS.ProcessEnv;
+  readonly argv: readonly string[];
+  readonly stdout: (s: string | Uint8Array) => void;
+  readonly stderr: (s: string) => void;
+}
+
+/** The socket of the shim serving a sandbox: a hash of containerd's address, namespace and sandbox id. */
+export function socketPath(env: NodeJS.ProcessEnv, address: string, namespace: string, sandboxId: string): string {
+  const dir = env.KATA_TS_SHIM_SOCKET_DIR || SOCKET_DIR;
+  return path.join(dir, createHash('sha256').update(path.join(address, namespace, sandboxId)).digest('hex'));
+}
+
+function canConnect(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(sock);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+export async function shimMain(io: ShimEnv): Promise<number> {
+  let flags: ShimFlags;
+  try {
+    flags = parseShimFlags(io.argv);
+  } catch (e) {
+    io.stderr(`containerd-shim-kata-v2: ${describe(e)}\n`);
+    return 2;
+  }
+  if (flags.action === 'version') {
+    io.stdout(`containerd-shim-kata-v2 (kata-ts) ${runtimeVersion()}\n`);
+    return 0;
+  }
+  try {
+    if (flags.action === 'start') return await start(flags, io);
+    if (flags.action === 'delete') return await deleteAction(flags, io);
+    return await serve(flags, io);
+  } catch (e) {
+    // containerd shows what start/delete print as the error of the call it made.
+    io.stderr(`containerd-shim-kata-v2 ${flags.action}: ${describe(e)}\n`);
+    return 1;
+  }
+}
+
+function describe(e: unknown): string {
+  const k = toKataError(e);
+  return `${k.message} [${k.code}] (fix: ${k.fix})`;
+}
+
+async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
+  const bundle = flags.bundle ?? process.cwd();
+  const spec = await readBundleSpec(bundle, flags.id);
+  const sock = socketPath(io.env, flags.address, flags.namespace, spec.sandboxId);
+  const address = `unix://${sock}`;
+  if (await canConnect(sock)) {
+    // The pod's shim already runs: containerd talks to it for this container too.
+    await writeFile(path.join(bundle, 'address'), address);
+    io.stdout(address);
+    return 0;
+  }
+  if (spec.joinsSandbox) {
+    throw new KataError('KATA_ERR_SHIM', `container ${flags.id} joins pod sandbox ${spec.sandboxId}, but no shim serves that sandbox`, {
+      fix: 'create the pod sandbox first (CRI does); check that its shim is still running',
+    });
+  }
+  await mkdir(path.dirname(sock), { recursive: true, mode: 0o711 });
+  await unlink(sock).catch(() => undefined);
+
+  const script = process.argv[1]!;
+  const args = [...process.execArgv, script, '-namespace', flags.namespace, '-address', flags.address, '-publish-binary', flags.publishBinary, '-id', flags.id, '-bundle', bundle];
+  if (flags.debug) args.push('-debug');
+  args.push('-socket', sock);
+  // Detached with its own stdio: containerd waits for start's stdout and stderr to close.
+  const child = spawn(process.execPath, args, { cwd: bundle, detached: true, stdio: ['ignore', 'pipe', 'ignore'], env: io.env });
+  const answer = await new Promise<string>((resolve) => {
+    let buf = '';
+    const timer = setTimeout(() => resolve(`the shim daemon did not become ready within ${START_TIMEOUT_MS / 1000} s`), START_TIMEOUT_MS);
+    child.stdout.setEncoding('utf8');
+    child.stdout.on('data', (d: string) => {
+      buf += d;
+      const nl = buf.indexOf('\n');
+      if (nl >= 0) {
+        clearTimeout(timer);
+        resolve(buf.slice(0, nl));
+      }
+    });
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve(buf.split('\n')[0] || `the shim daemon exited (${signal ?? `code ${code}`}) before it served`);
+    });
+  });
+  child.stdout.destroy();
+  child.unref();
+  if (answer !== READY_LINE) {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    throw new KataError('KATA_ERR_SHIM', answer);
+  }
+  await writeFile(path.join(bundle, 'address'), address);
+  io.stdout(address);
+  return 0;
+}
+
+async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
+  const bundle = flags.bundle ?? process.cwd();
+  const sock = flags.socket!;
+  const logPipe = await openLogPipe(path.join(bundle, 'log'));
+  const log: Logger = createLogger({ level: flags.debug ? 'debug' : 'info', name: 'kata', stream: logPipe }).child({ namespace: flags.namespace });
+  const events = new EventPublisher({ address: io.env.TTRPC_ADDRESS, namespace: flags.namespace, log });
+
+  let exiting: Promise<void> | undefined;
+  const exit = (code: number) => {
+    exiting ??= (async () => {
+      await service.close().catch((err: unknown) => log.error({ err }, 'shutdown: stopping the sandbox failed'));
+      await server.close();
+      await unlink(sock).catch(() => undefined);
+      await events.close(5_000);
+      log.info({ delivered: events.delivered, dropped: events.dropped }, 'shim exiting');
+      logPipe.end();
+      process.exit(code);
+    })();
+  };
+  const service: TaskService = new TaskService({
+    namespace: flags.namespace,
+    events,
+    log,
+    runRoot: io.env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT,
+    fallbackConfig: SHIPPED_QEMU_CONFIG,
+    onShutdown: () => exit(0),
+  });
+  const server = new TtrpcServer({
+    onHandlerError: (err, ctx) => log.error({ err, method: ctx.method }, 'task handler failed'),
+    onProtocolError: (err) => log.warn({ err: err.message }, 'containerd sent something unexpected'),
+  });
+  server.register(Task, service.impl());
+  process.on('SIGTERM', () => exit(0));
+  process.on('SIGINT', () => exit(0));
+  process.on('uncaughtException', (err) => {
+    log.fatal({ err }, 'uncaught exception in the shim; stopping the sandbox');
+    exit(1);
+  });
+  process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection in the shim'));
+
+  try {
+    await server.listen(sock);
+    await chmod(sock, 0o600);
+  } catch (e) {
+    io.stdout(`cannot serve on ${sock}: ${(e as Error).message}\n`);
+    return 1;
+  }
+  log.info({ socket: sock, version: runtimeVersion(), ttrpc: io.env.TTRPC_ADDRESS }, 'shim serving');
+  io.stdout(`${READY_LINE}\n`);
+  // Nothing more goes to stdout: `start` has read its line and gone.
+  return new Promise<number>(() => undefined);
+}
+
+/** Processes whose command line names the sandbox's run directory: its VM and daemons. */
+async function processesOf(runDir: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
+    const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.split('\0').some((arg) => arg.includes(`${runDir}/`))) pids.push(Number(name));
+  }
+  return pids;
+}
+
+async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
+  const bundle = flags.bundle ?? process.cwd();
+  const spec = await readBundleSpec(bundle, flags.id).catch(() => undefined);
+  const sandboxId = spec?.sandboxId ?? flags.id;
+  const rootfs = path.join(bundle, 'rootfs');
+  await unmount(rootfs).catch(() => undefined);
+
+  // A live shim still serves the pod (this was one of its containers): it owns the sandbox.
+  const alive = await canConnect(socketPath(io.env, flags.address, flags.namespace, sandboxId));
+  if (!alive && sandboxId === flags.id) {
+    const runDir = path.join(io.env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT, sandboxId);
+    for (const pid of await processesOf(runDir)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* already gone */
+      }
+    }
+    // Mounts the dead shim left under the run directory (shared rootfs bind mounts), deepest first.
+    const table = await readFile('/proc/self/mountinfo', 'utf8');
+    const left = table
+      .split('\n')
+      .map((l) => l.split(' ')[4])
+      .filter((m): m is string => !!m && (m === runDir || m.startsWith(`${runDir}/`)))
+      .sort((a, b) => b.length - a.length);
+    for (const m of left) if (await isMountPoint(m)) await unmount(m).catch(() => undefined);
+    await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
+    await unlink(socketPath(io.env, flags.address, flags.namespace, sandboxId)).catch(() => undefined);
+  }
+  io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));
+  return 0;
+}

@@ -1,0 +1,113 @@
+/**
+ * What the shim reads from OCI runtime specs: the bundle's config.json at Create, and the process
+ * spec of an Exec (JSON inside a protobuf Any). Only the fields the runtime acts on are read; a
+ * field it cannot honour (a terminal) is refused with a coded error rather than ignored.
+ */
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { KataError } from '../errors.js';
+import type { ProcessSpec } from '../sandbox.js';
+
+/** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
+export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';
+export const SANDBOX_ID_ANNOTATION = 'io.kubernetes.cri.sandbox-id';
+
+export interface BundleSpec {
+  readonly process: ProcessSpec;
+  readonly terminal: boolean;
+  readonly hostname: string | undefined;
+  /** The rootfs directory, absolute (config.json's root.path is relative to the bundle). */
+  readonly rootPath: string;
+  readonly annotations: Readonly<Record<string, string>>;
+  /** The pod this container joins (CRI), or its own id when it starts one. */
+  readonly sandboxId: string;
+  /** True for a container that joins an existing sandbox rather than creating one. */
+  readonly joinsSandbox: boolean;
+}
+
+type Json = Record<string, unknown>;
+
+function specError(where: string, message: string): KataError {
+  return new KataError('KATA_ERR_OCI_SPEC', `${where}: ${message}`);
+}
+
+function obj(v: unknown): Json | undefined {
+  return v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined;
+}
+
+function strings(v: unknown, where: string, field: string): string[] | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw specError(where, `${field} must be an array of strings`);
+  return v as string[];
+}
+
+function uint(v: unknown, where: string, field: string): number | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 0xffffffff) throw specError(where, `${field} must be a 32-bit unsigned integer`);
+  return v;
+}
+
+/** An OCI `process` object → what the sandbox runs. */
+export function parseProcess(raw: unknown, where: string): { process: ProcessSpec; terminal: boolean } {
+  const p = obj(raw);
+  if (!p) throw specError(where, 'process is missing or not an object');
+  const args = strings(p.args, where, 'process.args');
+  if (!args || args.length === 0) throw specError(where, 'process.args is empty: there is nothing to run');
+  const env = strings(p.env, where, 'process.env');
+  if (p.cwd !== undefined && (typeof p.cwd !== 'string' || !p.cwd.startsWith('/'))) throw specError(where, 'process.cwd must be an absolute path');
+  const user = obj(p.user) ?? {};
+  const uid = uint(user.uid, where, 'process.user.uid');
+  const gid = uint(user.gid, where, 'process.user.gid');
+  return {
+    process: { args, ...(env ? { env } : {}), ...(p.cwd ? { cwd: p.cwd as string } : {}), ...(uid !== undefined ? { uid } : {}), ...(gid !== undefined ? { gid } : {}) },
+    terminal: p.terminal === true,
+  };
+}
+
+/** Reads and checks `<bundle>/config.json`. */
+export async function readBundleSpec(bundle: string, containerId: string): Promise<BundleSpec> {
+  const file = path.join(bundle, 'config.json');
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    throw specError(file, `cannot read: ${(e as Error).message}`);
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (e) {
+    throw specError(file, `not valid JSON: ${(e as Error).message}`);
+  }
+  const spec = obj(parsed);
+  if (!spec) throw specError(file, 'the spec is not a JSON object');
+  const { process, terminal } = parseProcess(spec.process, file);
+  const root = obj(spec.root);
+  const rootPath = typeof root?.path === 'string' && root.path !== '' ? path.resolve(bundle, root.path) : path.join(bundle, 'rootfs');
+  const annotations: Record<string, string> = {};
+  for (const [k, v] of Object.entries(obj(spec.annotations) ?? {})) if (typeof v === 'string') annotations[k] = v;
+  const type = annotations[CONTAINER_TYPE_ANNOTATION];
+  const joinsSandbox = type === 'container' && !!annotations[SANDBOX_ID_ANNOTATION];
+  return {
+    process,
+    terminal,
+    hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
+    rootPath,
+    annotations,
+    sandboxId: joinsSandbox ? annotations[SANDBOX_ID_ANNOTATION]! : containerId,
+    joinsSandbox,
+  };
+}
+
+/** The process of an Exec: JSON of an OCI `process` in the request's Any. */
+export function parseExecSpec(value: Uint8Array | undefined, execId: string): { process: ProcessSpec; terminal: boolean } {
+  const where = `exec ${execId}`;
+  if (!value || value.length === 0) throw specError(where, 'the request carries no process spec');
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(Buffer.from(value).toString('utf8'));
+  } catch (e) {
+    throw specError(where, `the process spec is not valid JSON: ${(e as Error).message}`);
+  }
+  return parseProcess(parsed, where);
+}

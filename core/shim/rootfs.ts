@@ -1,0 +1,88 @@
+/**
+ * The container's root filesystem as containerd hands it over (CreateTaskRequest.rootfs) turned
+ * into what the sandbox delivers to the guest:
+ *
+ * - one mount of a block device with a filesystem type (the devmapper snapshotter) → a block rootfs,
+ *   not mounted on the host: it is hot-plugged into the VM (virtio-blk), as Kata does;
+ * - overlay / bind mounts (overlayfs and native snapshotters) → mounted on `<bundle>/rootfs` and
+ *   shared with the guest as a directory;
+ * - no mounts (`ctr run --rootfs DIR`) → config.json's root.path, as it is.
+ */
+import { execFile } from 'node:child_process';
+import { readFile, stat } from 'node:fs/promises';
+import { promisify } from 'node:util';
+import { KataError } from '../errors.js';
+import type { RootfsSource } from '../vm.js';
+import type { Mount } from './proto.gen.js';
+
+const run = promisify(execFile);
+
+const BLOCK_FSTYPES = new Set(['ext4', 'ext3', 'ext2', 'xfs']);
+
+export interface PreparedRootfs {
+  readonly source: RootfsSource;
+  /** Unmounts what prepare mounted; idempotent. */
+  release(): Promise<void>;
+}
+
+async function isBlockDevice(p: string): Promise<boolean> {
+  return stat(p).then(
+    (s) => s.isBlockDevice(),
+    () => false,
+  );
+}
+
+/** Whether `target` is a mount point, from the kernel's mount table. */
+export async function isMountPoint(target: string): Promise<boolean> {
+  const table = await readFile('/proc/self/mountinfo', 'utf8');
+  // mountinfo escapes spaces and the like as octal (\040); containerd's bundle paths have none.
+  return table.split('\n').some((line) => line.split(' ')[4] === target);
+}
+
+export async function unmount(target: string): Promise<void> {
+  if (!(await isMountPoint(target))) return;
+  try {
+    await run('umount', [target]);
+  } catch {
+    // Still busy (a process holding a file): detach it now, the kernel frees it when released.
+    await run('umount', ['-l', target]);
+  }
+}
+
+export async function prepareRootfs(mounts: readonly Mount[], target: string, specRoot: string): Promise<PreparedRootfs> {
+  const none = { release: async () => undefined };
+  if (mounts.length === 0) return { source: { kind: 'dir', path: specRoot }, ...none };
+  const first = mounts[0]!;
+  if (mounts.length === 1 && BLOCK_FSTYPES.has(first.type) && (await isBlockDevice(first.source))) {
+    return { source: { kind: 'block', path: first.source, fstype: first.type }, ...none };
+  }
+  const mounted: string[] = [];
+  try {
+    for (const m of mounts) {
+      const options = m.options.filter((o) => o !== '');
+      const isBind = m.type === 'bind' || options.includes('bind') || options.includes('rbind');
+      const args = isBind ? ['-o', options.join(',') || 'rbind', m.source, target] : ['-t', m.type, ...(options.length ? ['-o', options.join(',')] : []), m.source, target];
+      try {
+        await run('mount', args);
+      } catch (e) {
+        throw new KataError('KATA_ERR_ROOTFS', `cannot mount the container rootfs (${m.type} from ${m.source}) on ${target}: ${(e as { stderr?: string }).stderr?.trim() || (e as Error).message}`, {
+          fix: 'check the snapshotter (overlayfs needs the overlay module) and that the shim runs as root',
+          cause: e,
+        });
+      }
+      mounted.push(target);
+    }
+  } catch (e) {
+    for (let i = 0; i < mounted.length; i++) await unmount(target).catch(() => undefined);
+    throw e;
+  }
+  let released = false;
+  return {
+    source: { kind: 'dir', path: target },
+    release: async () => {
+      if (released) return;
+      released = true;
+      for (let i = 0; i < mounted.length; i++) await unmount(target);
+    },
+  };
+}

@@ -1,0 +1,502 @@
+/**
+ * `containerd.task.v2.Task`: containerd's view of containers, served on top of the core's sandbox
+ * API. One shim serves one sandbox (one VM): the first container it creates starts the sandbox;
+ * containers of the same pod (CRI's sandbox-id annotation) join it.
+ *
+ * Process states follow containerd's: CREATED after Create/Exec, RUNNING after Start, STOPPED once
+ * the process has exited and its output is drained (then Wait answers and TaskExit goes out). Calls
+ * that a state does not allow fail with FAILED_PRECONDITION, unknown ids with NOT_FOUND, features
+ * not built with UNIMPLEMENTED; every message carries the runtime's error code and fix.
+ */
+import path from 'node:path';
+import { KataError, toKataError, type ErrorCode } from '../errors.js';
+import type { Logger } from '../logger.js';
+import { locateConfig } from '../config/locate.js';
+import { loadValidatedConfig } from '../runtime.js';
+import { Sandbox, type Container, type GuestProcess, type ProcessSpec } from '../sandbox.js';
+import { GrpcCode, TtrpcError, type ServiceImpl } from '../ttrpc/index.js';
+import { runtimeVersion } from '../version.js';
+import { TOPICS, type EventPublisher } from './events.js';
+import { parseExecSpec, readBundleSpec } from './oci.js';
+import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
+import { TaskIo } from './stdio.js';
+import { timestamp } from './time.js';
+import {
+  Options,
+  Status,
+  Task,
+  TaskCreate,
+  TaskDelete,
+  TaskExecAdded,
+  TaskExecStarted,
+  TaskExit,
+  TaskPaused,
+  TaskResumed,
+  TaskStart,
+  type Mount,
+} from './proto.gen.js';
+
+type StatusValue = (typeof Status)[keyof typeof Status];
+
+/** Exit status reported when a process's end could not be observed (the VM or agent died). */
+export const LOST_EXIT_STATUS = 255;
+
+export interface TaskServiceOptions {
+  readonly namespace: string;
+  readonly events: EventPublisher;
+  readonly log: Logger;
+  /** Where sandboxes keep their run directories (DEFAULT_RUN_ROOT unless testing). */
+  readonly runRoot: string;
+  /** The configuration used when the usual lookup finds none (the one the project ships). */
+  readonly fallbackConfig?: string;
+  /** Called once Shutdown has been answered and nothing is left to serve. */
+  readonly onShutdown: () => void;
+}
+
+interface Stdio {
+  readonly stdin: string;
+  readonly stdout: string;
+  readonly stderr: string;
+  readonly terminal: boolean;
+}
+
+/** One process: a container's init (execId '') or an exec. */
+class TaskProcess {
+  status: StatusValue = Status.CREATED;
+  exitStatus = 0;
+  exitedAt: Date | undefined;
+  guest: GuestProcess | undefined;
+  stdinClosed = false;
+  readonly exited: Promise<void>;
+  #resolveExited!: () => void;
+
+  constructor(
+    readonly containerId: string,
+    readonly execId: string,
+    readonly stdio: Stdio,
+    readonly io: TaskIo,
+    readonly spec: ProcessSpec | undefined,
+  ) {
+    this.exited = new Promise((resolve) => (this.#resolveExited = resolve));
+  }
+
+  /** The id events use: the exec id, or the container id for the init process. */
+  get eventId(): string {
+    return this.execId || this.containerId;
+  }
+
+  markExited(status: number): void {
+    if (this.status === Status.STOPPED) return;
+    this.status = Status.STOPPED;
+    this.exitStatus = status;
+    this.exitedAt = new Date();
+    this.io.close();
+    this.#resolveExited();
+  }
+}
+
+class Task_ {
+  readonly execs = new Map<string, TaskProcess>();
+  constructor(
+    readonly id: string,
+    readonly bundle: string,
+    readonly rootfsMounts: readonly Mount[],
+    readonly container: Container,
+    readonly rootfs: PreparedRootfs,
+    readonly init: TaskProcess,
+  ) {}
+}
+
+function fail(code: ErrorCode, message: string, fix?: string): KataError {
+  return new KataError(code, message, fix ? { fix } : {});
+}
+
+const GRPC_FOR: Partial<Record<ErrorCode, number>> = {
+  KATA_ERR_TASK_NOT_FOUND: GrpcCode.NOT_FOUND,
+  KATA_ERR_TASK_STATE: GrpcCode.FAILED_PRECONDITION,
+  KATA_ERR_NOT_IMPLEMENTED: GrpcCode.UNIMPLEMENTED,
+  KATA_ERR_OCI_SPEC: GrpcCode.INVALID_ARGUMENT,
+};
+
+/** A coded error as containerd receives it: the gRPC code it maps to errdefs, the code and fix in the text. */
+export function toTtrpcError(e: unknown): TtrpcError {
+  if (e instanceof TtrpcError) return e;
+  const k = toKataError(e);
+  const code = GRPC_FOR[k.code] ?? (k.code === 'KATA_ERR_SANDBOX' ? GrpcCode.FAILED_PRECONDITION : GrpcCode.UNKNOWN);
+  return new TtrpcError(code, `${k.message} [${k.code}] (fix: ${k.fix})`, { cause: k });
+}
+
+export class TaskService {
+  readonly #tasks = new Map<string, Task_>();
+  #sandbox: Sandbox | undefined;
+  #sandboxId: string | undefined;
+  #creating: Promise<unknown> = Promise.resolve();
+  #shutdown = false;
+
+  constructor(private readonly opts: TaskServiceOptions) {}
+
+  get sandbox(): Sandbox | undefined {
+    return this.#sandbox;
+  }
+
+  /** The handlers, each turning thrown errors into ttrpc statuses and logging them. */
+  impl(): ServiceImpl<typeof Task> {
+    const wrap =
+      <Req, Res>(name: string, fn: (req: Req) => Promise<Res>) =>
+      async (req: Req): Promise<Res> => {
+        try {
+          return await fn.call(this, req);
+        } catch (e) {
+          const err = toTtrpcError(e);
+          this.opts.log[err.code === GrpcCode.NOT_FOUND ? 'info' : 'error']({ err: err.message, call: name, req: summarize(req) }, 'task call failed');
+          throw err;
+        }
+      };
+    return {
+      Create: wrap('Create', this.create),
+      Start: wrap('Start', this.start),
+      State: wrap('State', this.state),
+      Wait: wrap('Wait', this.wait),
+      Kill: wrap('Kill', this.kill),
+      Delete: wrap('Delete', this.delete),
+      Exec: wrap('Exec', this.exec),
+      CloseIO: wrap('CloseIO', this.closeIO),
+      Pids: wrap('Pids', this.pids),
+      Pause: wrap('Pause', this.pause),
+      Resume: wrap('Resume', this.resume),
+      Connect: wrap('Connect', this.connect),
+      Shutdown: wrap('Shutdown', this.shutdown),
+      ResizePty: wrap('ResizePty', async () => {
+        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'terminals (tty) are not built: there is no pty to resize');
+      }),
+      Update: wrap('Update', async () => {
+        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'resource updates are not built: the guest agent applies no cgroup limits');
+      }),
+      Stats: wrap('Stats', async () => {
+        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'task metrics are not built: the guest agent reports no cgroup statistics');
+      }),
+      Checkpoint: wrap('Checkpoint', async () => {
+        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'checkpoints are not built (Kata has none either)');
+      }),
+    };
+  }
+
+  #task(id: string): Task_ {
+    const t = this.#tasks.get(id);
+    if (!t) throw fail('KATA_ERR_TASK_NOT_FOUND', `container "${id}" does not exist in this shim`);
+    return t;
+  }
+
+  #process(id: string, execId: string): TaskProcess {
+    const t = this.#task(id);
+    if (!execId) return t.init;
+    const p = t.execs.get(execId);
+    if (!p) throw fail('KATA_ERR_TASK_NOT_FOUND', `exec "${execId}" does not exist in container "${id}"`);
+    return p;
+  }
+
+  #vmPid(): number {
+    return this.#sandbox?.running.vm.pid ?? process.pid;
+  }
+
+  // Creates are serialised: the first one of a pod starts the sandbox the others join.
+  async create(req: import('./proto.gen.js').CreateTaskRequest): Promise<{ pid: number }> {
+    const turn = this.#creating.then(() => this.#create(req));
+    this.#creating = turn.catch(() => undefined);
+    return turn;
+  }
+
+  async #create(req: import('./proto.gen.js').CreateTaskRequest): Promise<{ pid: number }> {
+    if (this.#shutdown) throw fail('KATA_ERR_TASK_STATE', 'the shim is shutting down');
+    if (this.#tasks.has(req.id)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `container "${req.id}" already exists [KATA_ERR_SANDBOX]`);
+    if (req.checkpoint) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'restoring from a checkpoint is not built');
+    const spec = await readBundleSpec(req.bundle, req.id);
+    if (req.terminal || spec.terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `container "${req.id}" asks for a terminal (tty), which is not built`, 'run it without -t (ctr) or tty: true (Kubernetes)');
+    const log = this.opts.log.child({ container: req.id });
+
+    let startedSandbox = false;
+    if (!this.#sandbox) {
+      if (spec.joinsSandbox && spec.sandboxId !== req.id) {
+        throw fail('KATA_ERR_SANDBOX', `container "${req.id}" belongs to pod sandbox "${spec.sandboxId}", which this shim does not run`);
+      }
+      this.#sandbox = await this.#startSandbox(spec.sandboxId, spec.annotations, req.options?.value, log);
+      this.#sandboxId = spec.sandboxId;
+      startedSandbox = true;
+    } else if (!spec.joinsSandbox || spec.sandboxId !== this.#sandboxId) {
+      throw fail('KATA_ERR_SANDBOX', `this shim runs sandbox "${this.#sandboxId}"; container "${req.id}" does not belong to it (annotation io.kubernetes.cri.sandbox-id)`);
+    }
+    const sandbox = this.#sandbox;
+
+    const undo: (() => Promise<unknown>)[] = [];
+    try {
+      const rootfs = await prepareRootfs(req.rootfs, path.join(req.bundle, 'rootfs'), spec.rootPath);
+      undo.push(() => rootfs.release());
+      const container = await sandbox.createContainer({ id: req.id, rootfs: rootfs.source, process: spec.process, ...(spec.hostname ? { hostname: spec.hostname } : {}) });
+      undo.push(() => container.delete());
+      const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
+      const io = await TaskIo.open(stdio);
+      const task = new Task_(req.id, req.bundle, req.rootfs, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
+      this.#tasks.set(req.id, task);
+      log.info({ rootfs: rootfs.source.kind, sandbox: sandbox.id }, 'container created');
+      this.opts.events.publish(TOPICS.create, TaskCreate, {
+        containerId: req.id,
+        bundle: req.bundle,
+        rootfs: req.rootfs,
+        io: { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal },
+        checkpoint: req.checkpoint,
+        pid: this.#vmPid(),
+      });
+      return { pid: this.#vmPid() };
+    } catch (e) {
+      for (const u of undo.reverse()) await u().catch((err: unknown) => log.warn({ err }, 'cleanup after a failed create'));
+      if (startedSandbox) await this.#stopSandbox();
+      throw e;
+    }
+  }
+
+  async #startSandbox(sandboxId: string, annotations: Readonly<Record<string, string>>, options: Uint8Array | undefined, log: Logger): Promise<Sandbox> {
+    let shimConfigPath: string | undefined;
+    if (options && options.length > 0) {
+      try {
+        shimConfigPath = Options.decode(options).configPath || undefined;
+      } catch {
+        log.warn('runtime options are not runtimeoptions.v1.Options; ignored');
+      }
+    }
+    let file: string;
+    try {
+      file = locateConfig({ annotations, shimConfigPath }).path;
+    } catch (e) {
+      if (!(e instanceof KataError && e.code === 'KATA_ERR_CONFIG_NOT_FOUND' && this.opts.fallbackConfig && !shimConfigPath && !process.env.KATA_CONF_FILE)) throw e;
+      file = this.opts.fallbackConfig;
+      log.info({ path: file }, 'no configuration installed; using the one the project ships for QEMU');
+    }
+    const validated = await loadValidatedConfig({ file, log });
+    log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');
+    const sandbox = await Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log });
+    void sandbox.running.exited.then((exit) => {
+      if (exit.expected) return;
+      log.error({ err: sandbox.failure?.message }, 'the VM ended unexpectedly; every task of the sandbox is reported as exited');
+      for (const t of this.#tasks.values()) for (const p of [t.init, ...t.execs.values()]) if (p.status !== Status.STOPPED) this.#exited(t, p, LOST_EXIT_STATUS);
+    });
+    return sandbox;
+  }
+
+  async #stopSandbox(): Promise<void> {
+    const sandbox = this.#sandbox;
+    if (!sandbox) return;
+    this.#sandbox = undefined;
+    await sandbox.stop().catch((err: unknown) => this.opts.log.error({ err }, 'stopping the sandbox failed'));
+  }
+
+  async start(req: { id: string; execId: string }): Promise<{ pid: number }> {
+    const task = this.#task(req.id);
+    const proc = this.#process(req.id, req.execId);
+    if (proc.status !== Status.CREATED) throw fail('KATA_ERR_TASK_STATE', `${describe(proc)} cannot start: it is ${statusName(proc.status)}`);
+    if (req.execId) {
+      if (task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot start exec "${req.execId}": container "${req.id}" is ${statusName(task.init.status)}`);
+      proc.guest = await task.container.exec(proc.spec!, req.execId);
+    } else {
+      await task.container.start();
+      proc.guest = task.container;
+    }
+    proc.status = Status.RUNNING;
+    this.#watch(task, proc);
+    if (req.execId) this.opts.events.publish(TOPICS.execStarted, TaskExecStarted, { containerId: req.id, execId: req.execId, pid: this.#vmPid() });
+    else this.opts.events.publish(TOPICS.start, TaskStart, { containerId: req.id, pid: this.#vmPid() });
+    return { pid: this.#vmPid() };
+  }
+
+  /** Connects the process's stdio and waits for its end in the background. */
+  #watch(task: Task_, proc: TaskProcess): void {
+    const guest = proc.guest!;
+    const out = TaskIo.copy(guest.stdout, proc.io.stdout);
+    const err = TaskIo.copy(guest.stderr, proc.io.stderr);
+    if (proc.io.stdin && !proc.stdinClosed) {
+      proc.io.stdin.pipe(guest.stdin);
+    } else {
+      guest.stdin.end();
+    }
+    void guest.wait().then(
+      async (status) => {
+        // Output the process wrote before it ended reaches the client before the exit does.
+        await Promise.race([Promise.all([out, err]), new Promise((r) => setTimeout(r, 5_000).unref())]);
+        this.#exited(task, proc, status);
+      },
+      (e: unknown) => {
+        if (proc.status === Status.STOPPED) return;
+        this.opts.log.error({ err: toKataError(e).message, container: proc.containerId, exec: proc.execId }, 'lost the process; reporting it as exited');
+        this.#exited(task, proc, LOST_EXIT_STATUS);
+      },
+    );
+  }
+
+  #exited(task: Task_, proc: TaskProcess, status: number): void {
+    if (proc.status === Status.STOPPED) return;
+    proc.markExited(status);
+    this.opts.log.info({ container: task.id, exec: proc.execId || undefined, status }, 'process exited');
+    this.opts.events.publish(TOPICS.exit, TaskExit, {
+      containerId: task.id,
+      id: proc.eventId,
+      pid: this.#vmPid(),
+      exitStatus: status,
+      exitedAt: timestamp(proc.exitedAt!),
+    });
+  }
+
+  async state(req: { id: string; execId: string }) {
+    const task = this.#task(req.id);
+    const p = this.#process(req.id, req.execId);
+    return {
+      id: req.id,
+      bundle: task.bundle,
+      pid: this.#vmPid(),
+      status: p.status,
+      stdin: p.stdio.stdin,
+      stdout: p.stdio.stdout,
+      stderr: p.stdio.stderr,
+      terminal: false,
+      exitStatus: p.exitStatus,
+      ...(p.exitedAt ? { exitedAt: timestamp(p.exitedAt) } : {}),
+      execId: req.execId,
+    };
+  }
+
+  async wait(req: { id: string; execId: string }) {
+    const p = this.#process(req.id, req.execId);
+    await p.exited;
+    return { exitStatus: p.exitStatus, exitedAt: timestamp(p.exitedAt!) };
+  }
+
+  async kill(req: { id: string; execId: string; signal: number; all: boolean }): Promise<object> {
+    const task = this.#task(req.id);
+    const p = this.#process(req.id, req.execId);
+    if (p.status === Status.STOPPED) throw fail('KATA_ERR_TASK_NOT_FOUND', `${describe(p)} has already exited`);
+    if (p.status === Status.CREATED) {
+      // Never started: nothing runs in the guest yet; it ends as if killed.
+      if (req.execId) this.#exited(task, p, 128 + req.signal);
+      else {
+        await task.container.signal(req.signal).catch(() => undefined);
+        this.#exited(task, p, 128 + req.signal);
+      }
+      return {};
+    }
+    await p.guest!.signal(req.signal);
+    if (req.all && !req.execId) for (const e of task.execs.values()) if (e.status === Status.RUNNING) await e.guest!.signal(req.signal).catch(() => undefined);
+    return {};
+  }
+
+  async delete(req: { id: string; execId: string }) {
+    const task = this.#task(req.id);
+    const p = this.#process(req.id, req.execId);
+    if (p.status === Status.RUNNING || p.status === Status.PAUSED) throw fail('KATA_ERR_TASK_STATE', `${describe(p)} is still running`, 'kill it first (ctr task kill)');
+    const exitedAt = p.exitedAt ?? new Date();
+    if (req.execId) {
+      p.io.close();
+      task.execs.delete(req.execId);
+    } else {
+      for (const e of task.execs.values()) e.io.close();
+      p.io.close();
+      this.#tasks.delete(req.id);
+      const errors: unknown[] = [];
+      await task.container.delete().catch((e: unknown) => errors.push(e));
+      await task.rootfs.release().catch((e: unknown) => errors.push(e));
+      // The pod's own container goes last: the sandbox (the VM) goes with it.
+      if (req.id === this.#sandboxId || this.#tasks.size === 0) await this.#stopSandbox();
+      if (errors.length > 0) this.opts.log.warn({ errors: errors.map((e) => toKataError(e).message), container: req.id }, 'container cleanup was incomplete');
+    }
+    this.opts.events.publish(TOPICS.delete, TaskDelete, { containerId: req.id, id: p.eventId, pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) });
+    return { pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) };
+  }
+
+  async exec(req: import('./proto.gen.js').ExecProcessRequest): Promise<object> {
+    const task = this.#task(req.id);
+    if (!req.execId) throw fail('KATA_ERR_OCI_SPEC', 'an exec needs an exec id');
+    if (task.execs.has(req.execId)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `exec "${req.execId}" already exists in container "${req.id}"`);
+    if (task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot exec in container "${req.id}": it is ${statusName(task.init.status)}`);
+    const { process: spec, terminal } = parseExecSpec(req.spec?.value, req.execId);
+    if (req.terminal || terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `exec "${req.execId}" asks for a terminal (tty), which is not built`, 'run it without -t');
+    const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
+    const io = await TaskIo.open(stdio);
+    task.execs.set(req.execId, new TaskProcess(req.id, req.execId, stdio, io, spec));
+    this.opts.events.publish(TOPICS.execAdded, TaskExecAdded, { containerId: req.id, execId: req.execId });
+    return {};
+  }
+
+  async closeIO(req: { id: string; execId: string; stdin: boolean }): Promise<object> {
+    const p = this.#process(req.id, req.execId);
+    if (!req.stdin) return {};
+    p.stdinClosed = true;
+    if (p.guest) {
+      p.io.stdin?.unpipe(p.guest.stdin);
+      p.guest.stdin.end();
+    }
+    return {};
+  }
+
+  async pids(req: { id: string }) {
+    this.#task(req.id);
+    // Guest processes have no host pid; like Kata, report the VM's.
+    return { processes: [{ pid: this.#vmPid() }] };
+  }
+
+  async pause(req: { id: string }): Promise<object> {
+    const task = this.#task(req.id);
+    const vm = this.#sandbox?.running.vm;
+    if (!vm?.pause) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'this hypervisor driver cannot pause a VM');
+    if (task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `container "${req.id}" is ${statusName(task.init.status)}, not running`);
+    await vm.pause();
+    // The whole VM stops: every running process of the sandbox is paused with it.
+    for (const t of this.#tasks.values()) for (const p of [t.init, ...t.execs.values()]) if (p.status === Status.RUNNING) p.status = Status.PAUSED;
+    this.opts.events.publish(TOPICS.paused, TaskPaused, { containerId: req.id });
+    return {};
+  }
+
+  async resume(req: { id: string }): Promise<object> {
+    const task = this.#task(req.id);
+    const vm = this.#sandbox?.running.vm;
+    if (!vm?.resume) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'this hypervisor driver cannot resume a VM');
+    if (task.init.status !== Status.PAUSED) throw fail('KATA_ERR_TASK_STATE', `container "${req.id}" is ${statusName(task.init.status)}, not paused`);
+    await vm.resume();
+    for (const t of this.#tasks.values()) for (const p of [t.init, ...t.execs.values()]) if (p.status === Status.PAUSED) p.status = Status.RUNNING;
+    this.opts.events.publish(TOPICS.resumed, TaskResumed, { containerId: req.id });
+    return {};
+  }
+
+  async connect(_req: { id: string }) {
+    return { shimPid: process.pid, taskPid: this.#vmPid(), version: runtimeVersion() };
+  }
+
+  async shutdown(req: { id: string; now: boolean }): Promise<object> {
+    // containerd sends Shutdown after each task's Delete; the shim stays while its pod has tasks.
+    if (this.#tasks.size > 0 && !req.now) return {};
+    this.#shutdown = true;
+    await this.close();
+    setImmediate(this.opts.onShutdown);
+    return {};
+  }
+
+  /** Ends every task and stops the sandbox (shutdown, signals). */
+  async close(): Promise<void> {
+    for (const t of this.#tasks.values()) {
+      for (const p of [t.init, ...t.execs.values()]) p.io.close();
+      await t.rootfs.release().catch((err: unknown) => this.opts.log.warn({ err, container: t.id }, 'cannot release the rootfs'));
+    }
+    this.#tasks.clear();
+    await this.#stopSandbox();
+  }
+}
+
+function statusName(s: StatusValue): string {
+  return (Object.entries(Status).find(([, v]) => v === s)?.[0] ?? String(s)).toLowerCase();
+}
+
+function describe(p: TaskProcess): string {
+  return p.execId ? `exec "${p.execId}" of container "${p.containerId}"` : `container "${p.containerId}"`;
+}
+
+function summarize(req: unknown): unknown {
+  if (req === null || typeof req !== 'object') return req;
+  const r = req as Record<string, unknown>;
+  return { id: r.id, execId: r.execId || undefined };
+}

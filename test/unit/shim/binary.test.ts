@@ -1,0 +1,109 @@
+/**
+ * The shim binary as containerd runs it, without containerd: `start` prints only the address and
+ * leaves a daemon serving the task API; `delete` prints a DeleteResponse and can run any number of
+ * times; bad invocations get a coded message. No VM is booted here (containerd tests do that).
+ */
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { DIST_ROOT } from '../../../core/paths.js';
+import { DeleteResponse, Task } from '../../../core/shim/proto.gen.js';
+import { GrpcCode, TtrpcClient, TtrpcError } from '../../../core/ttrpc/index.js';
+import { TempDir } from '../../helpers/tmp.js';
+
+const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
+
+function shim(args: string[], opts: { cwd: string; env: NodeJS.ProcessEnv; input?: Uint8Array }) {
+  const r = spawnSync(process.execPath, [SHIM, ...args], { cwd: opts.cwd, env: opts.env, input: opts.input ?? new Uint8Array(0), timeout: 30_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr.toString() };
+}
+
+async function connect(sock: string): Promise<TtrpcClient> {
+  const s = net.connect(sock);
+  await new Promise<void>((resolve, reject) => s.once('connect', resolve).once('error', reject));
+  return new TtrpcClient(s, { defaultTimeoutMs: 10_000 });
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('containerd-shim-kata-v2 start/delete protocol', function () {
+  this.timeout(60_000);
+  let tmp: TempDir;
+  let env: NodeJS.ProcessEnv;
+  let bundle: string;
+  const base = ['-namespace', 'testns', '-address', '/nonexistent/containerd.sock', '-publish-binary', '/usr/bin/containerd', '-id'];
+
+  beforeEach(() => {
+    tmp = new TempDir();
+    env = { ...process.env, KATA_TS_SHIM_SOCKET_DIR: path.join(tmp.path, 's'), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run'), TTRPC_ADDRESS: path.join(tmp.path, 'no-containerd.ttrpc') };
+    tmp.file('bundle/config.json', JSON.stringify({ ociVersion: '1.0.2', process: { args: ['true'], terminal: true }, root: { path: 'rootfs' } }));
+    bundle = path.join(tmp.path, 'bundle');
+  });
+  afterEach(() => tmp.cleanup());
+
+  it('start prints only the unix:// address, writes it to the bundle, and leaves a daemon serving the Task API', async () => {
+    const r = shim([...base, 'c1', 'start'], { cwd: bundle, env });
+    assert.equal(r.stderr, '');
+    assert.equal(r.code, 0);
+    const address = r.stdout.toString();
+    assert.match(address, /^unix:\/\/\/.+\/s\/[0-9a-f]{64}$/);
+    assert.equal(readFileSync(path.join(bundle, 'address'), 'utf8'), address);
+
+    const sock = address.slice('unix://'.length);
+    const client = await connect(sock);
+    const task = client.service(Task);
+    const info = await task.Connect({ id: 'c1' });
+    assert.ok(pidAlive(info.shimPid), 'the daemon runs on after start exited');
+    assert.notEqual(info.shimPid, process.pid);
+    await assert.rejects(task.State({ id: 'nope' }), (e: unknown) => e instanceof TtrpcError && e.code === GrpcCode.NOT_FOUND && /KATA_ERR_TASK_NOT_FOUND/.test(e.message));
+    // The spec asks for a terminal: refused before any VM is started, with the code and fix.
+    await assert.rejects(
+      task.Create({ id: 'c1', bundle, stdout: '', stderr: '', stdin: '' }),
+      (e: unknown) => e instanceof TtrpcError && e.code === GrpcCode.UNIMPLEMENTED && /terminal.*KATA_ERR_NOT_IMPLEMENTED.*fix: run it without -t/.test(e.message),
+    );
+    await assert.rejects(task.Stats({ id: 'c1' }), (e: unknown) => e instanceof TtrpcError && e.code === GrpcCode.UNIMPLEMENTED);
+
+    // A second start for the same sandbox answers with the same address (pods group this way).
+    const again = shim([...base, 'c1', 'start'], { cwd: bundle, env });
+    assert.equal(again.stdout.toString(), address);
+
+    await task.Shutdown({ id: 'c1' });
+    await client.closed;
+    for (let i = 0; i < 50 && pidAlive(info.shimPid); i++) await new Promise((res) => setTimeout(res, 100));
+    assert.equal(pidAlive(info.shimPid), false, 'the daemon exits after Shutdown');
+    assert.equal(existsSync(sock), false, 'and removes its socket');
+  });
+
+  it('start for a pod container whose sandbox has no shim fails with a coded message', () => {
+    tmp.file('bundle/config.json', JSON.stringify({ process: { args: ['app'] }, annotations: { 'io.kubernetes.cri.container-type': 'container', 'io.kubernetes.cri.sandbox-id': 'pod9' } }));
+    const r = shim([...base, 'app1', 'start'], { cwd: bundle, env });
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /joins pod sandbox pod9, but no shim serves that sandbox \[KATA_ERR_SHIM\]/);
+  });
+
+  it('delete prints a DeleteResponse and is idempotent', () => {
+    for (let i = 0; i < 2; i++) {
+      const r = shim([...base, 'c1', '-bundle', bundle, 'delete'], { cwd: bundle, env });
+      assert.equal(r.code, 0, r.stderr);
+      const res = DeleteResponse.decode(r.stdout);
+      assert.equal(res.exitStatus, 137);
+      assert.ok(res.exitedAt && res.exitedAt.seconds > 0n);
+    }
+  });
+
+  it('refuses a bad command line with exit code 2 and a message, no stack trace', () => {
+    const r = shim(['-namespace', 'n', '-id', 'c', 'frobnicate'], { cwd: bundle, env });
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /unknown action "frobnicate".*\[KATA_ERR_SHIM\]/);
+    assert.doesNotMatch(r.stderr, /^\s+at /m);
+  });
+});
