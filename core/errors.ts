@@ -182,6 +182,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',
     fix: 'Check the ids used; a failed sandbox must be stopped and created again.',
   },
+  KATA_ERR_ANNOTATION: {
+    meaning: "One or more of a pod's io.katacontainers.* annotations were refused (not enabled by enable_annotations, a path outside its valid_*_paths list, a malformed value, or not supported); every refused annotation is listed.",
+    fix: 'Remove the annotations listed, or have the administrator allow them: add the name to enable_annotations and the path to the valid_*_paths list named for each, in the [hypervisor.<name>] section.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',
