@@ -202,6 +202,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The feature asked for is not built in this runtime (e.g. terminals, checkpoints, resource updates); the README lists what is not built.',
     fix: 'Run without the feature (e.g. without -t / tty: true); see "What is not built yet" in the README.',
   },
+  KATA_ERR_ANNOTATION: {
+    meaning: "One or more of a pod's io.katacontainers.* annotations were refused (not enabled by enable_annotations, a path outside its valid_*_paths list, a malformed value, or not supported); every refused annotation is listed.",
+    fix: 'Remove the annotations listed, or have the administrator allow them: add the name to enable_annotations and the path to the valid_*_paths list named for each, in the [hypervisor.<name>] section.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',

@@ -1,7 +1,7 @@
 /**
  * Logging with pino. The CLI logs to stderr at `warn` unless --log-level/--debug say otherwise;
- * the shim (later) logs to containerd's log pipe. Every plugin gets a child logger bound to
- * `{ plugin: <name> }`.
+ * the shim logs to `sinks` (core/log-sinks.ts: containerd's log pipe, the system log). Every plugin
+ * gets a child logger bound to `{ plugin: <name> }`.
  *
  * pino itself is loaded on the first message that passes the level, not at start-up: a
  * `kata-runtime validate` that has nothing to warn about never pays for it (about 20 ms of a
@@ -9,6 +9,7 @@
  */
 import { createRequire } from 'node:module';
 import type { Logger as PinoLogger, LoggerOptions as PinoOptions, DestinationStream } from 'pino';
+import type { LogSink } from './log-sinks.js';
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 
@@ -40,7 +41,26 @@ export interface LoggerOptions {
   fd?: number;
   /** Write log lines here instead of a file descriptor (tests, in-process CLI). */
   stream?: { write(line: string): void };
+  /**
+   * Write every line to each of these instead (the shim: `[logFifo(…), systemLog()]`). They are
+   * opened on the first line; a sink that cannot work here is reported once, as a warning written
+   * to the others.
+   */
+  sinks?: readonly LogSink[];
   name?: string;
+}
+
+/** pino hands a destination marked with this symbol the level of the line it is about to write. */
+const PINO_METADATA = Symbol.for('pino.metadata');
+
+/** One pino destination writing each line to several sinks, each told the line's level. */
+class SinkFanout {
+  readonly [PINO_METADATA] = true;
+  lastLevel = 30;
+  constructor(private readonly sinks: readonly LogSink[]) {}
+  write(line: string): void {
+    for (const s of this.sinks) s.write(line, this.lastLevel);
+  }
 }
 
 const require = createRequire(import.meta.url);
@@ -58,8 +78,11 @@ class PinoHolder {
         timestamp: pino.stdTimeFunctions.isoTime,
         base: { pid: process.pid },
       };
-      const dest: DestinationStream = this.opts.stream ?? pino.destination({ fd: this.opts.fd ?? 2, sync: true });
+      const sinks = this.opts.sinks;
+      const warnings = sinks ? sinks.map((s) => [s.name, s.open()] as const).filter((w): w is readonly [string, string] => w[1] !== undefined) : [];
+      const dest: DestinationStream = sinks ? new SinkFanout(sinks) : (this.opts.stream ?? pino.destination({ fd: this.opts.fd ?? 2, sync: true }));
       this.#pino = pino(options, dest);
+      for (const [sink, message] of warnings) this.#pino.warn({ sink }, message);
     }
     return this.#pino;
   }

@@ -9,6 +9,7 @@
  * every problem at once. Errors before that (unreadable file, no hypervisor section, a plugin that
  * will not load) stop the phase immediately, since nothing after them can be judged.
  */
+import { applyAnnotations, type AppliedAnnotation, type ApplyAnnotationsOptions } from './annotations.js';
 import { CapabilitySet, type CapabilityRecord, type CapabilityView, type RemovedCapability } from './capabilities.js';
 import { checkShape, builtinSchema, isPlainObject, pluginSchema, type TableSchema } from './config/schema.js';
 import { coreRuleProblems } from './config/rules.js';
@@ -36,6 +37,14 @@ export interface JudgeOptions {
   text?: string;
   /** An already-parsed configuration. */
   raw?: RawConfig;
+  /**
+   * The sandbox's OCI annotations (shim). Permitted `io.katacontainers.config.*` overrides are
+   * applied to the parsed file before the shape check, so they are judged like file values; refused
+   * ones stop the phase with one KATA_ERR_ANNOTATION error listing all of them (core/annotations.ts).
+   */
+  annotations?: Readonly<Record<string, string>>;
+  /** Host facts for annotation checks (`pathExists`, `hostCpus`); see ApplyAnnotationsOptions. */
+  annotationOptions?: ApplyAnnotationsOptions;
   log?: Logger;
 }
 
@@ -73,12 +82,15 @@ export interface ValidatedConfig {
   /** The hook table the plugins tapped; the sandbox lifecycle goes on using it. */
   readonly hooks: Hooks;
   readonly plugins: readonly LoadedPlugin[];
+  /** The annotation overrides applied before validation (empty without annotations). */
+  readonly annotations: readonly AppliedAnnotation[];
 }
 
 interface PhaseState {
   judgement: Judgement;
   hooks: Hooks;
   plugins: LoadedPlugin[];
+  annotations: readonly AppliedAnnotation[];
 }
 
 /** Runs the validated config phase and reports every decision; throws only for errors that stop it early. */
@@ -88,19 +100,29 @@ export async function judgeConfig(opts: JudgeOptions): Promise<Judgement> {
 
 /** Runs the validated config phase; throws ConfigInvalidError listing every problem when invalid. */
 export async function loadValidatedConfig(opts: JudgeOptions): Promise<ValidatedConfig> {
-  const { judgement, hooks, plugins } = await runPhase(opts);
+  const { judgement, hooks, plugins, annotations } = await runPhase(opts);
   if (!judgement.valid || !judgement.config || !judgement.plan) throw new ConfigInvalidError(judgement.problems, judgement.configPath);
-  return Object.freeze({ config: judgement.config, plan: judgement.plan, judgement, hooks, plugins });
+  return Object.freeze({ config: judgement.config, plan: judgement.plan, judgement, hooks, plugins, annotations });
 }
 
 async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   const log = opts.log ?? silentLogger();
   const configPath = opts.file;
-  const parsed = opts.raw ?? (opts.text !== undefined ? parseToml(opts.text, opts.file) : configPath ? readConfigFile(configPath) : undefined);
-  if (!parsed) throw new KataError('KATA_ERR_INTERNAL', 'judgeConfig needs a file, a text or a raw configuration');
+  const fromFile = opts.raw ?? (opts.text !== undefined ? parseToml(opts.text, opts.file) : configPath ? readConfigFile(configPath) : undefined);
+  if (!fromFile) throw new KataError('KATA_ERR_INTERNAL', 'judgeConfig needs a file, a text or a raw configuration');
   if (configPath) log.info({ path: configPath }, 'configuration loaded');
 
-  const hypervisorName = pickHypervisorSection(parsed, configPath);
+  const hypervisorName = pickHypervisorSection(fromFile, configPath);
+  // Annotations first: they may change which plugins load (shared_fs, disable_block_device_use).
+  let parsed = fromFile;
+  let applied: readonly AppliedAnnotation[] = [];
+  if (opts.annotations) {
+    const r = applyAnnotations(fromFile, opts.annotations, hypervisorName, opts.annotationOptions);
+    parsed = r.config;
+    applied = r.applied;
+    for (const a of r.applied) log.info({ annotation: a.annotation, key: a.key, value: a.value, previous: a.previous }, `annotation ${a.annotation} overrides ${a.key}`);
+    for (const i of r.ignored) log.warn({ annotation: i.annotation }, `annotation ${i.annotation} ignored: ${i.why}`);
+  }
   const hypervisorTable = `hypervisor.${hypervisorName}`;
   const problems: Problem[] = [];
 
@@ -144,6 +166,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
       judgement: freezeJudgement({ valid: false, configPath, hypervisor: hypervisorName, plugins: info, capabilities: [], removedCapabilities: [], requirements: [], problems, warnings: [], unknownKeys: shape.unknownKeys, config: undefined, plan: undefined }),
       hooks,
       plugins,
+      annotations: applied,
     };
   }
 
@@ -181,6 +204,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     }),
     hooks,
     plugins,
+    annotations: applied,
   };
 }
 
