@@ -17,6 +17,7 @@ import { chmod, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/
 import net from 'node:net';
 import path from 'node:path';
 import { KataError, toKataError } from '../errors.js';
+import { closeSinks, logFifo, systemLog } from '../log-sinks.js';
 import { createLogger, type Logger } from '../logger.js';
 import { SHIPPED_QEMU_CONFIG } from '../cli/run.js';
 import { TtrpcServer } from '../ttrpc/index.js';
@@ -24,7 +25,6 @@ import { runtimeVersion } from '../version.js';
 import { DEFAULT_RUN_ROOT } from '../vm-lifecycle.js';
 import { EventPublisher } from './events.js';
 import { parseShimFlags, type ShimFlags } from './flags.js';
-import { openLogPipe } from './log-pipe.js';
 import { readBundleSpec } from './oci.js';
 import { DeleteResponse, Task } from './proto.gen.js';
 import { isMountPoint, unmount } from './rootfs.js';
@@ -144,8 +144,10 @@ async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
 async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   const bundle = flags.bundle ?? process.cwd();
   const sock = flags.socket!;
-  const logPipe = await openLogPipe(path.join(bundle, 'log'));
-  const log: Logger = createLogger({ level: flags.debug ? 'debug' : 'info', name: 'kata', stream: logPipe }).child({ namespace: flags.namespace });
+  // containerd's log pipe and the system log (identifier "kata"), both written without blocking.
+  const pipe = logFifo(path.join(bundle, 'log'));
+  const sinks = [pipe, systemLog()];
+  const log: Logger = createLogger({ level: flags.debug ? 'debug' : 'info', name: 'kata', sinks }).child({ namespace: flags.namespace });
   const events = new EventPublisher({ address: io.env.TTRPC_ADDRESS, namespace: flags.namespace, log });
 
   let exiting: Promise<void> | undefined;
@@ -155,8 +157,8 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
       await server.close();
       await unlink(sock).catch(() => undefined);
       await events.close(5_000);
-      log.info({ delivered: events.delivered, dropped: events.dropped }, 'shim exiting');
-      logPipe.end();
+      log.info({ delivered: events.delivered, dropped: events.dropped, logLinesDropped: pipe.stats().dropped }, 'shim exiting');
+      await closeSinks(sinks);
       process.exit(code);
     })();
   };

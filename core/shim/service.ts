@@ -8,6 +8,8 @@
  * that a state does not allow fail with FAILED_PRECONDITION, unknown ids with NOT_FOUND, features
  * not built with UNIMPLEMENTED; every message carries the runtime's error code and fix.
  */
+import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { KataError, toKataError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -116,6 +118,7 @@ const GRPC_FOR: Partial<Record<ErrorCode, number>> = {
   KATA_ERR_TASK_STATE: GrpcCode.FAILED_PRECONDITION,
   KATA_ERR_NOT_IMPLEMENTED: GrpcCode.UNIMPLEMENTED,
   KATA_ERR_OCI_SPEC: GrpcCode.INVALID_ARGUMENT,
+  KATA_ERR_ANNOTATION: GrpcCode.INVALID_ARGUMENT,
 };
 
 /** A coded error as containerd receives it: the gRPC code it maps to errdefs, the code and fix in the text. */
@@ -271,7 +274,8 @@ export class TaskService {
       file = this.opts.fallbackConfig;
       log.info({ path: file }, 'no configuration installed; using the one the project ships for QEMU');
     }
-    const validated = await loadValidatedConfig({ file, log });
+    // Pod annotations may override the configuration only as far as it allows (enable_annotations, valid_*_paths).
+    const validated = await loadValidatedConfig({ file, log, annotations, annotationOptions: { pathExists: existsSync, hostCpus: availableParallelism() } });
     log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');
     const sandbox = await Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log });
     void sandbox.running.exited.then((exit) => {

@@ -83,6 +83,29 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
     assert.equal(existsSync(sock), false, 'and removes its socket');
   });
 
+  it('refuses a hostile hypervisor annotation at Create, naming it, before any VM starts', async () => {
+    tmp.file(
+      'bundle/config.json',
+      JSON.stringify({ process: { args: ['true'] }, annotations: { 'io.katacontainers.config.hypervisor.path': '/tmp/evil-qemu', 'io.katacontainers.config.hypervisor.default_memory': '99999999' } }),
+    );
+    const r = shim([...base, 'c2', 'start'], { cwd: bundle, env });
+    assert.equal(r.code, 0, r.stderr);
+    const client = await connect(r.stdout.toString().slice('unix://'.length));
+    const task = client.service(Task);
+    await assert.rejects(
+      task.Create({ id: 'c2', bundle }),
+      (e: unknown) =>
+        e instanceof TtrpcError &&
+        e.code === GrpcCode.INVALID_ARGUMENT &&
+        /io\.katacontainers\.config\.hypervisor\.path/.test(e.message) &&
+        /io\.katacontainers\.config\.hypervisor\.default_memory/.test(e.message) &&
+        /KATA_ERR_ANNOTATION/.test(e.message),
+    );
+    assert.equal(existsSync(path.join(tmp.path, 'run', 'c2')), false, 'no sandbox run directory was made');
+    await task.Shutdown({ id: 'c2' });
+    await client.closed;
+  });
+
   it('start for a pod container whose sandbox has no shim fails with a coded message', () => {
     tmp.file('bundle/config.json', JSON.stringify({ process: { args: ['app'] }, annotations: { 'io.kubernetes.cri.container-type': 'container', 'io.kubernetes.cri.sandbox-id': 'pod9' } }));
     const r = shim([...base, 'app1', 'start'], { cwd: bundle, env });
