@@ -6,11 +6,13 @@
  */
 import { AGENT_VSOCK_PORT, definePlugin, hvKey, isClhSpec, STAGE, type ClhLaunchSpec, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
 import { ClhVm, PLUGIN_NAME } from './driver.js';
+import { clhHostChecks } from './probe.js';
 import { buildVmConfig, clhArgs, CLH_API_TIMEOUT_MS, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
 
 export { buildVmConfig, clhArgs, kernelCmdline, rootParams, vcpuCounts, currentHost, IMAGE_DISK_ID, VSOCK_SOCKET, GUEST_VSOCK_CID, CLH_API_TIMEOUT_MS } from './vm-config.js';
 export type { ClhSection, HostInfo } from './vm-config.js';
 export { ClhVm, CLH_VM_DEFAULTS, CLH_FILES, TDX_FEATURE, bdfToPciPath, fillVmConfig, type ClhVmOptions } from './driver.js';
+export { probeVmm, clhHostChecks, PROBE_TIMEOUT_MS } from './probe.js';
 export { ClhApiClient, errorBodyMessage, clhApiFailure, API_ROOT, type VmmPing, type PciDeviceInfo, type VmInfo, type ClhApiFailure } from './api.js';
 
 /** The only block driver Cloud Hypervisor hot-plugs (vm.add-disk adds a virtio-blk PCI device). */
@@ -121,5 +123,8 @@ export default definePlugin({
 
     // The VM for a Cloud Hypervisor plan, created but not started: the core calls start() next.
     hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isClhSpec(vmCtx.plan.vm) ? new ClhVm(vmCtx) : undefined));
+
+    // kata-runtime check: the binary's own vmm.ping (version, features, TDX).
+    hooks.hostChecks.tapPromise(PLUGIN_NAME, (check) => clhHostChecks(check));
   },
 });
