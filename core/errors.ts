@@ -138,6 +138,18 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The QMP connection closed (QEMU exited) while a command was pending.',
     fix: 'See why QEMU exited: its last stderr lines are reported with the sandbox failure.',
   },
+  KATA_ERR_CLH_API: {
+    meaning: "Cloud Hypervisor answered a REST API request with an error, or the connection to its API socket failed (the endpoint, HTTP status and Cloud Hypervisor's own message are in the text).",
+    fix: "Read Cloud Hypervisor's message; a 4xx status usually names the vm.create field or device it refused, a 5xx the host resource it could not use.",
+  },
+  KATA_ERR_CLH_API_TIMEOUT: {
+    meaning: 'Cloud Hypervisor did not answer a REST API request within its timeout.',
+    fix: 'The VMM may be overloaded or hung; check that cloud-hypervisor is running. Confidential guests get longer timeouts already.',
+  },
+  KATA_ERR_CLH_NO_TDX: {
+    meaning: 'The configuration asks for a TDX guest, but the cloud-hypervisor binary does not list "tdx" among the features vmm.ping reports (it was built without it).',
+    fix: 'Install a cloud-hypervisor built with `--features tdx` and point [hypervisor.clh] path at it (`kata-runtime check` shows the features), or set confidential_guest = false.',
+  },
   KATA_ERR_HOTPLUG_NO_SLOT: {
     meaning: 'Every pcie-root-port reserved for hot-plug is in use.',
     fix: 'Raise hotplug_root_ports in [hypervisor.qemu], or unplug a device first.',

@@ -10,6 +10,7 @@ import type { CapabilityView, ReadonlyCapabilities } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 import type { KataConfig, RawConfig } from './config/types.js';
 import { KataError } from './errors.js';
+import type { HostCheckContext } from './host-check.js';
 import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
 import type { ContainerContext, RootfsAttachment, VmContext, VmExit, VmHandle } from './vm.js';
@@ -77,6 +78,12 @@ export function createHooks() {
      * Handlers run in parallel, so one that fails does not keep the others from cleaning up.
      */
     vmStopped: new AsyncParallelHook<[VmContext, VmExit | undefined]>(['ctx', 'exit']),
+    /**
+     * `kata-runtime check`: after the core's host checks, plugins add lines for what only they can
+     * probe (the clh plugin asks the binary's `vmm.ping` for its version and features). Runs only
+     * for a configuration that passed the shape check; a handler that throws fails the command.
+     */
+    hostChecks: new AsyncSeriesHook<[HostCheckContext]>(['check']),
   });
 }
 

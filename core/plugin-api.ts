@@ -74,3 +74,4 @@ export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
 export { LineRing } from './line-ring.js';
 export { KataError } from './errors.js';
+export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';

@@ -98,6 +98,12 @@ export async function judgeConfig(opts: JudgeOptions): Promise<Judgement> {
   return (await runPhase(opts)).judgement;
 }
 
+/** {@link judgeConfig}, with the hook table the plugins tapped (for hooks that run later, e.g. `hostChecks`). */
+export async function judgeConfigWithHooks(opts: JudgeOptions): Promise<{ judgement: Judgement; hooks: Hooks }> {
+  const { judgement, hooks } = await runPhase(opts);
+  return { judgement, hooks };
+}
+
 /** Runs the validated config phase; throws ConfigInvalidError listing every problem when invalid. */
 export async function loadValidatedConfig(opts: JudgeOptions): Promise<ValidatedConfig> {
   const { judgement, hooks, plugins, annotations } = await runPhase(opts);

@@ -19,22 +19,15 @@
  */
 import { accessSync, constants as fsConstants, statSync } from 'node:fs';
 import { formatProblem } from '../errors.js';
+import type { Hooks } from '../hooks.js';
+import type { CheckStatus, HostCheck } from '../host-check.js';
 import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../host.js';
 import { isQemuSpec, type SandboxPlan } from '../plan.js';
-import { judgeConfig, type Judgement } from '../runtime.js';
+import { judgeConfigWithHooks, type Judgement } from '../runtime.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { toJson } from './io.js';
 
-export type CheckStatus = 'ok' | 'info' | 'WARN' | 'FAIL';
-
-export interface HostCheck {
-  /** Stable identifier: kvm, vhost-vsock, tdx, hypervisor-binary, hypervisor-version, kernel, image, initrd, firmware, virtio-fs-daemon. */
-  readonly id: string;
-  readonly status: CheckStatus;
-  /** What was checked, for people. */
-  readonly subject: string;
-  readonly message: string;
-}
+export type { CheckStatus, HostCheck };
 
 /** The `check --json` document. */
 export interface CheckReport {
@@ -91,9 +84,10 @@ function qemuAccelerator(section: Readonly<Record<string, unknown>>, plan: Sandb
 export async function checkCommand(ctx: CommandContext): Promise<number> {
   if (ctx.args.length > 0) throw usageError(`check takes no arguments (got ${ctx.args.join(' ')}); name the file with --config`);
   const located = ctx.locate();
-  const j = await judgeConfig({ file: located.path, log: ctx.log });
+  const { judgement: j, hooks } = await judgeConfigWithHooks({ file: located.path, log: ctx.log });
   const host = detectHost({ root: hostRoot(ctx.io.env) });
   const checks = j.config ? await hostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : [];
+  if (j.config) checks.push(...(await pluginChecks(hooks, j, checks, ctx)));
   const failures = checks.filter((c) => c.status === 'FAIL');
   const capable = j.valid && failures.length === 0;
 
@@ -116,6 +110,14 @@ export async function checkCommand(ctx: CommandContext): Promise<number> {
     return EXIT.FAILED;
   }
   return EXIT.OK;
+}
+
+/** The lines plugins add through the `hostChecks` hook, after the core's. */
+async function pluginChecks(hooks: Hooks, j: Judgement, core: readonly HostCheck[], ctx: CommandContext): Promise<HostCheck[]> {
+  const added: HostCheck[] = [];
+  if (!j.config) return added;
+  await hooks.hostChecks.promise({ config: j.config, plan: j.plan, checks: core, add: (c) => void added.push(Object.freeze({ ...c })), log: ctx.log });
+  return added;
 }
 
 /** Runs every host check this configuration calls for, in a fixed order. */

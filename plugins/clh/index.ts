@@ -1,17 +1,19 @@
 /**
- * clh: the Cloud Hypervisor hypervisor plugin, configuration half. Serves `[hypervisor.clh]`:
- * declares what a Cloud Hypervisor VM can do for the configuration, applies Kata's Cloud
- * Hypervisor value rules, and plans the VM as a `vm.create` body (see vm-config.ts).
- *
- * Nothing here talks to a VMM; the driver that does is a separate piece.
+ * clh: the Cloud Hypervisor hypervisor plugin. Serves `[hypervisor.clh]`: declares what a Cloud
+ * Hypervisor VM can do for the configuration, applies Kata's Cloud Hypervisor value rules, plans
+ * the VM as a `vm.create` body (vm-config.ts), and drives the VMM through its REST API: `createVm`
+ * answers a Cloud Hypervisor plan with a ClhVm (driver.ts, api.ts).
  */
 import { AGENT_VSOCK_PORT, definePlugin, hvKey, isClhSpec, STAGE, type ClhLaunchSpec, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
+import { ClhVm, PLUGIN_NAME } from './driver.js';
+import { clhHostChecks } from './probe.js';
 import { buildVmConfig, clhArgs, CLH_API_TIMEOUT_MS, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
-
-const PLUGIN_NAME = 'clh';
 
 export { buildVmConfig, clhArgs, kernelCmdline, rootParams, vcpuCounts, currentHost, IMAGE_DISK_ID, VSOCK_SOCKET, GUEST_VSOCK_CID, CLH_API_TIMEOUT_MS } from './vm-config.js';
 export type { ClhSection, HostInfo } from './vm-config.js';
+export { ClhVm, CLH_VM_DEFAULTS, CLH_FILES, TDX_FEATURE, bdfToPciPath, fillVmConfig, type ClhVmOptions } from './driver.js';
+export { probeVmm, clhHostChecks, PROBE_TIMEOUT_MS } from './probe.js';
+export { ClhApiClient, errorBodyMessage, clhApiFailure, API_ROOT, type VmmPing, type PciDeviceInfo, type VmInfo, type ClhApiFailure } from './api.js';
 
 /** The only block driver Cloud Hypervisor hot-plugs (vm.add-disk adds a virtio-blk PCI device). */
 const HOTPLUG_BLOCK_DRIVER = 'virtio-blk';
@@ -70,7 +72,7 @@ export default definePlugin({
     name: PLUGIN_NAME,
     version: '1.0.0',
     runtime: '^1.0.0',
-    description: 'Cloud Hypervisor VMs (REST API on a unix socket): capabilities, value rules and the vm.create body',
+    description: 'Cloud Hypervisor VMs (REST API on a unix socket): capabilities, value rules, the vm.create body and the driver',
     provides: ['hypervisor', 'hypervisor:clh'],
     config: { table: 'hypervisor.clh', schema: 'clh.schema.json' },
   },
@@ -118,5 +120,11 @@ export default definePlugin({
       if (isClhSpec(plan.vm)) plan.vm.launch = structuredClone(plan.vm.vmConfig);
       return plan;
     });
+
+    // The VM for a Cloud Hypervisor plan, created but not started: the core calls start() next.
+    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isClhSpec(vmCtx.plan.vm) ? new ClhVm(vmCtx) : undefined));
+
+    // kata-runtime check: the binary's own vmm.ping (version, features, TDX).
+    hooks.hostChecks.tapPromise(PLUGIN_NAME, (check) => clhHostChecks(check));
   },
 });

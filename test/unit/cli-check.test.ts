@@ -5,6 +5,7 @@ import path from 'node:path';
 import { hostChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../core/cli/check.js';
 import { main } from '../../core/cli/main.js';
 import { detectHost } from '../../core/host.js';
+import { PACKAGE_ROOT } from '../../core/paths.js';
 import { TempDir } from '../helpers/tmp.js';
 import { CLI, HOST_FIXTURES, STACK_FRAME, capture, makeFakeHosts } from '../helpers/cli.js';
 
@@ -163,6 +164,46 @@ ${opts.extra ?? ''}
   it('rejects arguments with a usage error', async () => {
     const c = capture({ KATA_TS_SYSROOT: hosts['paravirtual-kvm'] });
     assert.equal(await main(['--config', qemuConfig('args'), 'check', 'now'], c.io), 2);
+  });
+
+  describe("with Cloud Hypervisor's vmm.ping (the API simulator standing in for the binary)", () => {
+    const standin = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'standins', 'cloud-hypervisor');
+    let savedFeatures: string | undefined;
+    beforeEach(() => (savedFeatures = process.env.CLH_SIM_FEATURES));
+    afterEach(() => {
+      if (savedFeatures === undefined) delete process.env.CLH_SIM_FEATURES;
+      else process.env.CLH_SIM_FEATURES = savedFeatures;
+    });
+
+    function simConfig(name: string, confidential: boolean): string {
+      const dir = path.join(tmp.path, name);
+      for (const f of ['vmlinux', 'rootfs.img', 'td-shim.bin']) tmp.file(`${name}/${f}`, 'guest file\n');
+      const tdx = confidential ? `confidential_guest = true\nfirmware = "${dir}/td-shim.bin"\ndisable_block_device_use = false\n` : 'disable_block_device_use = true\n';
+      return tmp.file(`${name}/configuration.toml`, `[hypervisor.clh]\npath = "${standin}"\nkernel = "${dir}/vmlinux"\nimage = "${dir}/rootfs.img"\nshared_fs = "none"\n${tdx}`);
+    }
+
+    it('reports the version and features vmm.ping gives, and leaves no VMM running', async () => {
+      process.env.CLH_SIM_FEATURES = 'kvm,io_uring';
+      const r = await check(simConfig('clh-ping', false), 'intel-kvm');
+      const api = r.report?.checks.find((c) => c.id === 'hypervisor-api');
+      assert.equal(api?.status, 'info');
+      assert.match(api?.message ?? '', /version 53\.0\.0 .*features: kvm, io_uring/);
+      assert.equal(statuses(r.report?.checks ?? [])['hypervisor-tdx'], 'info');
+      assert.equal(r.code, 0, r.stderr);
+      const left = spawnSync('pgrep', ['-f', 'clh-simulator-main'], { encoding: 'utf8' }).stdout.trim();
+      assert.equal(left, '', 'no simulator left running');
+    });
+
+    it('fails a TDX configuration when the binary lacks the tdx feature, and passes it when it has it', async () => {
+      process.env.CLH_SIM_FEATURES = 'kvm';
+      const without = await check(simConfig('clh-notdx', true), 'intel-tdx');
+      assert.equal(statuses(without.report?.checks ?? [])['hypervisor-tdx'], 'FAIL');
+      assert.equal(without.code, 1);
+      assert.match(without.stderr, /built without the "tdx" feature/);
+      process.env.CLH_SIM_FEATURES = 'kvm,tdx';
+      const withTdx = await check(simConfig('clh-tdx', true), 'intel-tdx');
+      assert.equal(statuses(withTdx.report?.checks ?? [])['hypervisor-tdx'], 'ok');
+    });
   });
 
   describe('as a process', () => {
