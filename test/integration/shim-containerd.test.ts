@@ -203,7 +203,10 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.match(seen, /\/tasks\/exit.*"exit_status":7/, seen);
   });
 
-  it('leaves no shim, VM, mount, FIFO or run directory after 10 runs', async function () {
+  // Mocha runs a suite's own tests before its nested suites: this one goes in a suite of its own,
+  // defined last, so that it runs after everything else.
+  describe('at the end', () => {
+   it('leaves no shim, VM, mount, FIFO or run directory after 10 runs', async function () {
     this.timeout(600_000);
     for (let i = 0; i < 10; i++) {
       const r = await c().run(`cycle${i}`, ['sh', '-c', `echo cycle ${i}`], { runtime: RUNTIME, timeoutMs: 120_000 });
@@ -213,5 +216,6 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.deepEqual(existsSync(runRoot) ? readdirSync(runRoot) : [], []);
     const left = await c().stop();
     assert.deepEqual(left, NO_LEFTOVERS);
+   });
   });
 });
