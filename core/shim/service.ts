@@ -15,7 +15,8 @@ import { KataError, toKataError, type ErrorCode } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { locateConfig } from '../config/locate.js';
 import { loadValidatedConfig } from '../runtime.js';
-import { Sandbox, type Container, type GuestProcess, type ProcessSpec } from '../sandbox.js';
+import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../sandbox.js';
+import type { VmExit, VmHandle } from '../vm.js';
 import { GrpcCode, TtrpcError, type ServiceImpl } from '../ttrpc/index.js';
 import { runtimeVersion } from '../version.js';
 import { TOPICS, type EventPublisher } from './events.js';
@@ -43,7 +44,38 @@ type StatusValue = (typeof Status)[keyof typeof Status];
 /** Exit status reported when a process's end could not be observed (the VM or agent died). */
 export const LOST_EXIT_STATUS = 255;
 
+/** The part of a guest process the service uses (core/sandbox.ts GuestProcess). */
+export type ShimProcess = Pick<GuestProcess, 'stdout' | 'stderr' | 'stdin' | 'wait' | 'signal'>;
+
+/** The part of a container the service uses (core/sandbox.ts Container). */
+export interface ShimContainer extends ShimProcess {
+  start(): Promise<void>;
+  exec(process: ProcessSpec, execId: string): Promise<ShimProcess>;
+  delete(): Promise<void>;
+}
+
+/** The part of a sandbox the service uses (core/sandbox.ts Sandbox); tests give a fake. */
+export interface ShimSandbox {
+  readonly id: string;
+  readonly failure: KataError | undefined;
+  readonly running: { readonly vm: Pick<VmHandle, 'pid' | 'pause' | 'resume'>; readonly exited: Promise<VmExit> };
+  createContainer(spec: ContainerSpec): Promise<ShimContainer>;
+  stop(): Promise<unknown>;
+}
+
+/** What the service asks for when a container starts a new sandbox. */
+export interface SandboxRequest {
+  readonly sandboxId: string;
+  /** The OCI annotations of the container that starts the sandbox. */
+  readonly annotations: Readonly<Record<string, string>>;
+  /** CreateTaskRequest.options: the runtime options (runtimeoptions.v1.Options) as bytes. */
+  readonly options: Uint8Array | undefined;
+  readonly log: Logger;
+}
+
 export interface TaskServiceOptions {
+  /** Starts a sandbox; default: configuration lookup, validated config phase, Sandbox.create. */
+  readonly createSandbox?: (req: SandboxRequest) => Promise<ShimSandbox>;
   readonly namespace: string;
   readonly events: EventPublisher;
   readonly log: Logger;
@@ -67,7 +99,7 @@ class TaskProcess {
   status: StatusValue = Status.CREATED;
   exitStatus = 0;
   exitedAt: Date | undefined;
-  guest: GuestProcess | undefined;
+  guest: ShimProcess | undefined;
   stdinClosed = false;
   readonly exited: Promise<void>;
   #resolveExited!: () => void;
@@ -103,7 +135,7 @@ class Task_ {
     readonly id: string,
     readonly bundle: string,
     readonly rootfsMounts: readonly Mount[],
-    readonly container: Container,
+    readonly container: ShimContainer,
     readonly rootfs: PreparedRootfs,
     readonly init: TaskProcess,
   ) {}
@@ -131,14 +163,14 @@ export function toTtrpcError(e: unknown): TtrpcError {
 
 export class TaskService {
   readonly #tasks = new Map<string, Task_>();
-  #sandbox: Sandbox | undefined;
+  #sandbox: ShimSandbox | undefined;
   #sandboxId: string | undefined;
   #creating: Promise<unknown> = Promise.resolve();
   #shutdown = false;
 
   constructor(private readonly opts: TaskServiceOptions) {}
 
-  get sandbox(): Sandbox | undefined {
+  get sandbox(): ShimSandbox | undefined {
     return this.#sandbox;
   }
 
@@ -222,7 +254,10 @@ export class TaskService {
       if (spec.joinsSandbox && spec.sandboxId !== req.id) {
         throw fail('KATA_ERR_SANDBOX', `container "${req.id}" belongs to pod sandbox "${spec.sandboxId}", which this shim does not run`);
       }
-      this.#sandbox = await this.#startSandbox(spec.sandboxId, spec.annotations, req.options?.value, log);
+      const request = { sandboxId: spec.sandboxId, annotations: spec.annotations, options: req.options?.value, log };
+      const sandbox = await (this.opts.createSandbox ?? ((r: SandboxRequest) => this.#startSandbox(r)))(request);
+      this.#watchSandbox(sandbox, log);
+      this.#sandbox = sandbox;
       this.#sandboxId = spec.sandboxId;
       startedSandbox = true;
     } else if (!spec.joinsSandbox || spec.sandboxId !== this.#sandboxId) {
@@ -257,7 +292,7 @@ export class TaskService {
     }
   }
 
-  async #startSandbox(sandboxId: string, annotations: Readonly<Record<string, string>>, options: Uint8Array | undefined, log: Logger): Promise<Sandbox> {
+  async #startSandbox({ sandboxId, annotations, options, log }: SandboxRequest): Promise<ShimSandbox> {
     let shimConfigPath: string | undefined;
     if (options && options.length > 0) {
       try {
@@ -277,13 +312,15 @@ export class TaskService {
     // Pod annotations may override the configuration only as far as it allows (enable_annotations, valid_*_paths).
     const validated = await loadValidatedConfig({ file, log, annotations, annotationOptions: { pathExists: existsSync, hostCpus: availableParallelism() } });
     log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');
-    const sandbox = await Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log });
+    return Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log });
+  }
+
+  #watchSandbox(sandbox: ShimSandbox, log: Logger): void {
     void sandbox.running.exited.then((exit) => {
       if (exit.expected) return;
       log.error({ err: sandbox.failure?.message }, 'the VM ended unexpectedly; every task of the sandbox is reported as exited');
       for (const t of this.#tasks.values()) for (const p of [t.init, ...t.execs.values()]) if (p.status !== Status.STOPPED) this.#exited(t, p, LOST_EXIT_STATUS);
     });
-    return sandbox;
   }
 
   async #stopSandbox(): Promise<void> {
