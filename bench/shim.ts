@@ -18,9 +18,10 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { DIST_ROOT } from '../core/paths.js';
+import { DIST_ROOT, PACKAGE_ROOT } from '../core/paths.js';
 import { Task } from '../core/shim/proto.gen.js';
 import { TtrpcClient } from '../core/ttrpc/index.js';
+import { startContainerd } from '../test/helpers/containerd.js';
 import { ensureGuestImage } from '../test/helpers/guest.js';
 import { qemuBinary } from '../test/helpers/qemu.js';
 import { TempDir } from '../test/helpers/tmp.js';
@@ -103,7 +104,63 @@ try {
     console.log('2. shim RSS with one running container (Create + Start through the Task API)');
     console.log(`   baseline  idle node process  ${(idleRss / 1024).toFixed(1)} MiB`);
     console.log(`   measured  shim daemon        ${(rss / 1024).toFixed(1)} MiB   ratio ${(rss / idleRss).toFixed(2)}x   (Create+Start took ${(ready / 1000).toFixed(1)} s, VM boot included)`);
+
+    // 3. ctr run --rm … echo, split by the shim's log lines in containerd's log.
+    const ctx = { skip: () => { throw new Error('containerd is not installed'); } } as unknown as Mocha.Context;
+    const ctrd = await startContainerd(ctx, { pathPrefix: [shimBinDir()], env: { KATA_CONF_FILE: configFor(image), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run') } }).catch((e: Error) => {
+      console.log(`3. skipped: ${e.message}`);
+      return undefined;
+    });
+    if (ctrd) {
+      try {
+        const rows: Record<string, number>[] = [];
+        for (let i = 0; i < 3; i++) {
+          const t0 = Date.now();
+          const r = await ctrd.run(`bench${i}`, ['echo', 'hello'], { runtime: 'io.containerd.kata.v2', timeoutMs: 180_000 });
+          const t1 = Date.now();
+          if (r.stdout !== 'hello\n') throw new Error(`ctr run failed: ${r.stderr}`);
+          const at = (msg: string) => {
+            for (const line of ctrd.logTail(400).split('\n')) {
+              if (!line.startsWith('{') || !line.includes(`"msg":"${msg}"`) || (!line.includes(`bench${i}`) && msg !== 'shim serving' && msg !== 'shim exiting')) continue;
+              const t = Date.parse((JSON.parse(line) as { time: string }).time);
+              if (t >= t0) return t;
+            }
+            throw new Error(`no "${msg}" line in containerd's log`);
+          };
+          const serving = at('shim serving');
+          const vm = at('starting VM');
+          const agent = at('sandbox ready');
+          const exited = at('process exited');
+          const gone = at('shim exiting');
+          rows.push({
+            'containerd + shim start (until the shim serves)': serving - t0,
+            'shim: configuration, sandbox set-up': vm - serving,
+            'VM boot: QEMU, guest kernel, agent ready': agent - vm,
+            'container: create, run echo, exit': exited - agent,
+            'teardown: delete, VM stop, shim exit': gone - exited,
+            'containerd after the shim (delete, ctr exit)': t1 - gone,
+            total: t1 - t0,
+          });
+        }
+        console.log('3. ctr run --rm … echo hello: wall time split by the shim\'s log lines (median of 3)');
+        for (const k of Object.keys(rows[0]!)) console.log(`   ${k.padEnd(48)} ${ms(median(rows.map((r) => r[k]!)))}`);
+      } finally {
+        await ctrd.stop();
+      }
+    }
   }
 } finally {
   tmp.cleanup();
+}
+
+function shimBinDir(): string {
+  const dir = path.join(tmp.path, 'bin');
+  execFileSync('mkdir', ['-p', dir]);
+  execFileSync('ln', ['-sf', SHIM, path.join(dir, 'containerd-shim-kata-v2')]);
+  return dir;
+}
+
+function configFor(image: { kernel: string; initrd: string }): string {
+  const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
+  return tmp.file('configuration.toml', shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`));
 }

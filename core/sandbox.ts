@@ -88,20 +88,28 @@ export class GuestProcess {
     return this.agent.signalProcess({ containerId: this.containerId, execId: this.execId, signal });
   }
 
+  /**
+   * A stream of the process's output, read from the agent only as fast as it is consumed: when the
+   * reader stops (a full FIFO), the next ReadStdout waits for it, and the guest's pipe fills up
+   * instead of this process's memory.
+   */
   #pump(which: 'stdout' | 'stderr'): Readable {
-    let started = false;
-    const stream = new Readable({
+    let reading = false;
+    const stream: Readable = new Readable({
       read: () => {
-        if (started) return;
-        started = true;
+        if (reading) return;
+        reading = true;
         void (async () => {
           const req = { containerId: this.containerId, execId: this.execId, len: 64 * 1024 };
           for (;;) {
             const data = which === 'stdout' ? await this.agent.readStdout(req) : await this.agent.readStderr(req);
-            if (data.length === 0) break;
-            stream.push(Buffer.from(data));
+            if (data.length === 0) {
+              stream.push(null);
+              return;
+            }
+            if (!stream.push(Buffer.from(data))) break;
           }
-          stream.push(null);
+          reading = false;
         })().catch((e: unknown) => stream.destroy(toKataError(e)));
       },
     });

@@ -13,6 +13,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { closeSync, writeSync } from 'node:fs';
 import { chmod, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -34,6 +35,8 @@ import { timestamp } from './time.js';
 /** Where shim sockets live: containerd's own convention, whatever its state directory. */
 export const SOCKET_DIR = '/run/containerd/s';
 const READY_LINE = 'ready';
+/** The daemon's readiness pipe to `start`. */
+const READY_FD = 3;
 const START_TIMEOUT_MS = 20_000;
 
 export interface ShimEnv {
@@ -47,6 +50,14 @@ export interface ShimEnv {
 export function socketPath(env: NodeJS.ProcessEnv, address: string, namespace: string, sandboxId: string): string {
   const dir = env.KATA_TS_SHIM_SOCKET_DIR || SOCKET_DIR;
   return path.join(dir, createHash('sha256').update(path.join(address, namespace, sandboxId)).digest('hex'));
+}
+
+/**
+ * Where the sandboxes of a containerd namespace keep their run directories: ids are unique only
+ * within a namespace, so `delete` in one can never touch another's VM.
+ */
+export function runRootOf(env: NodeJS.ProcessEnv, namespace: string): string {
+  return path.join(env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT, namespace);
 }
 
 function canConnect(sock: string): Promise<boolean> {
@@ -112,12 +123,15 @@ async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
   if (flags.debug) args.push('-debug');
   args.push('-socket', sock);
   // Detached with its own stdio: containerd waits for start's stdout and stderr to close.
-  const child = spawn(process.execPath, args, { cwd: bundle, detached: true, stdio: ['ignore', 'pipe', 'ignore'], env: io.env });
+  // Readiness comes back on fd 3, a pipe of its own: the daemon's stdout and stderr are /dev/null,
+  // so nothing it (or a plugin) ever prints can reach a closed pipe.
+  const child = spawn(process.execPath, args, { cwd: bundle, detached: true, stdio: ['ignore', 'ignore', 'ignore', 'pipe'], env: io.env });
+  const ready = child.stdio[3] as NodeJS.ReadableStream & { destroy(): void };
   const answer = await new Promise<string>((resolve) => {
     let buf = '';
     const timer = setTimeout(() => resolve(`the shim daemon did not become ready within ${START_TIMEOUT_MS / 1000} s`), START_TIMEOUT_MS);
-    child.stdout.setEncoding('utf8');
-    child.stdout.on('data', (d: string) => {
+    ready.setEncoding('utf8');
+    ready.on('data', (d: string) => {
       buf += d;
       const nl = buf.indexOf('\n');
       if (nl >= 0) {
@@ -130,7 +144,7 @@ async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
       resolve(buf.split('\n')[0] || `the shim daemon exited (${signal ?? `code ${code}`}) before it served`);
     });
   });
-  child.stdout.destroy();
+  ready.destroy();
   child.unref();
   if (answer !== READY_LINE) {
     if (child.exitCode === null) child.kill('SIGKILL');
@@ -166,7 +180,7 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
     namespace: flags.namespace,
     events,
     log,
-    runRoot: io.env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT,
+    runRoot: runRootOf(io.env, flags.namespace),
     fallbackConfig: SHIPPED_QEMU_CONFIG,
     onShutdown: () => exit(0),
   });
@@ -183,16 +197,29 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   });
   process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection in the shim'));
 
+  const tell = (line: string) => {
+    try {
+      writeSync(READY_FD, `${line}\n`);
+      closeSync(READY_FD);
+    } catch {
+      /* started by hand, without the readiness pipe */
+    }
+  };
   try {
-    await server.listen(sock);
+    // Only the owner may connect, from the moment the socket exists.
+    const umask = process.umask(0o177);
+    try {
+      await server.listen(sock);
+    } finally {
+      process.umask(umask);
+    }
     await chmod(sock, 0o600);
   } catch (e) {
-    io.stdout(`cannot serve on ${sock}: ${(e as Error).message}\n`);
+    tell(`cannot serve on ${sock}: ${(e as Error).message}`);
     return 1;
   }
   log.info({ socket: sock, version: runtimeVersion(), ttrpc: io.env.TTRPC_ADDRESS }, 'shim serving');
-  io.stdout(`${READY_LINE}\n`);
-  // Nothing more goes to stdout: `start` has read its line and gone.
+  tell(READY_LINE);
   return new Promise<number>(() => undefined);
 }
 
@@ -215,9 +242,11 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
   await unmount(rootfs).catch(() => undefined);
 
   // A live shim still serves the pod (this was one of its containers): it owns the sandbox.
-  const alive = await canConnect(socketPath(io.env, flags.address, flags.namespace, sandboxId));
+  const written = await readFile(path.join(bundle, 'address'), 'utf8').catch(() => '');
+  const sock = written.startsWith('unix://') ? written.slice('unix://'.length) : socketPath(io.env, flags.address, flags.namespace, sandboxId);
+  const alive = await canConnect(sock);
   if (!alive && sandboxId === flags.id) {
-    const runDir = path.join(io.env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT, sandboxId);
+    const runDir = path.join(runRootOf(io.env, flags.namespace), sandboxId);
     for (const pid of await processesOf(runDir)) {
       try {
         process.kill(pid, 'SIGKILL');
@@ -234,7 +263,7 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
       .sort((a, b) => b.length - a.length);
     for (const m of left) if (await isMountPoint(m)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
-    await unlink(socketPath(io.env, flags.address, flags.namespace, sandboxId)).catch(() => undefined);
+    await unlink(sock).catch(() => undefined);
   }
   io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));
   return 0;

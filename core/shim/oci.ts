@@ -23,6 +23,8 @@ export interface BundleSpec {
   readonly sandboxId: string;
   /** True for a container that joins an existing sandbox rather than creating one. */
   readonly joinsSandbox: boolean;
+  /** Destinations of the spec's bind mounts (volumes): not delivered to the guest (not built). */
+  readonly bindMounts: readonly string[];
 }
 
 type Json = Record<string, unknown>;
@@ -88,9 +90,17 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
   for (const [k, v] of Object.entries(obj(spec.annotations) ?? {})) if (typeof v === 'string') annotations[k] = v;
   const type = annotations[CONTAINER_TYPE_ANNOTATION];
   const joinsSandbox = type === 'container' && !!annotations[SANDBOX_ID_ANNOTATION];
+  const bindMounts: string[] = [];
+  for (const m of Array.isArray(spec.mounts) ? spec.mounts : []) {
+    const mount = obj(m);
+    if (!mount || typeof mount.destination !== 'string') continue;
+    const options = Array.isArray(mount.options) ? mount.options : [];
+    if (mount.type === 'bind' || options.includes('bind') || options.includes('rbind')) bindMounts.push(mount.destination);
+  }
   return {
     process,
     terminal,
+    bindMounts,
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,
     annotations,

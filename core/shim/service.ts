@@ -43,6 +43,10 @@ type StatusValue = (typeof Status)[keyof typeof Status];
 
 /** Exit status reported when a process's end could not be observed (the VM or agent died). */
 export const LOST_EXIT_STATUS = 255;
+/** How long a process's output may still drain after it exited before its exit is reported anyway. */
+const OUTPUT_DRAIN_MS = 60_000;
+/** After CloseIO, how long the client's FIFO gets to deliver what it holds. */
+const STDIN_CLOSE_GRACE_MS = 2_000;
 
 /** The part of a guest process the service uses (core/sandbox.ts GuestProcess). */
 export type ShimProcess = Pick<GuestProcess, 'stdout' | 'stderr' | 'stdin' | 'wait' | 'signal'>;
@@ -100,6 +104,11 @@ class TaskProcess {
   exitStatus = 0;
   exitedAt: Date | undefined;
   guest: ShimProcess | undefined;
+  /** Set while Start runs: Kill and Delete wait for it, so states and events stay in order. */
+  starting: Promise<unknown> | undefined;
+  /** The guest reported the end; output may still be draining (the process is not STOPPED yet). */
+  guestExited = false;
+  /** CloseIO came: stdin ends once what the client wrote has been passed on. */
   stdinClosed = false;
   readonly exited: Promise<void>;
   #resolveExited!: () => void;
@@ -248,6 +257,7 @@ export class TaskService {
     const spec = await readBundleSpec(req.bundle, req.id);
     if (req.terminal || spec.terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `container "${req.id}" asks for a terminal (tty), which is not built`, 'run it without -t (ctr) or tty: true (Kubernetes)');
     const log = this.opts.log.child({ container: req.id });
+    if (spec.bindMounts.length > 0) log.warn({ mounts: spec.bindMounts }, 'bind mounts (volumes) are not delivered to the guest yet; the container runs without them');
 
     let startedSandbox = false;
     if (!this.#sandbox) {
@@ -333,13 +343,14 @@ export class TaskService {
   async start(req: { id: string; execId: string }): Promise<{ pid: number }> {
     const task = this.#task(req.id);
     const proc = this.#process(req.id, req.execId);
-    if (proc.status !== Status.CREATED) throw fail('KATA_ERR_TASK_STATE', `${describe(proc)} cannot start: it is ${statusName(proc.status)}`);
-    if (req.execId) {
-      if (task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot start exec "${req.execId}": container "${req.id}" is ${statusName(task.init.status)}`);
-      proc.guest = await task.container.exec(proc.spec!, req.execId);
-    } else {
-      await task.container.start();
-      proc.guest = task.container;
+    if (proc.status !== Status.CREATED || proc.starting) throw fail('KATA_ERR_TASK_STATE', `${describe(proc)} cannot start: it is ${proc.starting ? 'starting' : statusName(proc.status)}`);
+    if (req.execId && task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot start exec "${req.execId}": container "${req.id}" is ${statusName(task.init.status)}`);
+    const starting = req.execId ? task.container.exec(proc.spec!, req.execId) : task.container.start().then(() => task.container);
+    proc.starting = starting.catch(() => undefined);
+    try {
+      proc.guest = await starting;
+    } finally {
+      proc.starting = undefined;
     }
     proc.status = Status.RUNNING;
     this.#watch(task, proc);
@@ -353,15 +364,17 @@ export class TaskService {
     const guest = proc.guest!;
     const out = TaskIo.copy(guest.stdout, proc.io.stdout);
     const err = TaskIo.copy(guest.stderr, proc.io.stderr);
-    if (proc.io.stdin && !proc.stdinClosed) {
-      proc.io.stdin.pipe(guest.stdin);
-    } else {
-      guest.stdin.end();
-    }
+    // The stdin FIFO's EOF (the client closed it) ends the process's stdin; so does CloseIO,
+    // once what was written before it has been passed on.
+    if (proc.io.stdin) proc.io.stdin.pipe(guest.stdin);
+    else guest.stdin.end();
+    if (proc.stdinClosed) this.#closeStdin(proc);
     void guest.wait().then(
       async (status) => {
+        proc.guestExited = true;
         // Output the process wrote before it ended reaches the client before the exit does.
-        await Promise.race([Promise.all([out, err]), new Promise((r) => setTimeout(r, 5_000).unref())]);
+        const drained = await Promise.race([Promise.all([out, err]).then(() => true), new Promise<false>((r) => setTimeout(() => r(false), OUTPUT_DRAIN_MS).unref())]);
+        if (!drained) this.opts.log.warn({ container: task.id, exec: proc.execId || undefined }, `output not drained ${OUTPUT_DRAIN_MS / 1000} s after the process exited (is the client reading?); closing it`);
         this.#exited(task, proc, status);
       },
       (e: unknown) => {
@@ -412,38 +425,50 @@ export class TaskService {
   async kill(req: { id: string; execId: string; signal: number; all: boolean }): Promise<object> {
     const task = this.#task(req.id);
     const p = this.#process(req.id, req.execId);
-    if (p.status === Status.STOPPED) throw fail('KATA_ERR_TASK_NOT_FOUND', `${describe(p)} has already exited`);
+    await p.starting;
+    // As runc answers: a process that has ended (even if its output is still draining) is not found.
+    if (p.status === Status.STOPPED || p.guestExited) throw fail('KATA_ERR_TASK_NOT_FOUND', `${describe(p)} has already exited`);
+    if (p.status === Status.PAUSED) throw fail('KATA_ERR_TASK_STATE', `${describe(p)} is paused (the whole VM is)`, 'resume it first (ctr task resume)');
     if (p.status === Status.CREATED) {
-      // Never started: nothing runs in the guest yet; it ends as if killed.
-      if (req.execId) this.#exited(task, p, 128 + req.signal);
-      else {
-        await task.container.signal(req.signal).catch(() => undefined);
-        this.#exited(task, p, 128 + req.signal);
-      }
+      // Never started: nothing runs in the guest yet. SIGKILL and SIGTERM end it as if it had run.
+      if (req.signal !== 9 && req.signal !== 15) throw fail('KATA_ERR_TASK_STATE', `${describe(p)} has not started; only SIGKILL or SIGTERM can end it`);
+      this.#exited(task, p, 128 + req.signal);
       return {};
     }
-    await p.guest!.signal(req.signal);
-    if (req.all && !req.execId) for (const e of task.execs.values()) if (e.status === Status.RUNNING) await e.guest!.signal(req.signal).catch(() => undefined);
+    try {
+      await p.guest!.signal(req.signal);
+    } catch (e) {
+      // It may have ended while the signal was on its way.
+      if (p.guestExited || (p.status as StatusValue) === Status.STOPPED) throw fail('KATA_ERR_TASK_NOT_FOUND', `${describe(p)} has already exited`);
+      throw e;
+    }
+    if (req.all && !req.execId) for (const e of task.execs.values()) if (e.status === Status.RUNNING && !e.guestExited) await e.guest!.signal(req.signal).catch(() => undefined);
     return {};
   }
 
   async delete(req: { id: string; execId: string }) {
     const task = this.#task(req.id);
     const p = this.#process(req.id, req.execId);
+    await p.starting;
     if (p.status === Status.RUNNING || p.status === Status.PAUSED) throw fail('KATA_ERR_TASK_STATE', `${describe(p)} is still running`, 'kill it first (ctr task kill)');
+    // A process deleted before it ran ends now, so a pending Wait answers and TaskExit precedes TaskDelete.
+    if (p.status === Status.CREATED) this.#exited(task, p, 128 + 9);
     const exitedAt = p.exitedAt ?? new Date();
     if (req.execId) {
-      p.io.close();
       task.execs.delete(req.execId);
     } else {
-      for (const e of task.execs.values()) e.io.close();
-      p.io.close();
+      // The container's other processes end with it (its pid namespace goes).
+      for (const e of task.execs.values()) this.#exited(task, e, 128 + 9);
       this.#tasks.delete(req.id);
       const errors: unknown[] = [];
       await task.container.delete().catch((e: unknown) => errors.push(e));
       await task.rootfs.release().catch((e: unknown) => errors.push(e));
-      // The pod's own container goes last: the sandbox (the VM) goes with it.
-      if (req.id === this.#sandboxId || this.#tasks.size === 0) await this.#stopSandbox();
+      // The pod's own container goes last: the sandbox (the VM) goes with it, and so does every
+      // container of the pod still there (reported as killed, so nothing waits forever).
+      if (req.id === this.#sandboxId || this.#tasks.size === 0) {
+        await this.#stopSandbox();
+        for (const t of this.#tasks.values()) for (const q of [t.init, ...t.execs.values()]) this.#exited(t, q, 128 + 9);
+      }
       if (errors.length > 0) this.opts.log.warn({ errors: errors.map((e) => toKataError(e).message), container: req.id }, 'container cleanup was incomplete');
     }
     this.opts.events.publish(TOPICS.delete, TaskDelete, { containerId: req.id, id: p.eventId, pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) });
@@ -454,7 +479,7 @@ export class TaskService {
     const task = this.#task(req.id);
     if (!req.execId) throw fail('KATA_ERR_OCI_SPEC', 'an exec needs an exec id');
     if (task.execs.has(req.execId)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `exec "${req.execId}" already exists in container "${req.id}"`);
-    if (task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot exec in container "${req.id}": it is ${statusName(task.init.status)}`);
+    if (task.init.status !== Status.RUNNING || task.init.guestExited) throw fail('KATA_ERR_TASK_STATE', `cannot exec in container "${req.id}": it is ${task.init.guestExited ? 'exiting' : statusName(task.init.status)}`);
     const { process: spec, terminal } = parseExecSpec(req.spec?.value, req.execId);
     if (req.terminal || terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `exec "${req.execId}" asks for a terminal (tty), which is not built`, 'run it without -t');
     const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
@@ -468,11 +493,28 @@ export class TaskService {
     const p = this.#process(req.id, req.execId);
     if (!req.stdin) return {};
     p.stdinClosed = true;
-    if (p.guest) {
-      p.io.stdin?.unpipe(p.guest.stdin);
-      p.guest.stdin.end();
-    }
+    if (p.guest) this.#closeStdin(p);
     return {};
+  }
+
+  /**
+   * Ends a process's stdin after CloseIO. The client closes its FIFO writer once its copy is done,
+   * and that EOF ends stdin through the pipe with nothing lost; if it does not come, stdin is ended
+   * anyway after a grace period.
+   */
+  #closeStdin(p: TaskProcess): void {
+    const guest = p.guest!;
+    const stdin = p.io.stdin;
+    if (!stdin || stdin.readableEnded || stdin.destroyed) {
+      guest.stdin.end();
+      return;
+    }
+    const timer = setTimeout(() => {
+      stdin.unpipe(guest.stdin);
+      guest.stdin.end();
+    }, STDIN_CLOSE_GRACE_MS);
+    timer.unref();
+    stdin.once('end', () => clearTimeout(timer));
   }
 
   async pids(req: { id: string }) {
@@ -519,6 +561,8 @@ export class TaskService {
 
   /** Ends every task and stops the sandbox (shutdown, signals). */
   async close(): Promise<void> {
+    // A sandbox still being created is stopped too, once it exists.
+    await Promise.race([this.#creating, new Promise((r) => setTimeout(r, 60_000).unref())]);
     for (const t of this.#tasks.values()) {
       for (const p of [t.init, ...t.execs.values()]) p.io.close();
       await t.rootfs.release().catch((err: unknown) => this.opts.log.warn({ err, container: t.id }, 'cannot release the rootfs'));

@@ -1,7 +1,7 @@
 /**
  * A task's stdio as containerd's client sets it up: paths of FIFOs it created and opened for
- * reading (stdout, stderr) or writing (stdin) before Create, a regular file (`--log-uri file://`),
- * or empty (not connected).
+ * reading (stdout, stderr) or writing (stdin) before Create, a file (`--log-uri file://…`), or
+ * empty (not connected).
  *
  * FIFOs are opened non-blocking and wrapped in sockets, so a slow or vanished reader never blocks
  * the shim. The write ends are closed once the process has exited and its output is drained:
@@ -17,37 +17,62 @@ import { KataError } from '../errors.js';
 
 const openFd = promisify(open);
 const fstatFd = promisify(fstat);
+const closeFd = promisify(close);
+
+/**
+ * The path a stdio value names: a plain path, or a `file://` URI (`ctr run --log-uri file://…`).
+ * `binary://` (a logging program containerd's Go shims start) is not built.
+ */
+export function stdioPath(value: string, what: string): string {
+  if (!value.includes('://')) return value;
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new KataError('KATA_ERR_SHIM', `the task's ${what} "${value}" is not a valid URI`);
+  }
+  if (url.protocol === 'file:') return decodeURIComponent(url.pathname);
+  throw new KataError('KATA_ERR_NOT_IMPLEMENTED', `the task's ${what} uses a ${url.protocol}// log URI, which this shim does not support`, {
+    fix: 'use FIFOs (the default) or a file:// log URI',
+  });
+}
 
 async function openPath(file: string, flags: number, what: string): Promise<{ fd: number; fifo: boolean }> {
   let fd: number;
   try {
     fd = await openFd(file, flags);
   } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    // A FIFO nobody reads yet: O_WRONLY|O_NONBLOCK fails with ENXIO; hold a read end ourselves.
-    if (err.code === 'ENXIO') fd = await openFd(file, constants.O_RDWR | constants.O_NONBLOCK);
-    else throw new KataError('KATA_ERR_SHIM', `cannot open the task's ${what} ${file}: ${err.message}`, { fix: 'containerd creates these FIFOs; check the client is still running', cause: e });
+    throw new KataError('KATA_ERR_SHIM', `cannot open the task's ${what} ${file}: ${(e as Error).message}`, { fix: 'containerd\'s client creates these FIFOs; check that it is still running', cause: e });
   }
   const st = await fstatFd(fd);
   return { fd, fifo: st.isFIFO() || st.isSocket() };
 }
 
-/** Opens an output path (stdout/stderr); undefined when not connected. */
-export async function openOutput(file: string, what: string): Promise<Writable | undefined> {
-  if (!file) return undefined;
-  const { fd, fifo } = await openPath(file, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_APPEND, what);
+/**
+ * Opens an output (stdout/stderr); undefined when not connected. A FIFO is opened read-write, as
+ * containerd's own shims do: the pipe then never loses its last reader, so output written while
+ * the client is away (containerd restarting) waits in the pipe for the next reader instead of
+ * failing with EPIPE.
+ */
+export async function openOutput(value: string, what: string): Promise<Writable | undefined> {
+  if (!value) return undefined;
+  const file = stdioPath(value, what);
+  // A file:// log: appended to, created when missing.
+  if (file !== value) return createWriteStream(file, { flags: 'a' }).on('error', () => undefined);
+  const { fd, fifo } = await openPath(file, constants.O_RDWR | constants.O_NONBLOCK, what);
   if (fifo) {
     const sock = new net.Socket({ fd, readable: false, writable: true });
     sock.on('error', () => undefined);
     return sock;
   }
-  await promisify(close)(fd);
+  await closeFd(fd);
   return createWriteStream(file, { flags: 'a' }).on('error', () => undefined);
 }
 
 /** Opens the stdin path; undefined when not connected. */
-export async function openInput(file: string): Promise<Readable | undefined> {
-  if (!file) return undefined;
+export async function openInput(value: string): Promise<Readable | undefined> {
+  if (!value) return undefined;
+  const file = stdioPath(value, 'stdin');
   const { fd, fifo } = await openPath(file, constants.O_RDONLY | constants.O_NONBLOCK, 'stdin');
   if (fifo) {
     const sock = new net.Socket({ fd, readable: true, writable: false });

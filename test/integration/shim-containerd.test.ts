@@ -73,6 +73,8 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
   });
 
   const c = () => ctrd!;
+  /** The run directory of a sandbox: the shim keeps each containerd namespace's apart. */
+  const sandboxDir = (id: string) => path.join(runRoot, c().namespace, id);
   const why = (r: { stdout: string; stderr: string }) => `stdout: ${r.stdout}\nstderr: ${r.stderr}\n--- containerd log ---\n${c().logTail(40)}`;
 
   it('ctr run --rm echo hello prints hello', async () => {
@@ -130,7 +132,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       assert.equal(rm.code, 0, why(rm));
       assert.match(rm.stderr + rm.stdout, /143/, 'ctr reports the exit code');
       assert.equal((await c().ctr(['container', 'rm', id])).code, 0);
-      await until('the VM to go', () => processesUnder(path.join(runRoot, id)).length === 0, 30_000);
+      await until('the VM to go', () => processesUnder(sandboxDir(id)).length === 0, 30_000);
     });
   });
 
@@ -142,7 +144,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     let stderr = '';
     ctr.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<number | null>((resolve) => ctr.once('exit', (code) => resolve(code)));
-    const vmDir = path.join(runRoot, id);
+    const vmDir = sandboxDir(id);
     try {
       await until('the VM and the task to run', async () => processesUnder(vmDir).length > 0 && /RUNNING/.test((await c().ctr(['task', 'ls'])).stdout), 120_000);
       for (const p of processesUnder(vmDir)) process.kill(Number(p.split(':')[0]), 'SIGKILL');
@@ -163,19 +165,19 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal(r.code, 0, why(r));
     assert.equal(r.stdout, 'in-pod\n');
     assert.ok(Date.now() - t0 < 30_000, 'the second container joins the running VM instead of booting one');
-    assert.equal(processesUnder(path.join(runRoot, 'pod1')).filter((p) => p.includes('qemu')).length, 1, 'one VM for the pod');
+    assert.equal(processesUnder(sandboxDir('pod1')).filter((p) => p.includes('qemu')).length, 1, 'one VM for the pod');
     assert.equal((await c().ctr(['task', 'kill', '-s', 'SIGKILL', 'pod1'])).code, 0);
     await until('the pod sandbox to stop', async () => /pod1\s+\d+\s+STOPPED/.test((await c().ctr(['task', 'ls'])).stdout));
     assert.equal((await c().ctr(['task', 'rm', 'pod1'])).code, 0);
     assert.equal((await c().ctr(['container', 'rm', 'pod1'])).code, 0);
-    await until('the pod VM to go', () => processesUnder(path.join(runRoot, 'pod1')).length === 0, 30_000);
+    await until('the pod VM to go', () => processesUnder(sandboxDir('pod1')).length === 0, 30_000);
   });
 
   it('refuses a hypervisor annotation the configuration does not enable, and starts no VM', async () => {
     const r = await c().run('evil', ['true'], { runtime: RUNTIME, flags: ['--annotation', 'io.katacontainers.config.hypervisor.path=/tmp/evil-qemu'] });
     assert.notEqual(r.code, 0);
     assert.match(r.stderr, /io\.katacontainers\.config\.hypervisor\.path.*KATA_ERR_ANNOTATION/s, why(r));
-    assert.equal(existsSync(path.join(runRoot, 'evil')), false);
+    assert.equal(existsSync(sandboxDir('evil')), false);
     await c().ctr(['container', 'rm', 'evil']);
   });
 
@@ -213,7 +215,8 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       assert.equal(r.stdout, `cycle ${i}\n`, why(r));
     }
     assert.deepEqual(processesUnder(runRoot), []);
-    assert.deepEqual(existsSync(runRoot) ? readdirSync(runRoot) : [], []);
+    const nsRoot = path.join(runRoot, c().namespace);
+    assert.deepEqual(existsSync(nsRoot) ? readdirSync(nsRoot) : [], []);
     const left = await c().stop();
     assert.deepEqual(left, NO_LEFTOVERS);
    });

@@ -4,7 +4,7 @@
  * times; bad invocations get a coded message. No VM is booted here (containerd tests do that).
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -101,7 +101,7 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
         /io\.katacontainers\.config\.hypervisor\.default_memory/.test(e.message) &&
         /KATA_ERR_ANNOTATION/.test(e.message),
     );
-    assert.equal(existsSync(path.join(tmp.path, 'run', 'c2')), false, 'no sandbox run directory was made');
+    assert.equal(existsSync(path.join(tmp.path, 'run', 'testns', 'c2')), false, 'no sandbox run directory was made');
     await task.Shutdown({ id: 'c2' });
     await client.closed;
   });
@@ -120,6 +120,27 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
       const res = DeleteResponse.decode(r.stdout);
       assert.equal(res.exitStatus, 137);
       assert.ok(res.exitedAt && res.exitedAt.seconds > 0n);
+    }
+  });
+
+  it("delete kills what a dead shim left of its own sandbox, and nothing of another namespace's", async () => {
+    // Stand-ins for a VM left behind: processes whose command line names a sandbox run directory.
+    const mine = path.join(tmp.path, 'run', 'testns', 'c1');
+    const theirs = path.join(tmp.path, 'run', 'otherns', 'c1');
+    const leftover = (dir: string) => spawn('sh', ['-c', 'sleep 1000', `${dir}/qmp.sock`], { stdio: 'ignore' });
+    const a = leftover(mine);
+    const b = leftover(theirs);
+    tmp.file('run/testns/c1/console.log', 'x');
+    try {
+      const r = shim([...base, 'c1', '-bundle', bundle, 'delete'], { cwd: bundle, env });
+      assert.equal(r.code, 0, r.stderr);
+      await new Promise((res) => setTimeout(res, 200));
+      assert.equal(a.exitCode !== null || a.signalCode !== null, true, 'the leftover of this sandbox was killed');
+      assert.equal(b.exitCode === null && b.signalCode === null, true, "the other namespace's process lives");
+      assert.equal(existsSync(mine), false, 'the run directory is removed');
+    } finally {
+      a.kill('SIGKILL');
+      b.kill('SIGKILL');
     }
   });
 
