@@ -471,7 +471,8 @@ export class TaskService {
       }
       if (errors.length > 0) this.opts.log.warn({ errors: errors.map((e) => toKataError(e).message), container: req.id }, 'container cleanup was incomplete');
     }
-    this.opts.events.publish(TOPICS.delete, TaskDelete, { containerId: req.id, id: p.eventId, pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) });
+    // As containerd's own shims do: TaskDelete is the container's, not an exec's.
+    if (!req.execId) this.opts.events.publish(TOPICS.delete, TaskDelete, { containerId: req.id, id: p.eventId, pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) });
     return { pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) };
   }
 
