@@ -12,7 +12,6 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
 import type { KataError } from '../../core/errors.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { loadValidatedConfig } from '../../core/runtime.js';
@@ -23,6 +22,8 @@ import { clhApiFailure } from '../../plugins/clh/api.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
+import { pidAlive as alive } from '../helpers/wait.js';
+import { text } from 'node:stream/consumers';
 
 export const CLH_STANDIN = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'standins', 'cloud-hypervisor');
 const VIRTIOFSD_STANDIN = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'standins', 'virtiofsd.mjs');
@@ -35,14 +36,6 @@ interface LoggedRequest {
   reply?: unknown;
 }
 
-const collect = (s: Readable): Promise<string> =>
-  new Promise((resolve, reject) => {
-    let out = '';
-    s.setEncoding('utf8');
-    s.on('data', (d: string) => (out += d));
-    s.once('end', () => resolve(out));
-    s.once('error', reject);
-  });
 
 function clhConfig(opts: { kernel: string; initrd?: string; image?: string; extra: string }): string {
   return `[hypervisor.clh]
@@ -76,16 +69,6 @@ function simEnv(vars: Record<string, string>): () => void {
 
 function requests(file: string): LoggedRequest[] {
   return existsSync(file) ? readFileSync(file, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as LoggedRequest) : [];
-}
-
-function alive(pid: number | undefined): boolean {
-  if (pid === undefined) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('Cloud Hypervisor driver against the API simulator @integration', function () {
@@ -142,7 +125,7 @@ describe('Cloud Hypervisor driver against the API simulator @integration', funct
           const [disk] = vm.disks;
           assert.ok(disk, 'the rootfs is hot-plugged');
           pciPaths.push(disk.pciPath);
-          const out = collect(c.stdout);
+          const out = text(c.stdout);
           await c.start();
           c.stdin.end();
           assert.equal(await c.wait(), 0);

@@ -6,14 +6,7 @@
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, SHIM_SOCKET_DIR, startContainerd, type TestContainerd } from '../helpers/containerd.js';
-
-function alive(pid: number): boolean {
-  try {
-    return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'latin1'));
-  } catch {
-    return false;
-  }
-}
+import { pidAlive as alive } from '../helpers/wait.js';
 
 describe('containerd test harness with runc @integration', function () {
   this.timeout(120_000);

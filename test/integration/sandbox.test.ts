@@ -7,7 +7,6 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, cpSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
 import { loadValidatedConfig } from '../../core/runtime.js';
 import { Sandbox, type Container } from '../../core/sandbox.js';
 import type { KataError } from '../../core/errors.js';
@@ -15,15 +14,8 @@ import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
 import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { text } from 'node:stream/consumers';
 
-const collect = (s: Readable): Promise<string> =>
-  new Promise((resolve, reject) => {
-    let out = '';
-    s.setEncoding('utf8');
-    s.on('data', (d: string) => (out += d));
-    s.once('end', () => resolve(out));
-    s.once('error', reject);
-  });
 
 function config(image: GuestImage, extra: string): string {
   return `[hypervisor.qemu]
@@ -82,8 +74,8 @@ describe('sandbox lifecycle @integration', function () {
 
     async function runIn(id: string, args: string[], input?: string): Promise<{ status: number; stdout: string; stderr: string; c: Container }> {
       const c = await sandbox.createContainer({ id, rootfs: { kind: 'block', path: freshImage(id), fstype: 'ext4' }, process: { args } });
-      const out = collect(c.stdout);
-      const err = collect(c.stderr);
+      const out = text(c.stdout);
+      const err = text(c.stderr);
       await c.start();
       c.stdin.end(input);
       const status = await c.wait();
@@ -137,7 +129,7 @@ describe('sandbox lifecycle @integration', function () {
     it('runs two containers side by side and execs into a running one', async () => {
       const a = await sandbox.createContainer({ id: 'two-a', rootfs: { kind: 'block', path: freshImage('two-a'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
       const b = await sandbox.createContainer({ id: 'two-b', rootfs: { kind: 'block', path: freshImage('two-b'), fstype: 'ext4' }, process: { args: ['sh', '-c', 'echo b is here'] } });
-      const bOut = collect(b.stdout);
+      const bOut = text(b.stdout);
       await a.start();
       a.stdin.end();
       await b.start();
@@ -145,7 +137,7 @@ describe('sandbox lifecycle @integration', function () {
       assert.equal(await b.wait(), 0);
       assert.equal(await bOut, 'b is here\n');
       const e = await a.exec({ args: ['sh', '-c', 'echo exec says $((6*7)); exit 5'] });
-      const eOut = collect(e.stdout);
+      const eOut = text(e.stdout);
       e.stdin.end();
       assert.equal(await e.wait(), 5);
       assert.equal(await eOut, 'exec says 42\n');
@@ -191,7 +183,7 @@ describe('sandbox lifecycle @integration', function () {
     it('runs a container whose rootfs directory is shared, and sees its files', async () => {
       cpSync(path.join(PACKAGE_ROOT, 'package.json'), path.join(rootfsDir, 'marker.json'));
       const c = await sandbox.createContainer({ id: 'shared', rootfs: { kind: 'dir', path: rootfsDir }, process: { args: ['sh', '-c', 'grep -c kata-ts /marker.json; echo written > /from-guest'] } });
-      const out = collect(c.stdout);
+      const out = text(c.stdout);
       await c.start();
       c.stdin.end();
       assert.equal(await c.wait(), 0);

@@ -16,6 +16,7 @@ import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
+import { until as untilFast } from '../helpers/wait.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
 const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
@@ -36,13 +37,8 @@ function processesUnder(dir: string): string[] {
   return found;
 }
 
-async function until(what: string, ok: () => boolean | Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!(await ok())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+/** Polls every 200 ms (probes here run ctr or scan /proc), for up to a minute unless told. */
+const until = (what: string, ok: () => boolean | Promise<boolean>, timeoutMs = 60_000) => untilFast(what, ok, timeoutMs, 200);
 
 describe('containerd-shim-kata-v2 with the real containerd @integration', function () {
   this.timeout(180_000);

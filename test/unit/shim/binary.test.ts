@@ -12,6 +12,7 @@ import { DIST_ROOT } from '../../../core/paths.js';
 import { DeleteResponse, Task } from '../../../core/shim/proto.gen.js';
 import { GrpcCode, TtrpcClient, TtrpcError } from '../../../core/ttrpc/index.js';
 import { TempDir } from '../../helpers/tmp.js';
+import { pidAlive } from '../../helpers/wait.js';
 
 const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 
@@ -24,15 +25,6 @@ async function connect(sock: string): Promise<TtrpcClient> {
   const s = net.connect(sock);
   await new Promise<void>((resolve, reject) => s.once('connect', resolve).once('error', reject));
   return new TtrpcClient(s, { defaultTimeoutMs: 10_000 });
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('containerd-shim-kata-v2 start/delete protocol', function () {

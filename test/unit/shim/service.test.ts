@@ -39,6 +39,7 @@ import { TaskService } from '../../../core/shim/service.js';
 import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type MessageInit, type ServiceClient } from '../../../core/ttrpc/index.js';
 import { FakeSandboxFactory, type FakeContainer, type FakeSandbox, type FakeSandboxOptions } from '../../helpers/fake-sandbox.js';
 import { TempDir } from '../../helpers/tmp.js';
+import { until, within } from '../../helpers/wait.js';
 
 const SIGKILL = 9;
 const SIGTERM = 15;
@@ -48,29 +49,6 @@ const POD_ANNOTATIONS = (type: 'sandbox' | 'container', pod: string) => ({ 'io.k
 
 // ---------------------------------------------------------------------------------------------
 // Small waiting helpers: poll with a deadline, never sleep longer than needed.
-
-async function until<T>(what: string, probe: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 3_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new assert.AssertionError({ message: `timed out after ${timeoutMs} ms waiting for ${what}` });
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-/** The promise's value, or an assertion failure naming what did not happen in time. */
-async function within<T>(p: Promise<T>, what: string, timeoutMs = 3_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new assert.AssertionError({ message: `${what} did not settle within ${timeoutMs} ms` })), timeoutMs);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Lets pending I/O callbacks and timers of the current moment run (for asserting that something did NOT happen). */
 async function settle(ms = 30): Promise<void> {

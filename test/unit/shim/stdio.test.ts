@@ -11,28 +11,7 @@ import { PassThrough, type Readable, type Writable } from 'node:stream';
 import { KataError } from '../../../core/errors.js';
 import { TaskIo, openInput, openOutput } from '../../../core/shim/stdio.js';
 import { TempDir } from '../../helpers/tmp.js';
-
-async function until<T>(what: string, probe: () => T | undefined | false, timeoutMs = 3_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = probe();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new assert.AssertionError({ message: `timed out after ${timeoutMs} ms waiting for ${what}` });
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-async function within<T>(p: Promise<T>, what: string, timeoutMs = 3_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new assert.AssertionError({ message: `${what} did not settle within ${timeoutMs} ms` })), timeoutMs);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+import { until, within } from '../../helpers/wait.js';
 
 /** Ends a writable and waits until it has flushed and released its file. */
 async function finish(w: Writable): Promise<void> {
