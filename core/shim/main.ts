@@ -218,8 +218,9 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
     tell(`cannot serve on ${sock}: ${(e as Error).message}`);
     return 1;
   }
-  log.info({ socket: sock, version: runtimeVersion(), ttrpc: io.env.TTRPC_ADDRESS }, 'shim serving');
+  // `start` (and containerd behind it) waits for this line; logging (pino loads on the first line) comes after.
   tell(READY_LINE);
+  log.info({ socket: sock, version: runtimeVersion(), ttrpc: io.env.TTRPC_ADDRESS }, 'shim serving');
   return new Promise<number>(() => undefined);
 }
 
