@@ -36,12 +36,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { chooseAccelerator, detectHost } from '../../core/host.js';
-import { PACKAGE_ROOT } from '../../core/paths.js';
 import { QmpClient } from '../../plugins/qemu/qmp.js';
-import { CLH_OPENAPI, compileComponent, referenceFile, type OpenApiValidator } from './openapi.js';
-
-/** The pinned subset of the spec, used when ../shared/reference is absent. */
-export const CLH_API_SUBSET = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'clh-api-subset.json');
+import { CLH_API_SUBSET, CLH_OPENAPI, compileComponent, referenceFile, type OpenApiValidator } from './openapi.js';
 
 export const SIM_VERSION = '53.0.0';
 

@@ -17,6 +17,9 @@ export const REFERENCE_DIR = path.resolve(PACKAGE_ROOT, '..', 'shared', 'referen
 export const CLH_OPENAPI = path.join(REFERENCE_DIR, 'cloud-hypervisor.yaml');
 
 /** The path of a reference file, or undefined when it is absent (the caller skips). */
+/** The pinned subset of the Cloud Hypervisor spec the simulator falls back to when ../shared is absent. */
+export const CLH_API_SUBSET = path.join(PACKAGE_ROOT, 'test', 'fixtures', 'clh-api-subset.json');
+
 export function referenceFile(file: string): string | undefined {
   return existsSync(file) ? file : undefined;
 }
