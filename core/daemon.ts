@@ -3,7 +3,8 @@
  * needs): started, ready when its socket appears, its stderr kept and logged, its exit observed,
  * stopped with SIGTERM then SIGKILL. Plugins use it from their lifecycle hooks.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { spawnTied } from './child.js';
 import { rm, stat } from 'node:fs/promises';
 import { KataError } from './errors.js';
 import { LineRing } from './line-ring.js';
@@ -45,7 +46,7 @@ export class Daemon {
 
   private constructor(opts: DaemonOptions) {
     this.#opts = opts;
-    this.#child = spawn(opts.binary, [...opts.args], { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.#child = spawnTied(opts.binary, opts.args, { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] });
     this.#child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
       for (const line of this.#stderr.push(chunk)) opts.log.debug({ daemon: opts.name }, line);
     });

@@ -14,7 +14,7 @@
  * short wait; then the files the VMM and the driver created in the run directory are removed.
  * An exit nobody asked for is reported in `exited` with a KATA_ERR_VM_EXITED error.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -32,6 +32,7 @@ import {
   type VmContext,
   type VmExit,
   type VmHandle,
+  spawnTied,
 } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 
@@ -238,7 +239,8 @@ export class ClhVm implements VmHandle {
   async #spawn(): Promise<void> {
     const args = [...this.#spec.args, '--api-socket', `path=${this.#api.socketPath}`];
     this.#log.debug({ binary: this.#spec.binary, args }, 'spawning Cloud Hypervisor');
-    const child = spawn(this.#spec.binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Tied to this process: a runtime that dies takes its VMM with it.
+    const child = spawnTied(this.#spec.binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'pipe', 'pipe'] });
     this.#child = child;
     child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
       for (const line of this.#stderr.push(chunk)) this.#log.warn({ pid: child.pid, stderr: line }, 'Cloud Hypervisor stderr');

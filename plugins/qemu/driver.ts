@@ -11,7 +11,7 @@
  * core removes the directory). An exit nobody asked for is logged as an error and reported in
  * `exited` with `expected: false` and a KATA_ERR_VM_EXITED error carrying the stderr tail.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdir, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -32,6 +32,7 @@ import {
   type VmContext,
   type VmExit,
   type VmHandle,
+  spawnTied,
 } from '../../core/plugin-api.js';
 import { renderQemuArgv, substituteTokens } from './argv.js';
 import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
@@ -213,7 +214,8 @@ export class QemuVm implements VmHandle {
   async #spawn(argv: string[]): Promise<void> {
     const [binary, ...args] = argv as [string, ...string[]];
     this.#log.debug({ argv }, 'spawning QEMU');
-    const child = spawn(binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'ignore', 'pipe'] });
+    // Tied to this process: a runtime that dies takes its VM with it.
+    const child = spawnTied(binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'ignore', 'pipe'] });
     this.#child = child;
     this.timeline.spawned = performance.now();
     child.stderr?.setEncoding('utf8');

@@ -4,13 +4,14 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, readdirSync } from 'node:fs';
+import { copyFileSync, existsSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { qemuBinary, qemuLeftBehind, qemuProcessesMentioning } from '../helpers/qemu.js';
 import { STACK_FRAME } from '../helpers/cli.js';
 import { TempDir } from '../helpers/tmp.js';
+import { until } from '../helpers/wait.js';
 
 const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
 
@@ -83,6 +84,17 @@ describe('kata-runtime run @integration', function () {
     assert.doesNotMatch(stderr, STACK_FRAME);
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
     assert.deepEqual(existsSync(runRoot()) ? readdirSync(runRoot()) : [], []);
+  });
+
+  it('takes its VM down with it when it is SIGKILLed (no chance to clean up)', async () => {
+    const child = spawn(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: env(), stdio: ['ignore', 'pipe', 'ignore'] });
+    await new Promise<void>((resolve) => child.stdout.on('data', (d: Buffer) => d.toString().includes('started') && resolve()));
+    assert.notDeepEqual(qemuProcessesMentioning(runRoot()), [], 'the VM runs while the container does');
+    child.kill('SIGKILL');
+    await new Promise((resolve) => child.once('exit', resolve));
+    await until('QEMU to die with the runtime', () => qemuProcessesMentioning(runRoot()).length === 0, 10_000, 100);
+    // What the runtime could not remove itself (its run directory) a later cleanup can.
+    rmSync(runRoot(), { recursive: true, force: true });
   });
 
   it('gives a coded error, no stack trace, for a missing rootfs', () => {
