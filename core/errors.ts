@@ -178,9 +178,17 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The connection to the guest agent closed while requests were pending (the agent or the VM died).',
     fix: 'Read the guest console and hypervisor logs; the sandbox must be recreated.',
   },
+  KATA_ERR_AGENT_ADDRESS: {
+    meaning: 'The agent address is malformed or has an unknown scheme (the forms are unix:///path, hvsock:///path:port and vsock://cid:port).',
+    fix: 'Correct the address the hypervisor plugin planned for the agent; a third-party plugin must use one of the three forms.',
+  },
   KATA_ERR_VSOCK_UNSUPPORTED: {
-    meaning: 'The agent address is AF_VSOCK, which this runtime cannot open yet (Node.js has no vsock sockets).',
-    fix: 'Use QEMU with its virtio-serial agent channel, or Cloud Hypervisor (hybrid vsock over a unix socket).',
+    meaning: 'The agent address is AF_VSOCK but the host kernel has no vsock support (socket() fails with "Address family not supported by protocol").',
+    fix: 'Load the host vsock modules (`modprobe vhost_vsock`), or use an agent channel without vhost-vsock: QEMU with virtio-serial, or Cloud Hypervisor (hybrid vsock).',
+  },
+  KATA_ERR_VSOCK_SOCAT: {
+    meaning: 'The agent address is AF_VSOCK, which the runtime opens through socat (Node.js has no vsock sockets), and socat is not on PATH or is older than 1.7.4 (no VSOCK-CONNECT).',
+    fix: 'Install socat 1.7.4 or later: `apt-get install socat` (Debian 12 ships 1.7.4.4).',
   },
   KATA_ERR_GUEST_IMAGE: {
     meaning: 'The guest image (kernel and initramfs) could not be built or is missing.',
@@ -189,6 +197,10 @@ export const ERROR_CODES = Object.freeze({
   KATA_ERR_ROOTFS: {
     meaning: "A container's rootfs cannot reach the guest with this configuration (e.g. a directory rootfs in a confidential sandbox, which has no shared filesystem).",
     fix: 'Give the container a block-device rootfs (containerd devmapper snapshotter, or `kata-runtime run --rootfs <image or device>`), or enable a shared filesystem.',
+  },
+  KATA_ERR_VOLUME: {
+    meaning: "A container's bind mount (a volume: Kubernetes volumes, /etc/hosts, `ctr run --mount type=bind`) cannot reach the guest: its source is missing, or the sandbox has no shared filesystem (a confidential sandbox has none by design).",
+    fix: 'Check that the mount source exists on the host; for a confidential sandbox, put the data in the image instead of a host volume.',
   },
   KATA_ERR_SANDBOX: {
     meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',

@@ -7,8 +7,12 @@ export type AgentErrorKind =
   | 'unreachable'
   /** The hybrid-vsock socket answered CONNECT with something other than `OK <port>`. */
   | 'handshake'
-  /** This host or Node.js cannot open the requested transport (AF_VSOCK). */
+  /** The agent address is malformed or has an unknown scheme. */
+  | 'address'
+  /** The host kernel cannot open AF_VSOCK sockets (socat's socket() fails with EAFNOSUPPORT). */
   | 'transport-unsupported'
+  /** socat, which opens AF_VSOCK connections for the runtime, is missing or too old. */
+  | 'socat-missing'
   /** The agent answered a call with an error status, or did not answer before the call's deadline. */
   | 'call'
   /** The connection closed while the call was pending, or before it was made. */
@@ -18,7 +22,9 @@ export type AgentErrorKind =
 export const AGENT_ERROR_CODES: Readonly<Record<AgentErrorKind, ErrorCode>> = Object.freeze({
   unreachable: 'KATA_ERR_AGENT_UNREACHABLE',
   handshake: 'KATA_ERR_AGENT_HANDSHAKE',
+  address: 'KATA_ERR_AGENT_ADDRESS',
   'transport-unsupported': 'KATA_ERR_VSOCK_UNSUPPORTED',
+  'socat-missing': 'KATA_ERR_VSOCK_SOCAT',
   call: 'KATA_ERR_AGENT_CALL',
   closed: 'KATA_ERR_AGENT_CLOSED',
 });
@@ -60,5 +66,21 @@ export class AgentError extends KataError {
     if (this.grpcCode !== undefined) out.grpcCode = this.grpcCodeName;
     if (this.address !== undefined) out.address = this.address;
     return out;
+  }
+}
+
+/**
+ * One dial attempt failed in a way a later attempt may not repeat: nothing listens yet, or the
+ * attempt ran out of time. Internal to the transports; the dial loop turns the last one into an
+ * `unreachable` AgentError at the deadline.
+ */
+export class RetryableDialError extends Error {
+  constructor(
+    message: string,
+    /** The attempt ran out of time, which says less about the cause than any other failure. */
+    readonly timedOut = false,
+  ) {
+    super(message);
+    this.name = 'RetryableDialError';
   }
 }

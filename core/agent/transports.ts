@@ -8,14 +8,16 @@
  * - `hvsock`: Cloud Hypervisor's and Firecracker's hybrid vsock: a unix socket served by the VMM;
  *   the client writes `CONNECT <port>\n` and gets `OK <host port>\n` once something in the guest
  *   listens on that port (before that the VMM closes the connection), then speaks ttrpc.
- * - `vsock`: AF_VSOCK to a guest CID, for QEMU with vhost-vsock. Node.js has no AF_VSOCK sockets
- *   and npm has no maintained addon, so it is refused with a coded error.
+ * - `vsock`: AF_VSOCK to a guest CID, as Kata uses with QEMU + vhost-vsock. Node.js has no AF_VSOCK
+ *   sockets and npm has no maintained addon, so the connection is socat's (`vsock.ts`): ttrpc runs
+ *   over its stdin and stdout.
  *
- * Both socket kinds are dialled again and again while the guest boots, until a deadline.
+ * Every kind is dialled again and again while the guest boots, until a deadline.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { AgentError } from './errors.js';
+import { AgentError, RetryableDialError } from './errors.js';
+import { connectVsock, findSocat } from './vsock.js';
 
 /** kata-agent's ttrpc port on vsock (and hybrid vsock). */
 export const AGENT_VSOCK_PORT = 1024;
@@ -33,13 +35,19 @@ export interface DialOptions {
   /** Longest wait for the hybrid-vsock `OK` line in one attempt (Kata: 10 s); capped by the deadline. */
   handshakeTimeoutMs?: number;
   signal?: AbortSignal;
+  /**
+   * @internal Tests only: the socat address a `vsock` dial connects to instead of
+   * `VSOCK-CONNECT:<cid>:<port>` (e.g. `UNIX-CONNECT:/path`), to exercise the socat plumbing on a
+   * host without vhost-vsock. Not a configuration key, not an environment variable.
+   */
+  testOnlySocatAddress?: string;
 }
 
 /** `unix:///p`, `hvsock:///p:1024` (Kata's hybrid-vsock address form), `vsock://3:1024`. */
 export function parseAgentAddress(address: string): AgentAddress {
   const m = /^([a-z]+):\/\/(.*)$/.exec(address);
   const bad = (why: string): AgentError =>
-    new AgentError('transport-unsupported', `agent address ${JSON.stringify(address)}: ${why}`, {
+    new AgentError('address', `agent address ${JSON.stringify(address)}: ${why}`, {
       address,
       fix: 'Use unix:///path, hvsock:///path:port or vsock://cid:port.',
     });
@@ -83,29 +91,15 @@ export function formatAgentAddress(a: AgentAddress): string {
 /** Errors that mean "not there yet": the VMM or the guest agent may still be starting. */
 const RETRYABLE = new Set(['ENOENT', 'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'EAGAIN']);
 
-class Retryable extends Error {
-  constructor(
-    message: string,
-    /** The attempt ran out of time, which says less about the cause than any other failure. */
-    readonly timedOut = false,
-  ) {
-    super(message);
-  }
-}
-
 /**
  * Opens a byte stream to the agent, retrying while the VM boots. Rejects with an AgentError:
  * `unreachable` at the deadline (with the last failure), `handshake` at once on a reply to CONNECT
- * that is not `OK`, `transport-unsupported` for vsock.
+ * that is not `OK`; for vsock, `socat-missing` without a usable socat and `transport-unsupported`
+ * when the host kernel has no AF_VSOCK.
  */
 export async function dialAgent(address: AgentAddress, opts: DialOptions = {}): Promise<Duplex> {
   const where = formatAgentAddress(address);
-  if (address.kind === 'vsock') {
-    throw new AgentError('transport-unsupported', `cannot dial ${where}: Node.js has no AF_VSOCK sockets and no vsock addon is installed`, {
-      address: where,
-      fix: 'Use a hypervisor configuration whose agent channel works without vhost-vsock: QEMU with virtio-serial, or Cloud Hypervisor (hybrid vsock).',
-    });
-  }
+  const socat = address.kind === 'vsock' ? findSocat(where) : undefined;
   const deadlineMs = opts.deadlineMs ?? 30_000;
   const start = Date.now();
   const interval = opts.retryIntervalMs ?? 20;
@@ -117,6 +111,9 @@ export async function dialAgent(address: AgentAddress, opts: DialOptions = {}): 
     const left = deadlineMs - (Date.now() - start);
     attempts++;
     try {
+      if (address.kind === 'vsock') {
+        return await connectVsock(socat!, { cid: address.cid, port: address.port, where, socatAddress: opts.testOnlySocatAddress }, left, opts.signal);
+      }
       const sock = await connectUnix(address.path, left, opts.signal);
       if (address.kind === 'unix') return sock;
       const remaining = deadlineMs - (Date.now() - start);
@@ -125,11 +122,11 @@ export async function dialAgent(address: AgentAddress, opts: DialOptions = {}): 
     } catch (e) {
       if (opts.signal?.aborted) throw opts.signal.reason;
       if (e instanceof AgentError) throw e;
-      if (!(e instanceof Retryable) && !RETRYABLE.has((e as NodeJS.ErrnoException).code ?? '')) {
+      if (!(e instanceof RetryableDialError) && !RETRYABLE.has((e as NodeJS.ErrnoException).code ?? '')) {
         throw new AgentError('unreachable', `cannot connect to the agent at ${where}: ${(e as Error).message}`, { address: where, cause: e });
       }
       // The last attempt is often cut short by the deadline; an earlier, real cause says more.
-      if (!(e instanceof Retryable && e.timedOut) || last === undefined) last = e;
+      if (!(e instanceof RetryableDialError && e.timedOut) || last === undefined) last = e;
     }
     const remaining = deadlineMs - (Date.now() - start);
     if (remaining <= 0) break;
@@ -139,14 +136,17 @@ export async function dialAgent(address: AgentAddress, opts: DialOptions = {}): 
   throw new AgentError('unreachable', `the agent at ${where} did not answer within ${deadlineMs} ms (${attempts} attempts; last: ${(last as Error).message})`, {
     address: where,
     cause: last,
-    fix: 'Check that the VM booted and its agent started (the guest console log shows both); on a slow host (TCG) allow a longer dial timeout.',
+    fix:
+      address.kind === 'vsock'
+        ? `Check that the VM booted with a vhost-vsock device whose guest CID is ${address.cid} and that its agent listens on vsock port ${address.port} (the guest console log shows both); on a slow host (TCG) allow a longer dial timeout.`
+        : 'Check that the VM booted and its agent started (the guest console log shows both); on a slow host (TCG) allow a longer dial timeout.',
   });
 }
 
 function connectUnix(path: string, timeoutMs: number, signal: AbortSignal | undefined): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const sock = net.connect(path);
-    const timer = setTimeout(() => fail(new Retryable(`connect to ${path} timed out`, true)), Math.max(1, timeoutMs));
+    const timer = setTimeout(() => fail(new RetryableDialError(`connect to ${path} timed out`, true)), Math.max(1, timeoutMs));
     const onAbort = (): void => fail(signal!.reason as Error);
     const cleanup = (): void => {
       clearTimeout(timer);
@@ -179,7 +179,7 @@ const MAX_REPLY = 64;
 function hybridHandshake(sock: net.Socket, port: number, timeoutMs: number, where: string): Promise<void> {
   return new Promise((resolve, reject) => {
     let buf = Buffer.alloc(0);
-    const timer = setTimeout(() => done(new Retryable(`no reply to CONNECT ${port} within ${timeoutMs} ms`, true)), timeoutMs);
+    const timer = setTimeout(() => done(new RetryableDialError(`no reply to CONNECT ${port} within ${timeoutMs} ms`, true)), timeoutMs);
     const cleanup = (): void => {
       clearTimeout(timer);
       sock.off('data', onData);
@@ -214,7 +214,7 @@ function hybridHandshake(sock: net.Socket, port: number, timeoutMs: number, wher
         address: where,
         fix: 'Check that the path is the VM\'s vsock socket (Cloud Hypervisor: the vsock device\'s socket; Firecracker: its uds_path) and that the agent listens on this port.',
       });
-    const onEnd = (): void => done(new Retryable(`the hybrid-vsock socket closed without answering CONNECT ${port} (nothing listens on the port yet)`));
+    const onEnd = (): void => done(new RetryableDialError(`the hybrid-vsock socket closed without answering CONNECT ${port} (nothing listens on the port yet)`));
     const onError = (err: Error): void => done(err);
     sock.on('data', onData);
     sock.once('end', onEnd);
