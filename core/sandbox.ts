@@ -11,7 +11,7 @@
  * when no plugin answers, a directory rootfs is shared through the shared filesystem here.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
@@ -36,11 +36,24 @@ export interface ProcessSpec {
   readonly gid?: number;
 }
 
+/** An OCI mount of the container (destination in the container; source on the host for binds). */
+export interface MountSpec {
+  readonly destination: string;
+  readonly type: string;
+  readonly source: string;
+  readonly options: readonly string[];
+}
+
 export interface ContainerSpec {
   readonly id: string;
   readonly rootfs: RootfsSource;
   readonly process: ProcessSpec;
   readonly hostname?: string;
+  /**
+   * The OCI spec's mounts, all of them (absent: the agent mounts containerd's defaults). Bind
+   * mounts of host paths (volumes) are shared with the guest through the shared filesystem.
+   */
+  readonly mounts?: readonly MountSpec[];
 }
 
 export interface SandboxOptions extends LaunchOptions {
@@ -126,6 +139,7 @@ export class Container extends GuestProcess {
     agent: AgentClient,
     readonly id: string,
     private readonly attachment: RootfsAttachment,
+    private readonly volumes: SharedVolumes,
   ) {
     super(agent, id, id);
   }
@@ -147,6 +161,8 @@ export class Container extends GuestProcess {
     this.sandbox.forget(this.id);
     const errors: unknown[] = [];
     await this.sandbox.agent.removeContainer({ containerId: this.id, timeout: 10 }).catch((e: unknown) => errors.push(e));
+    // Volumes first: they live inside the directory the rootfs share removes.
+    await this.volumes.detach().catch((e: unknown) => errors.push(e));
     await this.attachment.detach().catch((e: unknown) => errors.push(e));
     if (errors.length > 0) throw toKataError(errors[0]);
   }
@@ -221,7 +237,9 @@ export class Sandbox {
     if (this.#containers.has(spec.id)) throw new KataError('KATA_ERR_SANDBOX', `container "${spec.id}" already exists in sandbox ${this.id}`);
     const ctx: ContainerContext = Object.freeze({ sandbox: this.running.ctx, vm: this.running.vm, containerId: spec.id, rootfs: spec.rootfs });
     const attachment = (await this.validated.hooks.attachRootfs.promise(ctx)) ?? (await this.#shareRootfs(ctx));
+    let volumes: SharedVolumes = NO_VOLUMES;
     try {
+      volumes = await this.#shareVolumes(ctx, spec.mounts);
       await this.agent.createContainer({
         containerId: spec.id,
         execId: spec.id,
@@ -231,14 +249,16 @@ export class Sandbox {
           Hostname: spec.hostname ?? '',
           Root: { Path: attachment.guestPath, Readonly: false },
           Process: ociProcess(spec.process),
+          Mounts: volumes.mounts.map((m) => ({ ...m, options: [...m.options] })),
           Linux: { Namespaces: [{ Type: 'mount' }, { Type: 'pid' }, { Type: 'uts' }] },
         },
       });
     } catch (e) {
+      await volumes.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the volumes of a container that failed'));
       await attachment.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the rootfs of a container that failed'));
       throw toKataError(e);
     }
-    const c = new Container(this, this.agent, spec.id, attachment);
+    const c = new Container(this, this.agent, spec.id, attachment, volumes);
     this.#containers.set(spec.id, c);
     return c;
   }
@@ -254,6 +274,58 @@ export class Sandbox {
       return this.running.stop();
     })();
     return this.#stopping;
+  }
+
+  /**
+   * Volumes: each bind mount of a host path is bind-mounted into the shared directory
+   * (`<shared>/<container>/volumes/<n>`, read-only on the host too when the mount is `ro`) and the
+   * guest mounts it from there; every other mount goes to the agent as it is.
+   */
+  async #shareVolumes(ctx: ContainerContext, mounts: readonly MountSpec[] | undefined): Promise<SharedVolumes> {
+    if (!mounts) return NO_VOLUMES;
+    const binds = mounts.filter(isBindMount);
+    if (binds.length === 0) return { mounts, detach: async () => undefined };
+    const { plan } = this.validated;
+    if (!plan.sharedFsMount) {
+      throw new KataError('KATA_ERR_VOLUME', `container ${ctx.containerId} has bind mounts (${binds.map((m) => m.destination).join(', ')}) but the sandbox has no shared filesystem (shared_fs is "${plan.sharedFs}")`, {
+        fix: plan.confidential ? 'a confidential sandbox shares nothing with the host: put the data in the image' : 'enable a shared filesystem (shared_fs), or drop the bind mounts',
+      });
+    }
+    const hostDir = path.join(fillSandboxDir(SANDBOX_SHARED_DIR, ctx.sandbox.runDir), ctx.containerId, 'volumes');
+    const mounted: string[] = [];
+    const detach = async () => {
+      const errors: unknown[] = [];
+      for (const t of mounted.reverse()) await unmountOrDetach(t).catch((e: unknown) => errors.push(e));
+      if (errors.length > 0) throw toKataError(errors[0], 'KATA_ERR_VOLUME');
+      await removeUnlessMounted(hostDir);
+    };
+    const out: MountSpec[] = [];
+    try {
+      for (const m of mounts) {
+        if (!isBindMount(m)) {
+          out.push(m);
+          continue;
+        }
+        const st = await stat(m.source).catch(() => undefined);
+        if (!st) throw new KataError('KATA_ERR_VOLUME', `the source ${m.source} of the bind mount on ${m.destination} does not exist on the host`);
+        const target = path.join(hostDir, String(out.length));
+        await mkdir(hostDir, { recursive: true });
+        if (st.isDirectory()) await mkdir(target);
+        else await writeFile(target, '');
+        const recursive = m.options.includes('rbind');
+        await run('mount', [recursive ? '--rbind' : '--bind', m.source, target]).catch((e: { stderr?: string }) => {
+          throw new KataError('KATA_ERR_VOLUME', `cannot share ${m.source} (bind mount on ${m.destination}) with the guest: ${e.stderr?.trim() ?? String(e)}`);
+        });
+        mounted.push(target);
+        if (m.options.includes('ro')) await run('mount', ['-o', 'remount,bind,ro', target]);
+        out.push({ ...m, source: `${GUEST_SHARED_DIR}/${ctx.containerId}/volumes/${path.basename(target)}` });
+      }
+    } catch (e) {
+      await detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the volumes shared so far'));
+      throw e;
+    }
+    this.log.info({ container: ctx.containerId, volumes: binds.map((m) => `${m.source}:${m.destination}`) }, 'volumes shared with the guest');
+    return { mounts: out, detach };
   }
 
   /**
@@ -288,11 +360,44 @@ export class Sandbox {
       storages: [],
       guestPath: `${GUEST_SHARED_DIR}/${ctx.containerId}/rootfs`,
       detach: async () => {
-        await run('umount', [hostDir]).catch(() => run('umount', ['-l', hostDir]));
-        await rm(path.dirname(hostDir), { recursive: true, force: true });
+        await unmountOrDetach(hostDir);
+        await removeUnlessMounted(path.dirname(hostDir));
       },
     };
   }
+}
+
+interface SharedVolumes {
+  /** The mounts as the guest sees them (bind sources inside the shared directory); absent: the agent's defaults. */
+  readonly mounts: readonly MountSpec[];
+  detach(): Promise<void>;
+}
+
+const NO_VOLUMES: SharedVolumes = Object.freeze({ mounts: [], detach: async () => undefined });
+
+function isBindMount(m: MountSpec): boolean {
+  return m.type === 'bind' || m.options.includes('bind') || m.options.includes('rbind');
+}
+
+/** Whether anything is mounted at or below `dir`, from the kernel's mount table. */
+async function mountsUnder(dir: string): Promise<string[]> {
+  const table = await readFile('/proc/self/mountinfo', 'utf8');
+  return table
+    .split('\n')
+    .map((l) => l.split(' ')[4])
+    .filter((m): m is string => !!m && (m === dir || m.startsWith(`${dir}/`)));
+}
+
+async function unmountOrDetach(target: string): Promise<void> {
+  // A mount still busy (a process holding a file) is detached: gone from the tree at once, freed when released.
+  await run('umount', ['-R', target]).catch(() => run('umount', ['-l', target]));
+}
+
+/** Removes a directory of shares, but never through a mount that is still there (that would delete host data). */
+async function removeUnlessMounted(dir: string): Promise<void> {
+  const left = await mountsUnder(dir);
+  if (left.length > 0) throw new KataError('KATA_ERR_VOLUME', `not removing ${dir}: still mounted there: ${left.join(', ')}`);
+  await rm(dir, { recursive: true, force: true });
 }
 
 function ociProcess(p: ProcessSpec) {

@@ -6,7 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../errors.js';
-import type { ProcessSpec } from '../sandbox.js';
+import type { MountSpec, ProcessSpec } from '../sandbox.js';
 
 /** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
 export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';
@@ -23,8 +23,8 @@ export interface BundleSpec {
   readonly sandboxId: string;
   /** True for a container that joins an existing sandbox rather than creating one. */
   readonly joinsSandbox: boolean;
-  /** Destinations of the spec's bind mounts (volumes): not delivered to the guest (not built). */
-  readonly bindMounts: readonly string[];
+  /** The spec's mounts; bind mounts of host paths are volumes the sandbox shares with the guest. */
+  readonly mounts: readonly MountSpec[];
 }
 
 type Json = Record<string, unknown>;
@@ -90,23 +90,33 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
   for (const [k, v] of Object.entries(obj(spec.annotations) ?? {})) if (typeof v === 'string') annotations[k] = v;
   const type = annotations[CONTAINER_TYPE_ANNOTATION];
   const joinsSandbox = type === 'container' && !!annotations[SANDBOX_ID_ANNOTATION];
-  const bindMounts: string[] = [];
-  for (const m of Array.isArray(spec.mounts) ? spec.mounts : []) {
-    const mount = obj(m);
-    if (!mount || typeof mount.destination !== 'string') continue;
-    const options = Array.isArray(mount.options) ? mount.options : [];
-    if (mount.type === 'bind' || options.includes('bind') || options.includes('rbind')) bindMounts.push(mount.destination);
-  }
   return {
     process,
     terminal,
-    bindMounts,
+    mounts: parseMounts(spec.mounts, file),
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,
     annotations,
     sandboxId: joinsSandbox ? annotations[SANDBOX_ID_ANNOTATION]! : containerId,
     joinsSandbox,
   };
+}
+
+function parseMounts(raw: unknown, where: string): MountSpec[] {
+  if (raw === undefined || raw === null) return [];
+  if (!Array.isArray(raw)) throw specError(where, 'mounts must be an array');
+  return raw.map((m: unknown, i) => {
+    const mount = obj(m);
+    const field = `mounts[${i}]`;
+    if (!mount) throw specError(where, `${field} is not an object`);
+    if (typeof mount.destination !== 'string' || !mount.destination.startsWith('/')) throw specError(where, `${field}.destination must be an absolute path`);
+    const options = strings(mount.options, where, `${field}.options`) ?? [];
+    const type = typeof mount.type === 'string' ? mount.type : '';
+    const source = typeof mount.source === 'string' ? mount.source : '';
+    const isBind = type === 'bind' || options.includes('bind') || options.includes('rbind');
+    if (isBind && !source.startsWith('/')) throw specError(where, `${field}.source must be an absolute host path for a bind mount`);
+    return { destination: mount.destination, type, source, options };
+  });
 }
 
 /** The process of an Exec: JSON of an OCI `process` in the request's Any. */

@@ -257,7 +257,6 @@ export class TaskService {
     const spec = await readBundleSpec(req.bundle, req.id);
     if (req.terminal || spec.terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `container "${req.id}" asks for a terminal (tty), which is not built`, 'run it without -t (ctr) or tty: true (Kubernetes)');
     const log = this.opts.log.child({ container: req.id });
-    if (spec.bindMounts.length > 0) log.warn({ mounts: spec.bindMounts }, 'bind mounts (volumes) are not delivered to the guest yet; the container runs without them');
 
     let startedSandbox = false;
     if (!this.#sandbox) {
@@ -279,7 +278,13 @@ export class TaskService {
     try {
       const rootfs = await prepareRootfs(req.rootfs, path.join(req.bundle, 'rootfs'), spec.rootPath);
       undo.push(() => rootfs.release());
-      const container = await sandbox.createContainer({ id: req.id, rootfs: rootfs.source, process: spec.process, ...(spec.hostname ? { hostname: spec.hostname } : {}) });
+      const container = await sandbox.createContainer({
+        id: req.id,
+        rootfs: rootfs.source,
+        process: spec.process,
+        ...(spec.mounts.length > 0 ? { mounts: spec.mounts } : {}),
+        ...(spec.hostname ? { hostname: spec.hostname } : {}),
+      });
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
       const io = await TaskIo.open(stdio);

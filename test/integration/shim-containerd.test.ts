@@ -10,7 +10,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
@@ -167,6 +167,29 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal((await c().ctr(['task', 'rm', 'pod1'])).code, 0);
     assert.equal((await c().ctr(['container', 'rm', 'pod1'])).code, 0);
     await until('the pod VM to go', () => processesUnder(sandboxDir('pod1')).length === 0, 30_000);
+  });
+
+  it('shares volumes (bind mounts) with the guest: read-only, read-write and a single file', async () => {
+    const ro = path.join(tmp.path, 'vol-ro');
+    const rw = path.join(tmp.path, 'vol-rw');
+    mkdirSync(ro);
+    mkdirSync(rw);
+    writeFileSync(path.join(ro, 'hello.txt'), 'from the host\n');
+    const motd = tmp.file('motd', 'a single file\n');
+    const r = await c().run(
+      'volumes',
+      ['sh', '-c', 'cat /data/hello.txt /etc/motd; echo written > /out/new.txt; if echo x > /data/nope 2>/dev/null; then echo ro-writable; fi'],
+      {
+        runtime: RUNTIME,
+        timeoutMs: 120_000,
+        flags: ['--mount', `type=bind,src=${ro},dst=/data,options=rbind:ro`, '--mount', `type=bind,src=${rw},dst=/out,options=rbind:rw`, '--mount', `type=bind,src=${motd},dst=/etc/motd,options=bind:ro`],
+      },
+    );
+    assert.equal(r.code, 0, why(r));
+    assert.equal(r.stdout, 'from the host\na single file\n', why(r));
+    assert.equal(readFileSync(path.join(rw, 'new.txt'), 'utf8'), 'written\n', 'the write reached the host');
+    assert.equal(existsSync(path.join(ro, 'nope')), false, 'nothing was written through the read-only volume');
+    assert.equal(readFileSync(path.join(ro, 'hello.txt'), 'utf8'), 'from the host\n', 'the volume is intact after the container is gone');
   });
 
   it('refuses a hypervisor annotation the configuration does not enable, and starts no VM', async () => {

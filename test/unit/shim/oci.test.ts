@@ -51,6 +51,18 @@ describe('shim: OCI specs', () => {
     await assert.rejects(readBundleSpec(bundle({ process: { args: ['x'], env: [1] } }), 'c1'), isSpecError(/process.env must be an array of strings/));
   });
 
+  it('reads the mounts, and refuses a bind mount without an absolute host source', async () => {
+    const mounts = [
+      { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid'] },
+      { destination: '/data', type: 'bind', source: '/srv/data', options: ['rbind', 'ro'] },
+    ];
+    assert.deepEqual((await readBundleSpec(bundle({ process: { args: ['x'] }, mounts }), 'c1')).mounts, mounts);
+    assert.deepEqual((await readBundleSpec(bundle({ process: { args: ['x'] } }), 'c1')).mounts, []);
+    await assert.rejects(readBundleSpec(bundle({ process: { args: ['x'] }, mounts: [{ destination: '/d', type: 'bind', source: 'rel', options: [] }] }), 'c1'), isSpecError(/mounts\[0\]\.source must be an absolute host path/));
+    await assert.rejects(readBundleSpec(bundle({ process: { args: ['x'] }, mounts: [{ destination: 'd', type: 'tmpfs' }] }), 'c1'), isSpecError(/mounts\[0\]\.destination must be an absolute path/));
+    await assert.rejects(readBundleSpec(bundle({ process: { args: ['x'] }, mounts: {} }), 'c1'), isSpecError(/mounts must be an array/));
+  });
+
   it('reads an exec process from the JSON in the request', () => {
     const json = new TextEncoder().encode(JSON.stringify({ args: ['ls'], cwd: '/', terminal: true }));
     assert.deepEqual(parseExecSpec(json, 'e1'), { process: { args: ['ls'], cwd: '/' }, terminal: true });
