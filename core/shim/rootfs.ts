@@ -10,6 +10,7 @@
  */
 import { execFile } from 'node:child_process';
 import { readFile, stat } from 'node:fs/promises';
+import path from 'node:path';
 import { promisify } from 'node:util';
 import { KataError } from '../errors.js';
 import type { RootfsSource } from '../vm.js';
@@ -18,6 +19,28 @@ import type { Mount } from './proto.gen.js';
 const run = promisify(execFile);
 
 const BLOCK_FSTYPES = new Set(['ext4', 'ext3', 'ext2', 'xfs']);
+/** The kernel copies at most a page of mount options (NUL included). */
+const MOUNT_DATA_LIMIT = 4096;
+
+/**
+ * Overlay options that fit in the kernel's page of mount data. An image with many layers gives a
+ * `lowerdir=` list longer than that; as containerd does, the layers are then named relative to
+ * their common parent directory and mount(8) runs there. Returns the options unchanged when they
+ * fit or cannot be shortened this way.
+ */
+export function compactOverlayOptions(options: readonly string[]): { options: string[]; cwd?: string } {
+  const joined = options.join(',');
+  const i = options.findIndex((o) => o.startsWith('lowerdir='));
+  if (joined.length < MOUNT_DATA_LIMIT || i < 0) return { options: [...options] };
+  const dirs = options[i]!.slice('lowerdir='.length).split(':');
+  if (dirs.length < 2 || !dirs.every((d) => path.isAbsolute(d))) return { options: [...options] };
+  let common = path.dirname(dirs[0]!);
+  while (common !== '/' && !dirs.every((d) => d.startsWith(`${common}/`))) common = path.dirname(common);
+  if (common === '/') return { options: [...options] };
+  const compacted = [...options];
+  compacted[i] = `lowerdir=${dirs.map((d) => path.relative(common, d)).join(':')}`;
+  return { options: compacted, cwd: common };
+}
 
 export interface PreparedRootfs {
   readonly source: RootfsSource;
@@ -61,9 +84,11 @@ export async function prepareRootfs(mounts: readonly Mount[], target: string, sp
     for (const m of mounts) {
       const options = m.options.filter((o) => o !== '');
       const isBind = m.type === 'bind' || options.includes('bind') || options.includes('rbind');
-      const args = isBind ? ['-o', options.join(',') || 'rbind', m.source, target] : ['-t', m.type, ...(options.length ? ['-o', options.join(',')] : []), m.source, target];
+      const compact = m.type === 'overlay' ? compactOverlayOptions(options) : { options };
+      const opts = compact.options;
+      const args = isBind ? ['-o', opts.join(',') || 'rbind', m.source, target] : ['-t', m.type, ...(opts.length ? ['-o', opts.join(',')] : []), m.source, target];
       try {
-        await run('mount', args);
+        await run('mount', args, compact.cwd ? { cwd: compact.cwd } : {});
       } catch (e) {
         throw new KataError('KATA_ERR_ROOTFS', `cannot mount the container rootfs (${m.type} from ${m.source}) on ${target}: ${(e as { stderr?: string }).stderr?.trim() || (e as Error).message}`, {
           fix: 'check the snapshotter (overlayfs needs the overlay module) and that the shim runs as root',
