@@ -1,10 +1,12 @@
 #!/usr/bin/env node
 // containerd-shim-kata-v2: the containerd runtime v2 shim (core/shim/main.ts).
+import { readFileSync } from 'node:fs';
 import { shimMain } from '../core/shim/main.js';
 
 const code = await shimMain({
   env: process.env,
   argv: process.argv.slice(2),
+  stdin: () => readFileSync(0),
   stdout: (s) => process.stdout.write(s),
   stderr: (s) => process.stderr.write(s),
 });

@@ -6,10 +6,11 @@
  *   containerd-shim-kata-v2 -namespace NS -address A -publish-binary B -id ID -bundle DIR delete
  *   containerd-shim-kata-v2 ... -socket PATH      (the daemon `start` spawns: serve on PATH)
  *   containerd-shim-kata-v2 -v | -version
+ *   containerd-shim-kata-v2 -info              (containerd 2.x: RuntimeInfo protobuf on stdout)
  */
 import { KataError } from '../errors.js';
 
-export type ShimAction = 'start' | 'delete' | 'serve' | 'version';
+export type ShimAction = 'start' | 'delete' | 'serve' | 'version' | 'info';
 
 export interface ShimFlags {
   readonly action: ShimAction;
@@ -26,7 +27,7 @@ export interface ShimFlags {
 }
 
 const STRING_FLAGS = { namespace: 'namespace', address: 'address', 'publish-binary': 'publishBinary', id: 'id', bundle: 'bundle', socket: 'socket' } as const;
-const BOOL_FLAGS = new Set(['debug', 'v', 'version']);
+const BOOL_FLAGS = new Set(['debug', 'v', 'version', 'info']);
 const ACTIONS = new Set(['start', 'delete']);
 
 function usage(message: string): KataError {
@@ -67,7 +68,8 @@ export function parseShimFlags(argv: readonly string[]): ShimFlags {
   if (positional.length > 1) throw usage(`one action at most, got: ${positional.join(' ')}`);
   const verb = positional[0];
   if (verb !== undefined && !ACTIONS.has(verb)) throw usage(`unknown action "${verb}" (expected start or delete)`);
-  if (bools.has('v') || bools.has('version')) return { action: 'version', namespace: '', address: '', publishBinary: '', id: '', bundle: undefined, debug: false, socket: undefined };
+  const commandLike = bools.has('info') ? 'info' : bools.has('v') || bools.has('version') ? 'version' : undefined;
+  if (commandLike) return { action: commandLike, namespace: '', address: '', publishBinary: '', id: '', bundle: undefined, debug: false, socket: undefined };
 
   const action: ShimAction = verb === 'start' ? 'start' : verb === 'delete' ? 'delete' : 'serve';
   if (action === 'serve' && !values.socket) throw usage('no action given: expected start or delete');

@@ -27,10 +27,24 @@ import { DEFAULT_RUN_ROOT } from '../vm-lifecycle.js';
 import { EventPublisher } from './events.js';
 import { parseShimFlags, type ShimFlags } from './flags.js';
 import { readBundleSpec } from './oci.js';
-import { DeleteResponse, Task } from './proto.gen.js';
+import { Any, DeleteResponse, RuntimeInfo, Task } from './proto.gen.js';
 import { isMountPoint, unmount } from './rootfs.js';
 import { TaskService } from './service.js';
 import { timestamp } from './time.js';
+
+/** The runtime type containerd knows this shim by. */
+export const RUNTIME_NAME = 'io.containerd.kata.v2';
+
+/** The runtime options containerd wrote to stdin (a protobuf Any), echoed back by -info; anything else is ignored. */
+function runtimeOptions(bytes: Uint8Array | undefined): { options?: Any } {
+  if (!bytes || bytes.length === 0) return {};
+  try {
+    const options = Any.decode(bytes);
+    return options.type_url ? { options } : {};
+  } catch {
+    return {};
+  }
+}
 
 /** Where shim sockets live: containerd's own convention, whatever its state directory. */
 export const SOCKET_DIR = '/run/containerd/s';
@@ -41,6 +55,8 @@ const START_TIMEOUT_MS = 20_000;
 
 export interface ShimEnv {
   readonly env: NodeJS.ProcessEnv;
+  /** Everything on stdin (read only by -info). */
+  readonly stdin?: () => Uint8Array;
   readonly argv: readonly string[];
   readonly stdout: (s: string | Uint8Array) => void;
   readonly stderr: (s: string) => void;
@@ -81,6 +97,10 @@ export async function shimMain(io: ShimEnv): Promise<number> {
   }
   if (flags.action === 'version') {
     io.stdout(`containerd-shim-kata-v2 (kata-ts) ${runtimeVersion()}\n`);
+    return 0;
+  }
+  if (flags.action === 'info') {
+    io.stdout(RuntimeInfo.encode({ name: RUNTIME_NAME, version: { version: runtimeVersion(), revision: '' }, ...runtimeOptions(io.stdin?.()) }));
     return 0;
   }
   try {

@@ -9,7 +9,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { DIST_ROOT } from '../../../core/paths.js';
-import { DeleteResponse, Task } from '../../../core/shim/proto.gen.js';
+import { Any, DeleteResponse, Options, RuntimeInfo, Task } from '../../../core/shim/proto.gen.js';
 import { GrpcCode, TtrpcClient, TtrpcError } from '../../../core/ttrpc/index.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { pidAlive } from '../../helpers/wait.js';
@@ -134,6 +134,18 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
       a.kill('SIGKILL');
       b.kill('SIGKILL');
     }
+  });
+
+  it('-info prints a RuntimeInfo with the runtime name and version, and the options it was given (containerd 2.x)', () => {
+    const options = Any.encode({ type_url: 'runtimeoptions.v1.Options', value: Options.encode({ configPath: '/etc/kata-containers/configuration.toml' }) });
+    const r = shim(['-info'], { cwd: bundle, env, input: options });
+    assert.equal(r.code, 0, r.stderr);
+    const info = RuntimeInfo.decode(r.stdout);
+    assert.equal(info.name, 'io.containerd.kata.v2');
+    assert.match(info.version?.version ?? '', /^\d+\.\d+\.\d+/);
+    assert.equal(info.options?.type_url, 'runtimeoptions.v1.Options');
+    assert.equal(Options.decode(info.options!.value).configPath, '/etc/kata-containers/configuration.toml');
+    assert.equal(RuntimeInfo.decode(shim(['-info'], { cwd: bundle, env }).stdout).options, undefined, 'no options on stdin, none echoed');
   });
 
   it('refuses a bad command line with exit code 2 and a message, no stack trace', () => {

@@ -33,8 +33,9 @@ describe('shim flags (Go flag syntax, as containerd writes them)', () => {
     assert.throws(() => parseShimFlags(['-namespace', 'n', '-id', 'c']), isShimError(/no action given/));
   });
 
-  it('answers -v without needing the other flags', () => {
+  it('answers -v and -info without needing the other flags', () => {
     assert.equal(parseShimFlags(['-v']).action, 'version');
+    assert.equal(parseShimFlags(['-info']).action, 'info');
   });
 
   it('refuses what containerd never sends, naming it', () => {
