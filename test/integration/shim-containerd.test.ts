@@ -45,6 +45,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
   let tmp: TempDir;
   let ctrd: TestContainerd | undefined;
   let runRoot: string;
+  let config: string;
 
   before(async function () {
     this.timeout(600_000);
@@ -56,7 +57,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     runRoot = path.join(tmp.path, 'run');
     // The shipped QEMU configuration, pointed at the guest image the tests built.
     const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
-    const config = tmp.file(
+    config = tmp.file(
       'configuration.toml',
       shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`),
     );
@@ -190,6 +191,18 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal(readFileSync(path.join(rw, 'new.txt'), 'utf8'), 'written\n', 'the write reached the host');
     assert.equal(existsSync(path.join(ro, 'nope')), false, 'nothing was written through the read-only volume');
     assert.equal(readFileSync(path.join(ro, 'hello.txt'), 'utf8'), 'from the host\n', 'the volume is intact after the container is gone');
+  });
+
+  it('takes its configuration from ctr --runtime-config-path, then the config_path annotation (Kata\'s precedence)', async () => {
+    const variant = (marker: string) => tmp.file(`configuration-${marker}.toml`, readFileSync(config, 'utf8').replace(/^kernel_params = "(.*)"$/m, `kernel_params = "$1 kata_ts_marker=${marker}"`));
+    const byOption = await c().run('cfg-option', ['cat', '/proc/cmdline'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', variant('option')] });
+    assert.match(byOption.stdout, /kata_ts_marker=option/, why(byOption));
+    const byAnnotation = await c().run('cfg-annotation', ['cat', '/proc/cmdline'], {
+      runtime: RUNTIME,
+      timeoutMs: 120_000,
+      flags: ['--runtime-config-path', variant('option2'), '--annotation', `io.katacontainers.config_path=${variant('annotation')}`],
+    });
+    assert.match(byAnnotation.stdout, /kata_ts_marker=annotation/, why(byAnnotation));
   });
 
   it('refuses a hypervisor annotation the configuration does not enable, and starts no VM', async () => {
