@@ -16,6 +16,7 @@ import path from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { connectAgent, type AgentClient } from './agent/client.js';
+import { OomEventLoop } from './agent/oom-events.js';
 import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js';
@@ -168,8 +169,13 @@ export class Container extends GuestProcess {
   }
 }
 
+/** Called with the container's id when the guest's OOM killer has killed one of its processes. */
+export type OomListener = (containerId: string) => void;
+
 export class Sandbox {
   readonly #containers = new Map<string, Container>();
+  readonly #oomListeners = new Set<OomListener>();
+  readonly #oomEvents: OomEventLoop;
   #failure: KataError | undefined;
   #stopping: Promise<VmExit> | undefined;
 
@@ -179,6 +185,7 @@ export class Sandbox {
     private readonly validated: ValidatedConfig,
     private readonly log: Logger,
   ) {
+    this.#oomEvents = new OomEventLoop(agent, { log, onOom: (id) => this.#oomListeners.forEach((l) => l(id)) });
     void running.exited.then((exit) => {
       if (!exit.expected) {
         this.#failure = exit.error ?? new KataError('KATA_ERR_VM_EXITED', 'the VM ended unexpectedly');
@@ -223,6 +230,16 @@ export class Sandbox {
 
   container(id: string): Container | undefined {
     return this.#containers.get(id);
+  }
+
+  /**
+   * Calls `listener` with the container's id each time the guest's OOM killer kills a process of
+   * a container of this sandbox (the agent's GetOOMEvent, polled from the sandbox's start to its
+   * stop). Returns the function that removes the listener.
+   */
+  onOOM(listener: OomListener): () => void {
+    this.#oomListeners.add(listener);
+    return () => this.#oomListeners.delete(listener);
   }
 
   /** @internal Containers drop themselves on delete. */
@@ -271,6 +288,7 @@ export class Sandbox {
         await this.agent.destroySandbox({ timeoutMs: 5_000 }).catch((err: unknown) => this.log.warn({ err }, 'DestroySandbox failed'));
       }
       this.agent.close();
+      this.#oomEvents.stop();
       return this.running.stop();
     })();
     return this.#stopping;

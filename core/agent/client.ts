@@ -200,6 +200,17 @@ export class AgentClient {
     await this.run('CloseStdin', this.defaultTimeoutMs, opts, (o) => this.agent.CloseStdin(req, o));
   }
 
+  /**
+   * Blocks until the guest's OOM killer kills a process of a container, and resolves to that
+   * container's id: a long poll, without deadline unless given, that ends with a "closed"
+   * AgentError when the connection closes. ttrpc cannot cancel a call in the agent, so a call
+   * given up through `signal` still takes the next event there: abort only when giving up on
+   * OOM events altogether.
+   */
+  async getOOMEvent(opts: AgentCallOptions = {}): Promise<string> {
+    return (await this.run('GetOOMEvent', 0, opts, (o) => this.agent.GetOOMEvent({}, o))).containerId;
+  }
+
   private async run<T>(method: string, timeoutMs: number, opts: AgentCallOptions, call: (o: CallOptions) => Promise<T>): Promise<T> {
     try {
       return await call({ timeoutMs: opts.timeoutMs ?? timeoutMs, signal: opts.signal });

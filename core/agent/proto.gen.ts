@@ -753,6 +753,71 @@ export const DestroySandboxRequest: MessageCodec<DestroySandboxRequest> = {
   },
 };
 
+/** grpc.GetOOMEventRequest */
+export interface GetOOMEventRequest {}
+
+function encGetOOMEventRequest(_m: MessageInit<GetOOMEventRequest>, w: Writer): Writer {
+  return w;
+}
+
+function decGetOOMEventRequest(r: Reader, end: number): GetOOMEventRequest {
+  const m: GetOOMEventRequest = {  };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const GetOOMEventRequest: MessageCodec<GetOOMEventRequest> = {
+  typeName: 'grpc.GetOOMEventRequest',
+  encode: (m) => encGetOOMEventRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decGetOOMEventRequest(r, r.len);
+  },
+};
+
+/** grpc.OOMEvent */
+export interface OOMEvent {
+  containerId: string;
+}
+
+function encOOMEvent(m: MessageInit<OOMEvent>, w: Writer): Writer {
+  if (m.containerId) w.uint32(10).string(m.containerId);
+  return w;
+}
+
+function decOOMEvent(r: Reader, end: number): OOMEvent {
+  const m: OOMEvent = { containerId: '' };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.containerId = r.string();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const OOMEvent: MessageCodec<OOMEvent> = {
+  typeName: 'grpc.OOMEvent',
+  encode: (m) => encOOMEvent(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decOOMEvent(r, r.len);
+  },
+};
+
 /** grpc.GuestDetailsRequest */
 export interface GuestDetailsRequest {
   memBlockSize: boolean;
@@ -2100,6 +2165,11 @@ export const AgentService = service('grpc.AgentService', {
   CreateSandbox: method('CreateSandbox', CreateSandboxRequest, Empty),
   DestroySandbox: method('DestroySandbox', DestroySandboxRequest, Empty),
   GetGuestDetails: method('GetGuestDetails', GuestDetailsRequest, GuestDetailsResponse),
+  /**
+   * Blocks until the guest's OOM killer has killed a process of a container, then names that
+   * container (a long poll: the runtime keeps one call pending for the sandbox's lifetime).
+   */
+  GetOOMEvent: method('GetOOMEvent', GetOOMEventRequest, OOMEvent),
 });
 
 /** The ttrpc service grpc.Health. */

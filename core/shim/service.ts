@@ -33,6 +33,7 @@ import {
   TaskExecAdded,
   TaskExecStarted,
   TaskExit,
+  TaskOOM,
   TaskPaused,
   TaskResumed,
   TaskStart,
@@ -65,6 +66,8 @@ export interface ShimSandbox {
   readonly running: { readonly vm: Pick<VmHandle, 'pid' | 'pause' | 'resume'>; readonly exited: Promise<VmExit> };
   createContainer(spec: ContainerSpec): Promise<ShimContainer>;
   stop(): Promise<unknown>;
+  /** OOM kills in the guest, by container id (absent: the sandbox reports none). */
+  onOOM?(listener: (containerId: string) => void): unknown;
 }
 
 /** What the service asks for when a container starts a new sandbox. */
@@ -331,6 +334,13 @@ export class TaskService {
   }
 
   #watchSandbox(sandbox: ShimSandbox, log: Logger): void {
+    // As Kata: TaskOOM goes out as the guest reports the kill; the agent reports it before the
+    // victim's exit, so it precedes that process's TaskExit.
+    sandbox.onOOM?.((id) => {
+      if (!this.#tasks.has(id)) return;
+      this.opts.log.info({ container: id }, 'a process of the container was killed by the guest OOM killer');
+      this.opts.events.publish(TOPICS.oom, TaskOOM, { containerId: id });
+    });
     void sandbox.running.exited.then((exit) => {
       if (exit.expected) return;
       log.error({ err: sandbox.failure?.message }, 'the VM ended unexpectedly; every task of the sandbox is reported as exited');

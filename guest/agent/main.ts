@@ -50,6 +50,7 @@ async function main(): Promise<void> {
     onProtocolError: (err) => log(`protocol error: ${err.message}`),
   });
   registerServices(server, sandbox);
+  sandbox.watchOomKills();
 
   new BlockReporter((line) => process.stderr.write(`${line}\n`)).start();
 

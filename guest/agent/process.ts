@@ -95,6 +95,11 @@ export class GuestProcess {
     return p;
   }
 
+  /** The container process's pid once {@link pid} has found it. */
+  get knownPid(): number | undefined {
+    return this.realPid;
+  }
+
   /** The helper's pid (our child). */
   get helperPid(): number {
     return this.child.pid as number;

@@ -2,6 +2,7 @@
  * The agent's state and the operations behind each RPC: the sandbox (hostname, shared storages),
  * its containers, their processes. service.ts maps RPCs onto these methods.
  */
+import { readdirSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, readdir, readlink, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type {
@@ -38,6 +39,7 @@ import {
   type ProcessPlan,
   type UserFiles,
 } from './oci.js';
+import { OomEvents, OomWatcher, type OomKill } from './oom.js';
 import { GuestProcess } from './process.js';
 import { STORAGE_DRIVERS, StorageManager, checkGuestPath } from './storage.js';
 import { busybox, busyboxOk, lstatOrUndefined, sleep } from './sys.js';
@@ -53,6 +55,8 @@ interface Container {
   readonly init: GuestProcess;
   /** Every process by exec id, the init among them. */
   readonly processes: Map<string, GuestProcess>;
+  /** The container's pid namespace (`pid:[inode]`), to tell which container an OOM victim was in. */
+  readonly pidNamespace: string | undefined;
   state: ContainerState;
 }
 
@@ -81,6 +85,15 @@ export class Sandbox {
   private readonly sandboxStorages: string[] = [];
   private readonly containers = new Map<string, Container>();
   private readonly storage: StorageManager;
+  /** OOM kills of container processes, for GetOOMEvent. */
+  readonly oomEvents = new OomEvents();
+  private oomWatcher: OomWatcher | undefined;
+  /**
+   * Which container each of its processes belonged to at the last poll of the kernel log, and at
+   * the one before: a victim reaped while the last map was being taken is in the earlier one.
+   */
+  private pidOwners = new Map<number, string>();
+  private pidOwnersBefore = new Map<number, string>();
 
   constructor(private readonly opts: SandboxOptions = DEFAULT_SANDBOX_OPTIONS) {
     this.storage = new StorageManager({ hotplugTimeoutMs: opts.hotplugTimeoutMs });
@@ -210,13 +223,16 @@ export class Sandbox {
       for (const mp of storages.reverse()) await this.storage.release(mp).catch(() => undefined);
       throw e;
     }
-    const container: Container = { id, root, storages, init, processes: new Map([[init.execId, init]]), state: 'created' };
+    const initPid = await init.pid();
+    const pidNamespace = initPid === undefined ? undefined : readlinkOrUndefined(`/proc/${initPid}/ns/pid`);
+    const container: Container = { id, root, storages, init, processes: new Map([[init.execId, init]]), pidNamespace, state: 'created' };
     this.containers.set(id, container);
     void init.exited.then((status) => {
+      this.sawExit();
       container.state = 'stopped';
       log(`container ${id} exited with status ${status}`);
     });
-    log(`container ${id} created (root ${root}, pid ${await init.pid()})`);
+    log(`container ${id} created (root ${root}, pid ${initPid})`);
   }
 
   async startContainer(req: StartContainerRequest): Promise<void> {
@@ -250,6 +266,7 @@ export class Sandbox {
     const timedOut = await Promise.race([all.then(() => false), sleep(limitMs).then(() => true)]);
     if (timedOut) throw deadlineExceeded(`the processes of container ${c.id} did not exit within ${limitMs / 1000} s of SIGKILL`);
     for (const p of c.processes.values()) p.dispose();
+    this.sawExit();
     this.containers.delete(c.id);
     const problems: string[] = [];
     for (const mp of [...c.storages].reverse()) {
@@ -278,7 +295,12 @@ export class Sandbox {
     const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root);
     const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid));
     c.processes.set(req.execId, p);
-    void p.exited.then((status) => log(`exec ${req.execId} in container ${c.id} exited with status ${status}`));
+    void p.exited.then((status) => {
+      this.sawExit();
+      log(`exec ${req.execId} in container ${c.id} exited with status ${status}`);
+    });
+    // Its pid is known from now on, for telling OOM victims apart even after they are reaped.
+    void p.pid();
   }
 
   async signalProcess(req: SignalProcessRequest): Promise<void> {
@@ -322,6 +344,76 @@ export class Sandbox {
   closeStdin(req: CloseStdinRequest): void {
     const c = this.container(req.containerId);
     this.process(c, req.execId).closeStdin();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // OOM events
+
+  /** Starts reading the kernel log for OOM kills (main.ts; unit tests call {@link oomKilled} instead). */
+  watchOomKills(kmsgPath?: string): void {
+    this.oomWatcher ??= new OomWatcher((kill) => this.oomKilled(kill), kmsgPath, () => this.notePidOwners());
+    this.oomWatcher.start();
+  }
+
+  /**
+   * The OOM killer killed `kill.pid`: queues an event for the container it belonged to and returns
+   * that container's id (undefined for a process of no container: the agent, a helper). A victim
+   * is usually gone from /proc by the time its kill line is read (its parent reaps it), so it is
+   * looked for in this order: the pid namespace /proc still shows (zombies included); the pid →
+   * container maps of the last two polls, which hold any process that lived a poll interval, as
+   * one that grew until the guest ran out of memory has; the processes the agent started (a
+   * container's init, an exec), known by pid even once reaped.
+   */
+  oomKilled(kill: OomKill): string | undefined {
+    const owner = this.ownerOf(kill.pid);
+    if (owner === undefined) {
+      log(`the OOM killer killed pid ${kill.pid} (${kill.comm}), which belongs to no container`);
+      return undefined;
+    }
+    log(`the OOM killer killed pid ${kill.pid} (${kill.comm}) in container ${owner}`);
+    this.oomEvents.push(owner);
+    return owner;
+  }
+
+  private ownerOf(pid: number): string | undefined {
+    const live = [...this.containers.values()].filter((c) => c.init);
+    const ns = readlinkOrUndefined(`/proc/${pid}/ns/pid`);
+    // Only a running init's: namespace inode numbers are reused once a namespace is gone.
+    const byNs = ns === undefined ? undefined : live.find((c) => c.pidNamespace === ns && !c.init.hasExited);
+    if (byNs) return byNs.id;
+    const noted = this.pidOwners.get(pid) ?? this.pidOwnersBefore.get(pid);
+    if (noted !== undefined && this.containers.has(noted)) return noted;
+    // Last, as a pid the agent started may have been reused since that process ended.
+    return live.find((c) => [...c.processes.values()].some((p) => p.knownPid === pid || p.helperPid === pid))?.id;
+  }
+
+  /** Notes which container each guest process belongs to, by pid namespace (while containers run). */
+  private notePidOwners(): void {
+    this.pidOwnersBefore = this.pidOwners;
+    this.pidOwners = new Map();
+    const byNs = new Map<string, string>();
+    for (const c of this.containers.values()) if (c.init && c.pidNamespace && !c.init.hasExited) byNs.set(c.pidNamespace, c.id);
+    if (byNs.size === 0) return;
+    let names: string[];
+    try {
+      names = readdirSync('/proc');
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      if (!/^\d+$/.test(name)) continue;
+      const owner = byNs.get(readlinkOrUndefined(`/proc/${name}/ns/pid`) ?? '');
+      if (owner !== undefined) this.pidOwners.set(Number(name), owner);
+    }
+  }
+
+  /**
+   * A process of a container ended: read the kernel log now. The OOM killer logs a kill before its
+   * victim can die, so an OOM kill that ended this process (or a child it waited for) is queued
+   * before WaitProcess reports the exit and before RemoveContainer can forget the container.
+   */
+  private sawExit(): void {
+    this.oomWatcher?.drain();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -422,6 +514,14 @@ async function pidsInNamespaceOf(pid: number | undefined): Promise<number[]> {
     if ((await readlink(`/proc/${name}/ns/pid`).catch(() => undefined)) === ns) out.push(Number(name));
   }
   return out;
+}
+
+function readlinkOrUndefined(p: string): string | undefined {
+  try {
+    return readlinkSync(p);
+  } catch {
+    return undefined;
+  }
 }
 
 function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {

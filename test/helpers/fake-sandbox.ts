@@ -11,7 +11,9 @@
  * - once the agent connection closes (stop, or the VM dies) every call rejects with
  *   KATA_ERR_AGENT_CLOSED, pending wait()s reject and output streams are destroyed with that error;
  * - stop() deletes the containers, closes the agent and resolves `running.exited` as expected;
- *   it is idempotent.
+ *   it is idempotent;
+ * - oomKill() does what an OOM kill in the guest does: the OOM listeners hear of it first, then
+ *   the process ends with 137 (core/sandbox.ts's onOOM, fed by the agent's GetOOMEvent).
  */
 import { PassThrough, Writable } from 'node:stream';
 import { KataError } from '../../core/errors.js';
@@ -248,6 +250,7 @@ export class FakeSandbox implements ShimSandbox {
   stopCalls = 0;
   #failure: KataError | undefined;
   readonly #exited = deferred<VmExit>();
+  readonly #oomListeners = new Set<(containerId: string) => void>();
   #stopping: Promise<VmExit> | undefined;
 
   constructor(
@@ -289,6 +292,23 @@ export class FakeSandbox implements ShimSandbox {
     const c = new FakeContainer(this.agent, spec);
     this.containers.set(spec.id, c);
     return c;
+  }
+
+  onOOM(listener: (containerId: string) => void): () => void {
+    this.#oomListeners.add(listener);
+    return () => this.#oomListeners.delete(listener);
+  }
+
+  /** The guest's OOM killer kills `process` (the container's init unless given): OOM event, then exit 137. */
+  oomKill(containerId: string, process: FakeProcess = this.container(containerId)): void {
+    this.reportOom(containerId);
+    process.exit(137);
+  }
+
+  /** The OOM event alone, as the agent's GetOOMEvent answers it (any id). */
+  reportOom(containerId: string): void {
+    this.agent.check('GetOOMEvent');
+    for (const l of this.#oomListeners) l(containerId);
   }
 
   stop(): Promise<VmExit> {

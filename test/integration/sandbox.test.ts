@@ -120,9 +120,29 @@ describe('sandbox lifecycle @integration', function () {
       await c.delete();
     });
 
-    it('reports a process killed by the guest OOM killer as 137, and the sandbox goes on', async () => {
-      const r = await runIn('oom', ['sh', '-c', 'a=xxxxxxxxxxxxxxxx; while true; do a=$a$a; done']);
-      assert.equal(r.status, 137);
+    it('reports a process killed by the guest OOM killer as 137 and as an OOM event naming its container, first; the sandbox goes on', async () => {
+      const seen: string[] = [];
+      const off = sandbox.onOOM((id) => seen.push(`oom:${id}`));
+      const run = async (id: string, script: string): Promise<string> => {
+        const c = await sandbox.createContainer({ id, rootfs: { kind: 'block', path: freshImage(id), fstype: 'ext4' }, process: { args: ['sh', '-c', script] } });
+        const out = text(c.stdout);
+        await c.start();
+        c.stdin.end();
+        seen.push(`exit:${await c.wait()}`);
+        const stdout = await out;
+        await c.delete();
+        return stdout;
+      };
+      try {
+        await run('oom', 'a=xxxxxxxxxxxxxxxx; while true; do a=$a$a; done');
+        assert.deepEqual(seen, ['oom:oom', 'exit:137'], 'the OOM event, then the exit');
+        // The victim is a child of the container's process, reaped by it at once: still this container's.
+        seen.length = 0;
+        assert.equal(await run('oom-child', 'sh -c "a=xxxxxxxxxxxxxxxx; while true; do a=\\$a\\$a; done"; echo child $?'), 'child 137\n');
+        assert.deepEqual(seen, ['oom:oom-child', 'exit:0']);
+      } finally {
+        off();
+      }
       assert.equal((await runIn('after-oom', ['true'])).status, 0);
     });
 

@@ -93,6 +93,25 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal(r.stdout, 'got:piped-in\n', why(r));
   });
 
+  it('publishes TaskOOM when the guest OOM-kills a container process, and the task exits with 137', async () => {
+    const events = spawn('ctr', ['-a', c().socket, 'events'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let seen = '';
+    events.stdout.on('data', (d: Buffer) => (seen += d.toString()));
+    try {
+      await new Promise((r) => setTimeout(r, 500));
+      const r = await c().run('oom', ['sh', '-c', 'a=xxxxxxxxxxxxxxxx; while true; do a=$a$a; done'], { runtime: RUNTIME, timeoutMs: 120_000 });
+      assert.equal(r.code, 137, why(r));
+      await until('the delete event', () => /\/tasks\/delete.*"oom"/.test(seen), 10_000);
+    } finally {
+      events.kill();
+    }
+    const mine = seen.split('\n').filter((l) => l.includes(`${c().namespace} /tasks/`) && l.includes('"oom"'));
+    const at = (topic: string) => mine.findIndex((l) => l.includes(` ${topic} `));
+    assert.ok(at('/tasks/oom') >= 0, `no /tasks/oom event:\n${seen}`);
+    assert.match(mine[at('/tasks/oom')]!, /"container_id":"oom"/);
+    assert.ok(at('/tasks/oom') < at('/tasks/exit'), `the OOM event comes before the exit:\n${mine.join('\n')}`);
+  });
+
   describe('a long-running task', () => {
     const id = 'long';
     before(async () => {

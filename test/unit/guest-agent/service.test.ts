@@ -23,6 +23,7 @@ describe('guest agent: RPC table', () => {
   let tmp: TempDir;
   let server: TtrpcServer;
   let client: AgentClient;
+  let sandbox: Sandbox;
   let logged: string[];
   const write = process.stderr.write.bind(process.stderr);
 
@@ -32,7 +33,8 @@ describe('guest agent: RPC table', () => {
     process.stderr.write = ((chunk: string | Uint8Array) => (logged.push(String(chunk)), true)) as typeof process.stderr.write;
     tmp = new TempDir('kata-ts-agent-svc-');
     server = new TtrpcServer();
-    registerServices(server, new Sandbox());
+    sandbox = new Sandbox();
+    registerServices(server, sandbox);
     const sock = path.join(tmp.path, 'agent.sock');
     await server.listen(sock);
     client = await connectAgent(`unix://${sock}`, { deadlineMs: 5000 });
@@ -54,6 +56,17 @@ describe('guest agent: RPC table', () => {
     assert.equal(d.memBlockSizeBytes, 0n, 'not asked for');
     assert.equal(d.agentDetails?.version, '0.1.0-kata-ts');
     assert.ok(d.agentDetails?.storageHandlers.includes('blk'));
+  });
+
+  it('answers GetOOMEvent with the container of a queued OOM kill, and holds the call until there is one', async () => {
+    sandbox.oomEvents.push('c1');
+    assert.equal(await client.getOOMEvent(), 'c1');
+    let answered = false;
+    const pending = client.getOOMEvent().finally(() => (answered = true));
+    await client.check(); // the long poll does not hold other calls up
+    assert.equal(answered, false);
+    sandbox.oomEvents.push('c2');
+    assert.equal(await pending, 'c2');
   });
 
   it('answers NOT_FOUND for containers it does not have', async () => {

@@ -28,6 +28,7 @@ import {
   TaskExecAdded,
   TaskExecStarted,
   TaskExit,
+  TaskOOM,
   TaskPaused,
   TaskResumed,
   TaskStart,
@@ -169,6 +170,7 @@ const CODECS: Record<string, MessageCodec<unknown>> = {
   [TOPICS.execStarted]: TaskExecStarted,
   [TOPICS.paused]: TaskPaused,
   [TOPICS.resumed]: TaskResumed,
+  [TOPICS.oom]: TaskOOM,
 };
 
 type Msg = Record<string, any>;
@@ -433,6 +435,20 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       assert.deepEqual(exit.exitedAt, w.exitedAt);
       assert.deepEqual([del.containerId, del.id, del.exitStatus], ['c1', 'c1', 3]);
       nonZero(del.exitedAt, 'TaskDelete');
+    });
+
+    it('an OOM kill in the guest: TaskOOM names the container and goes out before its TaskExit (137); ids of other shims are not published', async () => {
+      await harness();
+      await h.create('c1', { io: h.io('c1') });
+      const waiting = h.task.Wait({ id: 'c1' });
+      await h.task.Start({ id: 'c1' });
+      h.sandbox.reportOom('not-this-shims');
+      h.sandbox.oomKill('c1');
+      assert.equal((await within(waiting, 'Wait')).exitStatus, 137);
+      await within(h.task.Delete({ id: 'c1' }), 'Delete');
+      const evs = await h.flushEvents();
+      assert.deepEqual(evs.map(brief), ['create:c1', 'start:c1', 'oom:c1', 'exit:c1:c1=137', 'delete:c1:c1=137']);
+      assert.equal(evs[2]!.msg.containerId, 'c1');
     });
 
     it('loses no output written right before the exit (large, on both streams, ended and exited at once)', async () => {
