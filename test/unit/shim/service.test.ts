@@ -14,7 +14,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants as fsc, mkdirSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { silentLogger } from '../../../core/logger.js';
@@ -41,6 +41,7 @@ import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type
 import { FakeSandboxFactory, type FakeContainer, type FakeSandbox, type FakeSandboxOptions } from '../../helpers/fake-sandbox.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { until, within } from '../../helpers/wait.js';
+import { FifoReader, FifoWriter } from '../../helpers/fifo.js';
 
 const SIGKILL = 9;
 const SIGTERM = 15;
@@ -79,77 +80,6 @@ function nonZero(ts: Timestamp | undefined, what: string): Timestamp {
 
 // ---------------------------------------------------------------------------------------------
 // The client's side of the stdio FIFOs.
-
-/** A read end of an output FIFO, opened before Create as containerd's client does, polled without blocking. */
-class FifoReader {
-  readonly fd: number;
-  readonly chunks: Buffer[] = [];
-  eof = false;
-  #closed = false;
-
-  constructor(readonly file: string) {
-    this.fd = openSync(file, fsc.O_RDONLY | fsc.O_NONBLOCK);
-  }
-
-  /** Reads what is there. Call only once the shim has opened its write end: before, read() says EOF. */
-  poll(): this {
-    if (this.eof || this.#closed) return this;
-    const buf = Buffer.alloc(64 * 1024);
-    for (;;) {
-      let n: number;
-      try {
-        n = readSync(this.fd, buf, 0, buf.length, null);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return this;
-        throw e;
-      }
-      if (n === 0) {
-        this.eof = true;
-        return this;
-      }
-      this.chunks.push(Buffer.from(buf.subarray(0, n)));
-    }
-  }
-
-  get bytes(): Buffer {
-    return Buffer.concat(this.chunks);
-  }
-
-  get text(): string {
-    return this.bytes.toString();
-  }
-
-  async waitForText(expected: string, timeoutMs = 3_000): Promise<void> {
-    await until(`"${expected.slice(0, 40)}" on ${path.basename(this.file)} (got ${JSON.stringify(this.text.slice(0, 80))})`, () => this.poll().text.includes(expected), timeoutMs);
-  }
-
-  async waitForEof(timeoutMs = 3_000): Promise<void> {
-    await until(`EOF on ${path.basename(this.file)}`, () => this.poll().eof, timeoutMs);
-  }
-
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    closeSync(this.fd);
-  }
-}
-
-/** The write end of a stdin FIFO; O_RDWR so opening never blocks (the shim opens its read end at Create). */
-class FifoWriter {
-  readonly fd: number;
-  #closed = false;
-  constructor(readonly file: string) {
-    this.fd = openSync(file, fsc.O_RDWR);
-  }
-  write(text: string): void {
-    writeSync(this.fd, text);
-  }
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    closeSync(this.fd);
-  }
-}
 
 interface ClientIo {
   readonly paths: { stdin: string; stdout: string; stderr: string };

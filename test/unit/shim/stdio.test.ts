@@ -5,13 +5,14 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, closeSync, constants as fsc, existsSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, constants as fsc, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { PassThrough, type Readable, type Writable } from 'node:stream';
 import { KataError } from '../../../core/errors.js';
 import { TaskIo, openInput, openOutput } from '../../../core/shim/stdio.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { until, within } from '../../helpers/wait.js';
+import { FifoReader } from '../../helpers/fifo.js';
 
 /** Ends a writable and waits until it has flushed and released its file. */
 async function finish(w: Writable): Promise<void> {
@@ -22,48 +23,6 @@ async function finish(w: Writable): Promise<void> {
     }),
     'closing the output',
   );
-}
-
-/** The client's read end of an output FIFO, polled without blocking. */
-class FifoReader {
-  readonly fd: number;
-  readonly chunks: Buffer[] = [];
-  eof = false;
-  #closed = false;
-  constructor(readonly file: string) {
-    this.fd = openSync(file, fsc.O_RDONLY | fsc.O_NONBLOCK);
-  }
-  /** Call once the writer is open: with no writer at all, read() says EOF. */
-  poll(max = Infinity): this {
-    const buf = Buffer.alloc(64 * 1024);
-    let got = 0;
-    while (!this.eof && !this.#closed && got < max) {
-      let n: number;
-      try {
-        n = readSync(this.fd, buf, 0, Math.min(buf.length, max - got), null);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') break;
-        throw e;
-      }
-      if (n === 0) this.eof = true;
-      else {
-        got += n;
-        this.chunks.push(Buffer.from(buf.subarray(0, n)));
-      }
-    }
-    return this;
-  }
-  get bytes(): Buffer {
-    return Buffer.concat(this.chunks);
-  }
-  get text(): string {
-    return this.bytes.toString();
-  }
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    closeSync(this.fd);
-  }
 }
 
 describe('shim: task stdio (FIFOs, files, log URIs)', () => {
