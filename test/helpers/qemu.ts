@@ -4,9 +4,10 @@
  * left no QEMU process behind.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
+import { processesMentioning } from './procs.js';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
 
@@ -57,19 +58,9 @@ ${opts.extra ?? ''}
 
 /** pids of live QEMU processes whose command line mentions `needle` (a test's temp dir). */
 export function qemuProcessesMentioning(needle: string): number[] {
-  const pids: number[] = [];
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    let cmdline: string;
-    try {
-      cmdline = readFileSync(`/proc/${entry}/cmdline`, 'latin1');
-    } catch {
-      continue; // gone meanwhile
-    }
-    // A zombie has an empty command line: it is dead, only not reaped yet.
-    if (cmdline.includes(QEMU_BINARY) && cmdline.includes(needle)) pids.push(Number(entry));
-  }
-  return pids;
+  return processesMentioning(needle)
+    .filter((p) => p.argv[0]?.includes(QEMU_BINARY))
+    .map((p) => p.pid);
 }
 
 /** Polls until no QEMU mentioning `needle` is alive (a killed process takes a moment); returns the survivors. */

@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, cpSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, cpSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -18,6 +18,7 @@ import { guestImagePaths, type GuestManifest } from '../../guest/build-image.js'
 import { readInitramfs } from '../../guest/cpio.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
+import { processesMentioning } from '../helpers/procs.js';
 
 const run = promisify(execFile);
 const QEMU = 'qemu-system-x86_64';
@@ -220,14 +221,7 @@ describe('guest agent in a TCG guest @integration', function () {
     }
     if (qemu?.pid) assert.throws(() => process.kill(qemu!.pid as number, 0), { code: 'ESRCH' }, 'QEMU is gone');
     if (tmp) {
-      const left = readdirSync('/proc').filter((p) => {
-        if (!/^\d+$/.test(p)) return false;
-        try {
-          return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(tmp!.path);
-        } catch {
-          return false;
-        }
-      });
+      const left = processesMentioning(tmp!.path).map((p) => p.pid);
       assert.deepEqual(left, [], 'no process uses the test directory');
       tmp.cleanup();
     }

@@ -14,6 +14,7 @@ import { CpioGzWriter } from '../../guest/cpio.js';
 import { GUEST_MODULES } from '../../guest/kernel-modules.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
+import { processesMentioning } from '../helpers/procs.js';
 
 const run = promisify(execFile);
 const BUILDER = path.join(DIST_ROOT, 'guest', 'build-image.js');
@@ -202,13 +203,7 @@ describe('guest boot under TCG @integration', function () {
         qemu.kill('SIGKILL');
         await exited;
         assert.throws(() => process.kill(qemu.pid as number, 0), { code: 'ESRCH' });
-        const left = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-          try {
-            return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dir);
-          } catch {
-            return false;
-          }
-        });
+        const left = processesMentioning(dir).map((p) => p.pid);
         assert.deepEqual(left, [], 'no process uses the test directory');
       },
     };

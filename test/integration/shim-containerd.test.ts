@@ -17,24 +17,14 @@ import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } fro
 import { ensureGuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
 import { until as untilFast } from '../helpers/wait.js';
+import { processesMentioning } from '../helpers/procs.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
 const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 
 /** Processes whose command line names `dir` (QEMU of a sandbox whose run directory is under it). */
 function processesUnder(dir: string): string[] {
-  const found: string[] = [];
-  for (const name of readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    let cmd = '';
-    try {
-      cmd = readFileSync(`/proc/${name}/cmdline`, 'utf8');
-    } catch {
-      continue;
-    }
-    if (cmd.includes(`${dir}/`)) found.push(`${name}: ${cmd.split('\0').slice(0, 3).join(' ')}`);
-  }
-  return found;
+  return processesMentioning(`${dir}/`).map((p) => `${p.pid}: ${p.argv.slice(0, 3).join(' ')}`);
 }
 
 /** Polls every 200 ms (probes here run ctr or scan /proc), for up to a minute unless told. */

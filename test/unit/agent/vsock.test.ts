@@ -9,7 +9,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,25 +21,16 @@ import { ERROR_CODES } from '../../../core/errors.js';
 import { TtrpcServer } from '../../../core/ttrpc/server.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { pidAlive, until, within } from '../../helpers/wait.js';
+import { liveProcesses } from '../../helpers/procs.js';
 
 const haveVsock = existsSync('/dev/vsock');
 const TRANSPORTS_JS = fileURLToPath(new URL('../../../core/agent/transports.js', import.meta.url));
 
 /** Live socat processes whose parent is `parent` (with setpriv, socat is exec'd in its place). */
 function socatChildren(parent = process.pid): number[] {
-  const out: number[] = [];
-  for (const name of readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    let stat: string;
-    try {
-      stat = readFileSync(`/proc/${name}/stat`, 'latin1');
-    } catch {
-      continue;
-    }
-    const m = /^(\d+) \((.*)\) (\S) (\d+) /s.exec(stat);
-    if (m && m[2] === 'socat' && m[3] !== 'Z' && Number(m[4]) === parent) out.push(Number(m[1]));
-  }
-  return out;
+  return liveProcesses()
+    .filter((p) => p.comm === 'socat' && p.ppid === parent)
+    .map((p) => p.pid);
 }
 
 function isAgentError(kind: AgentError['kind'], check: (e: AgentError) => void = () => undefined): (e: unknown) => boolean {
