@@ -37,6 +37,8 @@ import {
   TaskPaused,
   TaskResumed,
   TaskStart,
+  type CreateTaskRequest,
+  type ExecProcessRequest,
   type Mount,
 } from './proto.gen.js';
 
@@ -141,7 +143,7 @@ class TaskProcess {
   }
 }
 
-class Task_ {
+class ShimTask {
   readonly execs = new Map<string, TaskProcess>();
   constructor(
     readonly id: string,
@@ -174,7 +176,7 @@ export function toTtrpcError(e: unknown): TtrpcError {
 }
 
 export class TaskService {
-  readonly #tasks = new Map<string, Task_>();
+  readonly #tasks = new Map<string, ShimTask>();
   #sandbox: ShimSandbox | undefined;
   #sandboxId: string | undefined;
   #creating: Promise<unknown> = Promise.resolve();
@@ -228,7 +230,7 @@ export class TaskService {
     };
   }
 
-  #task(id: string): Task_ {
+  #task(id: string): ShimTask {
     const t = this.#tasks.get(id);
     if (!t) throw fail('KATA_ERR_TASK_NOT_FOUND', `container "${id}" does not exist in this shim`);
     return t;
@@ -247,13 +249,13 @@ export class TaskService {
   }
 
   // Creates are serialised: the first one of a pod starts the sandbox the others join.
-  async create(req: import('./proto.gen.js').CreateTaskRequest): Promise<{ pid: number }> {
+  async create(req: CreateTaskRequest): Promise<{ pid: number }> {
     const turn = this.#creating.then(() => this.#create(req));
     this.#creating = turn.catch(() => undefined);
     return turn;
   }
 
-  async #create(req: import('./proto.gen.js').CreateTaskRequest): Promise<{ pid: number }> {
+  async #create(req: CreateTaskRequest): Promise<{ pid: number }> {
     if (this.#shutdown) throw fail('KATA_ERR_TASK_STATE', 'the shim is shutting down');
     if (this.#tasks.has(req.id)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `container "${req.id}" already exists [KATA_ERR_SANDBOX]`);
     if (req.checkpoint) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'restoring from a checkpoint is not built');
@@ -291,7 +293,7 @@ export class TaskService {
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
       const io = await TaskIo.open(stdio);
-      const task = new Task_(req.id, req.bundle, req.rootfs, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
+      const task = new ShimTask(req.id, req.bundle, req.rootfs, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
       this.#tasks.set(req.id, task);
       log.info({ rootfs: rootfs.source.kind, sandbox: sandbox.id }, 'container created');
       this.opts.events.publish(TOPICS.create, TaskCreate, {
@@ -375,7 +377,7 @@ export class TaskService {
   }
 
   /** Connects the process's stdio and waits for its end in the background. */
-  #watch(task: Task_, proc: TaskProcess): void {
+  #watch(task: ShimTask, proc: TaskProcess): void {
     const guest = proc.guest!;
     const out = TaskIo.copy(guest.stdout, proc.io.stdout);
     const err = TaskIo.copy(guest.stderr, proc.io.stderr);
@@ -400,7 +402,7 @@ export class TaskService {
     );
   }
 
-  #exited(task: Task_, proc: TaskProcess, status: number): void {
+  #exited(task: ShimTask, proc: TaskProcess, status: number): void {
     if (proc.status === Status.STOPPED) return;
     proc.markExited(status);
     this.opts.log.info({ container: task.id, exec: proc.execId || undefined, status }, 'process exited');
@@ -491,7 +493,7 @@ export class TaskService {
     return { pid: this.#vmPid(), exitStatus: p.exitStatus, exitedAt: timestamp(exitedAt) };
   }
 
-  async exec(req: import('./proto.gen.js').ExecProcessRequest): Promise<object> {
+  async exec(req: ExecProcessRequest): Promise<object> {
     const task = this.#task(req.id);
     if (!req.execId) throw fail('KATA_ERR_OCI_SPEC', 'an exec needs an exec id');
     if (task.execs.has(req.execId)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `exec "${req.execId}" already exists in container "${req.id}"`);
