@@ -39,7 +39,6 @@ import {
   TaskStart,
   type CreateTaskRequest,
   type ExecProcessRequest,
-  type Mount,
 } from './proto.gen.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
@@ -143,12 +142,12 @@ class TaskProcess {
   }
 }
 
+/** A container this shim runs: its rootfs, its init process and its execs. */
 class ShimTask {
   readonly execs = new Map<string, TaskProcess>();
   constructor(
     readonly id: string,
     readonly bundle: string,
-    readonly rootfsMounts: readonly Mount[],
     readonly container: ShimContainer,
     readonly rootfs: PreparedRootfs,
     readonly init: TaskProcess,
@@ -293,7 +292,7 @@ export class TaskService {
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
       const io = await TaskIo.open(stdio);
-      const task = new ShimTask(req.id, req.bundle, req.rootfs, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
+      const task = new ShimTask(req.id, req.bundle, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
       this.#tasks.set(req.id, task);
       log.info({ rootfs: rootfs.source.kind, sandbox: sandbox.id }, 'container created');
       this.opts.events.publish(TOPICS.create, TaskCreate, {
