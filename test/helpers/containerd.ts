@@ -14,8 +14,16 @@
  *   stop(): Promise<Leftovers>;                          // idempotent; compare with NO_LEFTOVERS
  * }
  * busyboxImageTar(): Promise<string>                     // the OCI tarball, built once into the cache dir
- * BUSYBOX_IMAGE = 'localhost/busybox:test'   NO_LEFTOVERS   SHIM_SOCKET_DIR = '/run/containerd/s'
+ * pauseImageTar(): Promise<string>                       // the same busybox, whose default command sleeps
+ * BUSYBOX_IMAGE = 'localhost/busybox:test'   PAUSE_IMAGE = 'localhost/pause:test'
+ * NO_LEFTOVERS   SHIM_SOCKET_DIR = '/run/containerd/s'   CRI_NAMESPACE = 'k8s.io'
  * ```
+ *
+ * By default containerd runs without its CRI plugin. With `cri: { runtimes: { kata: 'io.containerd.kata.v2' } }`
+ * the plugin serves CRI's gRPC API (runtime.v1 and v1alpha2) on {@link TestContainerd.socket}, with
+ * those runtime handlers, {@link PAUSE_IMAGE} as the sandbox image, no registry and no CNI plugin
+ * (pods must use the host network), and both images imported into CRI's namespace `k8s.io`. Its
+ * streaming server (exec, attach, port-forward) listens on a free port of 127.0.0.1.
  *
  * Usage, for the kata shim (put the directory holding `containerd-shim-kata-v2` first on PATH):
  * ```ts
@@ -66,7 +74,10 @@ import { TempDir } from './tmp.js';
 const execFileP = promisify(execFile);
 
 export const BUSYBOX_IMAGE = 'localhost/busybox:test';
+export const PAUSE_IMAGE = 'localhost/pause:test';
 export const SHIM_SOCKET_DIR = '/run/containerd/s';
+/** The containerd namespace CRI keeps its pods, containers and images in. */
+export const CRI_NAMESPACE = 'k8s.io';
 const MARKER = 'KATA_TS_TEST_CONTAINERD';
 /** Part of the cached tarball's name: bump it when the image's contents change. */
 const IMAGE_VERSION = 1;
@@ -81,6 +92,13 @@ export interface ContainerdOptions {
   image?: boolean;
   /** How long containerd may take to answer `ctr version` (default 15 s). */
   readyTimeoutMs?: number;
+  /** Enable the CRI plugin (it is disabled by default); see the top of this file. */
+  cri?: CriOptions;
+}
+
+export interface CriOptions {
+  /** Runtime handlers (RunPodSandbox's `runtime_handler`) → containerd runtime type, e.g. `{ kata: 'io.containerd.kata.v2' }`. */
+  runtimes: Record<string, string>;
 }
 
 export interface CtrOptions {
@@ -168,16 +186,17 @@ export async function startContainerd(ctx: Mocha.Context, opts: ContainerdOption
     ctx.skip();
   }
   const imageTar = opts.image === false ? undefined : await busyboxImageTar();
+  const criImages = opts.cri ? [await busyboxImageTar(), await pauseImageTar()] : [];
   const tmp = new TempDir('kata-ts-ctrd-');
   try {
-    return await launch(tmp, containerd as string, ctrBin as string, imageTar, opts);
+    return await launch(tmp, containerd as string, ctrBin as string, imageTar, criImages, opts);
   } catch (err) {
     tmp.cleanup();
     throw err;
   }
 }
 
-async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar: string | undefined, opts: ContainerdOptions): Promise<TestContainerd> {
+async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar: string | undefined, criImages: string[], opts: ContainerdOptions): Promise<TestContainerd> {
   const dir = tmp.path;
   const socket = path.join(dir, 'c.sock');
   if (Buffer.byteLength(`${socket}.ttrpc`) >= UNIX_PATH_MAX) throw new Error(`${socket}.ttrpc is too long for a unix socket: set TMPDIR to a shorter directory`);
@@ -191,7 +210,7 @@ async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar
       'version = 2',
       `root = ${JSON.stringify(path.join(dir, 'root'))}`,
       `state = ${JSON.stringify(stateDir)}`,
-      'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+      ...(opts.cri ? [] : ['disabled_plugins = ["io.containerd.grpc.v1.cri"]']),
       '[grpc]',
       `  address = ${JSON.stringify(socket)}`,
       '[ttrpc]',
@@ -200,6 +219,7 @@ async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar
       '  level = "debug"', // also makes containerd start shims with -debug
       '[plugins."io.containerd.internal.v1.opt"]',
       `  path = ${JSON.stringify(path.join(dir, 'opt'))}`,
+      ...(opts.cri ? criConfig(opts.cri, dir) : []),
       '',
     ].join('\n'),
   );
@@ -254,11 +274,44 @@ async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar
       const r = await ctr(['images', 'import', imageTar], { timeoutMs: 60_000 });
       if (r.code !== 0) throw new Error(`ctr images import ${imageTar} failed (${r.code}): ${r.stderr.trim()}; log tail:\n${logTail()}`);
     }
+    for (const tar of criImages) {
+      const r = await runCtr(ctrBin, ['-a', socket, '-n', CRI_NAMESPACE, 'images', 'import', tar], { timeoutMs: 60_000 }, clients);
+      if (r.code !== 0) throw new Error(`ctr -n ${CRI_NAMESPACE} images import ${tar} failed (${r.code}): ${r.stderr.trim()}; log tail:\n${logTail()}`);
+    }
   } catch (err) {
     await stop();
     throw err;
   }
   return h;
+}
+
+/**
+ * The CRI plugin's section (containerd 1.6 syntax). Its own root and state default to
+ * `<root>/io.containerd.grpc.v1.cri` and `<state>/io.containerd.grpc.v1.cri`, inside the temp dir.
+ */
+function criConfig(cri: CriOptions, dir: string): string[] {
+  const lines = [
+    '[plugins."io.containerd.grpc.v1.cri"]',
+    `  sandbox_image = ${JSON.stringify(PAUSE_IMAGE)}`,
+    // A free loopback port: other containerds on the host run streaming servers of their own.
+    '  stream_server_address = "127.0.0.1"',
+    '  stream_server_port = "0"',
+    // Where AppArmor is enabled, CRI would load its default profile with apparmor_parser; a
+    // VM's containers do not use host profiles, and the tests must not change the host's.
+    '  disable_apparmor = true',
+    `  [plugins."io.containerd.grpc.v1.cri".cni]`,
+    // No CNI plugin: pods use the host network. These only keep CRI away from the host's CNI set-up.
+    `    bin_dir = ${JSON.stringify(path.join(dir, 'cni', 'bin'))}`,
+    `    conf_dir = ${JSON.stringify(path.join(dir, 'cni', 'net.d'))}`,
+    `  [plugins."io.containerd.grpc.v1.cri".containerd]`,
+    '    default_runtime_name = "runc"',
+    `    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]`,
+    '      runtime_type = "io.containerd.runc.v2"',
+  ];
+  for (const [handler, type] of Object.entries(cri.runtimes)) {
+    lines.push(`    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.${JSON.stringify(handler)}]`, `      runtime_type = ${JSON.stringify(type)}`);
+  }
+  return lines;
 }
 
 /** ctr takes --fifo-dir after the subcommand, before its positional arguments. */
@@ -446,25 +499,51 @@ async function removeLeftovers(left: Leftovers, dir: string, namespace: string):
 // ---------------------------------------------------------------------------------------------
 // The busybox image
 
-let imagePending: Promise<string> | undefined;
+interface ImageVariant {
+  /** The file name's stem in the cache dir. */
+  file: string;
+  /** The image name containerd's importer gives it. */
+  name: string;
+  /** The image config's default command. */
+  cmd: string[];
+}
+
+const BUSYBOX: ImageVariant = { file: 'busybox', name: BUSYBOX_IMAGE, cmd: ['/bin/sh'] };
+/** CRI's sandbox ("pause") container only has to stay up until it is killed. */
+const PAUSE: ImageVariant = { file: 'pause', name: PAUSE_IMAGE, cmd: ['sleep', '2147483647'] };
+
+const imagesPending = new Map<ImageVariant, Promise<string>>();
+
+function imageTar(variant: ImageVariant): Promise<string> {
+  let pending = imagesPending.get(variant);
+  if (!pending) {
+    pending = buildBusyboxImage(path.join(defaultCacheDir(), 'containerd'), variant).catch((err: unknown) => {
+      imagesPending.delete(variant);
+      throw err;
+    });
+    imagesPending.set(variant, pending);
+  }
+  return pending;
+}
 
 /**
  * The busybox OCI image tarball, `<cache>/containerd/busybox-oci-v<N>.tar` (cache dir as for the
  * guest image), built on first use and shared by every suite of the run.
  */
 export function busyboxImageTar(): Promise<string> {
-  imagePending ??= buildBusyboxImage(path.join(defaultCacheDir(), 'containerd')).catch((err: unknown) => {
-    imagePending = undefined;
-    throw err;
-  });
-  return imagePending;
+  return imageTar(BUSYBOX);
+}
+
+/** {@link PAUSE_IMAGE}: the busybox image with `sleep` as its default command, `<cache>/containerd/pause-oci-v<N>.tar`. */
+export function pauseImageTar(): Promise<string> {
+  return imageTar(PAUSE);
 }
 
 /** Deterministic archives: same inputs, same bytes, same digests. */
 const TAR_FLAGS = ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '--format=gnu'];
 
-async function buildBusyboxImage(cacheDir: string): Promise<string> {
-  const out = path.join(cacheDir, `busybox-oci-v${IMAGE_VERSION}.tar`);
+async function buildBusyboxImage(cacheDir: string, variant: ImageVariant): Promise<string> {
+  const out = path.join(cacheDir, `${variant.file}-oci-v${IMAGE_VERSION}.tar`);
   if (existsSync(out)) return out;
   await mkdir(cacheDir, { recursive: true });
   const work = await mkdtemp(path.join(cacheDir, '.build-')); // same filesystem as `out`, for the rename
@@ -492,12 +571,12 @@ async function buildBusyboxImage(cacheDir: string): Promise<string> {
     const config = await putJson(blobs, 'application/vnd.oci.image.config.v1+json', {
       architecture: 'amd64',
       os: 'linux',
-      config: { Env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'], Cmd: ['/bin/sh'], WorkingDir: '/' },
+      config: { Env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'], Cmd: variant.cmd, WorkingDir: '/' },
       rootfs: { type: 'layers', diff_ids: [layer.digest] },
     });
     const manifest = await putJson(blobs, 'application/vnd.oci.image.manifest.v1+json', { schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config, layers: [layer] });
     // containerd's importer names the image after this annotation.
-    await writeFile(path.join(oci, 'index.json'), JSON.stringify({ schemaVersion: 2, manifests: [{ ...manifest, annotations: { 'io.containerd.image.name': BUSYBOX_IMAGE } }] }));
+    await writeFile(path.join(oci, 'index.json'), JSON.stringify({ schemaVersion: 2, manifests: [{ ...manifest, annotations: { 'io.containerd.image.name': variant.name } }] }));
     await writeFile(path.join(oci, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
     const tmpOut = path.join(work, 'image.tar');
     await execFileP('tar', [...TAR_FLAGS, '-C', oci, '-cf', tmpOut, 'oci-layout', 'index.json', 'blobs']);

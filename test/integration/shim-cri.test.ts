@@ -1,0 +1,199 @@
+/**
+ * The Kubernetes path without a kubelet: containerd's CRI plugin (Debian's containerd 1.6) driven
+ * over CRI's gRPC API (`runtime.v1`) the way a kubelet drives it, with a runtime handler `kata` of
+ * type io.containerd.kata.v2, so that CRI starts our shim for a pod and puts the pod's containers
+ * in it. containerd, the shim and the guest are the same as in shim-containerd.test.ts; the images
+ * are imported into CRI's namespace (k8s.io) without a registry, and the pod uses the host network,
+ * since no CNI plugin is installed. What this does not cover: the kubelet itself, CNI networking.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
+import path from 'node:path';
+import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
+import { BUSYBOX_IMAGE, CRI_NAMESPACE, NO_LEFTOVERS, PAUSE_IMAGE, startContainerd, type TestContainerd } from '../helpers/containerd.js';
+import { CriClient } from '../helpers/cri.js';
+import { ensureGuestImage } from '../helpers/guest.js';
+import { processesMentioning } from '../helpers/procs.js';
+import { TempDir } from '../helpers/tmp.js';
+import { until as untilFast } from '../helpers/wait.js';
+
+const RUNTIME = 'io.containerd.kata.v2';
+const HANDLER = 'kata';
+const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
+
+/** Polls every 200 ms (probes here call CRI or scan /proc), for up to a minute unless told. */
+const until = <T>(what: string, ok: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 60_000) => untilFast(what, ok, timeoutMs, 200);
+
+interface ContainerStatus {
+  state: string;
+  exit_code: number;
+  reason: string;
+  log_path: string;
+  started_at: number;
+  finished_at: number;
+}
+
+describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", function () {
+  this.timeout(180_000);
+  let tmp: TempDir;
+  let runTmp: TempDir;
+  let ctrd: TestContainerd | undefined;
+  let cri: CriClient | undefined;
+  let runRoot: string;
+  let logDir: string;
+
+  before(async function () {
+    this.timeout(600_000);
+    const image = await ensureGuestImage();
+    tmp = new TempDir('kata-shim-cri-');
+    const bin = path.join(tmp.path, 'bin');
+    mkdirSync(bin);
+    symlinkSync(SHIM, path.join(bin, 'containerd-shim-kata-v2'));
+    // CRI's ids have 64 characters: `<run root>/k8s.io/<id>/qmp.sock` must stay under the 108
+    // bytes of a unix socket path, so the run root is a short directory of its own.
+    runTmp = new TempDir('kc-');
+    runRoot = runTmp.path;
+    logDir = path.join(tmp.path, 'pods', 'pod-uid-1');
+    mkdirSync(logDir, { recursive: true });
+    const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
+    const config = tmp.file(
+      'configuration.toml',
+      shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`),
+    );
+    ctrd = await startContainerd(this, {
+      pathPrefix: [bin],
+      env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot },
+      image: false,
+      cri: { runtimes: { [HANDLER]: RUNTIME } },
+    });
+    cri = new CriClient(ctrd.socket);
+  });
+
+  after(async () => {
+    cri?.close();
+    await ctrd?.stop();
+    tmp?.cleanup();
+    runTmp?.cleanup();
+  });
+
+  const c = () => ctrd!;
+  const api = () => cri!;
+  /** The shim's run directory for a pod: `<run root>/k8s.io/<sandbox id>`. */
+  const sandboxDir = (id: string) => path.join(runRoot, CRI_NAMESPACE, id);
+  const qemusOf = (id: string) => processesMentioning(`${sandboxDir(id)}/`).filter((p) => p.argv[0]?.includes('qemu-system'));
+  const log = () => `--- containerd log ---\n${c().logTail(60)}`;
+
+  it('serves runtime.v1 and sees the images imported into k8s.io', async () => {
+    const v = await api().runtime('Version', { version: 'v1' });
+    assert.equal(v.runtime_name, 'containerd');
+    assert.equal(v.runtime_api_version, 'v1');
+    for (const name of [PAUSE_IMAGE, BUSYBOX_IMAGE]) {
+      const s = await api().image('ImageStatus', { image: { image: name } });
+      assert.deepEqual((s.image as { repo_tags: string[] }).repo_tags, [name], `${name}\n${log()}`);
+    }
+  });
+
+  describe('a pod on the kata handler, host network', () => {
+    /** A function: logDir exists only once the outer before hook ran. */
+    const sandboxConfig = () => ({
+      metadata: { name: 'pod1', uid: 'pod-uid-1', namespace: 'default', attempt: 0 },
+      log_directory: logDir,
+      linux: { security_context: { namespace_options: { network: 'NODE', pid: 'CONTAINER', ipc: 'POD' } } },
+    });
+    let podId = '';
+    const containers: Record<string, string> = {};
+
+    const containerConfig = (name: string, script: string, extra: Record<string, unknown> = {}) => ({
+      metadata: { name, attempt: 0 },
+      image: { image: BUSYBOX_IMAGE },
+      command: ['sh', '-c', script],
+      log_path: `${name}_0.log`,
+      ...extra,
+    });
+    const create = async (name: string, script: string, extra?: Record<string, unknown>) => {
+      const r = await api().runtime('CreateContainer', { pod_sandbox_id: podId, config: containerConfig(name, script, extra), sandbox_config: sandboxConfig() });
+      containers[name] = r.container_id as string;
+      await api().runtime('StartContainer', { container_id: containers[name] });
+      return containers[name]!;
+    };
+    const status = async (name: string) => (await api().runtime('ContainerStatus', { container_id: containers[name] })).status as ContainerStatus;
+    const exited = (name: string, timeoutMs?: number) =>
+      until(`container ${name} to exit`, async () => {
+        const s = await status(name);
+        return s.state === 'CONTAINER_EXITED' && s;
+      }, timeoutMs);
+    /** The CRI log file's lines, `<RFC 3339 time> <stream> <F|P> <text>`, without the time. */
+    const logLines = (name: string) =>
+      readFileSync(path.join(logDir, `${name}_0.log`), 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => l.replace(/^\S+ /, ''));
+
+    it('RunPodSandbox boots one VM through the shim and the sandbox is READY', async () => {
+      const r = await api().runtime('RunPodSandbox', { config: sandboxConfig(), runtime_handler: HANDLER }).catch((e: Error) => assert.fail(`${e.message}\n${log()}`));
+      podId = r.pod_sandbox_id as string;
+      const s = (await api().runtime('PodSandboxStatus', { pod_sandbox_id: podId })).status as { state: string; runtime_handler: string };
+      assert.deepEqual([s.state, s.runtime_handler], ['SANDBOX_READY', HANDLER]);
+      assert.equal(qemusOf(podId).length, 1, 'one VM for the pod');
+    });
+
+    it('runs a container whose output reaches the CRI log file', async () => {
+      await create('hello', 'trap "exit 143" TERM; echo hello from a pod; sleep 1000 & wait');
+      const s = await status('hello');
+      assert.equal(s.state, 'CONTAINER_RUNNING', log());
+      assert.equal(s.log_path, path.join(logDir, 'hello_0.log'));
+      await until('the log line', () => existsSync(path.join(logDir, 'hello_0.log')) && logLines('hello').length > 0, 30_000);
+      assert.deepEqual(logLines('hello'), ['stdout F hello from a pod']);
+      assert.match(readFileSync(path.join(logDir, 'hello_0.log'), 'utf8'), /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) stdout F /);
+    });
+
+    it('runs a second container in the same VM; its exit code 3 reaches ContainerStatus', async () => {
+      await create('exit3', 'echo bye >&2; exit 3');
+      const s = await exited('exit3');
+      assert.deepEqual([s.exit_code, s.reason], [3, 'Error']);
+      assert.ok(s.finished_at >= s.started_at && s.started_at > 0);
+      assert.deepEqual(logLines('exit3'), ['stderr F bye']);
+      assert.equal(qemusOf(podId).length, 1, 'both containers in the pod VM');
+      assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the first container is unaffected');
+    });
+
+    it('StopContainer delivers SIGTERM before the timeout; the container is EXITED with 143', async () => {
+      const t0 = Date.now();
+      await api().runtime('StopContainer', { container_id: containers.hello, timeout: 30 });
+      assert.ok(Date.now() - t0 < 30_000, 'stopped by SIGTERM, not by the SIGKILL after the timeout');
+      const s = await status('hello');
+      assert.deepEqual([s.state, s.exit_code], ['CONTAINER_EXITED', 143]);
+    });
+
+    it('reports OOMKilled for a container the guest OOM-kills', async () => {
+      await create('oom', 'a=xxxxxxxxxxxxxxxx; while true; do a=$a$a; done');
+      const s = await exited('oom', 120_000);
+      assert.deepEqual([s.reason, s.exit_code], ['OOMKilled', 137], log());
+    });
+
+    it('RemoveContainer removes the containers; the pod VM keeps running', async () => {
+      for (const name of Object.keys(containers)) await api().runtime('RemoveContainer', { container_id: containers[name] });
+      await assert.rejects(status('hello'), /not found|does not exist/);
+      assert.equal(qemusOf(podId).length, 1);
+    });
+
+    it('StopPodSandbox stops the VM and RemovePodSandbox forgets the pod', async () => {
+      await api().runtime('StopPodSandbox', { pod_sandbox_id: podId });
+      await until('the pod VM to go', () => qemusOf(podId).length === 0, 30_000);
+      await api().runtime('RemovePodSandbox', { pod_sandbox_id: podId });
+      await assert.rejects(api().runtime('PodSandboxStatus', { pod_sandbox_id: podId }), /not found|does not exist/);
+      await until('the run directory to go', () => !existsSync(sandboxDir(podId)), 30_000);
+    });
+  });
+
+  // Mocha runs a suite's own tests before its nested suites: this one goes in a suite of its own,
+  // defined last, so that it runs after everything else.
+  describe('at the end', () => {
+    it('leaves no shim, VM, mount, socket or run directory', async () => {
+      assert.deepEqual(processesMentioning(`${runRoot}/`).map((p) => p.argv.slice(0, 3).join(' ')), []);
+      const nsRoot = path.join(runRoot, CRI_NAMESPACE);
+      assert.deepEqual(existsSync(nsRoot) ? readdirSync(nsRoot) : [], []);
+      assert.deepEqual(await c().stop(), NO_LEFTOVERS);
+    });
+  });
+});
