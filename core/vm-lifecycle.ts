@@ -17,6 +17,10 @@ import type { BlockDeviceSpec, HotpluggedBlock, UnplugOptions, VmContext, VmExit
 
 /** Default root of per-sandbox run directories (Kata uses /run/vc and /run/kata-containers). */
 export const DEFAULT_RUN_ROOT = '/run/kata-ts';
+/** A unix socket path, NUL included, fits in this many bytes (sun_path). */
+const UNIX_PATH_MAX = 108;
+/** The longest socket name plugins put in a run directory ("virtiofsd.sock", with room to spare). */
+const RUN_DIR_SOCKET_NAME_MAX = 16;
 
 const SANDBOX_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 
@@ -47,6 +51,12 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
   }
   const log = (opts.log ?? silentLogger()).child({ sandbox: opts.sandboxId });
   const runDir = path.join(opts.runRoot ?? DEFAULT_RUN_ROOT, opts.sandboxId);
+  const longest = UNIX_PATH_MAX - 1 - RUN_DIR_SOCKET_NAME_MAX;
+  if (Buffer.byteLength(runDir) > longest) {
+    throw new KataError('KATA_ERR_SANDBOX', `the sandbox run directory ${runDir} is ${Buffer.byteLength(runDir)} bytes long: the unix sockets in it (QMP, the agent, virtiofsd) would exceed the kernel's ${UNIX_PATH_MAX}-byte limit; at most ${longest} bytes fit`, {
+      fix: 'use a shorter run root (KATA_TS_RUN_ROOT); the default /run/kata-ts fits a CRI sandbox id (64 characters) in namespace k8s.io',
+    });
+  }
   await mkdir(runDir, { recursive: true, mode: 0o700 });
   const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log });
   const { hooks } = validated;

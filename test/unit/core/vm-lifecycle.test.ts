@@ -72,6 +72,13 @@ describe('launchVm', () => {
     assert.equal(existsSync(path.join(tmp.path, 'run', 'sb4')), false);
   });
 
+  it('refuses, before creating anything, a run directory too long for the unix sockets in it', async () => {
+    const runRoot = path.join(tmp.path, 'run', 'a-rather-long-namespace-name');
+    const sandboxId = 'f'.repeat(64); // CRI's sandbox ids are 64 hex characters
+    await assert.rejects(launchVm(await validated('/k'), { sandboxId, runRoot }), (e: KataError) => e.code === 'KATA_ERR_SANDBOX' && /unix sockets/.test(e.message) && /KATA_TS_RUN_ROOT/.test(e.fix));
+    assert.equal(existsSync(runRoot), false);
+  });
+
   it('refuses a sandbox id that could escape the run root', async () => {
     await assert.rejects(launchVm(await validated('/k'), { sandboxId: '../etc', runRoot: path.join(tmp.path, 'run') }), (e: KataError) => e.code === 'KATA_ERR_USAGE');
   });
