@@ -157,6 +157,12 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the first container is unaffected');
     });
 
+    it('ExecSync runs a command in the running container (the shim\'s Exec) with its output and exit code', async () => {
+      const r = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['sh', '-c', 'echo out; echo err >&2; exit 4'], timeout: 30 });
+      assert.deepEqual([Buffer.from(r.stdout as Uint8Array).toString(), Buffer.from(r.stderr as Uint8Array).toString(), r.exit_code], ['out\n', 'err\n', 4], log());
+      assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the container goes on');
+    });
+
     it('StopContainer delivers SIGTERM before the timeout; the container is EXITED with 143', async () => {
       const t0 = Date.now();
       await api().runtime('StopContainer', { container_id: containers.hello, timeout: 30 });
