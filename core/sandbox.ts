@@ -11,7 +11,7 @@
  * when no plugin answers, a directory rootfs is shared through the shared filesystem here.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
@@ -21,6 +21,7 @@ import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js';
 import type { ValidatedConfig } from './runtime.js';
+import { mountsUnder, unmount } from './mounts.js';
 import { launchVm, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
 import type { ContainerContext, RootfsAttachment, RootfsSource, VmExit } from './vm.js';
 
@@ -313,7 +314,7 @@ export class Sandbox {
     const mounted: string[] = [];
     const detach = async () => {
       const errors: unknown[] = [];
-      for (const t of mounted.reverse()) await unmountOrDetach(t).catch((e: unknown) => errors.push(e));
+      for (const t of mounted.reverse()) await unmount(t).catch((e: unknown) => errors.push(e));
       if (errors.length > 0) throw toKataError(errors[0], 'KATA_ERR_VOLUME');
       await removeUnlessMounted(hostDir);
     };
@@ -378,7 +379,7 @@ export class Sandbox {
       storages: [],
       guestPath: `${GUEST_SHARED_DIR}/${ctx.containerId}/rootfs`,
       detach: async () => {
-        await unmountOrDetach(hostDir);
+        await unmount(hostDir);
         await removeUnlessMounted(path.dirname(hostDir));
       },
     };
@@ -395,20 +396,6 @@ const NO_VOLUMES: SharedVolumes = Object.freeze({ mounts: [], detach: async () =
 
 function isBindMount(m: MountSpec): boolean {
   return m.type === 'bind' || m.options.includes('bind') || m.options.includes('rbind');
-}
-
-/** Whether anything is mounted at or below `dir`, from the kernel's mount table. */
-async function mountsUnder(dir: string): Promise<string[]> {
-  const table = await readFile('/proc/self/mountinfo', 'utf8');
-  return table
-    .split('\n')
-    .map((l) => l.split(' ')[4])
-    .filter((m): m is string => !!m && (m === dir || m.startsWith(`${dir}/`)));
-}
-
-async function unmountOrDetach(target: string): Promise<void> {
-  // A mount still busy (a process holding a file) is detached: gone from the tree at once, freed when released.
-  await run('umount', ['-R', target]).catch(() => run('umount', ['-l', target]));
 }
 
 /** Removes a directory of shares, but never through a mount that is still there (that would delete host data). */

@@ -20,6 +20,7 @@ import path from 'node:path';
 import { KataError, toKataError } from '../errors.js';
 import { closeSinks, logFifo, systemLog } from '../log-sinks.js';
 import { createLogger, type Logger } from '../logger.js';
+import { mountsUnder, unmount } from '../mounts.js';
 import { SHIPPED_QEMU_CONFIG } from '../cli/run.js';
 import { TtrpcServer } from '../ttrpc/index.js';
 import { runtimeVersion } from '../version.js';
@@ -28,7 +29,6 @@ import { EventPublisher } from './events.js';
 import { parseShimFlags, type ShimFlags } from './flags.js';
 import { readBundleSpec } from './oci.js';
 import { Any, DeleteResponse, RuntimeInfo, Task } from './proto.gen.js';
-import { isMountPoint, unmount } from './rootfs.js';
 import { TaskService } from './service.js';
 import { timestamp } from './time.js';
 
@@ -275,14 +275,8 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
         /* already gone */
       }
     }
-    // Mounts the dead shim left under the run directory (shared rootfs bind mounts), deepest first.
-    const table = await readFile('/proc/self/mountinfo', 'utf8');
-    const left = table
-      .split('\n')
-      .map((l) => l.split(' ')[4])
-      .filter((m): m is string => !!m && (m === runDir || m.startsWith(`${runDir}/`)))
-      .sort((a, b) => b.length - a.length);
-    for (const m of left) if (await isMountPoint(m)) await unmount(m).catch(() => undefined);
+    // Mounts the dead shim left under the run directory (shared rootfs and volumes), deepest first.
+    for (const m of await mountsUnder(runDir)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
     await unlink(sock).catch(() => undefined);
   }

@@ -9,10 +9,11 @@
  * - no mounts (`ctr run --rootfs DIR`) → config.json's root.path, as it is.
  */
 import { execFile } from 'node:child_process';
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { KataError } from '../errors.js';
+import { unmount } from '../mounts.js';
 import type { RootfsSource } from '../vm.js';
 import type { Mount } from './proto.gen.js';
 
@@ -53,23 +54,6 @@ async function isBlockDevice(p: string): Promise<boolean> {
     (s) => s.isBlockDevice(),
     () => false,
   );
-}
-
-/** Whether `target` is a mount point, from the kernel's mount table. */
-export async function isMountPoint(target: string): Promise<boolean> {
-  const table = await readFile('/proc/self/mountinfo', 'utf8');
-  // mountinfo escapes spaces and the like as octal (\040); containerd's bundle paths have none.
-  return table.split('\n').some((line) => line.split(' ')[4] === target);
-}
-
-export async function unmount(target: string): Promise<void> {
-  if (!(await isMountPoint(target))) return;
-  try {
-    await run('umount', [target]);
-  } catch {
-    // Still busy (a process holding a file): detach it now, the kernel frees it when released.
-    await run('umount', ['-l', target]);
-  }
 }
 
 export async function prepareRootfs(mounts: readonly Mount[], target: string, specRoot: string): Promise<PreparedRootfs> {

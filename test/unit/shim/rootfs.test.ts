@@ -7,7 +7,8 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { compactOverlayOptions, isMountPoint, prepareRootfs } from '../../../core/shim/rootfs.js';
+import { isMountPoint } from '../../../core/mounts.js';
+import { compactOverlayOptions, prepareRootfs } from '../../../core/shim/rootfs.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 describe('shim: container rootfs from containerd mounts', function () {
