@@ -18,7 +18,6 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { DIST_ROOT, PACKAGE_ROOT } from '../core/paths.js';
 import { Task } from '../core/shim/proto.gen.js';
 import { TtrpcClient } from '../core/ttrpc/index.js';
 import { startContainerd } from '../test/helpers/containerd.js';
@@ -26,8 +25,8 @@ import { ensureGuestImage } from '../test/helpers/guest.js';
 import { qemuBinary } from '../test/helpers/qemu.js';
 import { TempDir } from '../test/helpers/tmp.js';
 import { median, ms } from './stats.js';
+import { SHIM, shimBinDir, shimConfig } from '../test/helpers/shim.js';
 
-const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 const RUNS = 11;
 const tmp = new TempDir('kata-bench-shim-');
 const env = { ...process.env, KATA_TS_SHIM_SOCKET_DIR: path.join(tmp.path, 's'), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run'), TTRPC_ADDRESS: '' };
@@ -107,7 +106,7 @@ try {
 
     // 3. ctr run --rm … echo, split by the shim's log lines in containerd's log.
     const ctx = { skip: () => { throw new Error('containerd is not installed'); } } as unknown as Mocha.Context;
-    const ctrd = await startContainerd(ctx, { pathPrefix: [shimBinDir()], env: { KATA_CONF_FILE: configFor(image), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run') } }).catch((e: Error) => {
+    const ctrd = await startContainerd(ctx, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: shimConfig(tmp, image), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run') } }).catch((e: Error) => {
       console.log(`3. skipped: ${e.message}`);
       return undefined;
     });
@@ -151,16 +150,4 @@ try {
   }
 } finally {
   tmp.cleanup();
-}
-
-function shimBinDir(): string {
-  const dir = path.join(tmp.path, 'bin');
-  execFileSync('mkdir', ['-p', dir]);
-  execFileSync('ln', ['-sf', SHIM, path.join(dir, 'containerd-shim-kata-v2')]);
-  return dir;
-}
-
-function configFor(image: { kernel: string; initrd: string }): string {
-  const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
-  return tmp.file('configuration.toml', shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`));
 }

@@ -10,17 +10,16 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
 import { until as untilFast } from '../helpers/wait.js';
 import { processesMentioning } from '../helpers/procs.js';
+import { shimBinDir, shimConfig } from '../helpers/shim.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
-const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 
 /** Processes whose command line names `dir` (QEMU of a sandbox whose run directory is under it). */
 function processesUnder(dir: string): string[] {
@@ -41,17 +40,9 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     this.timeout(600_000);
     const image = await ensureGuestImage();
     tmp = new TempDir('kata-shim-e2e-');
-    const bin = path.join(tmp.path, 'bin');
-    mkdirSync(bin);
-    symlinkSync(SHIM, path.join(bin, 'containerd-shim-kata-v2'));
     runRoot = path.join(tmp.path, 'run');
-    // The shipped QEMU configuration, pointed at the guest image the tests built.
-    const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
-    config = tmp.file(
-      'configuration.toml',
-      shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`),
-    );
-    ctrd = await startContainerd(this, { pathPrefix: [bin], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot } });
+    config = shimConfig(tmp, image);
+    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot } });
   });
 
   after(async () => {

@@ -7,19 +7,18 @@
  * since no CNI plugin is installed. What this does not cover: the kubelet itself, CNI networking.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, CRI_NAMESPACE, NO_LEFTOVERS, PAUSE_IMAGE, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { CriClient } from '../helpers/cri.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { processesMentioning } from '../helpers/procs.js';
 import { TempDir } from '../helpers/tmp.js';
 import { until as untilFast } from '../helpers/wait.js';
+import { shimBinDir, shimConfig } from '../helpers/shim.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
 const HANDLER = 'kata';
-const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 
 /** Polls every 200 ms (probes here call CRI or scan /proc), for up to a minute unless told. */
 const until = <T>(what: string, ok: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 60_000) => untilFast(what, ok, timeoutMs, 200);
@@ -46,23 +45,15 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
     this.timeout(600_000);
     const image = await ensureGuestImage();
     tmp = new TempDir('kata-shim-cri-');
-    const bin = path.join(tmp.path, 'bin');
-    mkdirSync(bin);
-    symlinkSync(SHIM, path.join(bin, 'containerd-shim-kata-v2'));
     // CRI's ids have 64 characters: `<run root>/k8s.io/<id>/qmp.sock` must stay under the 108
     // bytes of a unix socket path, so the run root is a short directory of its own.
     runTmp = new TempDir('kc-');
     runRoot = runTmp.path;
     logDir = path.join(tmp.path, 'pods', 'pod-uid-1');
     mkdirSync(logDir, { recursive: true });
-    const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
-    const config = tmp.file(
-      'configuration.toml',
-      shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`),
-    );
     ctrd = await startContainerd(this, {
-      pathPrefix: [bin],
-      env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot },
+      pathPrefix: [shimBinDir(tmp)],
+      env: { KATA_CONF_FILE: shimConfig(tmp, image), KATA_TS_RUN_ROOT: runRoot },
       image: false,
       cri: { runtimes: { [HANDLER]: RUNTIME } },
     });

@@ -8,13 +8,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { DIST_ROOT } from '../../../core/paths.js';
 import { Any, DeleteResponse, Options, RuntimeInfo, Task } from '../../../core/shim/proto.gen.js';
 import { GrpcCode, TtrpcClient, TtrpcError } from '../../../core/ttrpc/index.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { pidAlive } from '../../helpers/wait.js';
+import { SHIM } from '../../helpers/shim.js';
 
-const SHIM = path.join(DIST_ROOT, 'bundle', 'containerd-shim-kata-v2.mjs');
 
 function shim(args: string[], opts: { cwd: string; env: NodeJS.ProcessEnv; input?: Uint8Array }) {
   const r = spawnSync(process.execPath, [SHIM, ...args], { cwd: opts.cwd, env: opts.env, input: opts.input ?? new Uint8Array(0), timeout: 30_000 });
