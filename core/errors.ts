@@ -2,8 +2,15 @@
  * Coded errors. Every error the runtime raises on purpose carries a `code` from {@link ERROR_CODES};
  * the table is the single source for the README's error table (a test keeps them in step).
  *
- * Messages are prefixed with `[plugin x]` when a plugin is involved, in the manner of rollup/vite,
- * so that a log line alone tells whose decision it was.
+ * The plugin on whose behalf an error is raised is a field (`plugin`), and `message` is formatted
+ * from it as `[plugin x] text`, in the manner of rollup/vite, so that a log line alone tells whose
+ * decision it was; `text` is the message without that prefix, for code that words its own message
+ * around another error's. Nothing parses the prefix back out.
+ *
+ * Plugins may raise codes of their own: `<NAME>_ERR_<WHAT>`, where `<NAME>` is the plugin's name
+ * in upper snake case (`my-policy` → `MY_POLICY_ERR_TOO_BIG`). `KATA_ERR_*` is reserved for the
+ * runtime's table below. A code the table does not know is shown as it is, with the fix the
+ * plugin gave (or a pointer to the plugin's documentation).
  */
 
 export interface ErrorCodeInfo {
@@ -238,6 +245,19 @@ export const ERROR_CODES = Object.freeze({
 
 export type ErrorCode = keyof typeof ERROR_CODES;
 
+/** A code of a plugin's own: `<NAME>_ERR_<WHAT>` (see the naming rule at the top of this module). */
+export type PluginErrorCode = `${string}_ERR_${string}`;
+
+/** True when the runtime's table knows `code`. */
+export function isKnownErrorCode(code: string): code is ErrorCode {
+  return Object.prototype.hasOwnProperty.call(ERROR_CODES, code);
+}
+
+/** The code prefix a plugin's own codes must carry: `my-policy` → `MY_POLICY_ERR_`. */
+export function pluginErrorCodePrefix(plugin: string): string {
+  return `${plugin.replace(/[^A-Za-z0-9]+/g, '_').replace(/^_+|_+$/g, '').toUpperCase()}_ERR_`;
+}
+
 export interface KataErrorOptions {
   /** The plugin on whose behalf the error is raised. */
   plugin?: string;
@@ -266,22 +286,26 @@ export class KataError extends Error {
     return value !== null && typeof value === 'object' && (value as Record<symbol, unknown>)[KATA_ERROR] === true;
   }
   readonly [KATA_ERROR] = true;
-  readonly code: ErrorCode;
+  /** A code of the runtime's table, or (raised by a plugin) one of the plugin's own. */
+  readonly code: ErrorCode | PluginErrorCode;
+  /** The message without the `[plugin x]` prefix. */
+  readonly text: string;
   readonly plugin: string | undefined;
   readonly hook: string | undefined;
   readonly key: string | undefined;
   readonly value: unknown;
   readonly fix: string;
 
-  constructor(code: ErrorCode, message: string, opts: KataErrorOptions = {}) {
+  constructor(code: ErrorCode | PluginErrorCode, message: string, opts: KataErrorOptions = {}) {
     super(opts.plugin ? `[plugin ${opts.plugin}] ${message}` : message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = 'KataError';
     this.code = code;
+    this.text = message;
     this.plugin = opts.plugin;
     this.hook = opts.hook;
     this.key = opts.key;
     this.value = opts.value;
-    this.fix = opts.fix ?? ERROR_CODES[code].fix;
+    this.fix = opts.fix ?? (isKnownErrorCode(code) ? ERROR_CODES[code].fix : unknownCodeFix(opts.plugin));
   }
 
   toJSON(): Record<string, unknown> {
@@ -295,6 +319,10 @@ export class KataError extends Error {
       fix: this.fix,
     });
   }
+}
+
+function unknownCodeFix(plugin: string | undefined): string {
+  return plugin ? `See the documentation of plugin ${plugin} for this code.` : 'See the documentation of the component that raised this code.';
 }
 
 /**
@@ -345,6 +373,12 @@ export function formatValue(v: unknown): string {
   } catch {
     return String(v);
   }
+}
+
+/** The words of an error without any `[plugin x]` prefix: for messages built around another error. */
+export function errorText(e: unknown): string {
+  if (e instanceof KataError) return e.text;
+  return e instanceof Error ? e.message : String(e);
 }
 
 export function isKataError(e: unknown): e is KataError {

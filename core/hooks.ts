@@ -184,7 +184,7 @@ export function createTapView(hooks: Hooks, plugin: string): TapOnlyHooks {
 function stampHookError(e: unknown, plugin: string, hook: string): KataError {
   if (e instanceof KataError) {
     if (e.plugin === plugin && e.hook === hook) return e;
-    const stamped = new KataError(e.code, e.plugin ? e.message.replace(/^\[plugin [^\]]+\] /, '') : e.message, {
+    const stamped = new KataError(e.code, e.text, {
       plugin, hook, key: e.key, value: e.value, fix: e.fix, cause: e.cause,
     });
     return stamped;

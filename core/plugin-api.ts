@@ -74,5 +74,5 @@ export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
 export { LineRing } from './line-ring.js';
 export { spawnTied } from './child.js';
-export { KataError } from './errors.js';
+export { KataError, errorText, pluginErrorCodePrefix, type PluginErrorCode } from './errors.js';
 export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';

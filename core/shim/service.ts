@@ -170,7 +170,7 @@ const GRPC_FOR: Partial<Record<ErrorCode, number>> = {
 export function toTtrpcError(e: unknown): TtrpcError {
   if (e instanceof TtrpcError) return e;
   const k = toKataError(e);
-  const code = GRPC_FOR[k.code] ?? (k.code === 'KATA_ERR_SANDBOX' ? GrpcCode.FAILED_PRECONDITION : GrpcCode.UNKNOWN);
+  const code = GRPC_FOR[k.code as ErrorCode] ?? (k.code === 'KATA_ERR_SANDBOX' ? GrpcCode.FAILED_PRECONDITION : GrpcCode.UNKNOWN);
   return new TtrpcError(code, `${k.message} [${k.code}] (fix: ${k.fix})`, { cause: k });
 }
 

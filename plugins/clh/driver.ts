@@ -413,7 +413,7 @@ function hotplugError(message: string, opts: { cause?: unknown; fix?: string } =
 }
 
 function reason(e: unknown): string {
-  if (e instanceof KataError) return `${e.message.replace(/^\[plugin [^\]]+\] /, '')} [${e.code}]`;
+  if (e instanceof KataError) return `${e.text} [${e.code}]`;
   return e instanceof Error ? e.message : String(e);
 }
 

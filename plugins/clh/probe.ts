@@ -8,7 +8,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { KataError, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
+import { KataError, errorText, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { PLUGIN_NAME, TDX_FEATURE } from './driver.js';
 
@@ -61,7 +61,7 @@ export async function clhHostChecks(ctx: HostCheckContext): Promise<void> {
   try {
     ping = await probeVmm(path_);
   } catch (e) {
-    const why = e instanceof Error ? e.message.replace(/^\[plugin [^\]]+\] /, '') : String(e);
+    const why = errorText(e);
     ctx.add({ id: 'hypervisor-api', status: confidential ? 'FAIL' : 'WARN', subject: 'Cloud Hypervisor API', message: `vmm.ping did not answer: ${why}` });
     return;
   }

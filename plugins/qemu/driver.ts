@@ -23,6 +23,7 @@ import {
   chooseAccelerator,
   detectHost,
   isQemuSpec,
+  errorText,
   type Accelerator,
   type BlockDeviceSpec,
   type HostInfo,
@@ -277,7 +278,7 @@ export class QemuVm implements VmHandle {
       // No signal: QEMU ended itself (bad option, kernel not found …), whatever the caller saw first.
       what = `QEMU exited during start (${describeExit(this.#exit)})`;
     } else {
-      what = cause instanceof Error ? cause.message.replace(/^\[plugin [^\]]+\] /, '') : String(cause);
+      what = errorText(cause);
     }
     const stderr = tail.length > 0 ? `; QEMU stderr:\n  ${tail.join('\n  ')}` : '';
     return new KataError('KATA_ERR_VM_START', `cannot start QEMU: ${what}${stderr}`, {

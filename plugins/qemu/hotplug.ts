@@ -230,6 +230,6 @@ function hotplugError(message: string, opts: { cause?: unknown; fix?: string } =
 
 function reason(e: unknown): string {
   if (e instanceof QmpError) return `${e.class}: ${e.desc}`;
-  if (e instanceof KataError) return `${e.message.replace(/^\[plugin [^\]]+\] /, '')} [${e.code}]`;
+  if (e instanceof KataError) return `${e.text} [${e.code}]`;
   return e instanceof Error ? e.message : String(e);
 }

@@ -13,7 +13,7 @@
  * connection rejects everything pending with KATA_ERR_QMP_CLOSED.
  */
 import net from 'node:net';
-import { KataError, silentLogger, type Logger } from '../../core/plugin-api.js';
+import { KataError, errorText, silentLogger, type Logger } from '../../core/plugin-api.js';
 import { PLUGIN_NAME } from './config.js';
 
 /** QMP's version triple, from the greeting. */
@@ -402,12 +402,12 @@ export class QmpClient {
     const closed = cause.code === 'KATA_ERR_QMP_CLOSED';
     for (const p of this.#pending.values()) {
       if (p.timer) clearTimeout(p.timer);
-      p.reject(closed ? new KataError('KATA_ERR_QMP_CLOSED', `QMP ${p.command}: no answer, ${cause.message.replace(/^\[plugin [^\]]+\] /, '')}`, { plugin: PLUGIN_NAME, cause }) : cause);
+      p.reject(closed ? new KataError('KATA_ERR_QMP_CLOSED', `QMP ${p.command}: no answer, ${errorText(cause)}`, { plugin: PLUGIN_NAME, cause }) : cause);
     }
     this.#pending.clear();
     for (const w of this.#waiters) {
       clearTimeout(w.timer);
-      w.reject(closed ? new KataError('KATA_ERR_QMP_CLOSED', `no ${w.name} event, ${cause.message.replace(/^\[plugin [^\]]+\] /, '')}`, { plugin: PLUGIN_NAME, cause }) : cause);
+      w.reject(closed ? new KataError('KATA_ERR_QMP_CLOSED', `no ${w.name} event, ${errorText(cause)}`, { plugin: PLUGIN_NAME, cause }) : cause);
     }
     this.#waiters.clear();
     this.#abandoned.clear();
