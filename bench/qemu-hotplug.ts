@@ -24,7 +24,7 @@ import { createLogger } from '../core/logger.js';
 import { SANDBOX_DIR, type QemuLaunchSpec } from '../core/plan.js';
 import { loadValidatedConfig, type ValidatedConfig } from '../core/runtime.js';
 import { launchVm, type RunningVm } from '../core/vm-lifecycle.js';
-import { buildGuestImage } from '../guest/build-image.js';
+import { buildGuestImage } from '../guest/image/build-image.js';
 import { SANDBOX_PATHS } from '../plugins/qemu/config.js';
 import { QemuVm } from '../plugins/qemu/driver.js';
 

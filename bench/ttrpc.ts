@@ -16,10 +16,10 @@ import path from 'node:path';
 import { build } from 'esbuild';
 import { performance } from 'node:perf_hooks';
 import { PACKAGE_ROOT } from '../core/paths.js';
-import { TtrpcClient } from '../core/ttrpc/client.js';
-import { TtrpcServer } from '../core/ttrpc/server.js';
-import { method, service } from '../core/ttrpc/codec.js';
-import { Request } from '../core/ttrpc/proto.gen.js';
+import { TtrpcClient } from '../wire/ttrpc/client.js';
+import { TtrpcServer } from '../wire/ttrpc/server.js';
+import { method, service } from '../wire/ttrpc/codec.js';
+import { Request } from '../wire/ttrpc/proto.gen.js';
 import { loadProtos, PROTOS_DIR } from '../scripts/gen-protos.js';
 
 const median = (xs: number[]): number => {
@@ -45,8 +45,8 @@ const t1 = performance.now();
 process.stdout.write(JSON.stringify({ script: t1 - t0, sinceProcessStart: t1 }));`;
   return {
     'generated codecs (ours)': `const t0 = performance.now();
-const { Request } = await import('${dist('core/ttrpc/proto.gen.js')}');
-const { CreateContainerRequest } = await import('${dist('core/agent/proto.gen.js')}');
+const { Request } = await import('${dist('wire/ttrpc/proto.gen.js')}');
+const { CreateContainerRequest } = await import('${dist('wire/agent/proto.gen.js')}');
 ${tail(`Request.encode({ service: 'grpc.AgentService', method: 'CreateContainer', payload: CreateContainerRequest.encode(s) })`, `CreateContainerRequest.decode(Request.decode(body).payload)`)}`,
     'protobufjs, .proto parsed at run time': `const t0 = performance.now();
 const { default: pb } = await import('protobufjs');

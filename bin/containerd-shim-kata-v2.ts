@@ -1,7 +1,7 @@
 #!/usr/bin/env node
-// containerd-shim-kata-v2: the containerd runtime v2 shim (core/shim/main.ts).
+// containerd-shim-kata-v2: the containerd runtime v2 shim (shim/main.ts).
 import { readFileSync } from 'node:fs';
-import { shimMain } from '../core/shim/main.js';
+import { shimMain } from '../shim/main.js';
 
 const code = await shimMain({
   env: process.env,

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
 // Thin entry point: parse argv and hand over to the core.
-import { main } from '../core/cli/main.js';
+import { main } from '../cli/main.js';
 
 process.exitCode = await main(process.argv.slice(2));

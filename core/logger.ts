@@ -1,6 +1,6 @@
 /**
  * Logging with pino. The CLI logs to stderr at `warn` unless --log-level/--debug say otherwise;
- * the shim logs to `sinks` (core/log-sinks.ts: containerd's log pipe, the system log). Every plugin
+ * the shim logs to `sinks` (shim/log-sinks.ts: containerd's log pipe, the system log). Every plugin
  * gets a child logger bound to `{ plugin: <name> }`.
  *
  * pino itself is loaded on the first message that passes the level, not at start-up: a
@@ -9,7 +9,32 @@
  */
 import { createRequire } from 'node:module';
 import type { Logger as PinoLogger, LoggerOptions as PinoOptions, DestinationStream } from 'pino';
-import type { LogSink } from './log-sinks.js';
+
+/** Counters of a {@link LogSink}. */
+export interface SinkStats {
+  /** Lines handed to the destination. */
+  readonly written: number;
+  /** Lines dropped: destination full, gone or absent. */
+  readonly dropped: number;
+  /** The last delivery error (code or message), if any. */
+  readonly lastError: string | undefined;
+}
+
+/** A destination for whole log lines (each ends with "\n"). */
+export interface LogSink {
+  /** `fifo:<path>`, `journald:<path>`, `syslog:<path>` or `none`. */
+  readonly name: string;
+  /**
+   * Opens the destination on the logger's first line. Returns a warning when the sink cannot work
+   * on this host (the logger writes it once through its other sinks), or undefined.
+   */
+  open(): string | undefined;
+  /** Delivers or drops one line; never throws, never waits. `level` is pino's number (10–60). */
+  write(line: string, level: number): void;
+  /** Delivers what is still buffered (best effort, bounded) and releases the destination. */
+  close(): Promise<void>;
+  stats(): SinkStats;
+}
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 

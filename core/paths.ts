@@ -9,3 +9,6 @@ export const PACKAGE_ROOT: string = path.resolve(path.dirname(fileURLToPath(impo
 
 /** Directory of the compiled code (dist/). */
 export const DIST_ROOT: string = path.join(PACKAGE_ROOT, 'dist');
+
+/** The QEMU configuration the project ships: the fall-back when no configuration is named or installed. */
+export const SHIPPED_QEMU_CONFIG: string = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');

@@ -30,7 +30,7 @@ if (missing.length > 0) {
 }
 
 say('$ npm run guest:build   # Debian kernel + busybox initramfs + node and the guest agent (cached after the first run)');
-execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'guest', 'build-image.js')], { stdio: ['ignore', 'inherit', 'inherit'] });
+execFileSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'guest', 'image', 'build-image.js')], { stdio: ['ignore', 'inherit', 'inherit'] });
 
 const cli = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
 const config = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');

@@ -4,7 +4,7 @@
  * plugin before any VM starts. Exits non-zero unless both verdicts are what they should be.
  */
 import path from 'node:path';
-import { main } from '../core/cli/main.js';
+import { main } from '../cli/main.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
 
 const example = (f: string) => path.join(PACKAGE_ROOT, 'examples', f);

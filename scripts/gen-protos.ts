@@ -24,15 +24,15 @@ export interface ProtoModule {
   readonly out: string;
   /** Entry .proto files, relative to protos/; what they import is generated too. */
   readonly protos: readonly string[];
-  /** Import specifier of core/ttrpc/codec.ts as seen from the output file. */
+  /** Import specifier of wire/ttrpc/codec.ts as seen from the output file. */
   readonly codecImport: string;
 }
 
 export const PROTO_MODULES: readonly ProtoModule[] = [
-  { out: 'core/ttrpc/proto.gen.ts', protos: ['ttrpc/request.proto'], codecImport: './codec.js' },
-  { out: 'core/agent/proto.gen.ts', protos: ['kata/agent.proto', 'kata/health.proto'], codecImport: '../ttrpc/codec.js' },
+  { out: 'wire/ttrpc/proto.gen.ts', protos: ['ttrpc/request.proto'], codecImport: './codec.js' },
+  { out: 'wire/agent/proto.gen.ts', protos: ['kata/agent.proto', 'kata/health.proto'], codecImport: '../ttrpc/codec.js' },
   {
-    out: 'core/shim/proto.gen.ts',
+    out: 'wire/containerd/proto.gen.ts',
     protos: ['containerd/task/v2/shim.proto', 'containerd/events/task.proto', 'containerd/services/ttrpc/events/v1/events.proto', 'containerd/runtimeoptions/v1/options.proto', 'containerd/types/introspection.proto'],
     codecImport: '../ttrpc/codec.js',
   },

@@ -4,10 +4,10 @@
  * timeouts, and every failure as an {@link AgentError}.
  */
 import type { Duplex } from 'node:stream';
-import { GrpcCode, grpcCodeName } from '../ttrpc/codes.js';
-import { TtrpcError } from '../ttrpc/errors.js';
-import { TtrpcClient, type CallOptions, type ServiceClient } from '../ttrpc/client.js';
-import type { MessageInit } from '../ttrpc/codec.js';
+import { GrpcCode, grpcCodeName } from '../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../wire/ttrpc/errors.js';
+import { TtrpcClient, type CallOptions, type ServiceClient } from '../../wire/ttrpc/client.js';
+import type { MessageInit } from '../../wire/ttrpc/codec.js';
 import { AgentError } from './errors.js';
 import {
   AgentService,
@@ -27,7 +27,7 @@ import {
   type VersionCheckResponse,
   type WaitProcessRequest,
   type WriteStreamRequest,
-} from './proto.gen.js';
+} from '../../wire/agent/proto.gen.js';
 import { dialAgent, formatAgentAddress, parseAgentAddress, type AgentAddress, type DialOptions } from './transports.js';
 
 /** Kata's defaults (runtime `kata_agent.go`): 60 s for most calls, 30 s for Check. */

@@ -1,5 +1,5 @@
 import { KataError, type ErrorCode } from '../errors.js';
-import { grpcCodeName } from '../ttrpc/codes.js';
+import { grpcCodeName } from '../../wire/ttrpc/codes.js';
 
 /** What went wrong between the runtime and the guest agent. */
 export type AgentErrorKind =

@@ -6,4 +6,4 @@ export { AgentClient, AGENT_TIMEOUTS, connectAgent, type AgentCallOptions, type 
 export { OomEventLoop, OOM_RETRY_MS, type OomEventLoopOptions } from './oom-events.js';
 export { AgentError, AGENT_ERROR_CODES, type AgentErrorKind } from './errors.js';
 export { AGENT_VSOCK_PORT, dialAgent, formatAgentAddress, parseAgentAddress, type AgentAddress, type DialOptions } from './transports.js';
-export * from './proto.gen.js';
+export * from '../../wire/agent/proto.gen.js';

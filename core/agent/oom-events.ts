@@ -9,7 +9,7 @@
  * Nothing here keeps the process alive: a pending call holds no timer, the pause is unref'd.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { GrpcCode } from '../ttrpc/codes.js';
+import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import type { Logger } from '../logger.js';
 import type { AgentClient } from './client.js';
 import { AgentError } from './errors.js';

@@ -20,8 +20,8 @@ import { close, open, read, write } from 'node:fs';
 import { readFile, readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { Duplex } from 'node:stream';
-import { HEADER_LENGTH, MessageType } from '../../core/ttrpc/frame.js';
-import type { TtrpcServer } from '../../core/ttrpc/server.js';
+import { HEADER_LENGTH, MessageType } from '../../wire/ttrpc/frame.js';
+import type { TtrpcServer } from '../../wire/ttrpc/server.js';
 import { log } from './log.js';
 import { sleep } from './sys.js';
 

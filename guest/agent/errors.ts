@@ -13,8 +13,8 @@
  * | the caller went away while a long poll waited | CANCELLED |
  * | mount, spawn or any other failure in the guest; end of file of a stream (as kata-agent) | INTERNAL |
  */
-import { GrpcCode } from '../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../core/ttrpc/errors.js';
+import { GrpcCode } from '../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../wire/ttrpc/errors.js';
 
 /** kata-agent's status message at the end of a stream (`read_stream` in its rpc.rs), with code INTERNAL. */
 export const EOF_MESSAGE = 'read meet eof';

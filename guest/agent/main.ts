@@ -8,7 +8,7 @@
  * name) bounds the wait for a hot-plugged block device (default 60 s: TCG is slow).
  */
 import { readFileSync } from 'node:fs';
-import { TtrpcServer } from '../../core/ttrpc/server.js';
+import { TtrpcServer } from '../../wire/ttrpc/server.js';
 import { BlockReporter } from './block-report.js';
 import { AGENT_PORT_NAME, servePort, waitForVirtioPort } from './channel.js';
 import { log, setDebug } from './log.js';

@@ -26,7 +26,7 @@
  */
 import { lstat, readlink, stat } from 'node:fs/promises';
 import path from 'node:path';
-import type { LinuxDevice, Mount, POSIXRlimit, StringUser, User } from '../../core/agent/proto.gen.js';
+import type { LinuxDevice, Mount, POSIXRlimit, StringUser, User } from '../../wire/agent/proto.gen.js';
 import { invalidArgument } from './errors.js';
 import { checkGuestPath } from './storage.js';
 import { BUSYBOX } from './sys.js';

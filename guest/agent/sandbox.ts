@@ -20,8 +20,8 @@ import type {
   StringUser,
   WaitProcessRequest,
   WriteStreamRequest,
-} from '../../core/agent/proto.gen.js';
-import type { MessageInit } from '../../core/ttrpc/codec.js';
+} from '../../wire/agent/proto.gen.js';
+import type { MessageInit } from '../../wire/ttrpc/codec.js';
 import { alreadyExists, cancelled, deadlineExceeded, failedPrecondition, internal, invalidArgument, notFound } from './errors.js';
 import { log } from './log.js';
 import {

@@ -3,9 +3,9 @@
  * and `grpc.Health`, on top of {@link Sandbox}. Every handler's failure leaves as a gRPC status
  * (errors.ts); RPCs of kata-agent that are not in our proto answer UNIMPLEMENTED (the server does that).
  */
-import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../core/agent/proto.gen.js';
-import type { CallContext, TtrpcServer } from '../../core/ttrpc/server.js';
-import { GrpcCode } from '../../core/ttrpc/codes.js';
+import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../wire/agent/proto.gen.js';
+import type { CallContext, TtrpcServer } from '../../wire/ttrpc/server.js';
+import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import { isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
 import type { Sandbox } from './sandbox.js';

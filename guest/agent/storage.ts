@@ -17,7 +17,7 @@
  */
 import { mkdir, rmdir } from 'node:fs/promises';
 import path from 'node:path';
-import type { Storage } from '../../core/agent/proto.gen.js';
+import type { Storage } from '../../wire/agent/proto.gen.js';
 import { internal, invalidArgument } from './errors.js';
 import { log } from './log.js';
 import { parsePciPath, waitForPciBlockDevice } from './pci.js';

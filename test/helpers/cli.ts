@@ -1,6 +1,6 @@
 import { chmodSync, cpSync } from 'node:fs';
 import path from 'node:path';
-import type { CliIO } from '../../core/cli/io.js';
+import type { CliIO } from '../../cli/io.js';
 import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
 import type { TempDir } from './tmp.js';
 

@@ -67,8 +67,8 @@ import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { LineRing } from '../../core/line-ring.js';
-import { defaultCacheDir } from '../../guest/build-image.js';
-import { aptDownload, findTool, showCandidates, unpackDeb } from '../../guest/debian.js';
+import { defaultCacheDir } from '../../guest/image/build-image.js';
+import { aptDownload, findTool, showCandidates, unpackDeb } from '../../guest/image/debian.js';
 import { TempDir } from './tmp.js';
 
 const execFileP = promisify(execFile);

@@ -1,5 +1,5 @@
 /**
- * A fake sandbox for the shim's task service (core/shim/service.ts ShimSandbox): no VM, no agent.
+ * A fake sandbox for the shim's task service (shim/service.ts ShimSandbox): no VM, no agent.
  * The test drives every process: it writes their output, ends them with a status, holds their
  * start, sees the signals and stdin they get, and can make the agent or the VM die.
  *
@@ -18,7 +18,7 @@
 import { PassThrough, Writable } from 'node:stream';
 import { KataError } from '../../core/errors.js';
 import type { ContainerSpec, ProcessSpec } from '../../core/sandbox.js';
-import type { SandboxRequest, ShimContainer, ShimProcess, ShimSandbox } from '../../core/shim/service.js';
+import type { SandboxRequest, ShimContainer, ShimProcess, ShimSandbox } from '../../shim/service.js';
 import type { VmExit } from '../../core/vm.js';
 
 export interface Deferred<T> {

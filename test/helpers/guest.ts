@@ -1,7 +1,7 @@
-import { buildGuestImage, defaultCacheDir } from '../../guest/build-image.js';
-import { ensureBusyboxRootfs } from '../../guest/busybox-rootfs.js';
+import { buildGuestImage, defaultCacheDir } from '../../guest/image/build-image.js';
+import { ensureBusyboxRootfs } from '../../guest/image/busybox-rootfs.js';
 
-/** Paths of the guest image the tests boot (built by guest/build-image.ts into the cache dir). */
+/** Paths of the guest image the tests boot (built by guest/image/build-image.ts into the cache dir). */
 export interface GuestImage {
   /** The Debian generic kernel, `<cacheDir>/guest/vmlinuz`. */
   kernel: string;
@@ -11,7 +11,7 @@ export interface GuestImage {
   kernelVersion: string;
   /** The cache root (KATA_TS_CACHE_DIR, /var/cache/kata-ts for root, else ~/.cache/kata-ts). */
   cacheDir: string;
-  /** An ext4 busybox container rootfs next to the initrd (guest/busybox-rootfs.ts). */
+  /** An ext4 busybox container rootfs next to the initrd (guest/image/busybox-rootfs.ts). */
   busyboxRootfs?: string;
 }
 

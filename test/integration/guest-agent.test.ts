@@ -1,5 +1,5 @@
 /**
- * The guest agent (guest/agent/) in a real guest: the image from guest/build-image.ts (Debian
+ * The guest agent (guest/agent/) in a real guest: the image from guest/image/build-image.ts (Debian
  * kernel, busybox, node and the agent bundle in /agent) booted by a plain qemu-system-x86_64
  * under TCG, driven over its virtio-serial port by the runtime's own client (core/agent). One
  * boot for the whole describe. The container rootfs is an ext4 image made with `mkfs.ext4 -d`
@@ -13,9 +13,9 @@ import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { AgentError, connectAgent, type AgentClient } from '../../core/agent/index.js';
-import { GrpcCode } from '../../core/ttrpc/codes.js';
-import { guestImagePaths, type GuestManifest } from '../../guest/build-image.js';
-import { readInitramfs } from '../../guest/cpio.js';
+import { GrpcCode } from '../../wire/ttrpc/codes.js';
+import { guestImagePaths, type GuestManifest } from '../../guest/image/build-image.js';
+import { readInitramfs } from '../../guest/image/cpio.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
 import { processesMentioning } from '../helpers/procs.js';

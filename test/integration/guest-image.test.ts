@@ -9,9 +9,9 @@ import { promisify } from 'node:util';
 import { gunzipSync } from 'node:zlib';
 import { parse as parseToml } from 'smol-toml';
 import { DIST_ROOT, PACKAGE_ROOT } from '../../core/paths.js';
-import { defaultCacheDir, guestImagePaths, type GuestManifest } from '../../guest/build-image.js';
-import { CpioGzWriter } from '../../guest/cpio.js';
-import { GUEST_MODULES } from '../../guest/kernel-modules.js';
+import { defaultCacheDir, guestImagePaths, type GuestManifest } from '../../guest/image/build-image.js';
+import { CpioGzWriter } from '../../guest/image/cpio.js';
+import { GUEST_MODULES } from '../../guest/image/kernel-modules.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
 import { processesMentioning } from '../helpers/procs.js';
@@ -72,7 +72,7 @@ describe('guest image builder @integration', function () {
     assert.equal(sha256(image.initrd), m.outputs['initramfs.cpio.gz'].sha256);
     assert.equal(statSync(image.initrd).size, m.outputs['initramfs.cpio.gz'].bytes);
     // Work files stay out of the cache directory.
-    // busybox-rootfs.ext4 is the container rootfs made from the initramfs (guest/busybox-rootfs.ts).
+    // busybox-rootfs.ext4 is the container rootfs made from the initramfs (guest/image/busybox-rootfs.ts).
     const expected = ['busybox-rootfs.ext4', 'initramfs.cpio.gz', 'manifest.json', ...(m.outputs.vmlinux ? ['vmlinux'] : []), 'vmlinuz'];
     assert.deepEqual(readdirSync(path.dirname(image.kernel)).filter((f) => !f.startsWith('.build.lock')).sort(), expected);
     if (m.outputs.vmlinux) assert.equal(sha256(guestImagePaths(image.cacheDir).vmlinux), m.outputs.vmlinux.sha256);

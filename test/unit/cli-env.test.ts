@@ -2,8 +2,8 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { parse as parseToml } from 'smol-toml';
-import { main } from '../../core/cli/main.js';
-import type { EnvInfo } from '../../core/cli/env.js';
+import { main } from '../../cli/main.js';
+import type { EnvInfo } from '../../cli/env.js';
 import { TempDir } from '../helpers/tmp.js';
 import { CLI, STACK_FRAME, capture, makeFakeHosts } from '../helpers/cli.js';
 

@@ -14,11 +14,11 @@ import {
   Health,
   HealthCheckResponse_ServingStatus,
   type CreateContainerRequest as CreateContainerRequestT,
-} from '../../../core/agent/proto.gen.js';
+} from '../../../wire/agent/proto.gen.js';
 import { KataError } from '../../../core/errors.js';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
-import { TtrpcServer } from '../../../core/ttrpc/server.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
+import { TtrpcServer } from '../../../wire/ttrpc/server.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

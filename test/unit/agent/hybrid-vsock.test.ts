@@ -9,8 +9,8 @@ import path from 'node:path';
 import { connectAgent } from '../../../core/agent/client.js';
 import { AgentError } from '../../../core/agent/errors.js';
 import { AGENT_VSOCK_PORT, dialAgent } from '../../../core/agent/transports.js';
-import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../../core/agent/proto.gen.js';
-import { TtrpcServer } from '../../../core/ttrpc/server.js';
+import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../../wire/agent/proto.gen.js';
+import { TtrpcServer } from '../../../wire/ttrpc/server.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 interface FakeVmm {

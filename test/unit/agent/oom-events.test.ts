@@ -8,11 +8,11 @@ import path from 'node:path';
 import { AgentClient } from '../../../core/agent/client.js';
 import { AgentError } from '../../../core/agent/errors.js';
 import { OomEventLoop } from '../../../core/agent/oom-events.js';
-import { AgentService } from '../../../core/agent/proto.gen.js';
+import { AgentService } from '../../../wire/agent/proto.gen.js';
 import { createLogger, type Logger } from '../../../core/logger.js';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
-import { TtrpcServer } from '../../../core/ttrpc/server.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
+import { TtrpcServer } from '../../../wire/ttrpc/server.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { until, within } from '../../helpers/wait.js';
 

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { judgeConfig } from '../../../core/runtime.js';
 import { ERROR_CODES, KataError } from '../../../core/errors.js';
-import { main } from '../../../core/cli/main.js';
+import { main } from '../../../cli/main.js';
 import { stringify } from 'smol-toml';
 import { TempDir } from '../../helpers/tmp.js';
 import { inspect } from 'node:util';

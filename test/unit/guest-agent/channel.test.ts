@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { MessageType, encodeFrame } from '../../../core/ttrpc/frame.js';
+import { MessageType, encodeFrame } from '../../../wire/ttrpc/frame.js';
 import { ConnectionSplitter, findVirtioPort } from '../../../guest/agent/channel.js';
 import { TempDir } from '../../helpers/tmp.js';
 

@@ -1,7 +1,7 @@
 /** The gRPC statuses the guest agent answers with (guest/agent/errors.ts). */
 import assert from 'node:assert/strict';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
 import { EOF_MESSAGE, alreadyExists, endOfFile, failedPrecondition, invalidArgument, isEndOfFile, notFound, toStatus } from '../../../guest/agent/errors.js';
 
 describe('guest agent: status codes', () => {

@@ -1,8 +1,8 @@
 /** The output buffer behind ReadStdout/ReadStderr (guest/agent/io.ts). */
 import assert from 'node:assert/strict';
 import { PassThrough } from 'node:stream';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
 import { isEndOfFile } from '../../../guest/agent/errors.js';
 import { OutputBuffer } from '../../../guest/agent/io.js';
 

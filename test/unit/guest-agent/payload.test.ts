@@ -1,10 +1,10 @@
-/** The builder's agent archive (guest/agent-payload.ts) and the initramfs reader (guest/cpio.ts). */
+/** The builder's agent archive (guest/image/agent-payload.ts) and the initramfs reader (guest/image/cpio.ts). */
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
-import { parseLdd } from '../../../guest/agent-payload.js';
-import { CpioGzWriter, CpioWriter, gzipMemberLength, readInitramfs } from '../../../guest/cpio.js';
+import { parseLdd } from '../../../guest/image/agent-payload.js';
+import { CpioGzWriter, CpioWriter, gzipMemberLength, readInitramfs } from '../../../guest/image/cpio.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 describe('guest image: the agent archive', () => {

@@ -5,8 +5,8 @@
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
 import { blockDeviceIn, formatPciPath, parsePciPath, resolvePciPath, waitForPciBlockDevice } from '../../../guest/agent/pci.js';
 import { TempDir } from '../../helpers/tmp.js';
 

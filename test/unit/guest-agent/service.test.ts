@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { connectAgent, type AgentClient } from '../../../core/agent/client.js';
 import { AgentError } from '../../../core/agent/errors.js';
-import { TtrpcServer } from '../../../core/ttrpc/server.js';
+import { TtrpcServer } from '../../../wire/ttrpc/server.js';
 import { Sandbox } from '../../../guest/agent/sandbox.js';
 import { registerServices } from '../../../guest/agent/service.js';
 import { TempDir } from '../../helpers/tmp.js';

@@ -1,8 +1,8 @@
 /** Storages to mounts (guest/agent/storage.ts), with the device lookup stubbed. */
 import assert from 'node:assert/strict';
-import type { Storage } from '../../../core/agent/proto.gen.js';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
+import type { Storage } from '../../../wire/agent/proto.gen.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
 import { STORAGE_DRIVERS, checkGuestPath, mountArgs, planStorage } from '../../../guest/agent/storage.js';
 
 const hasCode = (code: number) => (e: unknown) => e instanceof TtrpcError && e.code === code;

@@ -6,9 +6,9 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { silentLogger } from '../../../core/logger.js';
-import { EventPublisher, TOPICS } from '../../../core/shim/events.js';
-import { Events, TaskExit, TaskStart, type Envelope } from '../../../core/shim/proto.gen.js';
-import { TtrpcServer } from '../../../core/ttrpc/index.js';
+import { EventPublisher, TOPICS } from '../../../shim/events.js';
+import { Events, TaskExit, TaskStart, type Envelope } from '../../../wire/containerd/proto.gen.js';
+import { TtrpcServer } from '../../../wire/ttrpc/index.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 function eventsServer(received: Envelope[]): TtrpcServer {

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { KataError } from '../../../core/errors.js';
-import { parseShimFlags } from '../../../core/shim/flags.js';
+import { parseShimFlags } from '../../../shim/flags.js';
 
 const isShimError = (text: RegExp) => (e: unknown) => e instanceof KataError && e.code === 'KATA_ERR_SHIM' && text.test(e.message);
 

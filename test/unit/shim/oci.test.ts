@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { KataError } from '../../../core/errors.js';
-import { parseExecSpec, readBundleSpec } from '../../../core/shim/oci.js';
+import { parseExecSpec, readBundleSpec } from '../../../shim/oci.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const isSpecError = (text: RegExp) => (e: unknown) => e instanceof KataError && e.code === 'KATA_ERR_OCI_SPEC' && text.test(e.message);

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { isMountPoint } from '../../../core/mounts.js';
-import { compactOverlayOptions, prepareRootfs } from '../../../core/shim/rootfs.js';
+import { compactOverlayOptions, prepareRootfs } from '../../../shim/rootfs.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 describe('shim: container rootfs from containerd mounts', function () {

@@ -18,7 +18,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { silentLogger } from '../../../core/logger.js';
-import { EventPublisher, TOPICS } from '../../../core/shim/events.js';
+import { EventPublisher, TOPICS } from '../../../shim/events.js';
 import {
   Events,
   Status,
@@ -35,9 +35,9 @@ import {
   type CreateTaskRequest,
   type Envelope,
   type Timestamp,
-} from '../../../core/shim/proto.gen.js';
-import { TaskService } from '../../../core/shim/service.js';
-import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type MessageInit, type ServiceClient } from '../../../core/ttrpc/index.js';
+} from '../../../wire/containerd/proto.gen.js';
+import { TaskService } from '../../../shim/service.js';
+import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type MessageInit, type ServiceClient } from '../../../wire/ttrpc/index.js';
 import { FakeSandboxFactory, type FakeContainer, type FakeSandbox, type FakeSandboxOptions } from '../../helpers/fake-sandbox.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { until, within } from '../../helpers/wait.js';

@@ -1,5 +1,5 @@
 /**
- * A task's stdio (core/shim/stdio.ts) against real FIFOs made with mkfifo and real files, with the
+ * A task's stdio (shim/stdio.ts) against real FIFOs made with mkfifo and real files, with the
  * test holding the client's ends as containerd's client does: output read ends opened
  * O_RDONLY|O_NONBLOCK before the shim opens its side, the stdin writer O_RDWR.
  */
@@ -9,7 +9,7 @@ import { chmodSync, closeSync, constants as fsc, existsSync, openSync, readFileS
 import path from 'node:path';
 import { PassThrough, type Readable, type Writable } from 'node:stream';
 import { KataError } from '../../../core/errors.js';
-import { TaskIo, openInput, openOutput } from '../../../core/shim/stdio.js';
+import { TaskIo, openInput, openOutput } from '../../../shim/stdio.js';
 import { TempDir } from '../../helpers/tmp.js';
 import { until, within } from '../../helpers/wait.js';
 import { FifoReader } from '../../helpers/fifo.js';

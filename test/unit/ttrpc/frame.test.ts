@@ -5,9 +5,9 @@
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { FrameDecoder, HEADER_LENGTH, MAX_MESSAGE_LENGTH, MessageType, encodeFrame, type DecodedItem } from '../../../core/ttrpc/frame.js';
-import { GrpcCode } from '../../../core/ttrpc/codes.js';
-import { TtrpcError } from '../../../core/ttrpc/errors.js';
+import { FrameDecoder, HEADER_LENGTH, MAX_MESSAGE_LENGTH, MessageType, encodeFrame, type DecodedItem } from '../../../wire/ttrpc/frame.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
+import { TtrpcError } from '../../../wire/ttrpc/errors.js';
 
 const SEED = 20261126;
 

@@ -9,10 +9,10 @@ import path from 'node:path';
 import fc from 'fast-check';
 import protobuf from 'protobufjs';
 import { PACKAGE_ROOT } from '../../../core/paths.js';
-import type { MessageCodec } from '../../../core/ttrpc/codec.js';
-import * as ttrpcProto from '../../../core/ttrpc/proto.gen.js';
-import * as agentProto from '../../../core/agent/proto.gen.js';
-import * as shimProto from '../../../core/shim/proto.gen.js';
+import type { MessageCodec } from '../../../wire/ttrpc/codec.js';
+import * as ttrpcProto from '../../../wire/ttrpc/proto.gen.js';
+import * as agentProto from '../../../wire/agent/proto.gen.js';
+import * as shimProto from '../../../wire/containerd/proto.gen.js';
 import { PROTO_MODULES, generateAllProtoModules, loadProtos } from '../../../scripts/gen-protos.js';
 
 const SEED = 20261126;
@@ -137,7 +137,7 @@ describe('generated protobuf codecs', () => {
 
   for (const mod of PROTO_MODULES) {
     const root = loadProtos(mod.protos);
-    const gen = { 'core/ttrpc/proto.gen.ts': ttrpcProto, 'core/agent/proto.gen.ts': agentProto, 'core/shim/proto.gen.ts': shimProto }[mod.out];
+    const gen = { 'wire/ttrpc/proto.gen.ts': ttrpcProto, 'wire/agent/proto.gen.ts': agentProto, 'wire/containerd/proto.gen.ts': shimProto }[mod.out];
     if (!gen) throw new Error(`no test import for ${mod.out}`);
     for (const codec of codecs(gen as Record<string, unknown>)) {
       const type = root.lookupType(codec.typeName);

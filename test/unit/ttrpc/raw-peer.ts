@@ -3,7 +3,7 @@
  * server never would (even stream ids, oversized frames, garbage) or see exactly what was sent.
  */
 import net from 'node:net';
-import { FrameDecoder, HEADER_LENGTH, type DecodedItem } from '../../../core/ttrpc/frame.js';
+import { FrameDecoder, HEADER_LENGTH, type DecodedItem } from '../../../wire/ttrpc/frame.js';
 
 export class RawPeer {
   private readonly decoder = new FrameDecoder();

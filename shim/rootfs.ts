@@ -12,10 +12,10 @@ import { execFile } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { KataError } from '../errors.js';
-import { unmount } from '../mounts.js';
-import type { RootfsSource } from '../vm.js';
-import type { Mount } from './proto.gen.js';
+import { KataError } from '../core/errors.js';
+import { unmount } from '../core/mounts.js';
+import type { RootfsSource } from '../core/vm.js';
+import type { Mount } from '../wire/containerd/proto.gen.js';
 
 const run = promisify(execFile);
 

@@ -8,7 +8,7 @@
  *   containerd-shim-kata-v2 -v | -version
  *   containerd-shim-kata-v2 -info              (containerd 2.x: RuntimeInfo protobuf on stdout)
  */
-import { KataError } from '../errors.js';
+import { KataError } from '../core/errors.js';
 
 export type ShimAction = 'start' | 'delete' | 'serve' | 'version' | 'info';
 

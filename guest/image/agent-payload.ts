@@ -7,7 +7,7 @@
  * to inflate it (9.5 s → 4.8 s to `KATA-TS-GUEST: ready`, measured here), for 60 MB saved on disk.
  *
  *   /agent/node          the builder's own node (process.execPath, or --node), `strip`ped when binutils is there
- *   /agent/agent.mjs     guest/agent/main.ts bundled by esbuild (with core/ttrpc and the generated protocol)
+ *   /agent/agent.mjs     guest/agent/main.ts bundled by esbuild (with wire/ttrpc and the generated protocol)
  *   /agent/start         guest/agent/start: PID 1 from /init's exec, runs node, reaps orphans
  *   /lib…, /lib64/…      every library `ldd node` lists, and the dynamic loader, at the paths ldd prints
  */
@@ -15,8 +15,8 @@ import { createHash } from 'node:crypto';
 import { copyFile, readFile, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { KataError } from '../core/errors.js';
-import { PACKAGE_ROOT } from '../core/paths.js';
+import { KataError } from '../../core/errors.js';
+import { PACKAGE_ROOT } from '../../core/paths.js';
 import { CpioWriter, type CpioEntry } from './cpio.js';
 import { findTool, run } from './debian.js';
 

@@ -11,14 +11,14 @@
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
-import { KataError, toKataError, type ErrorCode } from '../errors.js';
-import type { Logger } from '../logger.js';
-import { locateConfig } from '../config/locate.js';
-import { loadValidatedConfig } from '../runtime.js';
-import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../sandbox.js';
-import type { VmExit, VmHandle } from '../vm.js';
-import { GrpcCode, TtrpcError, type ServiceImpl } from '../ttrpc/index.js';
-import { runtimeVersion } from '../version.js';
+import { KataError, toKataError, type ErrorCode } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
+import { locateConfig } from '../core/config/locate.js';
+import { loadValidatedConfig } from '../core/runtime.js';
+import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../core/sandbox.js';
+import type { VmExit, VmHandle } from '../core/vm.js';
+import { GrpcCode, TtrpcError, type ServiceImpl } from '../wire/ttrpc/index.js';
+import { runtimeVersion } from '../core/version.js';
 import { TOPICS, type EventPublisher } from './events.js';
 import { parseExecSpec, readBundleSpec } from './oci.js';
 import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
@@ -39,7 +39,7 @@ import {
   TaskStart,
   type CreateTaskRequest,
   type ExecProcessRequest,
-} from './proto.gen.js';
+} from '../wire/containerd/proto.gen.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
 

@@ -3,7 +3,7 @@
  * what they print.
  */
 import { writeSync } from 'node:fs';
-import { formatProblem, isKataError, ConfigInvalidError, type KataError } from '../errors.js';
+import { formatProblem, isKataError, ConfigInvalidError, type KataError } from '../core/errors.js';
 
 export interface CliIO {
   out(text: string): void;

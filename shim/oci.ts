@@ -5,8 +5,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { KataError } from '../errors.js';
-import type { MountSpec, ProcessSpec } from '../sandbox.js';
+import { KataError } from '../core/errors.js';
+import type { MountSpec, ProcessSpec } from '../core/sandbox.js';
 
 /** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
 export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';

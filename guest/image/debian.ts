@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
-import { KataError } from '../core/errors.js';
+import { KataError } from '../../core/errors.js';
 
 export interface DebPackage {
   readonly name: string;

@@ -4,9 +4,9 @@
  *
  * Exit 0 valid, 1 invalid (every problem on stderr), 2 usage error.
  */
-import { ConfigInvalidError, formatProblem } from '../errors.js';
-import { judgeConfig, type Judgement } from '../runtime.js';
-import type { SandboxPlan } from '../plan.js';
+import { ConfigInvalidError, formatProblem } from '../core/errors.js';
+import { judgeConfig, type Judgement } from '../core/runtime.js';
+import type { SandboxPlan } from '../core/plan.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { describeError, toJson } from './io.js';
 

@@ -3,7 +3,7 @@
  * virtio / 9p / ext4 modules, /init from guest/rootfs/, and in /agent node with the guest agent)
  * in a cache directory, for QEMU's `-kernel` / `-initrd`. guest/README.md has the contract of the image.
  *
- *   node dist/guest/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]   (npm run guest:build)
+ *   node dist/guest/image/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]   (npm run guest:build)
  *
  * The initramfs is two archives back to back: the base (gzip'd cpio) and the agent (plain cpio,
  * agent-payload.ts). Idempotent: `<cache>/guest/manifest.json` records what the outputs were
@@ -18,8 +18,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { pipeline } from 'node:stream/promises';
-import { KataError } from '../core/errors.js';
-import { PACKAGE_ROOT } from '../core/paths.js';
+import { KataError } from '../../core/errors.js';
+import { PACKAGE_ROOT } from '../../core/paths.js';
 import { agentInputs, writeAgentArchive, type AgentInputs, type AgentManifest } from './agent-payload.js';
 import { CpioGzWriter, collectTree, type CpioEntry } from './cpio.js';
 import { ensureBusyboxRootfs } from './busybox-rootfs.js';
@@ -590,7 +590,7 @@ async function packInitramfs(stage: string, out: string): Promise<void> {
   await writer.finish();
 }
 
-const USAGE = `usage: node dist/guest/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]
+const USAGE = `usage: node dist/guest/image/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]
 Builds the guest kernel and initramfs into <cache>/guest (default cache: KATA_TS_CACHE_DIR,
 else /var/cache/kata-ts as root, else ~/.cache/kata-ts). Does nothing when they are up to date.
   --no-agent    leave /agent empty (no node, no agent: /init reports block devices instead)

@@ -13,7 +13,7 @@ import net from 'node:net';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { promisify } from 'node:util';
 import type { Readable, Writable } from 'node:stream';
-import { KataError } from '../errors.js';
+import { KataError } from '../core/errors.js';
 
 const openFd = promisify(open);
 const fstatFd = promisify(fstat);

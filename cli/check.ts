@@ -18,12 +18,12 @@
  * the default configuration paths; the files the configuration names are checked as written.
  */
 import { accessSync, constants as fsConstants, statSync } from 'node:fs';
-import { formatProblem } from '../errors.js';
-import type { Hooks } from '../hooks.js';
-import type { CheckStatus, HostCheck } from '../host-check.js';
-import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../host.js';
-import { isQemuSpec, type SandboxPlan } from '../plan.js';
-import { judgeConfigWithHooks, type Judgement } from '../runtime.js';
+import { formatProblem } from '../core/errors.js';
+import type { Hooks } from '../core/hooks.js';
+import type { CheckStatus, HostCheck } from '../core/host-check.js';
+import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../core/host.js';
+import { isQemuSpec, type SandboxPlan } from '../core/plan.js';
+import { judgeConfigWithHooks, type Judgement } from '../core/runtime.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { toJson } from './io.js';
 

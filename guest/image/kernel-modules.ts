@@ -9,7 +9,7 @@
 import { copyFile, mkdir, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { KataError } from '../core/errors.js';
+import { KataError } from '../../core/errors.js';
 import { run, runBuffer } from './debian.js';
 
 /**
@@ -121,7 +121,7 @@ export async function selectModules(moduleDir: string, wanted: readonly string[]
   }
   if (missing.length > 0) {
     throw new KataError('KATA_ERR_GUEST_IMAGE', `the kernel has neither a module nor a built-in driver for: ${missing.join(', ')}`, {
-      fix: "Use Debian's generic kernel (linux-image-amd64), not the cloud kernel, which lacks 9p; or change GUEST_MODULES in guest/kernel-modules.ts.",
+      fix: "Use Debian's generic kernel (linux-image-amd64), not the cloud kernel, which lacks 9p; or change GUEST_MODULES in guest/image/kernel-modules.ts.",
     });
   }
   return { load, builtin, files: [...files].sort() };

@@ -30,32 +30,11 @@ import path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
 
+import type { LogSink, SinkStats } from '../core/logger.js';
+
+export type { LogSink, SinkStats };
+
 const require = createRequire(import.meta.url);
-
-export interface SinkStats {
-  /** Lines handed to the destination. */
-  readonly written: number;
-  /** Lines dropped: destination full, gone or absent. */
-  readonly dropped: number;
-  /** The last delivery error (code or message), if any. */
-  readonly lastError: string | undefined;
-}
-
-/** A destination for whole log lines (each ends with "\n"). */
-export interface LogSink {
-  /** `fifo:<path>`, `journald:<path>`, `syslog:<path>` or `none`. */
-  readonly name: string;
-  /**
-   * Opens the destination on the logger's first line. Returns a warning when the sink cannot work
-   * on this host (the logger writes it once through its other sinks), or undefined.
-   */
-  open(): string | undefined;
-  /** Delivers or drops one line; never throws, never waits. `level` is pino's number (10–60). */
-  write(line: string, level: number): void;
-  /** Delivers what is still buffered (best effort, bounded) and releases the destination. */
-  close(): Promise<void>;
-  stats(): SinkStats;
-}
 
 /** pino level → syslog severity (journald takes the same numbers). */
 export function syslogSeverity(level: number): number {

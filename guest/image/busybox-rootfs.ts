@@ -9,7 +9,7 @@ import { chmod, mkdir, mkdtemp, readFile, rename, rm, stat, symlink, writeFile }
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { KataError } from '../core/errors.js';
+import { KataError } from '../../core/errors.js';
 import { readInitramfs } from './cpio.js';
 
 const run = promisify(execFile);

@@ -1,4 +1,4 @@
-import type { Timestamp } from './proto.gen.js';
+import type { Timestamp } from '../wire/containerd/proto.gen.js';
 
 /** A google.protobuf.Timestamp for a date (millisecond precision). */
 export function timestamp(d: Date): Timestamp {

@@ -10,16 +10,15 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, openSync, readSync, closeSync, statSync } from 'node:fs';
 import path from 'node:path';
-import { KataError } from '../errors.js';
-import { PACKAGE_ROOT } from '../paths.js';
-import { loadValidatedConfig } from '../runtime.js';
-import { Sandbox } from '../sandbox.js';
-import type { RootfsSource } from '../vm.js';
-import { DEFAULT_RUN_ROOT } from '../vm-lifecycle.js';
+import { KataError } from '../core/errors.js';
+import { SHIPPED_QEMU_CONFIG } from '../core/paths.js';
+import { loadValidatedConfig } from '../core/runtime.js';
+import { Sandbox } from '../core/sandbox.js';
+import type { RootfsSource } from '../core/vm.js';
+import { DEFAULT_RUN_ROOT } from '../core/vm-lifecycle.js';
 import { usageError, type CommandContext } from './main.js';
 
 /** The configuration the project ships for QEMU: used when no other is found. */
-export const SHIPPED_QEMU_CONFIG = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');
 
 /** The filesystem in an image or device, from its superblock; ext4 when unrecognised. */
 export function detectFsType(file: string): string {

@@ -10,9 +10,9 @@
  */
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Logger } from '../logger.js';
-import { TtrpcClient, type MessageCodec, type MessageInit, type ServiceClient } from '../ttrpc/index.js';
-import { Events } from './proto.gen.js';
+import type { Logger } from '../core/logger.js';
+import { TtrpcClient, type MessageCodec, type MessageInit, type ServiceClient } from '../wire/ttrpc/index.js';
+import { Events } from '../wire/containerd/proto.gen.js';
 import { timestamp } from './time.js';
 
 export const TOPICS = Object.freeze({

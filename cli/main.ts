@@ -6,10 +6,10 @@
  * run it, error), 2 usage error.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { KataError, isKataError, toKataError } from '../errors.js';
-import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../logger.js';
-import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../config/locate.js';
-import { runtimeVersion } from '../version.js';
+import { KataError, isKataError, toKataError } from '../core/errors.js';
+import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../core/logger.js';
+import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../core/config/locate.js';
+import { runtimeVersion } from '../core/version.js';
 import { describeError, processIO, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
@@ -150,7 +150,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
 }
 
 async function versionCommand(ctx: Pick<CommandContext, 'io'>): Promise<number> {
-  ctx.io.out(`kata-runtime  : ${runtimeVersion()}\n   plugin API : ${(await import('../plugin-api.js')).PLUGIN_API_VERSION}\n`);
+  ctx.io.out(`kata-runtime  : ${runtimeVersion()}\n   plugin API : ${(await import('../core/plugin-api.js')).PLUGIN_API_VERSION}\n`);
   return EXIT.OK;
 }
 

@@ -9,7 +9,7 @@ import { closeSync, existsSync, openSync, readSync, constants as fsc } from 'nod
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { closeSinks, journalStreamHeader, logFifo, systemLog, type LogSink } from '../../../core/log-sinks.js';
+import { closeSinks, journalStreamHeader, logFifo, systemLog, type LogSink } from '../../../shim/log-sinks.js';
 import { createLogger } from '../../../core/logger.js';
 import { TempDir } from '../../helpers/tmp.js';
 
