@@ -27,6 +27,10 @@ import { launchVm, type RunningVm } from '../core/vm-lifecycle.js';
 import { buildGuestImage } from '../guest/image/build-image.js';
 import { SANDBOX_PATHS } from '../plugins/qemu/config.js';
 import { QemuVm } from '../plugins/qemu/driver.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
+import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
+
+useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const BOOTS = 3;
 const ROUNDS = 6;

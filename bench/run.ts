@@ -20,6 +20,10 @@ import { performance } from 'node:perf_hooks';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { judgeConfig } from '../core/runtime.js';
 import { parseToml } from '../core/config/parse.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
+import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
+
+useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const REF = path.resolve(PACKAGE_ROOT, '..', 'shared', 'reference', 'kata-configs');
 const CLH = existsSync(path.join(REF, 'configuration-clh.toml')) ? path.join(REF, 'configuration-clh.toml') : path.join(PACKAGE_ROOT, 'examples', 'configuration-clh-tdx.toml');

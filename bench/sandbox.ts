@@ -23,6 +23,10 @@ import { ensureGuestImage } from '../test/helpers/guest.js';
 import { qemuBinary } from '../test/helpers/qemu.js';
 import type { QemuVm } from '../plugins/qemu/driver.js';
 import { Targets, median, ms } from './stats.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
+import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
+
+useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const RUNS = 3;
 const targets = new Targets();

@@ -5,7 +5,7 @@
  *
  * Order within a hook is set with the named {@link STAGE} constants, never bare numbers.
  */
-import { AsyncParallelHook, AsyncSeriesBailHook, AsyncSeriesHook, SyncHook, SyncWaterfallHook } from 'tapable';
+import { AsyncParallelHook, AsyncSeriesBailHook, AsyncSeriesHook, SyncBailHook, SyncHook, SyncWaterfallHook } from 'tapable';
 import type { CapabilityView, ReadonlyCapabilities } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 import type { KataConfig, RawConfig } from './config/types.js';
@@ -13,7 +13,7 @@ import { KataError } from './errors.js';
 import type { HostCheckContext } from './host-check.js';
 import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
-import type { ContainerContext, RootfsAttachment, VmContext, VmExit, VmHandle } from './vm.js';
+import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmContext, VmExit, VmHandle } from './vm.js';
 
 /** Named stages: hypervisor plugins first (they declare capabilities and build the VM spec), confidential-computing plugins late (they remove and override), finalisers last. */
 export const STAGE = Object.freeze({
@@ -73,6 +73,13 @@ export function createHooks() {
      * no plugin answers, the core shares a directory rootfs through the shared filesystem.
      */
     attachRootfs: new AsyncSeriesBailHook<[ContainerContext], RootfsAttachment | undefined>(['container']),
+    /**
+     * Before a front end mounts a container's rootfs on the host: a plugin that delivers such
+     * mounts as they are (devmapper: one mount of a block device, hot-plugged unmounted) answers
+     * with the source it will attach; first answer wins. When none answers, the mounts are
+     * mounted on the host and shared as a directory. The one place the block-rootfs decision is made.
+     */
+    classifyRootfs: new SyncBailHook<[readonly RootfsMount[], SandboxPlan], RootfsSource | undefined>(['mounts', 'plan']),
     /**
      * The VM has stopped, or failed to start (then `exit` is undefined): stop daemons, clean up.
      * Handlers run in parallel, so one that fails does not keep the others from cleaning up.

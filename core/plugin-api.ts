@@ -35,6 +35,45 @@ export interface PluginManifest {
    * section. Keys it declares are no longer reported as unknown.
    */
   readonly config?: { readonly table: string; readonly schema: string | object };
+  /**
+   * When the plugin applies to a configuration, declared on its keys so that the core never names
+   * a plugin. The executables offer the built-in plugins to every configuration and each applies
+   * only where its activation matches; a plugin listed in `[runtime] plugins` without one always
+   * applies, and with one is skipped (and logged) where it does not match.
+   */
+  readonly activation?: PluginActivation;
+}
+
+/** A value an activation condition compares with (TOML's scalars). */
+export type ActivationValue = string | number | boolean;
+
+/** One condition on a configuration key. */
+export interface ActivationCondition {
+  /** Dotted key path; `hypervisor.*` is the configuration's hypervisor section, e.g. `hypervisor.*.shared_fs`. */
+  readonly key: string;
+  /** The condition holds when the key's value is one of these. */
+  readonly in: readonly ActivationValue[];
+  /** The value an absent key stands for (Kata's default); without it an absent key does not match. */
+  readonly default?: ActivationValue;
+}
+
+/** When a plugin applies: all of `hypervisor`, every `when` and no `unless` must hold. */
+export interface PluginActivation {
+  /** The plugin is the driver of `[hypervisor.<name>]`. */
+  readonly hypervisor?: string;
+  /** Conditions that must all hold. */
+  readonly when?: readonly ActivationCondition[];
+  /** Conditions none of which may hold. */
+  readonly unless?: readonly ActivationCondition[];
+}
+
+/**
+ * A plugin the executables hand to the runtime: its name and how to import it (built-ins are
+ * imported statically by `plugins/builtin.ts`, outside the core, so a bundler sees them).
+ */
+export interface PluginSource {
+  readonly name: string;
+  load(): Promise<unknown>;
 }
 
 export interface PluginContext {
@@ -68,7 +107,7 @@ export type { KataConfig, HypervisorSection } from './config/types.js';
 export { hvKey } from './config/types.js';
 export type * from './plan.js';
 export { isClhSpec, isQemuSpec, SANDBOX_DIR, SANDBOX_SHARED_DIR, GUEST_SHARED_DIR, GUEST_CONTAINERS_DIR, AGENT_VSOCK_PORT, fillSandboxDir } from './plan.js';
-export type { VmContext, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsSource, GuestStorage } from './vm.js';
+export type { VmContext, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
 export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from './host.js';
 export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';

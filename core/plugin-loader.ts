@@ -1,6 +1,7 @@
 /**
- * Plugin loading. Built-in plugins are imported by name from plugins/<name>/; third-party plugins
- * by absolute path or package name from `[runtime] plugins`. Each is checked in a fixed order
+ * Plugin loading. Built-in plugins are handed to the runtime by the executables (a list of
+ * {@link PluginSource}, `plugins/builtin.ts`); third-party plugins are imported by absolute path or
+ * package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
  * before its apply() runs (as fastify-plugin does):
  *
  *   1. the module imports (KATA_ERR_PLUGIN_NOT_FOUND / KATA_ERR_PLUGIN_IMPORT)
@@ -17,18 +18,12 @@ import { pathToFileURL } from 'node:url';
 import satisfies from 'semver/functions/satisfies.js';
 import validVersion from 'semver/functions/valid.js';
 import validRange from 'semver/ranges/valid.js';
-import { KataError } from './errors.js';
+import { KataError, errorText } from './errors.js';
 import { createTapView, type Hooks } from './hooks.js';
 import type { Logger } from './logger.js';
 import { builtinSchema } from './config/schema.js';
-import { PLUGIN_API_VERSION, type KataPlugin, type PluginManifest } from './plugin-api.js';
-
-/** Built-in plugins, by name. Their modules are only imported when the configuration needs them. */
-export const BUILTIN_PLUGINS = Object.freeze(['clh', 'qemu', 'virtiofs', 'devmapper', 'tdx'] as const);
-export type BuiltinPluginName = (typeof BUILTIN_PLUGINS)[number];
-
-/** Built-in hypervisor plugins, by `[hypervisor.<name>]` section name. */
-export const BUILTIN_HYPERVISORS: readonly string[] = Object.freeze(['clh', 'qemu']);
+import { PLUGIN_API_VERSION, type ActivationCondition, type ActivationValue, type KataPlugin, type PluginActivation, type PluginManifest, type PluginSource } from './plugin-api.js';
+import type { RawConfig } from './config/types.js';
 
 export interface LoadedPlugin {
   readonly plugin: KataPlugin;
@@ -42,23 +37,76 @@ export interface LoadedPlugin {
   readonly reason: string;
 }
 
-/** Static imports, so that a bundler can see them; each module is still loaded only when needed. */
-const BUILTIN_MODULES: Readonly<Record<BuiltinPluginName, () => Promise<unknown>>> = Object.freeze({
-  clh: () => import('../plugins/clh/index.js'),
-  qemu: () => import('../plugins/qemu/index.js'),
-  virtiofs: () => import('../plugins/virtiofs/index.js'),
-  devmapper: () => import('../plugins/devmapper/index.js'),
-  tdx: () => import('../plugins/tdx/index.js'),
-});
+let builtins: readonly PluginSource[] = Object.freeze([]);
+const builtinCache = new WeakMap<PluginSource, Promise<LoadedPlugin>>();
 
-export async function importBuiltin(name: BuiltinPluginName, reason: string): Promise<LoadedPlugin> {
-  let mod: unknown;
-  try {
-    mod = await BUILTIN_MODULES[name]();
-  } catch (e) {
-    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `built-in plugin "${name}" failed to import: ${e instanceof Error ? e.message : String(e)}`, { plugin: name, cause: e });
+/**
+ * Sets the built-in plugins offered to every configuration. The executables call it once with
+ * `plugins/builtin.ts`'s list (the core imports no plugin); a test or an embedding program may
+ * hand other lists, or pass `builtins` to each judgement instead.
+ */
+export function useBuiltinPlugins(sources: readonly PluginSource[]): void {
+  builtins = Object.freeze([...sources]);
+}
+
+/** The built-in plugins set by {@link useBuiltinPlugins}. */
+export function builtinPlugins(): readonly PluginSource[] {
+  return builtins;
+}
+
+/** Imports and checks a built-in plugin once per process. */
+export function importBuiltin(source: PluginSource): Promise<LoadedPlugin> {
+  let loaded = builtinCache.get(source);
+  if (!loaded) {
+    loaded = (async () => {
+      let mod: unknown;
+      try {
+        mod = await source.load();
+      } catch (e) {
+        throw new KataError('KATA_ERR_PLUGIN_IMPORT', `built-in plugin "${source.name}" failed to import: ${errorText(e)}`, { plugin: source.name, cause: e });
+      }
+      return checkModule(mod, { specifier: source.name, moduleUrl: undefined, builtin: true, reason: '' });
+    })();
+    builtinCache.set(source, loaded);
+    loaded.catch(() => builtinCache.delete(source));
   }
-  return checkModule(mod, { specifier: name, moduleUrl: undefined, builtin: true, reason });
+  return loaded;
+}
+
+/** Whether a plugin's `activation` matches a configuration, and the words that say why it does. */
+export function activationOf(activation: PluginActivation | undefined, raw: RawConfig, hypervisorName: string): { active: boolean; reason: string } {
+  if (!activation) return { active: true, reason: '' };
+  const why: string[] = [];
+  if (activation.hypervisor !== undefined) {
+    if (activation.hypervisor !== hypervisorName) return { active: false, reason: `not [hypervisor.${activation.hypervisor}]` };
+    why.push(`[hypervisor.${hypervisorName}] section`);
+  }
+  for (const c of activation.when ?? []) {
+    const v = conditionValue(c, raw, hypervisorName);
+    if (v === undefined || !c.in.includes(v)) return { active: false, reason: `${shortKey(c.key)} is not ${c.in.map((x) => JSON.stringify(x)).join(' or ')}` };
+    why.push(`${shortKey(c.key)} = ${JSON.stringify(v)}`);
+  }
+  for (const c of activation.unless ?? []) {
+    const v = conditionValue(c, raw, hypervisorName);
+    if (v !== undefined && c.in.includes(v)) return { active: false, reason: `${shortKey(c.key)} = ${JSON.stringify(v)}` };
+  }
+  return { active: true, reason: why.join(', ') };
+}
+
+/** The key's raw value (before the shape check), or its declared default when absent. */
+function conditionValue(c: ActivationCondition, raw: RawConfig, hypervisorName: string): ActivationValue | undefined {
+  const parts = c.key.split('.');
+  if (parts[0] === 'hypervisor' && parts[1] === '*') parts[1] = hypervisorName;
+  let node: unknown = raw;
+  for (const part of parts) node = node !== null && typeof node === 'object' && !Array.isArray(node) ? (node as Record<string, unknown>)[part] : undefined;
+  if (node === undefined) return c.default;
+  // A value of the wrong type activates nothing; the shape check reports it.
+  return typeof node === 'string' || typeof node === 'number' || typeof node === 'boolean' ? node : undefined;
+}
+
+/** `hypervisor.*.shared_fs` → `shared_fs`: the hypervisor section is implied in reasons. */
+function shortKey(key: string): string {
+  return key.startsWith('hypervisor.*.') ? key.slice('hypervisor.*.'.length) : key;
 }
 
 /** `spec` is an absolute path to an ES module or an installed package name. */

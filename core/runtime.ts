@@ -19,15 +19,8 @@ import { ConfigInvalidError, KataError, type Problem } from './errors.js';
 import { createHooks, type Hooks } from './hooks.js';
 import { silentLogger, type Logger } from './logger.js';
 import type { SandboxPlan } from './plan.js';
-import {
-  BUILTIN_HYPERVISORS,
-  applyPlugin,
-  checkPluginSet,
-  importBuiltin,
-  importThirdParty,
-  type BuiltinPluginName,
-  type LoadedPlugin,
-} from './plugin-loader.js';
+import { activationOf, applyPlugin, builtinPlugins, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
+import type { PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
 
 export interface JudgeOptions {
@@ -45,6 +38,8 @@ export interface JudgeOptions {
   annotations?: Readonly<Record<string, string>>;
   /** Host facts for annotation checks (`pathExists`, `hostCpus`); see ApplyAnnotationsOptions. */
   annotationOptions?: ApplyAnnotationsOptions;
+  /** The built-in plugins offered to this configuration; default: those set by useBuiltinPlugins(). */
+  builtins?: readonly PluginSource[];
   log?: Logger;
 }
 
@@ -132,23 +127,36 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   const hypervisorTable = `hypervisor.${hypervisorName}`;
   const problems: Problem[] = [];
 
-  // Plugins: third-party first (one of them may provide the hypervisor), then the built-ins the
-  // configuration needs.
-  const plugins: LoadedPlugin[] = [];
-  for (const spec of thirdPartySpecs(parsed)) plugins.push(await importThirdParty(spec, 'listed in runtime.plugins'));
-  const hvSection = parsed.hypervisor && (parsed.hypervisor as Record<string, unknown>)[hypervisorName];
-  const hv = (isPlainObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
-  if (BUILTIN_HYPERVISORS.includes(hypervisorName)) {
-    plugins.unshift(await importBuiltin(hypervisorName as BuiltinPluginName, `[${hypervisorTable}] section`));
-  } else if (!plugins.some((p) => p.manifest.provides?.includes(`hypervisor:${hypervisorName}`))) {
-    const available = [...BUILTIN_HYPERVISORS, ...plugins.flatMap((p) => (p.manifest.provides ?? []).filter((r) => r.startsWith('hypervisor:')).map((r) => r.slice(11)))];
+  // Plugins: the hypervisor's driver first, then the third-party plugins, then the other built-ins,
+  // each where its manifest's activation matches this configuration.
+  const offered = await Promise.all((opts.builtins ?? builtinPlugins()).map((b) => importBuiltin(b)));
+  const thirdParty: LoadedPlugin[] = [];
+  for (const spec of thirdPartySpecs(parsed)) {
+    const p = await importThirdParty(spec, 'listed in runtime.plugins');
+    const act = activationOf(p.manifest.activation, parsed, hypervisorName);
+    if (act.active) thirdParty.push(act.reason ? { ...p, reason: `listed in runtime.plugins; ${act.reason}` } : p);
+    else log.info({ plugin: p.manifest.name, why: act.reason }, `plugin ${p.manifest.name} does not apply to this configuration`);
+  }
+  const active = offered.flatMap((p) => {
+    const act = activationOf(p.manifest.activation, parsed, hypervisorName);
+    return act.active && p.manifest.activation ? [{ ...p, reason: act.reason }] : [];
+  });
+  const driver = active.filter((p) => p.manifest.activation?.hypervisor !== undefined);
+  const plugins: LoadedPlugin[] = [...driver, ...thirdParty, ...active.filter((p) => !driver.includes(p))];
+  if (driver.length === 0 && !thirdParty.some((p) => p.manifest.provides?.includes(`hypervisor:${hypervisorName}`))) {
+    const available = [
+      ...offered.flatMap((p) => (p.manifest.activation?.hypervisor ? [p.manifest.activation.hypervisor] : [])),
+      ...thirdParty.flatMap((p) => (p.manifest.provides ?? []).filter((r) => r.startsWith('hypervisor:')).map((r) => r.slice(11))),
+    ];
     throw new KataError('KATA_ERR_HYPERVISOR_UNSUPPORTED', `configuration file contains hypervisor section [${hypervisorTable}], but no plugin provides the "${hypervisorName}" hypervisor (available: ${available.join(', ')})`, {
       key: hypervisorTable,
       value: hypervisorName,
       fix: `Use a configuration for one of: ${available.join(', ')}; or list a plugin providing "hypervisor:${hypervisorName}" in [runtime] plugins.`,
     });
   }
-  for (const [name, reason] of builtinsFor(hv, hypervisorTable, problems)) plugins.push(await importBuiltin(name, reason));
+  const hvSection = parsed.hypervisor && (parsed.hypervisor as Record<string, unknown>)[hypervisorName];
+  const hv = (isPlainObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
+  problems.push(...teeProblems(hv, hypervisorTable, plugins, offered));
   checkPluginSet(plugins);
 
   const hooks = createHooks();
@@ -237,31 +245,26 @@ function thirdPartySpecs(raw: RawConfig): string[] {
 }
 
 /**
- * Which built-in plugins this hypervisor section needs, and why. Reads raw values (before the
- * shape check), applying Kata's defaults for absent keys; a value of the wrong type loads nothing
- * and is reported by the shape check.
+ * A confidential guest needs a plugin that provides its TEE (`confidential-guest:<tee>`). Reads
+ * raw values (before the shape check); a value of the wrong type is reported by the shape check.
  */
-function builtinsFor(hv: Record<string, unknown>, table: string, problems: Problem[]): [BuiltinPluginName, string][] {
-  const out: [BuiltinPluginName, string][] = [];
-  const sharedFs = hv.shared_fs ?? 'virtio-fs';
-  if (sharedFs === 'virtio-fs' || sharedFs === 'virtio-fs-nydus') out.push(['virtiofs', `shared_fs = "${sharedFs}"`]);
-  if (hv.disable_block_device_use !== true && (hv.disable_block_device_use === undefined || hv.disable_block_device_use === false)) {
-    out.push(['devmapper', 'disable_block_device_use = false']);
-  }
-  if (hv.confidential_guest === true) {
-    if (hv.sev_snp_guest === true) {
-      problems.push({
-        code: 'KATA_ERR_TEE_UNSUPPORTED',
-        key: `${table}.sev_snp_guest`,
-        value: true,
-        reason: 'AMD SEV-SNP confidential guests are not supported: no plugin provides SEV-SNP (only Intel TDX, through the tdx plugin)',
-        fix: 'remove sev_snp_guest to run an Intel TDX guest, or set confidential_guest = false',
-      });
-    } else {
-      out.push(['tdx', 'confidential_guest = true']);
-    }
-  }
-  return out;
+function teeProblems(hv: Record<string, unknown>, table: string, active: readonly LoadedPlugin[], offered: readonly LoadedPlugin[]): Problem[] {
+  if (hv.confidential_guest !== true) return [];
+  const tee = (p: LoadedPlugin) => (p.manifest.provides ?? []).filter((r) => r.startsWith('confidential-guest:')).map((r) => r.slice('confidential-guest:'.length));
+  if (active.some((p) => tee(p).length > 0)) return [];
+  const available = [...new Set(offered.flatMap((p) => tee(p).map((t) => `${t} (plugin ${p.manifest.name})`)))].join(', ') || 'none';
+  const snp = hv.sev_snp_guest === true;
+  return [
+    {
+      code: 'KATA_ERR_TEE_UNSUPPORTED',
+      key: snp ? `${table}.sev_snp_guest` : `${table}.confidential_guest`,
+      value: true,
+      reason: snp
+        ? `AMD SEV-SNP confidential guests are not supported: no plugin provides SEV-SNP (available: ${available})`
+        : `no loaded plugin provides a confidential guest for this configuration (available: ${available})`,
+      fix: snp ? 'remove sev_snp_guest to run an Intel TDX guest, or set confidential_guest = false' : 'set confidential_guest = false, or load a plugin that provides the TEE',
+    },
+  ];
 }
 
 async function schemasFor(plugins: readonly LoadedPlugin[]): Promise<TableSchema[]> {

@@ -23,7 +23,7 @@ import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js'
 import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
 import { launchVm, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
-import type { ContainerContext, RootfsAttachment, RootfsSource, VmExit } from './vm.js';
+import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmExit } from './vm.js';
 
 const run = promisify(execFile);
 
@@ -246,6 +246,14 @@ export class Sandbox {
   /** @internal Containers drop themselves on delete. */
   forget(id: string): void {
     this.#containers.delete(id);
+  }
+
+  /**
+   * Whether a plugin takes these rootfs mounts as they are (devmapper: a block device to hot-plug),
+   * and as what; undefined means the front end mounts them and hands over the directory.
+   */
+  classifyRootfs(mounts: readonly RootfsMount[]): RootfsSource | undefined {
+    return this.validated.hooks.classifyRootfs.call(mounts, this.validated.plan) ?? undefined;
   }
 
   /** Delivers the rootfs and creates the container in the guest (not started). */

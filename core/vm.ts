@@ -75,6 +75,13 @@ export interface VmHandle {
   readonly exited: Promise<VmExit>;
 }
 
+/** One mount of a container rootfs as the container manager hands it over (containerd's `Mount`). */
+export interface RootfsMount {
+  readonly type: string;
+  readonly source: string;
+  readonly options: readonly string[];
+}
+
 /** A container's root filesystem on the host. */
 export type RootfsSource =
   /** A block device, or a filesystem image file: hot-plugged as a disk (the devmapper / TDX path). */

@@ -6,6 +6,10 @@
 import path from 'node:path';
 import { main } from '../cli/main.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
+import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
+
+useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const example = (f: string) => path.join(PACKAGE_ROOT, 'examples', f);
 const say = (s: string) => process.stdout.write(`\n\x1b[1m${s}\x1b[0m\n\n`);

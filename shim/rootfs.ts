@@ -2,24 +2,23 @@
  * The container's root filesystem as containerd hands it over (CreateTaskRequest.rootfs) turned
  * into what the sandbox delivers to the guest:
  *
- * - one mount of a block device with a filesystem type (the devmapper snapshotter) → a block rootfs,
- *   not mounted on the host: it is hot-plugged into the VM (virtio-blk), as Kata does;
+ * - mounts a plugin takes as they are (the sandbox's `classifyRootfs`: the devmapper plugin takes
+ *   one mount of a block device, from the devmapper snapshotter) → handed over unmounted, to be
+ *   hot-plugged into the VM (virtio-blk), as Kata does;
  * - overlay / bind mounts (overlayfs and native snapshotters) → mounted on `<bundle>/rootfs` and
  *   shared with the guest as a directory;
  * - no mounts (`ctr run --rootfs DIR`) → config.json's root.path, as it is.
  */
 import { execFile } from 'node:child_process';
-import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { KataError } from '../core/errors.js';
 import { unmount } from '../core/mounts.js';
-import type { RootfsSource } from '../core/vm.js';
+import type { RootfsMount, RootfsSource } from '../core/vm.js';
 import type { Mount } from '../wire/containerd/proto.gen.js';
 
 const run = promisify(execFile);
 
-const BLOCK_FSTYPES = new Set(['ext4', 'ext3', 'ext2', 'xfs']);
 /** The kernel copies at most a page of mount options (NUL included). */
 const MOUNT_DATA_LIMIT = 4096;
 
@@ -49,20 +48,14 @@ export interface PreparedRootfs {
   release(): Promise<void>;
 }
 
-async function isBlockDevice(p: string): Promise<boolean> {
-  return stat(p).then(
-    (s) => s.isBlockDevice(),
-    () => false,
-  );
-}
+/** Asks the sandbox's plugins whether they take the mounts as they are (Sandbox.classifyRootfs). */
+export type RootfsClassifier = (mounts: readonly RootfsMount[]) => RootfsSource | undefined;
 
-export async function prepareRootfs(mounts: readonly Mount[], target: string, specRoot: string): Promise<PreparedRootfs> {
+export async function prepareRootfs(mounts: readonly Mount[], target: string, specRoot: string, classify: RootfsClassifier = () => undefined): Promise<PreparedRootfs> {
   const none = { release: async () => undefined };
   if (mounts.length === 0) return { source: { kind: 'dir', path: specRoot }, ...none };
-  const first = mounts[0]!;
-  if (mounts.length === 1 && BLOCK_FSTYPES.has(first.type) && (await isBlockDevice(first.source))) {
-    return { source: { kind: 'block', path: first.source, fstype: first.type }, ...none };
-  }
+  const taken = classify(mounts);
+  if (taken) return { source: taken, ...none };
   const mounted: string[] = [];
   try {
     for (const m of mounts) {

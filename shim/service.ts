@@ -16,7 +16,7 @@ import type { Logger } from '../core/logger.js';
 import { locateConfig } from '../core/config/locate.js';
 import { loadValidatedConfig } from '../core/runtime.js';
 import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../core/sandbox.js';
-import type { VmExit, VmHandle } from '../core/vm.js';
+import type { RootfsMount, RootfsSource, VmExit, VmHandle } from '../core/vm.js';
 import { GrpcCode, TtrpcError, type ServiceImpl } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
 import { TOPICS, type EventPublisher } from './events.js';
@@ -66,6 +66,8 @@ export interface ShimSandbox {
   readonly failure: KataError | undefined;
   readonly running: { readonly vm: Pick<VmHandle, 'pid' | 'pause' | 'resume'>; readonly exited: Promise<VmExit> };
   createContainer(spec: ContainerSpec): Promise<ShimContainer>;
+  /** Whether a plugin takes a rootfs's mounts as they are (a block device); see Sandbox.classifyRootfs. */
+  classifyRootfs(mounts: readonly RootfsMount[]): RootfsSource | undefined;
   stop(): Promise<unknown>;
   /** OOM kills in the guest, by container id (absent: the sandbox reports none). */
   onOOM?(listener: (containerId: string) => void): unknown;
@@ -280,7 +282,7 @@ export class TaskService {
 
     const undo: (() => Promise<unknown>)[] = [];
     try {
-      const rootfs = await prepareRootfs(req.rootfs, path.join(req.bundle, 'rootfs'), spec.rootPath);
+      const rootfs = await prepareRootfs(req.rootfs, path.join(req.bundle, 'rootfs'), spec.rootPath, (m) => sandbox.classifyRootfs(m));
       undo.push(() => rootfs.release());
       const container = await sandbox.createContainer({
         id: req.id,

@@ -298,6 +298,25 @@ export interface PluginManifestShape {
     table: string;
     schema: string | {};
   };
+  activation?: {
+    hypervisor?: string;
+    when?: {
+      key: string;
+      /**
+       * @minItems 1
+       */
+      in: [string | number | boolean, ...(string | number | boolean)[]];
+      default?: string | number | boolean;
+    }[];
+    unless?: {
+      key: string;
+      /**
+       * @minItems 1
+       */
+      in: [string | number | boolean, ...(string | number | boolean)[]];
+      default?: string | number | boolean;
+    }[];
+  };
 }
 
 // qemu.schema.json

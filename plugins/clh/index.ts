@@ -75,6 +75,7 @@ export default definePlugin({
     description: 'Cloud Hypervisor VMs (REST API on a unix socket): capabilities, value rules, the vm.create body and the driver',
     provides: ['hypervisor', 'hypervisor:clh'],
     config: { table: 'hypervisor.clh', schema: 'clh.schema.json' },
+    activation: { hypervisor: 'clh' },
   },
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.HYPERVISOR }, (caps, cfg) => {

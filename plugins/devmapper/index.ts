@@ -8,7 +8,9 @@ import { definePlugin, GUEST_CONTAINERS_DIR, hvKey, STAGE, type GuestStorage } f
 
 const PLUGIN_NAME = 'devmapper';
 
-export { detectBlockRootfs, type BlockRootfs, type RootfsMount } from './block-rootfs.js';
+import { blockRootfsSource } from './block-rootfs.js';
+
+export { blockRootfsSource, detectBlockRootfs, type BlockRootfs, type RootfsMount } from './block-rootfs.js';
 
 /** The disk's id in the VM: hypervisor ids are short (QEMU: 31 characters), containerd's ids are 64 hex digits. */
 function diskId(containerId: string): string {
@@ -23,6 +25,7 @@ export default definePlugin({
     description: 'block-device container rootfs (devmapper snapshotter), hot-plugged as virtio-blk',
     provides: ['block-rootfs'],
     requires: ['hypervisor'],
+    activation: { when: [{ key: 'hypervisor.*.disable_block_device_use', in: [false], default: false }] },
   },
   apply({ hooks }) {
     hooks.validate.tap(PLUGIN_NAME, (cfg, verdict) => {
@@ -38,6 +41,9 @@ export default definePlugin({
       plan.blockDriver ??= cfg.hypervisor.block_device_driver ?? null;
       return plan;
     });
+
+    // A front end asks before mounting a rootfs: one mount of a block device is ours, unmounted.
+    hooks.classifyRootfs.tap(PLUGIN_NAME, (mounts, plan) => (plan.rootfs.includes('block-hotplug') ? blockRootfsSource(mounts) : undefined));
 
     // Run time: a block-device rootfs is hot-plugged and mounted by the agent from its PCI path.
     hooks.attachRootfs.tapPromise(PLUGIN_NAME, async (ctx) => {

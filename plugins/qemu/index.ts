@@ -23,6 +23,7 @@ export default definePlugin({
     description: 'QEMU (q35) hypervisor: capabilities, value rules and the qemu-system-x86_64 command line; serves virtio-9p shares',
     provides: ['hypervisor', 'hypervisor:qemu', 'shared-fs:virtio-9p'],
     config: { table: 'hypervisor.qemu', schema: 'qemu.schema.json' },
+    activation: { hypervisor: 'qemu' },
   },
   apply(ctx) {
     const { hooks } = ctx;

@@ -52,6 +52,8 @@ export default definePlugin({
     description: 'Intel TDX confidential guests: no virtio-fs, block-device rootfs by hot-plug',
     provides: ['confidential-guest:tdx'],
     requires: ['hypervisor'],
+    // confidential_guest with sev_snp_guest asks for SEV-SNP, which is not TDX.
+    activation: { when: [{ key: 'hypervisor.*.confidential_guest', in: [true] }], unless: [{ key: 'hypervisor.*.sev_snp_guest', in: [true] }] },
   },
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.CONFIDENTIAL }, (caps) => {

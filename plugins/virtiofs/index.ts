@@ -36,6 +36,8 @@ export default definePlugin({
     provides: ['shared-fs:virtio-fs'],
     requires: ['hypervisor'],
     config: { table: 'hypervisor.*', schema: 'virtiofs.schema.json' },
+    // Kata's default shared_fs is virtio-fs.
+    activation: { when: [{ key: 'hypervisor.*.shared_fs', in: ['virtio-fs', 'virtio-fs-nydus'], default: 'virtio-fs' }] },
   },
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.DEVICES }, (caps, cfg) => {

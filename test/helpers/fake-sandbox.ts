@@ -294,6 +294,11 @@ export class FakeSandbox implements ShimSandbox {
     return c;
   }
 
+  /** The fake takes no rootfs as it is: the shim mounts (or, with no mounts, passes) the directory. */
+  classifyRootfs(): undefined {
+    return undefined;
+  }
+
   onOOM(listener: (containerId: string) => void): () => void {
     this.#oomListeners.add(listener);
     return () => this.#oomListeners.delete(listener);

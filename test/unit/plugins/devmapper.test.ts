@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { readdirSync, statSync } from 'node:fs';
-import { detectBlockRootfs } from '../../../plugins/devmapper/block-rootfs.js';
+import { blockRootfsSource, detectBlockRootfs } from '../../../plugins/devmapper/block-rootfs.js';
+import { loadValidatedConfig } from '../../../core/runtime.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const statAs = (kind: 'block' | 'file') => () => ({ isBlockDevice: () => kind === 'block' });
@@ -52,5 +53,29 @@ describe('detectBlockRootfs', () => {
     const dev = someBlockDevice();
     if (!dev) this.skip();
     assert.deepEqual(detectBlockRootfs([{ type: 'ext4', source: dev as string }]), { block: true, device: dev, reason: 'block device node' });
+  });
+});
+
+describe('devmapper classifyRootfs (the one block-rootfs decision)', () => {
+  const dm = [{ type: 'ext4', source: '/dev/mapper/snap-1', options: [] }];
+  const qemu = (extra: string) => `[hypervisor.qemu]\nkernel = "/k"\ninitrd = "/i"\nshared_fs = "virtio-9p"\nblock_device_driver = "virtio-blk"\n${extra}\n`;
+
+  it('takes one mount of a block device, unmounted, when block devices are in use', async () => {
+    const v = await loadValidatedConfig({ text: qemu('disable_block_device_use = false') });
+    assert.deepEqual(v.hooks.classifyRootfs.call(dm, v.plan), { kind: 'block', path: '/dev/mapper/snap-1', fstype: 'ext4' });
+    assert.equal(v.hooks.classifyRootfs.call([{ type: 'overlay', source: 'overlay', options: ['lowerdir=/a'] }], v.plan), undefined);
+    assert.equal(v.hooks.classifyRootfs.call([{ type: 'bind', source: '/dev/mapper/snap-1', options: ['rbind'] }], v.plan), undefined);
+  });
+
+  it('takes nothing when block devices are disabled: the plugin does not apply', async () => {
+    const v = await loadValidatedConfig({ text: qemu('disable_block_device_use = true') });
+    assert.ok(!v.plugins.some((p) => p.manifest.name === 'devmapper'));
+    assert.equal(v.hooks.classifyRootfs.call(dm, v.plan), undefined);
+  });
+
+  it('names block filesystem types only (blockRootfsSource)', () => {
+    assert.deepEqual(blockRootfsSource([{ type: 'xfs', source: '/dev/sdz', options: [] }], statAs('block')), { kind: 'block', path: '/dev/sdz', fstype: 'xfs' });
+    assert.equal(blockRootfsSource([{ type: 'ext4', source: '/tmp/file.img', options: [] }], statAs('file')), undefined);
+    assert.equal(blockRootfsSource([...dm, ...dm]), undefined);
   });
 });

@@ -9,9 +9,10 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { isMountPoint } from '../../../core/mounts.js';
 import { compactOverlayOptions, prepareRootfs } from '../../../shim/rootfs.js';
+import { blockRootfsSource } from '../../../plugins/devmapper/block-rootfs.js';
 import { TempDir } from '../../helpers/tmp.js';
 
-describe('shim: container rootfs from containerd mounts', function () {
+describe('shim: container rootfs from containerd mounts @integration', function () {
   let tmp: TempDir;
   before(function () {
     if (process.getuid?.() !== 0) this.skip();
@@ -83,7 +84,7 @@ describe('shim: container rootfs from containerd mounts', function () {
     assert.equal(existsSync(path.join(target, 'marker')), false);
 
     const loop = execFileSync('losetup', ['-f'], { encoding: 'utf8' }).trim();
-    const block = await prepareRootfs([{ type: 'ext4', source: loop, target: '', options: [] }], target, '/unused');
+    const block = await prepareRootfs([{ type: 'ext4', source: loop, target: '', options: [] }], target, '/unused', blockRootfsSource);
     assert.deepEqual(block.source, { kind: 'block', path: loop, fstype: 'ext4' });
     assert.equal(await isMountPoint(target), false, 'a block rootfs is hot-plugged, not mounted on the host');
   });
