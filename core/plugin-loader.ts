@@ -3,6 +3,9 @@
  * by absolute path or package name from `[runtime] plugins`. Each is checked in a fixed order
  * before its apply() runs (as fastify-plugin does):
  *
+ *   0. running as root, the module's file (its real path) and every directory above it are owned by
+ *      root and not group/world-writable (KATA_ERR_UNTRUSTED_PATH), checked before import() runs
+ *      any of its code (core/trusted-path.ts)
  *   1. the module imports (KATA_ERR_PLUGIN_NOT_FOUND / KATA_ERR_PLUGIN_IMPORT)
  *   2. it has a default export (KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT)
  *   3. the manifest has the right shape and apply() is a function (KATA_ERR_PLUGIN_BAD_MANIFEST)
@@ -12,7 +15,7 @@
  *   7. apply() does not throw (KATA_ERR_PLUGIN_APPLY)
  */
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 // Only the three functions used: the whole semver package costs a CLI start ~10 ms more.
 import satisfies from 'semver/functions/satisfies.js';
 import validVersion from 'semver/functions/valid.js';
@@ -22,6 +25,7 @@ import { createTapView, type Hooks } from './hooks.js';
 import type { Logger } from './logger.js';
 import { builtinSchema } from './config/schema.js';
 import { PLUGIN_API_VERSION, type KataPlugin, type PluginManifest } from './plugin-api.js';
+import { assertTrustedPath, trustCheckApplies } from './trusted-path.js';
 
 /** Built-in plugins, by name. Their modules are only imported when the configuration needs them. */
 export const BUILTIN_PLUGINS = Object.freeze(['clh', 'qemu', 'virtiofs', 'devmapper', 'tdx'] as const);
@@ -72,13 +76,34 @@ export async function importThirdParty(spec: string, reason: string): Promise<Lo
       fix: 'Name a plugin by absolute path, or by the name of a package installed next to the runtime.',
     });
   } else target = spec;
-  const mod = await importModule(target, spec);
+  // Before import() runs a line of the module: as root, only a file nobody else can write.
+  const opened = trustedTarget(target);
+  const mod = await importModule(opened, spec);
   return checkModule(mod, {
     specifier: spec,
-    moduleUrl: target.startsWith('file:') ? target : undefined,
+    moduleUrl: target.startsWith('file:') ? opened : undefined,
     builtin: false,
     reason,
   });
+}
+
+/**
+ * The URL to import: the checked file's real path when running as root (KATA_ERR_UNTRUSTED_PATH
+ * otherwise), `target` unchanged when the check does not apply or the module cannot be resolved
+ * (import() then reports that).
+ */
+function trustedTarget(target: string): string {
+  if (!trustCheckApplies()) return target;
+  let url: string;
+  try {
+    // A package name resolves as import() would resolve it from here, to the file it would load.
+    url = target.startsWith('file:') ? target : import.meta.resolve(target);
+  } catch {
+    return target;
+  }
+  if (!url.startsWith('file:')) return target;
+  const opened = assertTrustedPath(fileURLToPath(url), 'plugin module', { key: 'runtime.plugins' });
+  return pathToFileURL(opened).href;
 }
 
 async function importModule(target: string, spec: string): Promise<unknown> {
