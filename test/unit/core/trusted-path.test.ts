@@ -1,8 +1,14 @@
 import assert from 'node:assert/strict';
-import { chmodSync, chownSync, mkdirSync, symlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, symlinkSync } from 'node:fs';
 import path from 'node:path';
 import { assertTrustedPath, trustProblem } from '../../../core/trusted-path.js';
 import type { KataError } from '../../../core/errors.js';
+import { Daemon } from '../../../core/daemon.js';
+import { hypervisorVersion } from '../../../core/host.js';
+import { silentLogger } from '../../../core/logger.js';
+import { PACKAGE_ROOT } from '../../../core/paths.js';
+import { CLI } from '../../helpers/cli.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 /** An unprivileged uid that owns nothing here. */
@@ -91,5 +97,47 @@ describe('trusted path (StrictModes check)', () => {
     assert.equal(assertTrustedPath(f, 'test file', { asRoot: false }), f);
     const missing = path.join(tmp.path, 'missing');
     assert.equal(assertTrustedPath(missing, 'test file', { asRoot: true }), missing);
+  });
+});
+
+describe('trusted path: what the runtime runs as root', () => {
+  let tmp: TempDir;
+  let marker: string;
+  let script: string;
+  before(function () {
+    if (process.geteuid?.() !== 0) this.skip();
+  });
+  beforeEach(() => {
+    tmp = new TempDir();
+    marker = path.join(tmp.path, 'ran');
+    // Would print a version and leave a marker, if it ever ran.
+    script = tmp.file('open/fake-binary', `#!/bin/sh\necho ran > ${marker}\necho "QEMU emulator version 7.2.0"\nsleep 30\n`);
+    chmodSync(script, 0o755);
+    chmodSync(path.dirname(script), 0o777);
+  });
+  afterEach(() => tmp?.cleanup());
+
+  it('a daemon binary (virtiofsd …) in a world-writable directory is refused before it starts', async () => {
+    await assert.rejects(
+      Daemon.start({ name: 'virtiofsd', binary: script, args: [], socket: path.join(tmp.path, 'vfs.sock'), log: silentLogger(), readyTimeoutMs: 2_000 }),
+      (e: KataError) => e.code === 'KATA_ERR_UNTRUSTED_PATH' && e.value === script && e.message.includes('the virtiofsd binary'),
+    );
+    assert.equal(existsSync(marker), false);
+  });
+
+  it('the hypervisor binary is not run even for its --version (kata-runtime check, env)', async () => {
+    const v = await hypervisorVersion(script);
+    assert.equal(v.version, null);
+    assert.match(v.reason, /refusing to use the hypervisor binary .* as root: its directory .* is writable by group or others/);
+    assert.equal(existsSync(marker), false);
+  });
+
+  it('kata-runtime --config (operator input) still applies the check to the plugins it names', () => {
+    const plugin = tmp.file('open/evil.mjs', `import { writeFileSync } from 'node:fs';\nwriteFileSync(${JSON.stringify(marker)}, 'x');\nexport default {};\n`);
+    const config = tmp.file('c.toml', readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8').replace(/^\[runtime\]$/m, `[runtime]\nplugins = [${JSON.stringify(plugin)}]`));
+    const r = spawnSync(process.execPath, [CLI, 'validate', '--config', config], { encoding: 'utf8' });
+    assert.notEqual(r.status, 0);
+    assert.match(r.stderr, /refusing to use plugin module .*evil\.mjs.*\n.*fix: .*chmod go-w[^]*code: KATA_ERR_UNTRUSTED_PATH/);
+    assert.equal(existsSync(marker), false);
   });
 });
