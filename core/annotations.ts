@@ -61,7 +61,8 @@
  * `kernel_modules`, `enable_tracing`, `container_pipe_size`. Kata has no agent annotation for
  * `debug` or `dial_timeout`.
  *
- * `io.katacontainers.config_path` chooses the file (core/config/locate.ts) and is not an override.
+ * `io.katacontainers.config_path` chooses the file (core/config/locate.ts `configFromAnnotation`) and
+ * is not an override; it too must be enabled, as `config_path` in the same list.
  */
 import { KataError, formatValue } from './errors.js';
 import type { RawConfig } from './config/types.js';
@@ -515,7 +516,8 @@ function regexQuote(s: string): string {
   return s.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&');
 }
 
-function compileEnable(patterns: readonly string[]): RegExp[] {
+/** `enable_annotations` as matchers: each must match a WHOLE name; one JavaScript cannot compile matches nothing. */
+export function compileEnable(patterns: readonly string[]): RegExp[] {
   const out: RegExp[] = [];
   for (const p of patterns) {
     try {

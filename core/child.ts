@@ -11,6 +11,7 @@
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import path from 'node:path';
+import { assertTrustedPath } from './trusted-path.js';
 
 let setprivPath: string | null | undefined;
 
@@ -28,10 +29,15 @@ export function findExecutable(name: string, env: NodeJS.ProcessEnv = process.en
   return undefined;
 }
 
-/** Spawns `binary` so that it is killed when this process dies. */
-export function spawnTied(binary: string, args: readonly string[], options: SpawnOptions): ChildProcess {
+/**
+ * Spawns `binary` so that it is killed when this process dies. Running as root, the binary (found
+ * on PATH when it has no slash) must pass the StrictModes check of core/trusted-path.ts first:
+ * throws KATA_ERR_UNTRUSTED_PATH otherwise, before anything runs, and runs the real path checked.
+ */
+export function spawnTied(binary: string, args: readonly string[], options: SpawnOptions, what = 'binary'): ChildProcess {
   setprivPath ??= findExecutable('setpriv') ?? null;
-  const resolved = findExecutable(binary);
-  if (!setprivPath || !resolved) return spawn(binary, [...args], options);
+  const found = findExecutable(binary);
+  const resolved = found === undefined ? undefined : assertTrustedPath(found, what);
+  if (!setprivPath || !resolved) return spawn(resolved ?? binary, [...args], options);
   return spawn(setprivPath, ['--pdeathsig', 'KILL', '--', resolved, ...args], options);
 }

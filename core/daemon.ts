@@ -46,7 +46,7 @@ export class Daemon {
 
   private constructor(opts: DaemonOptions) {
     this.#opts = opts;
-    this.#child = spawnTied(opts.binary, opts.args, { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.#child = spawnTied(opts.binary, opts.args, { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] }, `the ${opts.name} binary`);
     this.#child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
       for (const line of this.#stderr.push(chunk)) opts.log.debug({ daemon: opts.name }, line);
     });

@@ -237,6 +237,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: "One or more of a pod's io.katacontainers.* annotations were refused (not enabled by enable_annotations, a path outside its valid_*_paths list, a malformed value, or not supported); every refused annotation is listed.",
     fix: 'Remove the annotations listed, or have the administrator allow them: add the name to enable_annotations and the path to the valid_*_paths list named for each, in the [hypervisor.<name>] section.',
   },
+  KATA_ERR_UNTRUSTED_PATH: {
+    meaning: 'Running as root, the runtime refused to import or run a file (a plugin module, the hypervisor or a daemon binary, a configuration chosen by annotation) that is, or sits below a directory that is, not owned by root or writable by group or others (as sshd StrictModes judges).',
+    fix: 'chown root and chmod go-w the file and directory named (a directory others must write to needs the sticky bit, like /tmp), or install the file in a root-owned directory.',
+  },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',
     fix: 'Report it with the output of `kata-runtime --debug` and the configuration used.',

@@ -14,6 +14,7 @@
 import { execFile } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
+import { assertTrustedPath } from './trusted-path.js';
 
 export interface HostDetectOptions {
   /** Directory that stands for `/` (tests use a fake tree); default `/`. */
@@ -164,8 +165,15 @@ export function parseHypervisorVersion(output: string): { product: HypervisorPro
 /** Runs `<binary> --version` (2 s timeout by default) and parses the answer. Never rejects. */
 export function hypervisorVersion(binary: string, opts: { timeoutMs?: number } = {}): Promise<HypervisorVersion> {
   const timeoutMs = opts.timeoutMs ?? VERSION_TIMEOUT_MS;
+  // Running as root, an untrusted binary is not run even to ask its version.
+  let run = binary;
+  try {
+    run = assertTrustedPath(binary, 'the hypervisor binary');
+  } catch (e) {
+    return Promise.resolve({ version: null, product: null, output: '', reason: e instanceof Error ? e.message : String(e) });
+  }
   return new Promise((resolve) => {
-    execFile(binary, ['--version'], { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 1024, windowsHide: true }, (err, stdout, stderr) => {
+    execFile(run, ['--version'], { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 1024, windowsHide: true }, (err, stdout, stderr) => {
       const text = `${String(stdout)}\n${String(stderr)}`.trim();
       const output = text.split('\n')[0]?.trim() ?? '';
       if (err) {

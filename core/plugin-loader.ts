@@ -4,6 +4,9 @@
  * package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
  * before its apply() runs (as fastify-plugin does):
  *
+ *   0. running as root, the module's file (its real path) and every directory above it are owned by
+ *      root and not group/world-writable (KATA_ERR_UNTRUSTED_PATH), checked before import() runs
+ *      any of its code (core/trusted-path.ts)
  *   1. the module imports (KATA_ERR_PLUGIN_NOT_FOUND / KATA_ERR_PLUGIN_IMPORT)
  *   2. it has a default export (KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT)
  *   3. the manifest has the right shape and apply() is a function (KATA_ERR_PLUGIN_BAD_MANIFEST)
@@ -13,7 +16,7 @@
  *   7. apply() does not throw (KATA_ERR_PLUGIN_APPLY)
  */
 import path from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 // Only the three functions used: the whole semver package costs a CLI start ~10 ms more.
 import satisfies from 'semver/functions/satisfies.js';
 import validVersion from 'semver/functions/valid.js';
@@ -24,6 +27,7 @@ import type { Logger } from './logger.js';
 import { builtinSchema } from './config/schema.js';
 import { PLUGIN_API_VERSION, type ActivationCondition, type ActivationValue, type KataPlugin, type PluginActivation, type PluginManifest, type PluginSource } from './plugin-api.js';
 import type { RawConfig } from './config/types.js';
+import { assertTrustedPath, trustCheckApplies } from './trusted-path.js';
 
 export interface LoadedPlugin {
   readonly plugin: KataPlugin;
@@ -120,13 +124,34 @@ export async function importThirdParty(spec: string, reason: string): Promise<Lo
       fix: 'Name a plugin by absolute path, or by the name of a package installed next to the runtime.',
     });
   } else target = spec;
-  const mod = await importModule(target, spec);
+  // Before import() runs a line of the module: as root, only a file nobody else can write.
+  const opened = trustedTarget(target);
+  const mod = await importModule(opened, spec);
   return checkModule(mod, {
     specifier: spec,
-    moduleUrl: target.startsWith('file:') ? target : undefined,
+    moduleUrl: target.startsWith('file:') ? opened : undefined,
     builtin: false,
     reason,
   });
+}
+
+/**
+ * The URL to import: the checked file's real path when running as root (KATA_ERR_UNTRUSTED_PATH
+ * otherwise), `target` unchanged when the check does not apply or the module cannot be resolved
+ * (import() then reports that).
+ */
+function trustedTarget(target: string): string {
+  if (!trustCheckApplies()) return target;
+  let url: string;
+  try {
+    // A package name resolves as import() would resolve it from here, to the file it would load.
+    url = target.startsWith('file:') ? target : import.meta.resolve(target);
+  } catch {
+    return target;
+  }
+  if (!url.startsWith('file:')) return target;
+  const opened = assertTrustedPath(fileURLToPath(url), 'plugin module', { key: 'runtime.plugins' });
+  return pathToFileURL(opened).href;
 }
 
 async function importModule(target: string, spec: string): Promise<unknown> {

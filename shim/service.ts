@@ -13,7 +13,7 @@ import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { KataError, toKataError, type ErrorCode } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
-import { locateConfig } from '../core/config/locate.js';
+import { CONFIG_PATH_ANNOTATION, configFromAnnotation, locateConfig, type LocatedConfig } from '../core/config/locate.js';
 import { loadValidatedConfig } from '../core/runtime.js';
 import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../core/sandbox.js';
 import type { RootfsMount, RootfsSource, VmExit, VmHandle } from '../core/vm.js';
@@ -166,6 +166,7 @@ const GRPC_FOR: Partial<Record<ErrorCode, number>> = {
   KATA_ERR_NOT_IMPLEMENTED: GrpcCode.UNIMPLEMENTED,
   KATA_ERR_OCI_SPEC: GrpcCode.INVALID_ARGUMENT,
   KATA_ERR_ANNOTATION: GrpcCode.INVALID_ARGUMENT,
+  KATA_ERR_UNTRUSTED_PATH: GrpcCode.PERMISSION_DENIED,
 };
 
 /** A coded error as containerd receives it: the gRPC code it maps to errdefs, the code and fix in the text. */
@@ -322,14 +323,18 @@ export class TaskService {
         log.warn('runtime options are not runtimeoptions.v1.Options; ignored');
       }
     }
-    let file: string;
+    // The administrator's configuration first, without the pod's say; it decides whether the pod's
+    // config_path annotation may choose another (core/config/locate.ts).
+    let admin: LocatedConfig;
     try {
-      file = locateConfig({ annotations, shimConfigPath }).path;
+      admin = locateConfig({ shimConfigPath });
     } catch (e) {
       if (!(e instanceof KataError && e.code === 'KATA_ERR_CONFIG_NOT_FOUND' && this.opts.fallbackConfig && !shimConfigPath && !process.env.KATA_CONF_FILE)) throw e;
-      file = this.opts.fallbackConfig;
-      log.info({ path: file }, 'no configuration installed; using the one the project ships for QEMU');
+      admin = { path: this.opts.fallbackConfig, source: 'default', tried: [{ path: this.opts.fallbackConfig, source: 'default', used: true }] };
+      log.info({ path: admin.path }, 'no configuration installed; using the one the project ships for QEMU');
     }
+    const file = configFromAnnotation(admin, annotations).path;
+    if (file !== admin.path) log.info({ path: file, admin: admin.path }, `configuration chosen by annotation ${CONFIG_PATH_ANNOTATION}, as ${admin.path} allows`);
     // Pod annotations may override the configuration only as far as it allows (enable_annotations, valid_*_paths).
     const validated = await loadValidatedConfig({ file, log, annotations, annotationOptions: { pathExists: existsSync, hostCpus: availableParallelism() } });
     log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');

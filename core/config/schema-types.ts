@@ -169,7 +169,7 @@ export interface HypervisorCommon {
   disk_rate_limiter_ops_max_rate: number;
   disk_rate_limiter_ops_one_time_burst: number;
   /**
-   * Regular expressions of the hypervisor annotations pods may use.
+   * Regular expressions of the hypervisor annotations pods may use (each matches a whole name); `config_path` lets pods choose a configuration file in the standard directories.
    */
   enable_annotations: string[];
   enable_debug: boolean;

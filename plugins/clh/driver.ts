@@ -240,7 +240,7 @@ export class ClhVm implements VmHandle {
     const args = [...this.#spec.args, '--api-socket', `path=${this.#api.socketPath}`];
     this.#log.debug({ binary: this.#spec.binary, args }, 'spawning Cloud Hypervisor');
     // Tied to this process: a runtime that dies takes its VMM with it.
-    const child = spawnTied(this.#spec.binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawnTied(this.#spec.binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'pipe', 'pipe'] }, 'the hypervisor binary');
     this.#child = child;
     child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
       for (const line of this.#stderr.push(chunk)) this.#log.warn({ pid: child.pid, stderr: line }, 'Cloud Hypervisor stderr');

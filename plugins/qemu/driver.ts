@@ -216,7 +216,7 @@ export class QemuVm implements VmHandle {
     const [binary, ...args] = argv as [string, ...string[]];
     this.#log.debug({ argv }, 'spawning QEMU');
     // Tied to this process: a runtime that dies takes its VM with it.
-    const child = spawnTied(binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawnTied(binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'ignore', 'pipe'] }, 'the hypervisor binary');
     this.#child = child;
     this.timeline.spawned = performance.now();
     child.stderr?.setEncoding('utf8');
@@ -267,7 +267,7 @@ export class QemuVm implements VmHandle {
 
   /** KATA_ERR_VM_START for a failed start: why, in QEMU's own words when it exited by itself. */
   #startFailure(cause: unknown): KataError {
-    if (cause instanceof KataError && (cause.code === 'KATA_ERR_VM_START' || cause.code === 'KATA_ERR_INTERNAL')) return cause;
+    if (cause instanceof KataError && (cause.code === 'KATA_ERR_VM_START' || cause.code === 'KATA_ERR_INTERNAL' || cause.code === 'KATA_ERR_UNTRUSTED_PATH')) return cause;
     const binary = (this.#ctx.plan.vm as QemuLaunchSpec).binary;
     const tail = this.#stderr.tail(STDERR_TAIL);
     let what: string;

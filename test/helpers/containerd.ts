@@ -99,6 +99,8 @@ export interface ContainerdOptions {
 export interface CriOptions {
   /** Runtime handlers (RunPodSandbox's `runtime_handler`) → containerd runtime type, e.g. `{ kata: 'io.containerd.kata.v2' }`. */
   runtimes: Record<string, string>;
+  /** Per handler: CRI's `pod_annotations` (which pod annotations reach the runtime) and the runtime options' `ConfigPath`. */
+  handlers?: Record<string, { podAnnotations?: string[]; configPath?: string }>;
 }
 
 export interface CtrOptions {
@@ -309,7 +311,11 @@ function criConfig(cri: CriOptions, dir: string): string[] {
     '      runtime_type = "io.containerd.runc.v2"',
   ];
   for (const [handler, type] of Object.entries(cri.runtimes)) {
-    lines.push(`    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.${JSON.stringify(handler)}]`, `      runtime_type = ${JSON.stringify(type)}`);
+    const table = `plugins."io.containerd.grpc.v1.cri".containerd.runtimes.${JSON.stringify(handler)}`;
+    const extra = cri.handlers?.[handler];
+    lines.push(`    [${table}]`, `      runtime_type = ${JSON.stringify(type)}`);
+    if (extra?.podAnnotations) lines.push(`      pod_annotations = ${JSON.stringify(extra.podAnnotations)}`);
+    if (extra?.configPath) lines.push(`      [${table}.options]`, `        ConfigPath = ${JSON.stringify(extra.configPath)}`);
   }
   return lines;
 }

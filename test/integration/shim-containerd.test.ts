@@ -10,7 +10,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { ensureGuestImage } from '../helpers/guest.js';
@@ -35,6 +35,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
   let ctrd: TestContainerd | undefined;
   let runRoot: string;
   let config: string;
+  let sysroot: string;
 
   before(async function () {
     this.timeout(600_000);
@@ -42,7 +43,9 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     tmp = new TempDir('kata-shim-e2e-');
     runRoot = path.join(tmp.path, 'run');
     config = shimConfig(tmp, image);
-    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot } });
+    // The standard configuration directories a pod's config_path annotation may choose from, relocated.
+    sysroot = path.join(tmp.path, 'sysroot');
+    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SYSROOT: sysroot } });
   });
 
   after(async () => {
@@ -193,16 +196,97 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal(readFileSync(path.join(ro, 'hello.txt'), 'utf8'), 'from the host\n', 'the volume is intact after the container is gone');
   });
 
-  it('takes its configuration from ctr --runtime-config-path, then the config_path annotation (Kata\'s precedence)', async () => {
-    const variant = (marker: string) => tmp.file(`configuration-${marker}.toml`, readFileSync(config, 'utf8').replace(/^kernel_params = "(.*)"$/m, `kernel_params = "$1 kata_ts_marker=${marker}"`));
-    const byOption = await c().run('cfg-option', ['cat', '/proc/cmdline'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', variant('option')] });
+  /** The test configuration with `edit` applied, as `<dir>/<name>` (dir relative to the temp dir). */
+  const configAt = (rel: string, edit: (text: string) => string = (t) => t) => tmp.file(rel, edit(readFileSync(config, 'utf8')));
+  const withMarker = (marker: string) => (t: string) => t.replace(/^kernel_params = "(.*)"$/m, `kernel_params = "$1 kata_ts_marker=${marker}"`);
+  /** An administrator's configuration that lets pods choose among the standard directories' configurations. */
+  const enablingConfigPath = (t: string) => t.replace(/^enable_annotations = \[\]$/m, 'enable_annotations = ["config_path"]');
+  const standardDir = () => path.join(sysroot, 'usr/share/defaults/kata-containers');
+  const inStandardDir = (name: string, edit: (text: string) => string) => configAt(path.relative(tmp.path, path.join(standardDir(), name)), edit);
+  /** A hostile plugin: imported, it leaves `marker` behind (as root, anywhere it likes). */
+  const evilPlugin = (dir: string, marker: string) => {
+    const file = tmp.file(`${dir}/evil.mjs`, `import { writeFileSync } from 'node:fs';\nwriteFileSync(${JSON.stringify(marker)}, 'imported as uid ' + process.getuid());\nexport default {};\n`);
+    return file;
+  };
+  const namingPlugin = (plugin: string) => (t: string) => t.replace(/^\[runtime\]$/m, `[runtime]\nplugins = [${JSON.stringify(plugin)}]`);
+  /** What must hold after a refused pod: no sandbox directory, no process under it, the container record removable. */
+  const nothingLeft = async (id: string) => {
+    assert.equal(existsSync(sandboxDir(id)), false, `${sandboxDir(id)} left behind`);
+    assert.deepEqual(processesUnder(sandboxDir(id)), []);
+    await c().ctr(['container', 'rm', id]);
+  };
+
+  it("takes its configuration from ctr --runtime-config-path, then the config_path annotation where that configuration enables it (Kata's precedence, restricted)", async () => {
+    const byOption = await c().run('cfg-option', ['cat', '/proc/cmdline'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', configAt('configuration-option.toml', withMarker('option'))] });
     assert.match(byOption.stdout, /kata_ts_marker=option/, why(byOption));
+    const admin = configAt('configuration-option2.toml', (t) => enablingConfigPath(withMarker('option2')(t)));
+    const chosen = inStandardDir('configuration-annotation.toml', withMarker('annotation'));
     const byAnnotation = await c().run('cfg-annotation', ['cat', '/proc/cmdline'], {
       runtime: RUNTIME,
       timeoutMs: 120_000,
-      flags: ['--runtime-config-path', variant('option2'), '--annotation', `io.katacontainers.config_path=${variant('annotation')}`],
+      flags: ['--runtime-config-path', admin, '--annotation', `io.katacontainers.config_path=${chosen}`],
     });
     assert.match(byAnnotation.stdout, /kata_ts_marker=annotation/, why(byAnnotation));
+  });
+
+  it("refuses the config_path annotation when the administrator's configuration does not enable it: the plugin it names is never imported, no VM starts", async () => {
+    const marker = path.join(tmp.path, 'evil-imported-1');
+    const evilToml = configAt('x1/evil.toml', namingPlugin(evilPlugin('x1', marker)));
+    const r = await c().run('cfg-evil', ['true'], { runtime: RUNTIME, flags: ['--annotation', `io.katacontainers.config_path=${evilToml}`] });
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /io\.katacontainers\.config_path.*not enabled.*KATA_ERR_ANNOTATION/s, why(r));
+    assert.equal(existsSync(marker), false, 'the plugin named by the pod ran as root');
+    await nothingLeft('cfg-evil');
+    // The same when the file is in a standard directory: the administrator did not enable the annotation.
+    const placed = inStandardDir('configuration-placed.toml', (t) => t);
+    const r2 = await c().run('cfg-placed', ['true'], { runtime: RUNTIME, flags: ['--annotation', `io.katacontainers.config_path=${placed}`] });
+    assert.match(r2.stderr, /KATA_ERR_ANNOTATION/, why(r2));
+    await nothingLeft('cfg-placed');
+  });
+
+  it('refuses, even where enabled, a config_path outside the standard directories, relative (../../..) or missing: no fall-back, no import', async () => {
+    const admin = configAt('configuration-enabling.toml', enablingConfigPath);
+    const marker = path.join(tmp.path, 'evil-imported-2');
+    const evilToml = configAt('x2/evil.toml', namingPlugin(evilPlugin('x2', marker)));
+    const cases: [string, string, RegExp][] = [
+      ['cfg-outside', evilToml, /config_path.*path not allowed: it is not directly inside.*KATA_ERR_ANNOTATION/s],
+      // Relative to the bundle (containerd's state dir under the temp dir), this would reach evil.toml.
+      ['cfg-relative', `../../../../../../../../..${evilToml}`, /config_path.*path not allowed: it is not absolute.*KATA_ERR_ANNOTATION/s],
+      ['cfg-dotdot', `${standardDir()}/../../../../../x2/evil.toml`, /config_path.*path not allowed.*"\.\." segment.*KATA_ERR_ANNOTATION/s],
+      ['cfg-missing', path.join(standardDir(), 'configuration-missing.toml'), /configuration-missing\.toml" named by annotation io\.katacontainers\.config_path does not exist.*KATA_ERR_CONFIG_NOT_FOUND/s],
+    ];
+    for (const [id, value, expected] of cases) {
+      const r = await c().run(id, ['true'], { runtime: RUNTIME, flags: ['--runtime-config-path', admin, '--annotation', `io.katacontainers.config_path=${value}`] });
+      assert.notEqual(r.code, 0, `${id}: ${why(r)}`);
+      assert.match(r.stderr, expected, `${id}: ${why(r)}`);
+      await nothingLeft(id);
+    }
+    assert.equal(existsSync(marker), false, 'the plugin named by the pod ran as root');
+  });
+
+  it('refuses, as root, a plugin or a hypervisor binary in a world-writable directory, before either runs', async () => {
+    const admin = configAt('configuration-enabling2.toml', enablingConfigPath);
+    const open = path.join(tmp.path, 'open');
+    mkdirSync(open, { mode: 0o777 });
+    chmodSync(open, 0o777);
+    const marker = path.join(tmp.path, 'evil-imported-3');
+    const byPlugin = inStandardDir('configuration-untrusted-plugin.toml', namingPlugin(evilPlugin('open', marker)));
+    const r = await c().run('cfg-untrusted-plugin', ['true'], { runtime: RUNTIME, flags: ['--runtime-config-path', admin, '--annotation', `io.katacontainers.config_path=${byPlugin}`] });
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /plugin module ".*\/open\/evil\.mjs".*its directory ".*\/open" is writable by group or others and has no sticky bit.*KATA_ERR_UNTRUSTED_PATH/s, why(r));
+    assert.equal(existsSync(marker), false, 'the untrusted plugin ran as root');
+    await nothingLeft('cfg-untrusted-plugin');
+
+    const ranMarker = path.join(tmp.path, 'fake-qemu-ran');
+    const fakeQemu = tmp.file('open/qemu-system-x86_64', `#!/bin/sh\necho "$(id -u)" > ${ranMarker}\nexec /usr/bin/qemu-system-x86_64 "$@"\n`);
+    chmodSync(fakeQemu, 0o755);
+    const useFake = (t: string) => t.replace(/^path = ".*"$/m, `path = "${fakeQemu}"`).replace(/^valid_hypervisor_paths = .*$/m, `valid_hypervisor_paths = ["${fakeQemu}"]`);
+    const byBinary = inStandardDir('configuration-untrusted-qemu.toml', useFake);
+    const r2 = await c().run('cfg-untrusted-qemu', ['true'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', admin, '--annotation', `io.katacontainers.config_path=${byBinary}`] });
+    assert.notEqual(r2.code, 0);
+    assert.match(r2.stderr, /the hypervisor binary ".*\/open\/qemu-system-x86_64".*KATA_ERR_UNTRUSTED_PATH/s, why(r2));
+    assert.equal(existsSync(ranMarker), false, 'the untrusted hypervisor binary ran as root');
+    await nothingLeft('cfg-untrusted-qemu');
   });
 
   it('refuses a hypervisor annotation the configuration does not enable, and starts no VM', async () => {

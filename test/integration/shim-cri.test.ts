@@ -7,7 +7,7 @@
  * since no CNI plugin is installed. What this does not cover: the kubelet itself, CNI networking.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { BUSYBOX_IMAGE, CRI_NAMESPACE, NO_LEFTOVERS, PAUSE_IMAGE, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { CriClient } from '../helpers/cri.js';
@@ -40,6 +40,7 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
   let cri: CriClient | undefined;
   let runRoot: string;
   let logDir: string;
+  let sysroot: string;
 
   before(async function () {
     this.timeout(600_000);
@@ -51,11 +52,16 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
     runRoot = runTmp.path;
     logDir = path.join(tmp.path, 'pods', 'pod-uid-1');
     mkdirSync(logDir, { recursive: true });
+    // As the README tells an administrator: pods may pass io.katacontainers.* annotations, and the
+    // handler names its configuration by ConfigPath; this one lets pods choose among the
+    // configurations in the standard directories (relocated under sysroot).
+    sysroot = path.join(tmp.path, 'sysroot');
+    const adminConfig = tmp.file('admin/configuration.toml', readFileSync(shimConfig(tmp, image), 'utf8').replace(/^enable_annotations = \[\]$/m, 'enable_annotations = ["config_path"]'));
     ctrd = await startContainerd(this, {
       pathPrefix: [shimBinDir(tmp)],
-      env: { KATA_CONF_FILE: shimConfig(tmp, image), KATA_TS_RUN_ROOT: runRoot },
+      env: { KATA_TS_RUN_ROOT: runRoot, KATA_TS_SYSROOT: sysroot },
       image: false,
-      cri: { runtimes: { [HANDLER]: RUNTIME } },
+      cri: { runtimes: { [HANDLER]: RUNTIME }, handlers: { [HANDLER]: { podAnnotations: ['io.katacontainers.*'], configPath: adminConfig } } },
     });
     cri = new CriClient(ctrd.socket);
   });
@@ -82,6 +88,46 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       const s = await api().image('ImageStatus', { image: { image: name } });
       assert.deepEqual((s.image as { repo_tags: string[] }).repo_tags, [name], `${name}\n${log()}`);
     }
+  });
+
+  describe('a hostile pod choosing its configuration (pod_annotations = ["io.katacontainers.*"], ConfigPath enabling config_path)', () => {
+    const hostilePod = (name: string, annotations: Record<string, string>) => ({
+      metadata: { name, uid: `uid-${name}`, namespace: 'default', attempt: 0 },
+      log_directory: path.join(tmp.path, 'pods', name),
+      annotations,
+      linux: { security_context: { namespace_options: { network: 'NODE', pid: 'CONTAINER', ipc: 'POD' } } },
+    });
+    /** A plugin that, imported, leaves `marker` behind (as root). */
+    const evilPlugin = (rel: string, marker: string) =>
+      tmp.file(rel, `import { writeFileSync } from 'node:fs';\nwriteFileSync(${JSON.stringify(marker)}, 'imported as uid ' + process.getuid());\nexport default {};\n`);
+    const namingPlugin = (plugin: string) => readFileSync(path.join(tmp.path, 'admin/configuration.toml'), 'utf8').replace(/^\[runtime\]$/m, `[runtime]\nplugins = [${JSON.stringify(plugin)}]`);
+    const refused = async (name: string, annotations: Record<string, string>, expected: RegExp) => {
+      const before = existsSync(path.join(runRoot, CRI_NAMESPACE)) ? readdirSync(path.join(runRoot, CRI_NAMESPACE)) : [];
+      await assert.rejects(api().runtime('RunPodSandbox', { config: hostilePod(name, annotations), runtime_handler: HANDLER }), (e: Error) => {
+        assert.match(e.message, expected, `${e.message}\n${log()}`);
+        return true;
+      });
+      assert.deepEqual(existsSync(path.join(runRoot, CRI_NAMESPACE)) ? readdirSync(path.join(runRoot, CRI_NAMESPACE)) : [], before, 'no run directory left');
+      assert.deepEqual(processesMentioning(`${runRoot}/`).filter((p) => p.argv[0]?.includes('qemu-system')), [], 'no VM');
+    };
+
+    it('RunPodSandbox naming a configuration outside the standard directories is refused; the plugin it names never runs', async () => {
+      const marker = path.join(tmp.path, 'evil-imported-cri-1');
+      const evilToml = tmp.file('x/evil.toml', namingPlugin(evilPlugin('x/evil.mjs', marker)));
+      await refused('evil-outside', { 'io.katacontainers.config_path': evilToml }, /io\.katacontainers\.config_path.*not directly inside.*KATA_ERR_ANNOTATION/s);
+      await refused('evil-relative', { 'io.katacontainers.config_path': `../../../../../../../..${evilToml}` }, /io\.katacontainers\.config_path.*not absolute.*KATA_ERR_ANNOTATION/s);
+      assert.equal(existsSync(marker), false, 'the plugin named by the pod ran as root');
+    });
+
+    it('RunPodSandbox naming a placed configuration whose plugin is untrusted is refused before the plugin is imported', async () => {
+      const marker = path.join(tmp.path, 'evil-imported-cri-2');
+      const open = path.join(tmp.path, 'open');
+      mkdirSync(open, { recursive: true });
+      chmodSync(open, 0o777);
+      const placed = tmp.file(path.relative(tmp.path, path.join(sysroot, 'etc/kata-containers/configuration-evil.toml')), namingPlugin(evilPlugin('open/evil.mjs', marker)));
+      await refused('evil-untrusted', { 'io.katacontainers.config_path': placed }, /plugin module ".*\/open\/evil\.mjs".*KATA_ERR_UNTRUSTED_PATH/s);
+      assert.equal(existsSync(marker), false, 'the untrusted plugin ran as root');
+    });
   });
 
   describe('a pod on the kata handler, host network', () => {

@@ -4,7 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync } from 'node:fs';
+import type { KataError } from '../../../core/errors.js';
 import path from 'node:path';
 import { DIST_ROOT } from '../../../core/paths.js';
 import { findExecutable, spawnTied } from '../../../core/child.js';
@@ -46,5 +47,25 @@ describe('core: children tied to the runtime process', function () {
     const c = spawnTied(path.join(tmp.path, 'no-such-program'), [], { stdio: 'ignore' });
     const err = await new Promise<NodeJS.ErrnoException>((resolve) => c.once('error', resolve));
     assert.equal(err.code, 'ENOENT');
+  });
+
+  it('refuses, as root, a program in a world-writable directory before running it', function () {
+    if (process.geteuid?.() !== 0) this.skip();
+    const marker = path.join(tmp.path, 'ran');
+    const script = tmp.file('open/fake-qemu', `#!/bin/sh\necho ran > ${marker}\n`);
+    chmodSync(script, 0o755);
+    chmodSync(path.dirname(script), 0o777);
+    assert.throws(() => spawnTied(script, [], { stdio: 'ignore' }, 'the hypervisor binary'), (e: KataError) => e.code === 'KATA_ERR_UNTRUSTED_PATH' && e.value === script && e.message.includes('the hypervisor binary'));
+    assert.equal(existsSync(marker), false);
+  });
+
+  it('runs, as root, a program from a root-owned directory', async function () {
+    if (process.geteuid?.() !== 0) this.skip();
+    const marker = path.join(tmp.path, 'ran');
+    const script = tmp.file('safe/fake-qemu', `#!/bin/sh\necho ran > ${marker}\n`);
+    chmodSync(script, 0o755);
+    const c = spawnTied(script, [], { stdio: 'ignore' });
+    await new Promise((r) => c.once('close', r));
+    assert.equal(readFileSync(marker, 'utf8'), 'ran\n');
   });
 });

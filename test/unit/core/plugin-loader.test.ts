@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { chmodSync, chownSync, existsSync, mkdirSync, symlinkSync } from 'node:fs';
+import path from 'node:path';
 import { judgeConfig } from '../../../core/runtime.js';
 import type { KataError } from '../../../core/errors.js';
 import { TempDir, fakeConfig, fakeHypervisorSource } from '../../helpers/tmp.js';
@@ -99,4 +101,53 @@ describe('plugin loader', () => {
       'KATA_ERR_PLUGIN_SCHEMA',
       'noschema',
     ));
+
+  describe('as root, a plugin module nobody else may write (StrictModes)', () => {
+    before(function () {
+      if (process.geteuid?.() !== 0) this.skip();
+    });
+    /** A plugin that leaves a marker file the moment its top level runs. */
+    const markerPlugin = (rel: string, marker: string) =>
+      tmp.file(rel, `import { writeFileSync } from 'node:fs';\nwriteFileSync(${JSON.stringify(marker)}, 'imported as uid ' + process.getuid());\nexport default { manifest: { name: 'marker', version: '1.0.0', runtime: '^1.0.0' }, apply() {} };\n`);
+
+    it('imports a plugin from a root-owned directory (the marker proves the module ran)', async () => {
+      const marker = path.join(tmp.path, 'ran');
+      const j = await judgeWith([markerPlugin('safe/marker.mjs', marker)]);
+      assert.equal(j.valid, true, JSON.stringify(j.problems));
+      assert.equal(existsSync(marker), true);
+    });
+
+    it('refuses a plugin in a world-writable directory without importing it', async () => {
+      const marker = path.join(tmp.path, 'ran');
+      const evil = markerPlugin('open/evil.mjs', marker);
+      chmodSync(path.dirname(evil), 0o777);
+      await assert.rejects(judgeWith([evil]), (e: KataError) => {
+        assert.equal(e.code, 'KATA_ERR_UNTRUSTED_PATH');
+        assert.equal(e.key, 'runtime.plugins');
+        assert.equal(e.value, evil);
+        return true;
+      });
+      assert.equal(existsSync(marker), false, 'the module ran before it was refused');
+    });
+
+    it('refuses a plugin owned by another user, and one reached through a symlink to such a file', async () => {
+      const marker = path.join(tmp.path, 'ran');
+      const theirs = markerPlugin('theirs/evil.mjs', marker);
+      chownSync(theirs, 65534, 65534);
+      await rejectsWith(judgeWith([theirs]), 'KATA_ERR_UNTRUSTED_PATH');
+      mkdirSync(path.join(tmp.path, 'safe'));
+      const link = path.join(tmp.path, 'safe', 'link.mjs');
+      symlinkSync(theirs, link);
+      await rejectsWith(judgeWith([link]), 'KATA_ERR_UNTRUSTED_PATH');
+      assert.equal(existsSync(marker), false);
+    });
+
+    it('refuses a group-writable plugin file', async () => {
+      const marker = path.join(tmp.path, 'ran');
+      const gw = markerPlugin('gw/evil.mjs', marker);
+      chmodSync(gw, 0o664);
+      await rejectsWith(judgeWith([gw]), 'KATA_ERR_UNTRUSTED_PATH');
+      assert.equal(existsSync(marker), false);
+    });
+  });
 });
