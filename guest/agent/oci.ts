@@ -33,8 +33,18 @@ import { lstat, readlink, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { LinuxDevice, Mount, POSIXRlimit, StringUser, User } from '../../core/agent/proto.gen.js';
 import { internal, invalidArgument } from './errors.js';
-import { checkGuestPath } from './storage.js';
+import { checkFsType, checkGuestPath, checkOperand } from './storage.js';
 import { BUSYBOX } from './sys.js';
+
+/**
+ * A hostname as sethostname(2) takes it and a DNS name allows: letters, digits, `-` and `.`, not
+ * starting with `-`, at most 64 bytes. INVALID_ARGUMENT otherwise (busybox `hostname` would read
+ * a leading `-` as an option, e.g. `-F FILE`).
+ */
+export function checkHostname(name: string, what: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/.test(name)) throw invalidArgument(`${what} ${JSON.stringify(name)} is not a hostname (letters, digits, "-", "." and "_", at most 64, not starting with "-" or ".")`);
+  return name;
+}
 
 /** kata-agent's rule for container ids (`verify_id`). */
 export function checkContainerId(id: string): void {
@@ -392,7 +402,10 @@ function isBindMount(m: Mount): boolean {
  */
 export function checkMountOptions(m: Mount, dest: string): string[] {
   const bind = isBindMount(m);
-  if (!bind && !/^[a-z0-9][a-z0-9._-]*$/i.test(m.type || 'none')) throw invalidArgument(`mount on ${dest}: ${JSON.stringify(m.type)} is not a filesystem type`);
+  if (!bind) {
+    checkFsType(m.type || 'none', `mount on ${dest}: type`);
+    if (m.source) checkOperand(m.source, `mount on ${dest}: source`);
+  }
   for (const o of m.options) {
     if (MOUNT_FLAGS.has(o)) continue;
     const eq = o.indexOf('=');
@@ -561,7 +574,7 @@ export function initScript(plan: ProcessPlan, spec: InitSpec): Script {
   // A failure goes to the agent (fd 3), which answers CreateContainer with it.
   s.line`fail() { echo "$*" >&3; exit 1; }`;
   if (spec.readonly) s.line`"$b" mount --bind ${root} ${root} || fail ${'cannot bind-mount the rootfs'}`;
-  if (spec.hostname) s.line`"$b" hostname ${spec.hostname} || fail ${`cannot set the hostname to ${spec.hostname}`}`;
+  if (spec.hostname) s.line`"$b" hostname ${checkHostname(spec.hostname, 'hostname')} || fail ${`cannot set the hostname to ${spec.hostname}`}`;
   addMounts(s, spec.mounts, spec.devices, spec.targets);
   if (spec.readonly) s.line`"$b" mount -o remount,bind,ro ${root} || fail ${'cannot make the rootfs read-only'}`;
   addUlimits(s, plan.rlimits);

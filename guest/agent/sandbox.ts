@@ -28,6 +28,7 @@ import {
   START_WORD,
   buildEnv,
   checkContainerId,
+  checkHostname,
   checkSignal,
   execArgv,
   executableInRoot,
@@ -42,7 +43,7 @@ import {
 } from './oci.js';
 import { OomEvents, OomWatcher, type OomKill } from './oom.js';
 import { GuestProcess } from './process.js';
-import { STORAGE_DRIVERS, StorageManager, checkGuestPath } from './storage.js';
+import { STORAGE_DRIVERS, StorageManager, checkGuestPath, checkOperand } from './storage.js';
 import { busyboxOk, lstatOrUndefined, sleep } from './sys.js';
 import { AGENT_VERSION } from './version.js';
 
@@ -105,8 +106,10 @@ export class Sandbox {
 
   async createSandbox(req: CreateSandboxRequest, signal?: AbortSignal): Promise<void> {
     if (this.created) throw alreadyExists(`the sandbox${this.sandboxId ? ` ${this.sandboxId}` : ''} is already created`);
+    if (req.hostname) checkHostname(req.hostname, 'hostname');
     for (const m of req.kernelModules) {
-      if (!/^[\w-]+$/.test(m.name)) throw invalidArgument(`kernel module name ${JSON.stringify(m.name)}`);
+      if (!/^[\w-]+$/.test(m.name) || m.name.startsWith('-')) throw invalidArgument(`kernel module name ${JSON.stringify(m.name)}`);
+      for (const p of m.parameters) checkOperand(p, `kernel module ${m.name}: parameter`);
       await busyboxOk('modprobe', [m.name, ...m.parameters]).catch((e: Error) => {
         throw internal(`cannot load kernel module ${m.name}: ${e.message}`, e);
       });
