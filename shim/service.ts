@@ -11,6 +11,7 @@
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
+import { AgentError } from '../core/agent/errors.js';
 import { KataError, toKataError, type ErrorCode } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { CONFIG_PATH_ANNOTATION, configFromAnnotation, locateConfig, type LocatedConfig } from '../core/config/locate.js';
@@ -45,6 +46,8 @@ type StatusValue = (typeof Status)[keyof typeof Status];
 
 /** Exit status reported when a process's end could not be observed (the VM or agent died). */
 export const LOST_EXIT_STATUS = 255;
+/** What a pending Wait on an exec whose Start failed answers (the exec never ran). */
+export const FAILED_START_STATUS = 255;
 /** How long a process's output may still drain after it exited before its exit is reported anyway. */
 const OUTPUT_DRAIN_MS = 60_000;
 /** After CloseIO, how long the client's FIFO gets to deliver what it holds. */
@@ -173,7 +176,9 @@ const GRPC_FOR: Partial<Record<ErrorCode, number>> = {
 export function toTtrpcError(e: unknown): TtrpcError {
   if (e instanceof TtrpcError) return e;
   const k = toKataError(e);
-  const code = GRPC_FOR[k.code as ErrorCode] ?? (k.code === 'KATA_ERR_SANDBOX' ? GrpcCode.FAILED_PRECONDITION : GrpcCode.UNKNOWN);
+  // The agent's own status (INVALID_ARGUMENT for a missing binary, NOT_FOUND, …) reaches containerd as it is.
+  const fromAgent = k instanceof AgentError && k.kind === 'call' ? k.grpcCode : undefined;
+  const code = fromAgent ?? GRPC_FOR[k.code as ErrorCode] ?? (k.code === 'KATA_ERR_SANDBOX' ? GrpcCode.FAILED_PRECONDITION : GrpcCode.UNKNOWN);
   return new TtrpcError(code, `${k.message} [${k.code}] (fix: ${k.fix})`, { cause: k });
 }
 
@@ -368,7 +373,15 @@ export class TaskService {
     const proc = this.#process(req.id, req.execId);
     if (proc.status !== Status.CREATED || proc.starting) throw fail('KATA_ERR_TASK_STATE', `${describe(proc)} cannot start: it is ${proc.starting ? 'starting' : statusName(proc.status)}`);
     if (req.execId && task.init.status !== Status.RUNNING) throw fail('KATA_ERR_TASK_STATE', `cannot start exec "${req.execId}": container "${req.id}" is ${statusName(task.init.status)}`);
-    const starting = req.execId ? task.container.exec(proc.spec!, req.execId) : task.container.start().then(() => task.container);
+    const starting = (async () => {
+      try {
+        return req.execId ? await task.container.exec(proc.spec!, req.execId) : await task.container.start().then(() => task.container);
+      } catch (e) {
+        this.#startFailed(task, proc, e);
+        throw e;
+      }
+    })();
+    // Kill and Delete wait for this, which settles only once a failure has been cleaned up.
     proc.starting = starting.catch(() => undefined);
     try {
       proc.guest = await starting;
@@ -380,6 +393,21 @@ export class TaskService {
     if (req.execId) this.opts.events.publish(TOPICS.execStarted, TaskExecStarted, { containerId: req.id, execId: req.execId, pid: this.#vmPid() });
     else this.opts.events.publish(TOPICS.start, TaskStart, { containerId: req.id, pid: this.#vmPid() });
     return { pid: this.#vmPid() };
+  }
+
+  /**
+   * A process whose Start failed: nothing runs in the guest. Its FIFOs close at once, since
+   * containerd's client waits for their EOF before it reports the error (and removes its FIFO
+   * directory). An exec is forgotten, as runc forgets one whose exec failed: a pending Wait
+   * answers with {@link FAILED_START_STATUS}, no TaskExit goes out (it never started) and the exec
+   * id is free again. A container's init stays CREATED until its Delete, as with runc.
+   */
+  #startFailed(task: ShimTask, proc: TaskProcess, err: unknown): void {
+    this.opts.log.info({ container: task.id, exec: proc.execId || undefined, err: toKataError(err).message }, 'the process could not start');
+    proc.io.close();
+    if (!proc.execId) return;
+    task.execs.delete(proc.execId);
+    proc.markExited(FAILED_START_STATUS);
   }
 
   /** Connects the process's stdio and waits for its end in the background. */

@@ -6,16 +6,21 @@
  *
  * Container init (CreateContainer prepares it, StartContainer lets it go):
  *
- *   busybox unshare -m -u -p -f --propagation=private -- busybox sh -c SETUP kata-ts-init
+ *   busybox unshare -m -u -p -f --propagation=private -- busybox sh -c SETUP kata-ts-init DATA… CHAIN…
  *     └ (forked, PID 1 of the new pid namespace) sh: sets the hostname, mounts /proc, /dev, … under
  *       the rootfs, applies rlimits, says `ready` on fd 3, waits for `start` on fd 3, then
- *       exec busybox env -i ENV… busybox [setpriv --nnp busybox] nsenter -r<root> -w<root><cwd> -S uid -G gid -- ARGS…
+ *       exec CHAIN = busybox env -i ENV… busybox [setpriv --nnp busybox] nsenter -r<root> -w<root><cwd> -S uid -G gid -- ARGS…
  *         └ chroot + chdir + setgid/setuid, then execvp(ARGS) with the container's PATH
  *
  * Exec (ExecProcess), into the namespaces and root of the container's init:
  *
- *   [busybox sh -c 'ulimit…; exec "$@"'] busybox env -i ENV… busybox nsenter -t PID -m -u -p -r -w/proc/PID/root<cwd> -S uid -G gid -- ARGS…
+ *   [busybox sh -c 'ulimit…; shift N; exec "$@"' kata-ts-exec DATA…] busybox env -i ENV… busybox nsenter -t PID -m -u -p -r -w/proc/PID/root<cwd> -S uid -G gid -- ARGS…
  *     └ (forked after entering the pid namespace) the process
+ *
+ * No value from a spec or a request is ever part of a script's text: SETUP is written by
+ * {@link Script}, which passes every value (paths, mount options, the hostname, rlimits) as a
+ * positional parameter (DATA) and the chain as the arguments after them. Mount options are checked
+ * against the known flags and filesystem options, mount targets are resolved inside the root.
  *
  * `unshare -f` and `nsenter -p` must fork (a new pid namespace applies to children only); their
  * parent only waits and then exits with the child's status, or kills itself with the signal that
@@ -27,20 +32,25 @@
 import { lstat, readlink, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { LinuxDevice, Mount, POSIXRlimit, StringUser, User } from '../../wire/agent/proto.gen.js';
-import { invalidArgument } from './errors.js';
-import { checkGuestPath } from './storage.js';
+import { internal, invalidArgument } from './errors.js';
+import { checkFsType, checkGuestPath, checkOperand } from './storage.js';
 import { BUSYBOX } from './sys.js';
+
+/**
+ * A hostname as sethostname(2) takes it and a DNS name allows: letters, digits, `-` and `.`, not
+ * starting with `-`, at most 64 bytes. INVALID_ARGUMENT otherwise (busybox `hostname` would read
+ * a leading `-` as an option, e.g. `-F FILE`).
+ */
+export function checkHostname(name: string, what: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/.test(name)) throw invalidArgument(`${what} ${JSON.stringify(name)} is not a hostname (letters, digits, "-", "." and "_", at most 64, not starting with "-" or ".")`);
+  return name;
+}
 
 /** kata-agent's rule for container ids (`verify_id`). */
 export function checkContainerId(id: string): void {
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]+$/.test(id)) {
     throw invalidArgument(`invalid container id ${JSON.stringify(id)} (letters, digits, "_", "." and "-", at least 2, not starting with a symbol)`);
   }
-}
-
-/** Single-quotes a word for sh. */
-export function shq(word: string): string {
-  return `'${word.replaceAll("'", `'\\''`)}'`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,6 +181,22 @@ export async function lookPath(
  * some component does not exist or links loop.
  */
 export async function resolveInRoot(root: string, containerPath: string): Promise<string | undefined> {
+  return walkInRoot(root, containerPath, false);
+}
+
+/**
+ * Where a mount or a device node for `containerPath` goes under `root`: every symlink that exists
+ * is resolved inside the root as in {@link resolveInRoot} (so `/var/run -> /run` lands on
+ * `<root>/run`, and `/data -> /` or `-> ../../..` on the root itself, never above it); what does
+ * not exist yet is taken as it is, to be created. INVALID_ARGUMENT when links loop.
+ */
+export async function secureJoin(root: string, containerPath: string): Promise<string> {
+  const out = await walkInRoot(root, containerPath, true);
+  if (out === undefined) throw invalidArgument(`${JSON.stringify(containerPath)}: too many levels of symbolic links in the container`);
+  return out;
+}
+
+async function walkInRoot(root: string, containerPath: string, keepMissing: boolean): Promise<string | undefined> {
   const todo = containerPath.split('/').filter((c) => c !== '' && c !== '.');
   const done: string[] = [];
   let links = 0;
@@ -185,9 +211,9 @@ export async function resolveInRoot(root: string, containerPath: string): Promis
     try {
       st = await lstat(here);
     } catch {
-      return undefined;
+      if (!keepMissing) return undefined;
     }
-    if (!st.isSymbolicLink()) {
+    if (!st?.isSymbolicLink()) {
       done.push(c);
       continue;
     }
@@ -208,6 +234,49 @@ export async function executableInRoot(root: string, containerPath: string): Pro
     return st.isFile() && (st.mode & 0o111) !== 0;
   } catch {
     return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripts
+
+/**
+ * A shell script whose text is the agent's own and whose data are all positional parameters.
+ * Every `${value}` in a {@link Script.line} template becomes a new parameter and the text gets
+ * only a reference to it (`"${7}"`), so nothing from a spec or a request (a mount option, a path,
+ * a hostname, an argument) can ever become shell syntax, whatever characters it holds.
+ *
+ * `$b` is busybox (parameter 1). The script's text depends on how many mounts, devices and
+ * rlimits there are, never on what they say.
+ */
+export class Script {
+  readonly lines: string[] = [];
+  /** $1, $2, …: the data. */
+  readonly params: string[] = [];
+
+  constructor() {
+    this.line`b=${BUSYBOX}`;
+  }
+
+  /** Appends a line (a tagged template): each interpolated value becomes a positional parameter. */
+  line(text: TemplateStringsArray, ...values: readonly (string | number | bigint)[]): void {
+    let out = text[0] as string;
+    values.forEach((v, i) => {
+      this.params.push(String(v));
+      out += `"\${${this.params.length}}"${text[i + 1] as string}`;
+    });
+    this.lines.push(out);
+  }
+
+  /** The script's text; with `then` (argv that follow the parameters), it ends by exec'ing them. */
+  text(then: boolean): string {
+    const tail = then ? [`shift ${this.params.length}`, 'exec "$@"'] : [];
+    return `${[...this.lines, ...tail].join('\n')}\n`;
+  }
+
+  /** `busybox sh -c TEXT NAME PARAMS… THEN…`: runs the script, which then execs `then` when given. */
+  argv(name: string, then: readonly string[] = []): string[] {
+    return [BUSYBOX, 'sh', '-c', this.text(then.length > 0), name, ...this.params, ...then];
   }
 }
 
@@ -240,18 +309,20 @@ function ulimitValue(v: bigint, unit: number): string {
 }
 
 /**
- * Shell lines setting each rlimit with ash's `ulimit` (inherited through the exec chain). Hard
- * then soft, or soft then hard when lowering the hard limit below the current soft one. Each line
+ * Lines setting each rlimit with ash's `ulimit` (inherited through the exec chain). Hard then
+ * soft, or soft then hard when lowering the hard limit below the current soft one. Each line
  * calls `fail` when neither order works. INVALID_ARGUMENT for a type ash cannot set.
  */
-export function ulimitLines(rlimits: readonly POSIXRlimit[]): string[] {
-  return rlimits.map((r) => {
+export function addUlimits(s: Script, rlimits: readonly POSIXRlimit[]): void {
+  for (const r of rlimits) {
     const f = ULIMIT_FLAGS[r.Type];
     if (!f) throw invalidArgument(`rlimit ${JSON.stringify(r.Type)} is not supported (supported: ${Object.keys(ULIMIT_FLAGS).join(', ')})`);
-    const hard = `ulimit -H -${f.flag} ${ulimitValue(r.Hard, f.unit)}`;
-    const soft = `ulimit -S -${f.flag} ${ulimitValue(r.Soft, f.unit)}`;
-    return `{ ${hard} && ${soft}; } 2>/dev/null || { ${soft} && ${hard}; } || fail ${shq(`cannot set ${r.Type} to soft ${r.Soft} hard ${r.Hard}`)}`;
-  });
+    const flag = `-${f.flag}`;
+    const hard = ulimitValue(r.Hard, f.unit);
+    const soft = ulimitValue(r.Soft, f.unit);
+    const why = `cannot set ${r.Type} to soft ${r.Soft} hard ${r.Hard}`;
+    s.line`{ ulimit -H ${flag} ${hard} && ulimit -S ${flag} ${soft}; } 2>/dev/null || { ulimit -S ${flag} ${soft} && ulimit -H ${flag} ${hard}; } || fail ${why}`;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -283,57 +354,157 @@ const DEV_LINKS: readonly [string, string][] = [
   ['stderr', '/proc/self/fd/2'],
   ['ptmx', 'pts/ptmx'],
 ];
+/** Propagation flags: dropped, the container's mount namespace is private (unshare --propagation=private). */
 const PROPAGATION = new Set(['private', 'rprivate', 'shared', 'rshared', 'slave', 'rslave', 'unbindable', 'runbindable']);
+
+/**
+ * The mount flags a container mount may carry: kata-agent's list (agent/src/mount.rs `FLAGS`, the
+ * same as runc's) without `remount` (the agent decides what it remounts), plus the propagation
+ * flags, which are dropped. A bind mount takes nothing else.
+ */
+export const MOUNT_FLAGS: ReadonlySet<string> = new Set([
+  'defaults', 'ro', 'rw', 'suid', 'nosuid', 'dev', 'nodev', 'exec', 'noexec', 'sync', 'async', 'dirsync', 'mand', 'nomand',
+  'atime', 'noatime', 'diratime', 'nodiratime', 'relatime', 'norelatime', 'strictatime', 'nostrictatime', 'bind', 'rbind',
+  ...PROPAGATION,
+]);
+
+/**
+ * The filesystem options (`name=value`, or `name` alone where the value is null) the other mounts
+ * may carry: those of the filesystems a container mounts itself (tmpfs, devpts, proc, mqueue,
+ * sysfs), each value by its grammar.
+ */
+export const MOUNT_DATA_OPTIONS: ReadonlyMap<string, RegExp | null> = new Map<string, RegExp | null>([
+  ['size', /^\d+[kmgKMG%]?$/],
+  ['nr_blocks', /^\d+[kmgKMG]?$/],
+  ['nr_inodes', /^\d+[kmgKMG]?$/],
+  ['mode', /^[0-7]{1,4}$/],
+  ['uid', /^\d+$/],
+  ['gid', /^\d+$/],
+  ['huge', /^(?:never|always|within_size|advise)$/],
+  ['newinstance', null],
+  ['ptmxmode', /^[0-7]{1,4}$/],
+  ['max', /^\d+$/],
+  ['hidepid', /^(?:[0-2]|off|noaccess|invisible|ptraceable)$/],
+  ['subset', /^pid$/],
+]);
+
 /** Mount types the agent does not mount in a container (no cgroup support in this guest). */
 export const SKIPPED_MOUNT_TYPES: ReadonlySet<string> = new Set(['cgroup', 'cgroup2']);
 
-/** Shell lines mounting the spec's mounts (or {@link DEFAULT_MOUNTS}) under `root`, making /dev usable and the spec's devices. */
-export function mountLines(root: string, specMounts: readonly Mount[], devices: readonly LinuxDevice[]): string[] {
-  const B = BUSYBOX;
-  const lines: string[] = [];
+function isBindMount(m: Mount): boolean {
+  return m.type === 'bind' || m.options.includes('bind') || m.options.includes('rbind');
+}
+
+/**
+ * A mount's options, checked: {@link MOUNT_FLAGS}, and for a mount that is not a bind mount
+ * {@link MOUNT_DATA_OPTIONS} too. Returns them without the propagation flags. INVALID_ARGUMENT
+ * naming the first option that is neither, and for a filesystem type that is not a plain word.
+ */
+export function checkMountOptions(m: Mount, dest: string): string[] {
+  const bind = isBindMount(m);
+  if (!bind) {
+    checkFsType(m.type || 'none', `mount on ${dest}: type`);
+    if (m.source) checkOperand(m.source, `mount on ${dest}: source`);
+  }
+  for (const o of m.options) {
+    if (MOUNT_FLAGS.has(o)) continue;
+    const eq = o.indexOf('=');
+    const rule = bind ? undefined : MOUNT_DATA_OPTIONS.get(eq < 0 ? o : o.slice(0, eq));
+    const ok = rule === null ? eq < 0 : rule !== undefined && eq > 0 && rule.test(o.slice(eq + 1));
+    if (!ok) {
+      const allowed = bind ? 'a bind mount takes only the mount flags' : `the mount flags and ${[...MOUNT_DATA_OPTIONS.keys()].join(', ')}`;
+      throw invalidArgument(`mount on ${dest}: option ${JSON.stringify(o)} is not supported (${allowed}: ${[...MOUNT_FLAGS].join(', ')})`);
+    }
+  }
+  return m.options.filter((o) => !PROPAGATION.has(o));
+}
+
+/**
+ * Where each mount destination and device path of a container goes in the guest, by its
+ * normalised container path: {@link secureJoin} under `root` (the agent passes the root's real
+ * path). Resolved before the setup runs; the setup checks again, right before each mount, that
+ * nothing on the way has become a symlink since (the `inroot` check of {@link addMounts}).
+ */
+export async function mountTargets(root: string, specMounts: readonly Mount[], devices: readonly LinuxDevice[]): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  const paths = [
+    ...(specMounts.length ? specMounts : DEFAULT_MOUNTS).map((m) => checkGuestPath(m.destination, 'mount destination')),
+    ...devices.map((d) => checkGuestPath(d.Path, 'device path')),
+  ];
+  for (const p of paths) if (!out.has(p)) out.set(p, await secureJoin(root, p));
+  return out;
+}
+
+/**
+ * The script's `inroot PATH`: true when the part of PATH that exists resolves to itself, i.e. no
+ * symlink on the way (PATH was resolved inside the root by {@link mountTargets}, so a symlink
+ * now means something changed it, e.g. a volume mounted earlier in the list brought one).
+ */
+const INROOT = [
+  'inroot() {',
+  '  p=$1',
+  '  while [ -n "$p" ] && [ ! -e "$p" ] && [ ! -L "$p" ]; do p=${p%/*}; done',
+  '  [ -n "$p" ] && [ "$("$b" readlink -f "$p")" = "$p" ]',
+  '}',
+].join('\n');
+
+/**
+ * Lines mounting the spec's mounts (or {@link DEFAULT_MOUNTS}) at their `targets`
+ * ({@link mountTargets}), making /dev usable and the spec's devices. Options are checked
+ * ({@link checkMountOptions}); every path and option is a parameter of the script, not its text.
+ */
+export function addMounts(s: Script, specMounts: readonly Mount[], devices: readonly LinuxDevice[], targets: ReadonlyMap<string, string>): void {
+  const targetOf = (containerPath: string): string => {
+    const t = targets.get(containerPath);
+    if (t === undefined) throw internal(`no target was resolved for ${containerPath}`);
+    return t;
+  };
+  s.lines.push(INROOT);
   const mounts = specMounts.length ? specMounts : DEFAULT_MOUNTS;
   for (const m of mounts) {
     const dest = checkGuestPath(m.destination, 'mount destination');
-    const target = path.posix.join(root, dest);
-    const T = shq(target);
-    const isBind = m.type === 'bind' || m.options.includes('bind') || m.options.includes('rbind');
-    if (!isBind && SKIPPED_MOUNT_TYPES.has(m.type)) continue;
-    const opts = m.options.filter((o) => !PROPAGATION.has(o));
+    const bind = isBindMount(m);
+    if (!bind && SKIPPED_MOUNT_TYPES.has(m.type)) continue;
+    const opts = checkMountOptions(m, dest);
+    const target = targetOf(dest);
     const what = `${m.type || 'bind'} on ${dest}`;
-    if (isBind) {
+    const escapes = `${dest} resolves outside the container's root`;
+    if (bind) {
       const src = checkGuestPath(m.source, 'bind mount source');
-      const S = shq(src);
-      const bindOpts = opts.filter((o) => o !== 'ro' && o !== 'rw' && o !== 'bind' && o !== 'rbind');
-      const flag = opts.includes('rbind') ? 'rbind' : 'bind';
-      lines.push(`[ -e ${S} ] || fail ${shq(`bind mount source ${src} does not exist in the guest`)}`);
-      lines.push(`if [ -d ${S} ]; then ${B} mkdir -p ${T}; else ${B} mkdir -p ${shq(path.posix.dirname(target))} && { [ -e ${T} ] || ${B} touch ${T}; }; fi || fail ${shq(`cannot create ${dest}`)}`);
-      lines.push(`${B} mount -o ${[flag, ...bindOpts].join(',')} ${S} ${T} || fail ${shq(`cannot mount ${what}`)}`);
-      if (opts.includes('ro')) lines.push(`${B} mount -o remount,bind,ro ${T} || fail ${shq(`cannot make ${dest} read-only`)}`);
+      const flags = [opts.includes('rbind') ? 'rbind' : 'bind', ...opts.filter((o) => o !== 'ro' && o !== 'rw' && o !== 'bind' && o !== 'rbind')].join(',');
+      const parent = path.posix.dirname(target);
+      s.line`[ -e ${src} ] || fail ${`bind mount source ${src} does not exist in the guest`}`;
+      s.line`inroot ${target} || fail ${escapes}`;
+      s.line`if [ -d ${src} ]; then "$b" mkdir -p ${target}; else "$b" mkdir -p ${parent} && { [ -e ${target} ] || "$b" touch ${target}; }; fi || fail ${`cannot create ${dest}`}`;
+      s.line`inroot ${target} || fail ${escapes}`;
+      s.line`"$b" mount -o ${flags} ${src} ${target} || fail ${`cannot mount ${what}`}`;
+      if (opts.includes('ro')) s.line`"$b" mount -o remount,bind,ro ${target} || fail ${`cannot make ${dest} read-only`}`;
       continue;
     }
     const type = m.type || 'none';
-    lines.push(
-      `${B} mkdir -p ${T} && ${B} mount -t ${shq(type)}${opts.length ? ` -o ${shq(opts.join(','))}` : ''} ${shq(m.source || type)} ${T} || fail ${shq(`cannot mount ${what}`)}`,
-    );
+    s.line`inroot ${target} && "$b" mkdir -p ${target} && inroot ${target} || fail ${escapes}`;
+    if (opts.length) s.line`"$b" mount -t ${type} -o ${opts.join(',')} ${m.source || type} ${target} || fail ${`cannot mount ${what}`}`;
+    else s.line`"$b" mount -t ${type} ${m.source || type} ${target} || fail ${`cannot mount ${what}`}`;
     if (dest === '/dev' && type === 'tmpfs') {
       for (const d of DEFAULT_DEVICES) {
-        lines.push(`${B} mknod -m 666 ${shq(`${target}/${d.name}`)} c ${d.major} ${d.minor} || fail ${shq(`cannot create /dev/${d.name}`)}`);
+        s.line`"$b" mknod -m 666 ${`${target}/${d.name}`} c ${d.major} ${d.minor} || fail ${`cannot create /dev/${d.name}`}`;
       }
-      for (const [name, to] of DEV_LINKS) lines.push(`${B} ln -sf ${shq(to)} ${shq(`${target}/${name}`)}`);
+      for (const [name, to] of DEV_LINKS) s.line`"$b" ln -sf ${to} ${`${target}/${name}`}`;
     }
   }
   for (const d of devices) {
     const dest = checkGuestPath(d.Path, 'device path');
-    const target = path.posix.join(root, dest);
+    const target = targetOf(dest);
+    const parent = path.posix.dirname(target);
     const type = d.Type === 'u' ? 'c' : d.Type;
     if (!['c', 'b', 'p'].includes(type)) throw invalidArgument(`device ${dest}: unknown type ${JSON.stringify(d.Type)}`);
     const mode = ((d.FileMode || 0o666) & 0o7777).toString(8);
-    const numbers = type === 'p' ? '' : ` ${d.Major} ${d.Minor}`;
-    lines.push(
-      `${B} mkdir -p ${shq(path.posix.dirname(target))} && ${B} rm -f ${shq(target)} && ${B} mknod -m ${mode} ${shq(target)} ${type}${numbers} && ${B} chown ${d.UID}:${d.GID} ${shq(target)} || fail ${shq(`cannot create device ${dest}`)}`,
-    );
+    const owner = `${d.UID}:${d.GID}`;
+    const why = `cannot create device ${dest}`;
+    s.line`inroot ${parent} && "$b" mkdir -p ${parent} && inroot ${target} || fail ${`${dest} resolves outside the container's root`}`;
+    if (type === 'p') s.line`"$b" rm -f ${target} && "$b" mknod -m ${mode} ${target} p && "$b" chown ${owner} ${target} || fail ${why}`;
+    else s.line`"$b" rm -f ${target} && "$b" mknod -m ${mode} ${target} ${type} ${d.Major} ${d.Minor} && "$b" chown ${owner} ${target} || fail ${why}`;
   }
-  return lines;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,13 +551,15 @@ export function finalChain(plan: ProcessPlan, target: ExecTarget): string[] {
 
 /** What the container's init script needs besides the process. */
 export interface InitSpec {
-  /** The container's root in the guest (OCI Root.Path). */
+  /** The container's root in the guest (OCI Root.Path, its real path). */
   readonly root: string;
   readonly readonly: boolean;
   /** Empty: keep the guest's hostname (in a new uts namespace all the same). */
   readonly hostname: string;
   readonly mounts: readonly Mount[];
   readonly devices: readonly LinuxDevice[];
+  /** Where each mount and device goes: {@link mountTargets} of the same root, mounts and devices. */
+  readonly targets: ReadonlyMap<string, string>;
 }
 
 /** The word fd 3 carries from the agent to let a prepared container go. */
@@ -395,38 +568,38 @@ export const START_WORD = 'start';
 export const READY_WORD = 'ready';
 
 /** The setup script of a container's init (runs as PID 1 of the new namespaces, before the chroot). */
-export function initScript(plan: ProcessPlan, spec: InitSpec): string {
-  const B = BUSYBOX;
-  const R = shq(spec.root);
-  const lines = [
-    // A failure goes to the agent (fd 3), which answers CreateContainer with it.
-    `fail() { echo "$*" >&3; exit 1; }`,
-    ...(spec.readonly ? [`${B} mount --bind ${R} ${R} || fail 'cannot bind-mount the rootfs'`] : []),
-    ...(spec.hostname ? [`${B} hostname ${shq(spec.hostname)} || fail ${shq(`cannot set the hostname to ${spec.hostname}`)}`] : []),
-    ...mountLines(spec.root, spec.mounts, spec.devices),
-    ...(spec.readonly ? [`${B} mount -o remount,bind,ro ${R} || fail 'cannot make the rootfs read-only'`] : []),
-    ...ulimitLines(plan.rlimits),
-    `echo ${READY_WORD} >&3`,
-    // The agent closing fd 3 instead (RemoveContainer before StartContainer) ends the container here.
-    `read -r go <&3 || exit 1`,
-    `[ "$go" = ${START_WORD} ] || exit 1`,
-    `exec 3>&-`,
-    `exec ${finalChain(plan, { kind: 'root', root: spec.root }).map(shq).join(' ')}`,
-  ];
-  return `${lines.join('\n')}\n`;
+export function initScript(plan: ProcessPlan, spec: InitSpec): Script {
+  const s = new Script();
+  const root = spec.root;
+  // A failure goes to the agent (fd 3), which answers CreateContainer with it.
+  s.line`fail() { echo "$*" >&3; exit 1; }`;
+  if (spec.readonly) s.line`"$b" mount --bind ${root} ${root} || fail ${'cannot bind-mount the rootfs'}`;
+  if (spec.hostname) s.line`"$b" hostname ${checkHostname(spec.hostname, 'hostname')} || fail ${`cannot set the hostname to ${spec.hostname}`}`;
+  addMounts(s, spec.mounts, spec.devices, spec.targets);
+  if (spec.readonly) s.line`"$b" mount -o remount,bind,ro ${root} || fail ${'cannot make the rootfs read-only'}`;
+  addUlimits(s, plan.rlimits);
+  s.line`echo ${READY_WORD} >&3`;
+  // The agent closing fd 3 instead (RemoveContainer before StartContainer) ends the container here.
+  s.line`read -r go <&3 || exit 1`;
+  s.line`[ "$go" = ${START_WORD} ] || exit 1`;
+  s.line`exec 3>&-`;
+  return s;
 }
 
-/** argv of a container's init: unshare's fork becomes PID 1 of new mount, pid and uts namespaces. */
+/** argv of a container's init: unshare's fork becomes PID 1 of new mount, pid and uts namespaces, runs the setup, then execs the process. */
 export function initArgv(plan: ProcessPlan, spec: InitSpec): string[] {
-  return [BUSYBOX, 'unshare', '-m', '-u', '-p', '-f', '--propagation=private', '--', BUSYBOX, 'sh', '-c', initScript(plan, spec), 'kata-ts-init'];
+  const setup = initScript(plan, spec).argv('kata-ts-init', finalChain(plan, { kind: 'root', root: spec.root }));
+  return [BUSYBOX, 'unshare', '-m', '-u', '-p', '-f', '--propagation=private', '--', ...setup];
 }
 
 /** argv of an exec'd process, entering the namespaces and root of `initPid`. */
 export function execArgv(plan: ProcessPlan, initPid: number): string[] {
   const chain = finalChain(plan, { kind: 'ns', pid: initPid });
   if (plan.rlimits.length === 0) return chain;
-  const script = [`fail() { echo "kata-ts-agent: $*" >&2; exit 126; }`, ...ulimitLines(plan.rlimits), 'exec "$@"'].join('\n');
-  return [BUSYBOX, 'sh', '-c', script, 'kata-ts-exec', ...chain];
+  const s = new Script();
+  s.line`fail() { echo "kata-ts-agent: $*" >&2; exit 126; }`;
+  addUlimits(s, plan.rlimits);
+  return s.argv('kata-ts-exec', chain);
 }
 
 // ---------------------------------------------------------------------------------------------

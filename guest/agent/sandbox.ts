@@ -3,8 +3,7 @@
  * its containers, their processes. service.ts maps RPCs onto these methods.
  */
 import { readdirSync, readlinkSync } from 'node:fs';
-import { mkdir, readFile, readdir, readlink, stat } from 'node:fs/promises';
-import path from 'node:path';
+import { mkdir, readFile, readdir, readlink, realpath, stat, writeFile } from 'node:fs/promises';
 import type {
   CloseStdinRequest,
   CreateContainerRequest,
@@ -29,20 +28,23 @@ import {
   START_WORD,
   buildEnv,
   checkContainerId,
+  checkHostname,
   checkSignal,
   execArgv,
   executableInRoot,
   initArgv,
   lookPath,
+  mountTargets,
   resolveInRoot,
+  secureJoin,
   resolveUser,
   type ProcessPlan,
   type UserFiles,
 } from './oci.js';
 import { OomEvents, OomWatcher, type OomKill } from './oom.js';
 import { GuestProcess } from './process.js';
-import { STORAGE_DRIVERS, StorageManager, checkGuestPath } from './storage.js';
-import { busybox, busyboxOk, lstatOrUndefined, sleep } from './sys.js';
+import { STORAGE_DRIVERS, StorageManager, checkGuestPath, checkOperand } from './storage.js';
+import { busyboxOk, lstatOrUndefined, sleep } from './sys.js';
 import { AGENT_VERSION } from './version.js';
 
 type ContainerState = 'created' | 'running' | 'stopped';
@@ -104,8 +106,10 @@ export class Sandbox {
 
   async createSandbox(req: CreateSandboxRequest, signal?: AbortSignal): Promise<void> {
     if (this.created) throw alreadyExists(`the sandbox${this.sandboxId ? ` ${this.sandboxId}` : ''} is already created`);
+    if (req.hostname) checkHostname(req.hostname, 'hostname');
     for (const m of req.kernelModules) {
-      if (!/^[\w-]+$/.test(m.name)) throw invalidArgument(`kernel module name ${JSON.stringify(m.name)}`);
+      if (!/^[\w-]+$/.test(m.name) || m.name.startsWith('-')) throw invalidArgument(`kernel module name ${JSON.stringify(m.name)}`);
+      for (const p of m.parameters) checkOperand(p, `kernel module ${m.name}: parameter`);
       await busyboxOk('modprobe', [m.name, ...m.parameters]).catch((e: Error) => {
         throw internal(`cannot load kernel module ${m.name}: ${e.message}`, e);
       });
@@ -200,14 +204,18 @@ export class Sandbox {
       for (const s of req.storages) storages.push(await this.storage.acquire(s, signal));
       const st = await stat(root).catch(() => undefined);
       if (!st?.isDirectory()) throw invalidArgument(`container ${id}: root.path ${root} is not a directory in the guest`);
-      const plan = await this.plan(proc, req.stringUser, root, root);
-      if (!spec.Root.Readonly) await mkdir(path.posix.join(root, plan.cwd), { recursive: true }).catch(() => undefined);
+      // Mount targets are compared with their real paths in the setup: start from the root's.
+      const realRoot = await realpath(root);
+      if (!spec.Root.Readonly) await mkdir(await secureJoin(realRoot, checkGuestPath(proc.Cwd || '/', 'process cwd')), { recursive: true }).catch(() => undefined);
+      const plan = await this.plan(proc, req.stringUser, root, root, spec.Root.Readonly);
+      const devices = spec.Linux?.Devices ?? [];
       const argv = initArgv(plan, {
-        root,
+        root: realRoot,
         readonly: spec.Root.Readonly,
         hostname: spec.Hostname || this.hostname,
         mounts: spec.Mounts,
-        devices: spec.Linux?.Devices ?? [],
+        devices,
+        targets: await mountTargets(realRoot, spec.Mounts, devices),
       });
       init = await GuestProcess.spawn(id, req.execId || id, argv, { control: true });
       await this.waitReady(init, id);
@@ -292,7 +300,7 @@ export class Sandbox {
     if (c.state !== 'running' || c.init.hasExited) throw failedPrecondition(`container ${c.id} is not running`);
     const pid = await c.init.pid();
     if (pid === undefined) throw failedPrecondition(`container ${c.id} is not running`);
-    const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root);
+    const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root, true);
     const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid));
     c.processes.set(req.execId, p);
     void p.exited.then((status) => {
@@ -447,7 +455,8 @@ export class Sandbox {
     check();
   }
 
-  private async plan(proc: Process, stringUser: StringUser | undefined, rootInAgent: string, rootForFiles: string): Promise<ProcessPlan> {
+  /** The process as the agent will run it; `checkCwd`: the working directory must already exist (the agent makes an init's when the root is writable). */
+  private async plan(proc: Process, stringUser: StringUser | undefined, rootInAgent: string, rootForFiles: string, checkCwd: boolean): Promise<ProcessPlan> {
     const read = async (p: string) => {
       const real = await resolveInRoot(rootInAgent, p);
       return real ? readFile(real, 'utf8').catch(() => undefined) : undefined;
@@ -456,6 +465,11 @@ export class Sandbox {
     const user = resolveUser(proc.User, stringUser, files);
     const env = buildEnv(proc.Env, user.home);
     const cwd = checkGuestPath(proc.Cwd || '/', 'process cwd');
+    if (checkCwd) {
+      const dir = await resolveInRoot(rootInAgent, cwd);
+      const st = dir === undefined ? undefined : await stat(dir).catch(() => undefined);
+      if (!st?.isDirectory()) throw invalidArgument(`chdir to cwd ${JSON.stringify(cwd)}: no such directory in the container`);
+    }
     const found = await lookPath(proc.Args[0] as string, env, cwd, (p) => executableInRoot(rootInAgent, p));
     if (!found) throw invalidArgument(`exec: ${JSON.stringify(proc.Args[0])}: executable file not found in the container (root ${rootForFiles}, PATH ${env.find((e) => e.startsWith('PATH='))?.slice(5) ?? '(unset)'})`);
     const args = [found, ...proc.Args.slice(1)];
@@ -493,13 +507,13 @@ export class Sandbox {
     if (!proc.OOMScoreAdj) return;
     const pid = await p.pid();
     if (pid === undefined) return;
-    const r = await busybox('sh', ['-c', `echo ${Number(proc.OOMScoreAdj)} > /proc/${pid}/oom_score_adj`]);
-    if (r.code !== 0) log(`cannot set oom_score_adj of pid ${pid}: ${r.stderr.trim()}`);
+    await writeFile(`/proc/${pid}/oom_score_adj`, String(proc.OOMScoreAdj)).catch((e: Error) => log(`cannot set oom_score_adj of pid ${pid}: ${e.message}`));
   }
 }
 
 function checkProcess(p: Process, what: string): void {
   if (!p.Args.length || !p.Args[0]) throw invalidArgument(`${what}: the process has no args`);
+  if (p.OOMScoreAdj < -1000n || p.OOMScoreAdj > 1000n) throw invalidArgument(`${what}: oom_score_adj ${p.OOMScoreAdj} is not from -1000 to 1000`);
   if (p.Terminal) throw invalidArgument(`${what}: terminals are not supported by this agent (process.terminal = true); use pipes`);
 }
 

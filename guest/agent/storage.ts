@@ -40,6 +40,22 @@ export function checkGuestPath(p: string, what: string): string {
 }
 
 /**
+ * A value that goes to a busybox applet as an operand (a mount source, a hostname): it must not
+ * start with `-`, which the applet would read as an option (`hostname -F FILE`, `mount -o …`).
+ * INVALID_ARGUMENT otherwise; returns the value.
+ */
+export function checkOperand(value: string, what: string): string {
+  if (value === '' || value.startsWith('-')) throw invalidArgument(`${what} ${JSON.stringify(value)} must not be empty or start with "-"`);
+  return value;
+}
+
+/** A filesystem type: a plain word. INVALID_ARGUMENT otherwise. */
+export function checkFsType(value: string, what: string): string {
+  if (!/^[a-z0-9][a-z0-9._-]*$/i.test(value)) throw invalidArgument(`${what} ${JSON.stringify(value)} is not a filesystem type`);
+  return value;
+}
+
+/**
  * The mount for a storage, with the device (for `blk`) still to be found: `device` resolves the
  * source to a /dev node. Pure apart from that callback. INVALID_ARGUMENT for an unknown driver or
  * a malformed source.
@@ -50,22 +66,23 @@ export async function planStorage(s: Storage, device: (pciPath: string) => Promi
   switch (driver) {
     case 'blk': {
       if (!s.fstype) throw invalidArgument(`storage ${target}: driver "blk" needs an fstype`);
+      checkFsType(s.fstype, `storage ${target}: fstype`);
       parsePciPath(s.source); // reject a bad path before waiting for it
       return { kind: 'mount', source: await device(s.source), target, fstype: s.fstype, options: s.options };
     }
     case 'mmioblk':
       if (!s.fstype) throw invalidArgument(`storage ${target}: driver "mmioblk" needs an fstype`);
-      return { kind: 'mount', source: checkGuestPath(s.source, 'storage source'), target, fstype: s.fstype, options: s.options };
+      return { kind: 'mount', source: checkGuestPath(s.source, 'storage source'), target, fstype: checkFsType(s.fstype, `storage ${target}: fstype`), options: s.options };
     case '9p': {
       if (!s.source) throw invalidArgument(`storage ${target}: driver "9p" needs the mount tag as its source`);
       const options = [...s.options];
       if (!options.some((o) => o.startsWith('trans='))) options.unshift('trans=virtio');
       if (!options.some((o) => o.startsWith('version='))) options.push('version=9p2000.L');
-      return { kind: 'mount', source: s.source, target, fstype: s.fstype || '9p', options };
+      return { kind: 'mount', source: checkOperand(s.source, `storage ${target}: source`), target, fstype: checkFsType(s.fstype || '9p', `storage ${target}: fstype`), options };
     }
     case 'virtio-fs':
       if (!s.source) throw invalidArgument(`storage ${target}: driver "virtio-fs" needs the tag as its source`);
-      return { kind: 'mount', source: s.source, target, fstype: s.fstype || 'virtiofs', options: s.options };
+      return { kind: 'mount', source: checkOperand(s.source, `storage ${target}: source`), target, fstype: checkFsType(s.fstype || 'virtiofs', `storage ${target}: fstype`), options: s.options };
     case 'ephemeral':
       return { kind: 'mount', source: 'tmpfs', target, fstype: 'tmpfs', options: s.options };
     case 'local': {

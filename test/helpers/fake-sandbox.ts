@@ -188,6 +188,9 @@ export class FakeContainer extends FakeProcess implements ShimContainer {
   started = false;
   deleteCalls = 0;
   deleted = false;
+  /** What the next start() or exec() rejects with (an agent error), once; nothing starts. */
+  startFailure: unknown;
+  execFailure: unknown;
   #startGate: Deferred<void> | undefined;
 
   constructor(
@@ -210,6 +213,11 @@ export class FakeContainer extends FakeProcess implements ShimContainer {
   async start(): Promise<void> {
     this.agent.check('StartContainer');
     this.startCalls++;
+    if (this.startFailure !== undefined) {
+      const e = this.startFailure;
+      this.startFailure = undefined;
+      throw e;
+    }
     if (this.#startGate) await this.#startGate.promise;
     this.agent.check('StartContainer');
     this.started = true;
@@ -217,6 +225,11 @@ export class FakeContainer extends FakeProcess implements ShimContainer {
 
   async exec(process: ProcessSpec, execId: string): Promise<FakeProcess> {
     this.agent.check('ExecProcess');
+    if (this.execFailure !== undefined) {
+      const e = this.execFailure;
+      this.execFailure = undefined;
+      throw e;
+    }
     const p = new FakeProcess(this.agent, this.id, execId);
     this.execs.set(execId, p);
     this.execSpecs.push(process);

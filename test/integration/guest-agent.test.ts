@@ -357,6 +357,75 @@ describe('guest agent in a TCG guest @integration', function () {
     await c.removeContainer({ containerId: 'c6', timeout: 0 });
   });
 
+  it('fails an exec that cannot start at once with INVALID_ARGUMENT and keeps no record of it', async () => {
+    const c = client as AgentClient;
+    const sleeper = spec(`${SHARED}/c9p/rootfs`, ['sleep', '100']);
+    await c.createContainer({ containerId: 'ex', execId: 'ex', storages: [], OCI: { ...sleeper, Process: { ...sleeper.Process, OOMScoreAdj: 123n } } });
+    await c.startContainer({ containerId: 'ex' });
+    const refused = async (process: { Args: string[]; Cwd: string }, message: RegExp) => {
+      const t0 = performance.now();
+      await assert.rejects(c.execProcess({ containerId: 'ex', execId: 'bad', process }), (e: unknown) => {
+        assert.ok(e instanceof AgentError, String(e));
+        assert.equal(e.grpcCodeName, 'INVALID_ARGUMENT', e.message);
+        assert.match(e.message, message);
+        return true;
+      });
+      const took = performance.now() - t0;
+      assert.ok(took < 5000, `ExecProcess answered after ${sec(took)}`);
+    };
+    await refused({ Args: ['/nonexistent-binary'], Cwd: '/' }, /exec: "\/nonexistent-binary": executable file not found/);
+    await refused({ Args: ['true'], Cwd: '/../..' }, /process cwd "\/\.\.\/\.\." must not contain "\.\."/);
+    await refused({ Args: ['true'], Cwd: '/no-such-dir' }, /chdir to cwd "\/no-such-dir": no such directory/);
+    // The id is free: nothing was recorded for the failed ones. (And the init's oom_score_adj, written without a shell, is set.)
+    await c.execProcess({ containerId: 'ex', execId: 'bad', process: { Args: ['cat', '/proc/1/oom_score_adj'], Cwd: '/' } });
+    const [out, status] = await Promise.all([readToEnd(c, 'stdout', 'ex', 'bad'), c.waitProcess({ containerId: 'ex', execId: 'bad' })]);
+    assert.equal(status, 0);
+    assert.equal(out, '123\n');
+    await c.removeContainer({ containerId: 'ex', timeout: 0 });
+  });
+
+  it('refuses a bind mount whose options carry a shell payload, naming the option, and runs none of it', async () => {
+    const c = client as AgentClient;
+    // Before the fix this ran in the guest as root: the agent pasted options into a shell script.
+    const option = `nosuid;/bin/busybox touch /run/kata-ts-pwned ${SHARED}/pwned;true`;
+    const mounts = [{ destination: '/data', type: 'bind', source: `${SHARED}/c9p`, options: ['rbind', option] }];
+    await assert.rejects(c.createContainer({ containerId: 'inj', execId: 'inj', storages: [], OCI: { ...spec(`${SHARED}/c9p/rootfs`, ['true']), Mounts: mounts } }), (e: unknown) => {
+      assert.ok(e instanceof AgentError, String(e));
+      assert.equal(e.grpcCodeName, 'INVALID_ARGUMENT', e.message);
+      assert.ok(e.message.includes(`option ${JSON.stringify(option)} is not supported`), e.message);
+      return true;
+    });
+    assert.equal(existsSync(path.join(share, 'pwned')), false, 'nothing was written to the share');
+    // A container that sees the guest's /run (a legitimate bind mount) finds no marker there either.
+    const probe = [{ destination: '/guest-run', type: 'bind', source: '/run', options: ['rbind', 'ro', 'nosuid', 'nodev'] }];
+    await c.createContainer({ containerId: 'probe', execId: 'probe', storages: [], OCI: { ...spec(`${SHARED}/c9p/rootfs`, ['sh', '-c', 'ls /guest-run; test ! -e /guest-run/kata-ts-pwned']), Mounts: probe } });
+    await c.startContainer({ containerId: 'probe' });
+    const [out, status] = await Promise.all([readToEnd(c, 'stdout', 'probe'), c.waitProcess({ containerId: 'probe', execId: '' })]);
+    assert.match(out, /kata-containers/, 'the probe sees the guest /run');
+    assert.equal(status, 0, `the marker is in the guest's /run: ${out}`);
+    await c.removeContainer({ containerId: 'probe', timeout: 0 });
+  });
+
+  it('mounts on a destination behind an absolute symlink in the image inside the root, not on the guest path it names', async () => {
+    const c = client as AgentClient;
+    const rootfs = path.join(share, 'c9p', 'rootfs');
+    // In the image, /escape → /etc: the container's /etc, which a plain join would make the guest's.
+    symlinkSync('/etc', path.join(rootfs, 'escape'));
+    const mounts = [
+      { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
+      { destination: '/escape/kata-ts-mnt', type: 'tmpfs', source: 'tmpfs', options: ['size=1m'] },
+      { destination: '/guest-etc', type: 'bind', source: '/etc', options: ['rbind', 'ro'] },
+    ];
+    await c.createContainer({ containerId: 'sym', execId: 'sym', storages: [], OCI: { ...spec(`${SHARED}/c9p/rootfs`, ['sh', '-c', 'grep " /etc/kata-ts-mnt " /proc/mounts; test ! -e /guest-etc/kata-ts-mnt && echo guest-etc-clean']), Mounts: mounts } });
+    await c.startContainer({ containerId: 'sym' });
+    const [out, status] = await Promise.all([readToEnd(c, 'stdout', 'sym'), c.waitProcess({ containerId: 'sym', execId: '' })]);
+    await c.removeContainer({ containerId: 'sym', timeout: 0 });
+    assert.equal(status, 0, out);
+    assert.match(out, /^tmpfs \/etc\/kata-ts-mnt tmpfs /m, 'the tmpfs is on the container\'s /etc/kata-ts-mnt');
+    assert.match(out, /^guest-etc-clean$/m, 'nothing was made in the guest\'s /etc');
+    assert.ok(existsSync(path.join(rootfs, 'etc', 'kata-ts-mnt')), 'the mount point was made in the image\'s /etc');
+  });
+
   it('removes containers, unmounting a storage with its last user', async () => {
     const c = client as AgentClient;
     for (const id of ['c1', 'c2', 'c3', 'c4']) {

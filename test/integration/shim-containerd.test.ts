@@ -114,6 +114,30 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       assert.equal(r.stdout, 'from-exec\n', why(r));
     });
 
+    // runc fails the exec's Start at once ("exec: ... no such file or directory"); so must we.
+    for (const [what, execId, flags, args, message] of [
+      ['a missing binary', 'bad1', [], ['/nonexistent-binary'], /nonexistent-binary.*executable file not found/],
+      ['a cwd above the root', 'bad2', ['--cwd', '/../..'], ['true'], /process cwd "\/\.\.\/\.\." must not contain "\.\."/],
+    ] as const) {
+      it(`fails an exec of ${what} promptly with the agent's message, leaving no FIFO or exec record`, async () => {
+        const fifosBefore = readdirSync(c().fifoDir).sort();
+        const t0 = Date.now();
+        const r = await c().ctr(['task', 'exec', '--exec-id', execId, ...flags, id, ...args], { timeoutMs: 60_000 });
+        const took = Date.now() - t0;
+        assert.equal(r.timedOut, false, why(r));
+        assert.ok(took < 10_000, `ctr answered after ${took} ms\n${why(r)}`);
+        assert.notEqual(r.code, 0, why(r));
+        assert.match(r.stderr, message, why(r));
+        assert.match(r.stderr, /INVALID_ARGUMENT|invalid argument/i, why(r));
+        assert.deepEqual(readdirSync(c().fifoDir).sort(), fifosBefore, 'ctr removed the exec\'s FIFO directory');
+        assert.match((await c().ctr(['task', 'ls'])).stdout, new RegExp(`^${id}\\s+\\d+\\s+RUNNING`, 'm'), 'the container keeps running');
+        // The same exec id is free again: the shim kept no record of the failed exec.
+        const again = await c().ctr(['task', 'exec', '--exec-id', execId, id, 'echo', 'reused']);
+        assert.equal(again.code, 0, why(again));
+        assert.equal(again.stdout, 'reused\n', why(again));
+      });
+    }
+
     it('pauses and resumes (the whole VM)', async () => {
       assert.equal((await c().ctr(['task', 'pause', id])).code, 0);
       assert.match((await c().ctr(['task', 'ls'])).stdout, new RegExp(`^${id}\\s+\\d+\\s+PAUSED`, 'm'));
@@ -134,6 +158,36 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       assert.equal((await c().ctr(['container', 'rm', id])).code, 0);
       await until('the VM to go', () => processesUnder(sandboxDir(id)).length === 0, 30_000);
     });
+  });
+
+  it('fails ctr run of a missing binary with the agent\'s message, and leaves no VM', async () => {
+    const id = 'nobin';
+    const r = await c().run(id, ['/nonexistent'], { runtime: RUNTIME, timeoutMs: 120_000 });
+    assert.equal(r.timedOut, false, why(r));
+    assert.notEqual(r.code, 0, why(r));
+    assert.match(r.stderr, /"\/nonexistent": executable file not found/, why(r));
+    assert.match(r.stderr, /INVALID_ARGUMENT|invalid argument/i, why(r));
+    await until('the VM to go', () => processesUnder(sandboxDir(id)).length === 0 && !existsSync(sandboxDir(id)), 30_000);
+    await c().ctr(['container', 'rm', id]);
+  });
+
+  it('refuses a bind mount whose options carry a shell payload, and the payload does not run', async () => {
+    const id = 'inject';
+    const vol = path.join(tmp.path, 'vol-inject');
+    mkdirSync(vol);
+    // Before the fix the agent pasted the options into a root shell script in the guest; the
+    // payload then wrote this file into the volume, i.e. onto the host.
+    const marker = path.join(vol, 'pwned');
+    // ctr splits options at ':' and fields at ',': the payload has neither.
+    const payload = `rbind:nosuid;/bin/busybox touch /run/kata-containers/shared/containers/${id}/volumes/0/pwned;true`;
+    const r = await c().run(id, ['true'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--mount', `type=bind,src=${vol},dst=/data,options=${payload}`] });
+    assert.equal(r.timedOut, false, why(r));
+    assert.notEqual(r.code, 0, why(r));
+    assert.match(r.stderr, /option "nosuid;\/bin\/busybox touch [^"]*" is not supported/, why(r));
+    assert.match(r.stderr, /INVALID_ARGUMENT|invalid argument/i, why(r));
+    assert.equal(existsSync(marker), false, 'the payload did not run');
+    await until('the VM to go', () => processesUnder(sandboxDir(id)).length === 0 && !existsSync(sandboxDir(id)), 30_000);
+    await c().ctr(['container', 'rm', id]);
   });
 
   it('reports the task as exited when its VM is killed', async () => {

@@ -1,11 +1,12 @@
 /**
  * OCI process → the busybox command lines the agent runs (guest/agent/oci.ts). The container's
- * setup script is also run by the host's sh with busybox stubbed out, to prove it parses and
- * reaches the ready handshake; the real chain runs in test/integration/guest-agent.test.ts.
+ * setup script is also run by the host's sh with busybox stubbed out (a script recording each
+ * call's argv), to prove it parses, reaches the ready handshake, and passes hostile values through
+ * as plain arguments; the real chain runs in test/integration/guest-agent.test.ts.
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { GrpcCode } from '../../../wire/ttrpc/codes.js';
 import { TtrpcError } from '../../../wire/ttrpc/errors.js';
@@ -13,8 +14,13 @@ import {
   DEFAULT_MOUNTS,
   READY_WORD,
   START_WORD,
+  Script,
+  addMounts,
+  addUlimits,
   buildEnv,
   checkContainerId,
+  checkHostname,
+  checkMountOptions,
   checkSignal,
   execArgv,
   executableInRoot,
@@ -23,17 +29,21 @@ import {
   initArgv,
   initScript,
   lookPath,
-  mountLines,
+  mountTargets,
   parsePasswd,
   resolveInRoot,
   resolveUser,
-  shq,
-  ulimitLines,
+  secureJoin,
+  type InitSpec,
   type ProcessPlan,
 } from '../../../guest/agent/oci.js';
+import { BUSYBOX } from '../../../guest/agent/sys.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const hasCode = (code: number) => (e: unknown) => e instanceof TtrpcError && e.code === code;
+
+/** A script line with its parameters put back, for reading (never for running): `"${N}"` → the value, `"$b"` → `$b`. */
+const expand = (s: Script, line: string) => line.replace(/"\$\{(\d+)\}"/g, (_, n: string) => s.params[Number(n) - 1] ?? '?').replaceAll('"$b"', '$b');
 
 const PLAN: ProcessPlan = {
   args: ['sh', '-c', "echo 'it''s'; exit 3"],
@@ -96,6 +106,15 @@ describe('guest agent: OCI process to command line', () => {
     });
   });
 
+  describe('hostnames', () => {
+    it('takes DNS-like names and refuses what busybox hostname would read as an option', () => {
+      assert.equal(checkHostname('pod-1.example_x', 'hostname'), 'pod-1.example_x');
+      for (const bad of ['-F/etc/shadow', '.x', 'a b', 'a;b', 'x'.repeat(65), '']) {
+        assert.throws(() => checkHostname(bad, 'hostname'), hasCode(GrpcCode.INVALID_ARGUMENT), bad);
+      }
+    });
+  });
+
   describe('environment and executable', () => {
     it('drops entries without a name and adds HOME when absent', () => {
       assert.deepEqual(buildEnv(['A=1', 'junk', '=x', 'B='], '/home/user'), ['A=1', 'B=', 'HOME=/home/user']);
@@ -142,64 +161,144 @@ describe('guest agent: OCI process to command line', () => {
 
   describe('rlimits', () => {
     it('sets each with ash ulimit in its unit, infinity as unlimited', () => {
-      const [nofile, core] = ulimitLines([
+      const s = new Script();
+      addUlimits(s, [
         { Type: 'RLIMIT_NOFILE', Hard: 4096n, Soft: 1024n },
         { Type: 'RLIMIT_CORE', Hard: 0xffff_ffff_ffff_ffffn, Soft: 1024n },
       ]);
+      const [nofile, core] = s.lines.slice(1).map((l) => expand(s, l));
       assert.match(nofile as string, /ulimit -H -n 4096 && ulimit -S -n 1024/);
       assert.match(core as string, /ulimit -H -c unlimited && ulimit -S -c 2\b/);
-      assert.match(core as string, /\|\| fail /);
+      assert.match(core as string, /\|\| fail cannot set RLIMIT_CORE/);
     });
 
     it('refuses a type ash cannot set', () => {
-      assert.throws(() => ulimitLines([{ Type: 'RLIMIT_RTTIME', Hard: 1n, Soft: 1n }]), hasCode(GrpcCode.INVALID_ARGUMENT));
+      assert.throws(() => addUlimits(new Script(), [{ Type: 'RLIMIT_RTTIME', Hard: 1n, Soft: 1n }]), hasCode(GrpcCode.INVALID_ARGUMENT));
+    });
+  });
+
+  describe('scripts', () => {
+    it('put every interpolated value in a positional parameter, never in the text', () => {
+      const s = new Script();
+      const evil = `'; touch /x; "$(id)" \`id\` \${HOME}`;
+      s.line`echo ${evil} ${42}`;
+      assert.deepEqual(s.params, [BUSYBOX, evil, '42']);
+      assert.deepEqual(s.lines, ['b="${1}"', 'echo "${2}" "${3}"']);
+      assert.equal(s.text(true), 'b="${1}"\necho "${2}" "${3}"\nshift 3\nexec "$@"\n');
+      assert.deepEqual(s.argv('name', ['/bin/true']), [BUSYBOX, 'sh', '-c', s.text(true), 'name', BUSYBOX, evil, '42', '/bin/true']);
     });
   });
 
   describe('mounts', () => {
-    it("mounts containerd's defaults when the spec has none, and makes /dev usable", () => {
-      const lines = mountLines('/run/c1', [], []).join('\n');
-      for (const m of DEFAULT_MOUNTS) assert.ok(lines.includes(`'/run/c1${m.destination}'`), m.destination);
-      assert.match(lines, /mount -t 'proc' -o 'nosuid,noexec,nodev' 'proc' '\/run\/c1\/proc'/);
-      assert.match(lines, /mknod -m 666 '\/run\/c1\/dev\/null' c 1 3/);
-      assert.match(lines, /ln -sf '\/proc\/self\/fd' '\/run\/c1\/dev\/fd'/);
+    it('accepts the mount flags and, except on bind mounts, the known filesystem options', () => {
+      const m = (type: string, options: string[]) => ({ destination: '/d', type, source: type, options });
+      assert.deepEqual(checkMountOptions(m('bind', ['rbind', 'ro', 'nosuid', 'nodev', 'noexec', 'rprivate']), '/d'), ['rbind', 'ro', 'nosuid', 'nodev', 'noexec']);
+      for (const d of DEFAULT_MOUNTS) assert.deepEqual(checkMountOptions(d, d.destination), d.options, d.destination);
+      assert.deepEqual(checkMountOptions(m('tmpfs', ['size=10m', 'mode=1777', 'uid=0', 'nr_inodes=4k']), '/d'), ['size=10m', 'mode=1777', 'uid=0', 'nr_inodes=4k']);
+    });
+
+    it('refuses any other option with INVALID_ARGUMENT naming it: a shell payload, data options on a bind mount, bad values, remount', () => {
+      const refused = (type: string, option: string) => {
+        assert.throws(
+          () => checkMountOptions({ destination: '/data', type, source: '/s', options: ['rbind', option].filter((o) => type === 'bind' || o !== 'rbind') }, '/data'),
+          (e: unknown) => hasCode(GrpcCode.INVALID_ARGUMENT)(e) && (e as TtrpcError).statusMessage.includes(`option ${JSON.stringify(option)} is not supported`),
+          `${type} ${option}`,
+        );
+      };
+      refused('bind', 'nosuid;/bin/busybox ls / >/run/x;true');
+      refused('bind', 'nosuid,exec');
+      refused('bind', 'mode=0777');
+      refused('bind', 'remount');
+      refused('tmpfs', 'size=1m;reboot');
+      refused('tmpfs', 'mode=$(id)');
+      refused('tmpfs', 'newinstance=1');
+      refused('tmpfs', 'context=x');
+      refused('tmpfs', '');
+      assert.throws(() => checkMountOptions({ destination: '/d', type: 'tmpfs;id', source: 'x', options: [] }, '/d'), hasCode(GrpcCode.INVALID_ARGUMENT));
+      // Not a shell matter, but busybox mount would read it as an option.
+      assert.throws(() => checkMountOptions({ destination: '/d', type: 'tmpfs', source: '-oexec,suid', options: [] }, '/d'), hasCode(GrpcCode.INVALID_ARGUMENT));
+    });
+
+    it('resolves mount targets inside the root: symlinks absolute or climbing land in it, missing parts are kept', async () => {
+      const tmp = new TempDir('kata-ts-targets-');
+      try {
+        const r = realpathSync(tmp.path);
+        mkdirSync(path.join(r, 'run'));
+        mkdirSync(path.join(r, 'var'));
+        symlinkSync('/run', path.join(r, 'var', 'run'));
+        symlinkSync('/', path.join(r, 'data'));
+        symlinkSync('../../../../../../etc', path.join(r, 'up'));
+        symlinkSync('loop', path.join(r, 'loop'));
+        assert.equal(await secureJoin(r, '/var/run/secrets/token'), path.join(r, 'run', 'secrets', 'token'));
+        assert.equal(await secureJoin(r, '/data'), r);
+        assert.equal(await secureJoin(r, '/data/etc/passwd'), path.join(r, 'etc', 'passwd'));
+        assert.equal(await secureJoin(r, '/up/x'), path.join(r, 'etc', 'x'));
+        await assert.rejects(secureJoin(r, '/loop/x'), hasCode(GrpcCode.INVALID_ARGUMENT));
+        const targets = await mountTargets(r, [{ destination: '/var/run/x', type: 'bind', source: '/s', options: [] }], [{ Path: '/up/fuse', Type: 'c', Major: 10n, Minor: 229n, FileMode: 0, UID: 0, GID: 0 }]);
+        assert.deepEqual([...targets], [
+          ['/var/run/x', path.join(r, 'run', 'x')],
+          ['/up/fuse', path.join(r, 'etc', 'fuse')],
+        ]);
+        await assert.rejects(mountTargets(r, [{ destination: '/../etc', type: 'tmpfs', source: 'tmpfs', options: [] }], []), hasCode(GrpcCode.INVALID_ARGUMENT));
+      } finally {
+        tmp.cleanup();
+      }
+    });
+
+    it("mounts containerd's defaults when the spec has none, and makes /dev usable", async () => {
+      const s = new Script();
+      addMounts(s, [], [], await mountTargets('/run/c1', [], []));
+      const lines = s.lines.map((l) => expand(s, l)).join('\n');
+      assert.match(lines, /\$b mount -t proc -o nosuid,noexec,nodev proc \/run\/c1\/proc/);
+      assert.match(lines, /\$b mknod -m 666 \/run\/c1\/dev\/null c 1 3/);
+      assert.match(lines, /\$b ln -sf \/proc\/self\/fd \/run\/c1\/dev\/fd/);
       assert.ok(lines.indexOf('/dev/null') < lines.indexOf('/run/c1/dev/pts'), 'nodes are made right after the /dev tmpfs');
     });
 
-    it('bind-mounts guest paths, read-only by a remount, and skips cgroup mounts', () => {
-      const lines = mountLines(
-        '/r',
-        [
-          { destination: '/etc/hosts', type: 'bind', source: '/run/shared/hosts', options: ['rbind', 'ro', 'rprivate'] },
-          { destination: '/sys/fs/cgroup', type: 'cgroup', source: 'cgroup', options: [] },
-        ],
-        [],
-      );
-      const text = lines.join('\n');
-      assert.match(text, /mount -o rbind '\/run\/shared\/hosts' '\/r\/etc\/hosts'/);
-      assert.match(text, /mount -o remount,bind,ro '\/r\/etc\/hosts'/);
+    it('bind-mounts guest paths, read-only by a remount, and skips cgroup mounts', async () => {
+      const mounts = [
+        { destination: '/etc/hosts', type: 'bind', source: '/run/shared/hosts', options: ['rbind', 'ro', 'rprivate'] },
+        { destination: '/sys/fs/cgroup', type: 'cgroup', source: 'cgroup', options: [] },
+      ];
+      const s = new Script();
+      addMounts(s, mounts, [], await mountTargets('/r', mounts, []));
+      const text = s.lines.map((l) => expand(s, l)).join('\n');
+      assert.match(text, /\$b mount -o rbind \/run\/shared\/hosts \/r\/etc\/hosts/);
+      assert.match(text, /\$b mount -o remount,bind,ro \/r\/etc\/hosts/);
       assert.doesNotMatch(text, /cgroup/);
       assert.doesNotMatch(text, /rprivate/);
     });
 
-    it('refuses destinations that climb out of the root, and makes spec devices', () => {
-      assert.throws(() => mountLines('/r', [{ destination: '/../etc', type: 'tmpfs', source: 'tmpfs', options: [] }], []), hasCode(GrpcCode.INVALID_ARGUMENT));
-      const [dev] = mountLines('/r', [{ destination: '/tmp', type: 'tmpfs', source: 'tmpfs', options: [] }], [
-        { Path: '/dev/fuse', Type: 'c', Major: 10n, Minor: 229n, FileMode: 0o666, UID: 0, GID: 0 },
-      ]).slice(1);
-      assert.match(dev as string, /mknod -m 666 '\/r\/dev\/fuse' c 10 229 && .* chown 0:0/);
+    it('makes spec devices', async () => {
+      const devices = [{ Path: '/dev/fuse', Type: 'c', Major: 10n, Minor: 229n, FileMode: 0o666, UID: 0, GID: 0 }];
+      const s = new Script();
+      const mounts = [{ destination: '/tmp', type: 'tmpfs', source: 'tmpfs', options: [] }];
+      addMounts(s, mounts, devices, await mountTargets('/r', mounts, devices));
+      const text = s.lines.map((l) => expand(s, l)).join('\n');
+      assert.match(text, /\$b mknod -m 666 \/r\/dev\/fuse c 10 229 && \$b chown 0:0/);
     });
   });
 
   describe('command lines', () => {
-    it('runs the container init in new mount, pid and uts namespaces, then the process chrooted, as its user', () => {
-      const argv = initArgv(PLAN, { root: '/run/c1', readonly: false, hostname: 'h1', mounts: [], devices: [] });
+    const spec = async (root: string, over: Partial<InitSpec> = {}): Promise<InitSpec> => {
+      const base = { root, readonly: false, hostname: '', mounts: [], devices: [], ...over };
+      return { ...base, targets: await mountTargets(root, base.mounts, base.devices) };
+    };
+
+    it('runs the container init in new mount, pid and uts namespaces, then the process chrooted, as its user', async () => {
+      const argv = initArgv(PLAN, await spec('/run/c1', { hostname: 'h1' }));
       assert.deepEqual(argv.slice(0, 10), ['/bin/busybox', 'unshare', '-m', '-u', '-p', '-f', '--propagation=private', '--', '/bin/busybox', 'sh']);
       assert.equal(argv[10], '-c');
       const script = argv[11] as string;
-      assert.match(script, /hostname 'h1'/);
-      assert.match(script, new RegExp(`echo ${READY_WORD} >&3\nread -r go <&3 \\|\\| exit 1\n\\[ "\\$go" = ${START_WORD} \\]`));
-      assert.match(script, /exec '\/bin\/busybox' 'env' '-i' '--' 'PATH=\/bin' 'A=b c' 'HOME=\/root' '\/bin\/busybox' 'nsenter' '-r\/run\/c1' '-w\/run\/c1\/work' '-S' '1000' '-G' '100' '--' 'sh' '-c' 'echo '\\''it'\\'''\\''s'\\''; exit 3'\n$/);
+      assert.equal(argv[12], 'kata-ts-init');
+      assert.match(script, new RegExp(`\n"\\$b" hostname "\\$\\{\\d+\\}"`));
+      assert.ok(argv.includes('h1'));
+      assert.match(script, /echo "\$\{\d+\}" >&3\nread -r go <&3 \|\| exit 1\n\[ "\$go" = "\$\{\d+\}" \] \|\| exit 1\nexec 3>&-\nshift \d+\nexec "\$@"\n$/);
+      const shift = Number(/shift (\d+)/.exec(script)?.[1]);
+      assert.deepEqual(argv.slice(13 + shift), finalChain(PLAN, { kind: 'root', root: '/run/c1' }), 'the chain follows the data');
+      assert.deepEqual(argv.slice(13 + shift), [
+        '/bin/busybox', 'env', '-i', '--', 'PATH=/bin', 'A=b c', 'HOME=/root', '/bin/busybox', 'nsenter', '-r/run/c1', '-w/run/c1/work', '-S', '1000', '-G', '100', '--', 'sh', '-c', "echo 'it''s'; exit 3",
+      ]);
     });
 
     it('execs into the namespaces and root of the init, with no-new-privileges and rlimits when asked', () => {
@@ -208,38 +307,99 @@ describe('guest agent: OCI process to command line', () => {
       ]);
       const nnp = finalChain({ ...PLAN, env: [], args: ['id'], noNewPrivileges: true }, { kind: 'ns', pid: 42 });
       assert.deepEqual(nnp.slice(4, 8), ['/bin/busybox', 'setpriv', '--nnp', '/bin/busybox']);
+      assert.deepEqual(execArgv(PLAN, 42), finalChain(PLAN, { kind: 'ns', pid: 42 }), 'no shell without rlimits');
       const limited = execArgv({ ...PLAN, rlimits: [{ Type: 'RLIMIT_NOFILE', Hard: 10n, Soft: 10n }] }, 42);
-      assert.deepEqual(limited.slice(0, 2), ['/bin/busybox', 'sh']);
-      assert.match(limited[3] as string, /ulimit -H -n 10[\s\S]*exec "\$@"$/);
-      assert.equal(limited[5], '/bin/busybox');
+      assert.deepEqual(limited.slice(0, 3), ['/bin/busybox', 'sh', '-c']);
+      assert.match(limited[3] as string, /ulimit -H "\$\{\d\}" "\$\{\d\}"[\s\S]*shift \d+\nexec "\$@"\n$/);
+      assert.equal(limited[4], 'kata-ts-exec');
+      assert.deepEqual(limited.slice(-3), ['sh', '-c', "echo 'it''s'; exit 3"]);
     });
 
-    it('makes a read-only root with a bind mount onto itself, remounted read-only after the mounts', () => {
-      const script = initScript(PLAN, { root: '/r', readonly: true, hostname: '', mounts: [], devices: [] });
-      const bind = script.indexOf("mount --bind '/r' '/r'");
-      const proc = script.indexOf("'/r/proc'");
-      const ro = script.indexOf("mount -o remount,bind,ro '/r'");
+    it('makes a read-only root with a bind mount onto itself, remounted read-only after the mounts', async () => {
+      const s = initScript(PLAN, await spec('/r', { readonly: true }));
+      const script = s.lines.map((l) => expand(s, l)).join('\n');
+      const bind = script.indexOf('$b mount --bind /r /r');
+      const proc = script.indexOf('/r/proc');
+      const ro = script.indexOf('$b mount -o remount,bind,ro /r ');
       assert.ok(bind >= 0 && bind < proc && proc < ro, script);
       assert.doesNotMatch(script, /hostname/, 'no hostname: the guest one');
     });
 
-    it('quotes every word for sh', function () {
-      assert.equal(shq("a'b"), `'a'\\''b'`);
-      const sh = spawnSync('sh', ['-c', `printf '%s\\n' ${['a b', "it's", '$HOME', '`x`', '"q"'].map(shq).join(' ')}`], { encoding: 'utf8' });
-      if (sh.error) this.skip();
-      assert.equal(sh.stdout, 'a b\nit\'s\n$HOME\n`x`\n"q"\n');
-    });
+    describe('run by sh with busybox stubbed (records its calls)', () => {
+      let tmp: TempDir;
+      let root: string;
+      let log: string;
+      let stub: string;
+      before(function () {
+        if (spawnSync('sh', ['-c', 'true']).error) this.skip();
+        tmp = new TempDir('kata-ts-setup-');
+        root = path.join(realpathSync(tmp.path), 'rootfs');
+        mkdirSync(root);
+        log = path.join(tmp.path, 'calls');
+        stub = path.join(tmp.path, 'busybox');
+        // readlink is the host's; every other applet only records its argv (one record per call).
+        writeFileSync(stub, '#!/bin/sh\nif [ "$1" = readlink ]; then shift; exec readlink "$@"; fi\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$LOG"\nprintf "\\036" >> "$LOG"\n', { mode: 0o755 });
+      });
+      after(() => tmp?.cleanup());
 
-    it('is a script sh runs up to the ready handshake (mounts stubbed)', function () {
-      const script = initScript({ ...PLAN, rlimits: [{ Type: 'RLIMIT_NOFILE', Hard: 512n, Soft: 256n }] }, { root: '/r', readonly: false, hostname: 'h', mounts: [], devices: [] });
-      // Replace busybox with a function that only records, and stop before the exec.
-      const stubbed = `bb() { echo "bb $*" >&2; }\n${script.replaceAll('/bin/busybox ', 'bb ').replace(/\nexec '\/bin\/busybox'[\s\S]*$/, '\necho "go=$go"\n')}`;
-      const r = spawnSync('sh', ['-c', `${stubbed.replace('read -r go <&3', 'go=start')}`, 'x'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe', 'pipe'] });
-      if (r.error) this.skip();
-      assert.equal(r.status, 0, r.stderr);
-      assert.match(r.stdout, /go=start/);
-      assert.match(r.stderr, /bb hostname h\n/);
-      assert.match(r.stderr, /bb mount -t proc -o nosuid,noexec,nodev proc \/r\/proc/);
+      /** Runs the init's setup up to the handshake: what it said on fd 3 and the busybox calls it made. */
+      const runSetup = (s: Script) => {
+        writeFileSync(log, '');
+        const params = [stub, ...s.params.slice(1)];
+        const text = s.text(false).replace('read -r go <&3 || exit 1', 'go=start') + 'echo "go=$go"\n';
+        const r = spawnSync('sh', ['-c', text, 'kata-ts-init', ...params], {
+          encoding: 'utf8',
+          cwd: tmp.path,
+          env: { PATH: process.env.PATH, LOG: log },
+          stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+        });
+        const calls = readFileSync(log, 'utf8').split('\x1e').filter(Boolean).map((c) => c.split('\x1f').slice(0, -1));
+        return { status: r.status, stdout: r.stdout, fd3: (r.output[3] as string | null) ?? '', stderr: r.stderr, calls };
+      };
+
+      it('reaches the ready handshake, each busybox call with its own arguments', async () => {
+        const s = initScript({ ...PLAN, rlimits: [{ Type: 'RLIMIT_NOFILE', Hard: 512n, Soft: 256n }] }, await spec(root, { hostname: 'h' }));
+        const r = runSetup(s);
+        assert.equal(r.status, 0, r.stderr + r.fd3);
+        assert.match(r.stdout, /go=start/);
+        assert.equal(r.fd3, `${READY_WORD}\n`);
+        assert.deepEqual(r.calls[0], ['hostname', 'h']);
+        assert.ok(r.calls.some((c) => c.join(' ') === `mount -t proc -o nosuid,noexec,nodev proc ${root}/proc`), JSON.stringify(r.calls));
+        assert.equal(START_WORD, 'start');
+      });
+
+      it('passes hostile paths and sources through as single arguments: nothing they hold runs', async () => {
+        const marker = path.join(tmp.path, 'pwned');
+        const payload = `;touch ${marker};#`;
+        const sub = '$(touch pwned)'; // sh runs in tmp.path: this would make the marker too
+        const src = path.join(tmp.path, `src ${sub}`);
+        mkdirSync(src);
+        const mounts = [
+          { destination: `/data${payload}`, type: 'bind', source: src, options: ['rbind', 'ro'] },
+          { destination: `/t\`touch ${marker}\``, type: 'tmpfs', source: `tmpfs${payload}`, options: ['size=1m'] },
+        ];
+        const s = initScript(PLAN, await spec(root, { hostname: 'h', mounts }));
+        for (const v of [payload, sub, marker]) assert.ok(!s.text(true).includes(v), `the script's text holds no value (${v})`);
+        const r = runSetup(s);
+        assert.equal(r.status, 0, r.stderr + r.fd3);
+        assert.equal(existsSync(marker), false, 'no payload ran');
+        const made = (argv: string[]) => r.calls.some((c) => c.join('\0') === argv.join('\0'));
+        assert.deepEqual(r.calls[0], ['hostname', 'h']);
+        assert.ok(made(['mount', '-o', 'rbind', src, `${root}/data${payload}`]), JSON.stringify(r.calls));
+        assert.ok(made(['mount', '-o', 'remount,bind,ro', `${root}/data${payload}`]), JSON.stringify(r.calls));
+        assert.ok(made(['mount', '-t', 'tmpfs', '-o', 'size=1m', `tmpfs${payload}`, `${root}/t\`touch ${marker}\``]), JSON.stringify(r.calls));
+      });
+
+      it('stops before mounting on a target that has become a symlink out of the root since it was resolved', async () => {
+        const mounts = [{ destination: '/late/x', type: 'tmpfs', source: 'tmpfs', options: [] }];
+        const targets = await mountTargets(root, mounts, []);
+        // What an earlier mount in the list could bring: a symlink on the way out of the root.
+        symlinkSync(tmp.path, path.join(root, 'late'));
+        const r = runSetup(initScript(PLAN, { root, readonly: false, hostname: '', mounts, devices: [], targets }));
+        assert.notEqual(r.status, 0);
+        assert.equal(r.fd3, "/late/x resolves outside the container's root\n");
+        assert.deepEqual(r.calls, [], 'no mkdir, no mount');
+      });
     });
   });
 });

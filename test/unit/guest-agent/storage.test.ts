@@ -51,6 +51,16 @@ describe('guest agent: storages', () => {
     assert.equal(checkGuestPath('/', 'x'), '/');
   });
 
+  it('refuses a source that busybox mount would read as an option, and a filesystem type that is not a word', async () => {
+    for (const driver of ['9p', 'virtio-fs']) {
+      await assert.rejects(planStorage(storage({ driver, source: '-oremount,exec' }), device), (e: unknown) => hasCode(GrpcCode.INVALID_ARGUMENT)(e) && /source "-oremount,exec" must not be empty or start with "-"/.test((e as Error).message), driver);
+      await assert.rejects(planStorage(storage({ driver, source: 'tag', fstype: '9p -o exec' }), device), hasCode(GrpcCode.INVALID_ARGUMENT), driver);
+    }
+    await assert.rejects(planStorage(storage({ driver: 'mmioblk', source: '/dev/vdb', fstype: '-oexec' }), device), hasCode(GrpcCode.INVALID_ARGUMENT));
+    await assert.rejects(planStorage(storage({ driver: 'blk', source: '05/00', fstype: 'ext4,exec' }), device), hasCode(GrpcCode.INVALID_ARGUMENT));
+    assert.deepEqual(devices, []);
+  });
+
   it('lists the drivers it handles, with kata-agent names', () => {
     assert.deepEqual([...STORAGE_DRIVERS], ['blk', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local']);
   });

@@ -36,7 +36,8 @@ import {
   type Envelope,
   type Timestamp,
 } from '../../../wire/containerd/proto.gen.js';
-import { TaskService } from '../../../shim/service.js';
+import { FAILED_START_STATUS, TaskService } from '../../../shim/service.js';
+import { AgentError } from '../../../core/agent/errors.js';
 import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type MessageInit, type ServiceClient } from '../../../wire/ttrpc/index.js';
 import { FakeSandboxFactory, type FakeContainer, type FakeSandbox, type FakeSandboxOptions } from '../../helpers/fake-sandbox.js';
 import { TempDir } from '../../helpers/tmp.js';
@@ -656,6 +657,45 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       const started_ = evs.find((e) => e.topic === TOPICS.execStarted)!;
       assert.equal(started_.msg.pid, VM_PID);
       assert.equal(count(evs, TOPICS.exit, 'c1'), 0, 'the container itself has not exited');
+    });
+
+    it('an exec whose Start fails in the agent: the agent\'s code and message, its FIFOs at EOF, a pending Wait answers, the exec id is free again', async () => {
+      await harness();
+      await h.create('c1');
+      await h.task.Start({ id: 'c1' });
+      const io = h.io('bad');
+      await h.exec('c1', 'bad', { io, args: ['/nonexistent-binary'] });
+      const waiting = h.task.Wait({ id: 'c1', execId: 'bad' });
+      const agentSaid = 'exec: "/nonexistent-binary": executable file not found in the container';
+      h.container('c1').execFailure = new AgentError('call', `agent ExecProcess failed: the agent answered INVALID_ARGUMENT: ${agentSaid}`, { method: 'ExecProcess', grpcCode: GrpcCode.INVALID_ARGUMENT });
+      const err = await rejectsWith(h.task.Start({ id: 'c1', execId: 'bad' }), GrpcCode.INVALID_ARGUMENT);
+      assert.ok(err.statusMessage.includes(agentSaid), err.statusMessage);
+      // containerd's client waits for this EOF before it reports the error.
+      await io.stdout!.waitForEof();
+      await io.stderr!.waitForEof();
+      const w = await within(waiting, 'Wait(bad)');
+      assert.equal(w.exitStatus, FAILED_START_STATUS);
+      await rejectsWith(h.task.State({ id: 'c1', execId: 'bad' }), GrpcCode.NOT_FOUND);
+      assert.equal(await h.status('c1'), Status.RUNNING, 'the container runs on');
+      await h.exec('c1', 'bad');
+      await h.task.Start({ id: 'c1', execId: 'bad' });
+      const evs = await h.flushEvents();
+      assert.deepEqual(evs.map(brief).filter((b) => b.includes(':bad')), ['exec-added:c1:bad', 'exec-added:c1:bad', 'exec-started:c1:bad'], 'no start or exit event for the exec that never ran');
+    });
+
+    it('a container whose Start fails in the agent: the agent\'s code, its FIFOs at EOF, CREATED until Delete', async () => {
+      await harness();
+      const io = h.io('c1');
+      await h.create('c1', { io });
+      h.container('c1').startFailure = new AgentError('call', 'agent StartContainer failed: the agent answered FAILED_PRECONDITION: container c1 is stopped', {
+        method: 'StartContainer',
+        grpcCode: GrpcCode.FAILED_PRECONDITION,
+      });
+      await rejectsWith(h.task.Start({ id: 'c1' }), GrpcCode.FAILED_PRECONDITION, /container c1 is stopped/);
+      await io.stdout!.waitForEof();
+      assert.equal(await h.status('c1'), Status.CREATED);
+      await within(h.task.Delete({ id: 'c1' }), 'Delete');
+      await rejectsWith(h.task.State({ id: 'c1' }), GrpcCode.NOT_FOUND);
     });
 
     it('Exec with a terminal: UNIMPLEMENTED; into a stopped container: FAILED_PRECONDITION; into an unknown one: NOT_FOUND', async () => {
