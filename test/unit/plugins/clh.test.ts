@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { availableParallelism } from 'node:os';
 import { judgeConfig, loadValidatedConfig, type Judgement } from '../../../core/runtime.js';
-import { isClhSpec, SANDBOX_DIR, type ClhLaunchSpec, type ClhVmConfig, type SandboxPlan } from '../../../core/plan.js';
+import { SANDBOX_DIR, type SandboxPlan } from '../../../core/plan.js';
+import { isClhSpec, type ClhLaunchSpec, type ClhVmConfig } from '../../../plugins/clh/vm-config.js';
 import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
 import type { KataConfig } from '../../../core/config/types.js';
 import clh, { buildVmConfig, hotplugDriverError, IMAGE_DISK_ID } from '../../../plugins/clh/index.js';
@@ -17,9 +18,10 @@ function toml(extra = '', base = 'shared_fs = "none"\ndisable_block_device_use =
 
 async function planOf(text: string): Promise<{ plan: SandboxPlan; vm: ClhLaunchSpec; body: ClhVmConfig; config: KataConfig }> {
   const { plan, config } = await loadValidatedConfig({ text });
-  assert.ok(isClhSpec(plan.vm), 'plan.vm is a Cloud Hypervisor launch spec');
-  const vm = plan.vm;
+  assert.ok(isClhSpec(plan.vm.native), 'plan.vm.native is a Cloud Hypervisor launch spec');
+  const vm = plan.vm.native;
   assert.ok(vm.launch, 'plan.vm.launch is rendered');
+  assert.equal(plan.vm.launch, vm.launch);
   return { plan, vm, body: vm.launch, config };
 }
 
