@@ -12,6 +12,7 @@
 import os from 'node:os';
 import {
   AGENT_CHANNEL_NAME,
+  KataError,
   type AgentChannelIntent,
   type ConsoleIntent,
   type DeviceIntent,
@@ -27,6 +28,7 @@ import {
   MAX_VCPUS,
   MIN_MEMORY_MIB,
   NVDIMM_RESERVE_MIB,
+  PLUGIN_NAME,
   QEMU_IDS,
   SANDBOX_PATHS,
   SHARED_MOUNT_TAG,
@@ -268,7 +270,8 @@ function renderAgentChannel(spec: QemuLaunchSpec, a: AgentChannelIntent): void {
   } else if (a.transport === 'vsock') {
     spec.devices.push({ type: 'vhost-vsock-pci', id: QEMU_IDS.vsockDevice, props: { 'guest-cid': a.cid } });
   } else {
-    throw new Error(`QEMU has no ${a.transport} agent channel`);
+    // The qemu plugin chooses the agent channel itself (describeQemuVm), so this is a plugin bug.
+    throw new KataError('KATA_ERR_INTERNAL', `QEMU has no ${a.transport} agent channel: use virtio-serial or vsock`, { plugin: PLUGIN_NAME });
   }
 }
 
