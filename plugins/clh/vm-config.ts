@@ -12,6 +12,7 @@ import { availableParallelism } from 'node:os';
 import type { ClhSection as GeneratedClhSection } from '../../core/config/schema-types.js';
 import {
   AGENT_VSOCK_PORT,
+  KataError,
   SANDBOX_DIR,
   type DeviceIntent,
   type HypervisorSection,
@@ -260,8 +261,10 @@ export function renderVmConfig(vm: VmDescription, cfg: Pick<KataConfig, 'hypervi
   if (rng) vmConfig.rng = { src: rng.source, ...onIommu };
   Object.assign(vmConfig, consoles(hv, of('console').length > 0));
   const agent = of('agent-channel')[0];
-  if (agent && agent.transport !== 'virtio-serial') {
-    vmConfig.vsock = agent.transport === 'hybrid-vsock' ? { cid: agent.cid, socket: agent.socket, ...onIommu } : { cid: agent.cid, socket: VSOCK_SOCKET, ...onIommu };
+  if (agent) {
+    // Cloud Hypervisor's vsock is hybrid only; the clh plugin chooses the channel itself (describeClhVm).
+    if (agent.transport !== 'hybrid-vsock') throw new KataError('KATA_ERR_INTERNAL', `Cloud Hypervisor has no ${agent.transport} agent channel: use hybrid-vsock`, { plugin: 'clh' });
+    vmConfig.vsock = { cid: agent.cid, socket: agent.socket, ...onIommu };
   }
   vmConfig.iommu = iommu;
   if (vmConfig.console && iommu) vmConfig.console.iommu = true;
