@@ -21,12 +21,13 @@ import { Targets, median, ms } from './stats.js';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import { createLogger } from '../core/logger.js';
-import { SANDBOX_DIR, type QemuLaunchSpec } from '../core/plan.js';
+import { SANDBOX_DIR } from '../core/plan.js';
 import { loadValidatedConfig, type ValidatedConfig } from '../core/runtime.js';
 import { launchVm, type RunningVm } from '../core/vm-lifecycle.js';
 import { buildGuestImage } from '../guest/image/build-image.js';
 import { SANDBOX_PATHS } from '../plugins/qemu/config.js';
 import { QemuVm } from '../plugins/qemu/driver.js';
+import type { QemuLaunchSpec } from '../plugins/qemu/launch-spec.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
 import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
 
@@ -143,9 +144,9 @@ block_device_driver = "virtio-blk"
 `,
     });
     // A second QMP monitor for the bare client: QEMU serves one client per monitor socket.
-    const vmSpec = structuredClone(loaded.plan.vm) as QemuLaunchSpec;
+    const vmSpec = structuredClone(loaded.plan.vm.native) as QemuLaunchSpec;
     vmSpec.extraArgs.push('-chardev', `socket,id=bench-qmp,path=${SANDBOX_DIR}/${BENCH_QMP},server=on,wait=off`, '-mon', 'chardev=bench-qmp,mode=control');
-    const validated = { ...loaded, plan: { ...loaded.plan, vm: vmSpec } } as ValidatedConfig;
+    const validated = { ...loaded, plan: { ...loaded.plan, vm: { ...loaded.plan.vm, native: vmSpec } } } as ValidatedConfig;
 
     // 1. Boot
     const phases: { before: number; qemu: number; guest: number; total: number }[] = [];

@@ -22,7 +22,7 @@ import { formatProblem } from '../core/errors.js';
 import type { Hooks } from '../core/hooks.js';
 import type { CheckStatus, HostCheck } from '../core/host-check.js';
 import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../core/host.js';
-import { isQemuSpec, type SandboxPlan } from '../core/plan.js';
+import type { SandboxPlan } from '../core/plan.js';
 import { judgeConfigWithHooks, type Judgement } from '../core/runtime.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { toJson } from './io.js';
@@ -74,9 +74,10 @@ export function acceleratorFor(hypervisor: string, section: Readonly<Record<stri
   return { accelerator: '', reason: `chosen by the plugin that provides the "${hypervisor}" hypervisor` };
 }
 
-/** The QEMU accelerator setting: the plan's, else the `accelerator` key (ours), else auto. */
+/** The QEMU accelerator setting: the one the qemu plugin rendered (KVM for a TD), else the `accelerator` key (ours), else auto. */
 function qemuAccelerator(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined): AcceleratorChoice {
-  if (plan && isQemuSpec(plan.vm)) return plan.vm.accelerator;
+  const rendered = (plan?.vm.native as { accelerator?: unknown } | undefined)?.accelerator;
+  if (rendered === 'auto' || rendered === 'kvm' || rendered === 'tcg') return rendered;
   const v = section.accelerator;
   return v === 'kvm' || v === 'tcg' ? v : 'auto';
 }

@@ -19,6 +19,17 @@ export const KNOWN_CAPABILITIES = Object.freeze({
   'nvdimm-image': 'The guest image may be attached as an NVDIMM/pmem device.',
   'balloon': 'A memory balloon device may be used.',
   'confidential-guest:tdx': 'The VM is an Intel TDX trust domain.',
+  // What the hypervisor plugin can render from the plan's intents (core/plan.ts); a plan holding an
+  // intent without its capability is refused in the validated config phase.
+  'render:device:disk': 'The hypervisor plugin renders disks attached at boot.',
+  'render:device:vhost-user-fs': 'The hypervisor plugin renders vhost-user-fs (virtio-fs) shares, with shared guest memory.',
+  'render:device:9p': 'The hypervisor plugin renders virtio-9p shares it serves itself.',
+  'render:device:agent-channel': 'The hypervisor plugin renders the agent channel it chose.',
+  'render:device:console': 'The hypervisor plugin renders the guest console.',
+  'render:device:rng': 'The hypervisor plugin renders a virtio-rng device.',
+  'render:device:balloon': 'The hypervisor plugin renders a memory balloon.',
+  'render:tee:tdx': 'The hypervisor plugin launches Intel TDX trust domains (firmware, TD settings).',
+  'render:access-platform': 'The hypervisor plugin makes every device offer VIRTIO_F_ACCESS_PLATFORM, hot-plugged ones included.',
 } satisfies Record<string, string>);
 
 export type KnownCapability = keyof typeof KNOWN_CAPABILITIES;

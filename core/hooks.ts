@@ -15,15 +15,15 @@ import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
 import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmContext, VmExit, VmHandle } from './vm.js';
 
-/** Named stages: hypervisor plugins first (they declare capabilities and build the VM spec), confidential-computing plugins late (they remove and override), finalisers last. */
+/** Named stages: hypervisor plugins first (they declare capabilities and describe the VM), confidential-computing plugins late (they remove and restrict), the hypervisor's rendering last. */
 export const STAGE = Object.freeze({
-  /** The hypervisor plugin: base capabilities, the initial VM launch spec. */
+  /** The hypervisor plugin: base capabilities (with the `render:*` ones), its VM description as intents. */
   HYPERVISOR: -100,
-  /** Device and feature plugins (shared fs, block devices): the default. */
+  /** Device and feature plugins (shared fs, block devices): the default; they add intents. */
   DEVICES: 0,
-  /** Confidential-computing plugins: remove what a TEE cannot have, add TEE settings. */
+  /** Confidential-computing plugins: remove what a TEE cannot have, set the confidential intent. */
   CONFIDENTIAL: 100,
-  /** Render the launch artefact (argv, request body) from the finished spec. */
+  /** The hypervisor plugin renders the finished intents into its own format and launch artefact (argv, request body). */
   FINALIZE: 1000,
 });
 
@@ -50,9 +50,13 @@ export function createHooks() {
      */
     validate: new SyncHook<[KataConfig, VerdictView, ReadonlyCapabilities]>(['config', 'verdict', 'capabilities']),
     /**
-     * Build the sandbox plan. The hypervisor plugin creates `plan.vm` at STAGE.HYPERVISOR, device
-     * plugins add to it, confidential plugins edit it, and the hypervisor plugin renders
-     * `plan.vm.launch` at STAGE.FINALIZE. Runs only for a valid configuration.
+     * Build the sandbox plan. `plan.vm` is hypervisor-neutral intents (core/plan.ts), started by
+     * the core from the common keys: the hypervisor plugin may replace it at STAGE.HYPERVISOR,
+     * device plugins add device intents, confidential plugins set `vm.confidential`, and the
+     * hypervisor plugin renders the whole of it at STAGE.FINALIZE into `plan.vm.launch` (the
+     * artefact `validate` shows) and `plan.vm.native` (its driver's form). Afterwards the core
+     * refuses any intent the hypervisor plugin did not declare a `render:*` capability for. Runs
+     * only for a valid configuration.
      */
     plan: new SyncWaterfallHook<[SandboxPlan, KataConfig, ReadonlyCapabilities]>(['plan', 'config', 'capabilities']),
     /**
@@ -61,8 +65,8 @@ export function createHooks() {
      */
     beforeVmStart: new AsyncSeriesHook<[VmContext]>(['ctx']),
     /**
-     * Create the VM. The hypervisor plugin whose launch spec `ctx.plan.vm` is returns a VmHandle
-     * (not yet started); the others return undefined. First answer wins.
+     * Create the VM. The hypervisor plugin that rendered `ctx.plan.vm` returns a VmHandle (not yet
+     * started); the others return undefined. First answer wins.
      */
     createVm: new AsyncSeriesBailHook<[VmContext], VmHandle | undefined>(['ctx']),
     /** The VM is running and its control channel answers. */

@@ -2,10 +2,14 @@
  * The sandbox plan: what the validated config phase decided, in a form the sandbox lifecycle (and
  * `kata-runtime validate`) can use without reading the configuration again.
  *
- * The VM part is hypervisor-specific but its types live here, in the core, because plugins never
- * import each other: the tdx plugin edits a Cloud Hypervisor `VmConfig` or a QEMU launch description
- * through the `plan` hook, knowing only these types.
+ * The VM part is hypervisor-neutral: a list of intents (vCPUs, memory, kernel, confidential
+ * settings, devices). Plugins such as tdx, virtiofs and devmapper write intents only; each
+ * hypervisor plugin renders the whole description into its own format inside its own folder, and
+ * declares as `render:*` capabilities which intents it can render, so that an intent it cannot
+ * render fails the validated config phase, not the VM start.
  */
+import type { ReadonlyCapabilities } from './capabilities.js';
+import type { KataConfig } from './config/types.js';
 
 /**
  * Paths inside the per-sandbox run directory are written with this token in the plan; the sandbox
@@ -21,6 +25,9 @@ export const GUEST_SHARED_DIR = '/run/kata-containers/shared/containers';
 
 /** Where block-device rootfs are mounted in the guest: guest-local, outside the shared mount. */
 export const GUEST_CONTAINERS_DIR = '/run/kata-containers/containers';
+
+/** The name of the virtio-serial port the Kata agent looks for. */
+export const AGENT_CHANNEL_NAME = 'agent.channel.0';
 
 /** The vsock port the Kata agent listens on. */
 export const AGENT_VSOCK_PORT = 1024;
@@ -47,119 +54,177 @@ export interface PlanNote {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cloud Hypervisor: the vm.create body (VmConfig in Cloud Hypervisor's OpenAPI spec). Only the
-// fields the runtime sets are typed; the tests validate whole bodies against the published spec.
+// The VM, as intents. No hypervisor's format appears here: each hypervisor plugin renders the whole
+// description into its own (QEMU argv, Cloud Hypervisor's vm.create body) at STAGE.FINALIZE.
 
-export interface ClhPayloadConfig {
-  kernel?: string;
-  cmdline?: string;
-  initramfs?: string;
-  firmware?: string;
+/** vCPUs the guest boots with, and how many it may reach by hot-plug. */
+export interface VcpuIntent {
+  /** vCPUs at boot (at least 1). */
+  boot: number;
+  /** The most the VM may ever have; equals `boot` when `hotplug` is false. */
+  max: number;
+  /** Whether vCPUs may be added to the running VM. */
+  hotplug: boolean;
 }
-export interface ClhDiskConfig {
+
+/** Guest memory, in MiB. */
+export interface MemoryIntent {
+  /** Memory at boot. */
+  bootMiB: number;
+  /** The most the VM may ever have; equals `bootMiB` when `hotplug` is false. */
+  maxMiB: number;
+  /** Whether memory may be added to the running VM. */
+  hotplug: boolean;
+  /**
+   * Guest RAM must be shareable with host processes (a vhost-user daemon such as virtiofsd maps
+   * it). Set by whoever adds a device that needs it.
+   */
+  shared: boolean;
+}
+
+/** The guest root filesystem image, attached read-only; the renderer picks the device (virtio-blk, NVDIMM) and the root= parameters. */
+export interface ImageIntent {
   path: string;
-  readonly?: boolean;
-  direct?: boolean;
-  iommu?: boolean;
-  num_queues?: number;
-  queue_size?: number;
-  id?: string;
-  image_type?: 'Raw' | 'Qcow2' | 'FixedVhd' | 'Vhdx' | 'Unknown';
-  pci_segment?: number;
+  /** `rootfs_type`: ext4, xfs or erofs. */
+  fstype: string;
 }
-export interface ClhFsConfig {
-  tag: string;
+
+/** The confidential-computing settings of a trust domain. */
+export interface ConfidentialIntent {
+  readonly tee: 'tdx';
+  /** The firmware the TD boots through (TDVF, td-shim). */
+  firmware: string;
+  /**
+   * Every device must offer VIRTIO_F_ACCESS_PLATFORM (QEMU: `iommu_platform=on`), including those
+   * hot-plugged later: a TD guest refuses any virtio device without it.
+   */
+  accessPlatform: true;
+}
+
+/** A disk attached at boot (a hot-plugged one goes through the VM handle instead). */
+export interface DiskIntent {
+  readonly kind: 'disk';
+  /** Stable name, unique in the VM. */
+  id: string;
+  /** A raw image file or a block device node. */
+  path: string;
+  readonly: boolean;
+}
+
+/** A virtio-fs share: a vhost-user-fs device whose backend (virtiofsd) listens on `socket`. Needs shared guest memory. */
+export interface VhostUserFsIntent {
+  readonly kind: 'vhost-user-fs';
   socket: string;
-  num_queues: number;
-  queue_size: number;
-  id?: string;
-  pci_segment?: number;
-}
-export interface ClhVmConfig {
-  payload: ClhPayloadConfig;
-  cpus?: { boot_vcpus: number; max_vcpus: number };
-  memory?: { size: number; hotplug_size?: number; shared?: boolean; hugepages?: boolean; hotplug_method?: 'Acpi' | 'VirtioMem' };
-  disks?: ClhDiskConfig[];
-  fs?: ClhFsConfig[];
-  pmem?: { file: string; discard_writes?: boolean }[];
-  rng?: { src: string; iommu?: boolean };
-  serial?: { mode: 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null'; file?: string; socket?: string };
-  console?: { mode: 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null'; file?: string; socket?: string; iommu?: boolean };
-  vsock?: { cid: number; socket: string; iommu?: boolean; id?: string };
-  iommu?: boolean;
-  platform?: { num_pci_segments?: number; iommu_segments?: number[]; tdx?: boolean; sev_snp?: boolean };
-  watchdog?: boolean;
-  [field: string]: unknown;
+  /** The mount tag the guest mounts. */
+  tag: string;
+  /** Request queues. */
+  queues: number;
+  /** Entries per queue. */
+  queueSize: number;
+  /** DAX window in MiB; 0 = none. */
+  cacheSizeMiB: number;
 }
 
-export interface ClhLaunchSpec {
-  readonly hypervisor: 'clh';
+/** A virtio-9p share served by the hypervisor itself from a host directory. */
+export interface NinePShareIntent {
+  readonly kind: '9p';
+  /** The host directory. */
+  path: string;
+  /** The mount tag the guest mounts. */
+  tag: string;
+}
+
+/** The channel the runtime reaches the guest agent through; `plan.agent.address` names its host end. */
+export type AgentChannelIntent =
+  /** A virtio-serial port the guest finds by `name`; the host end is a unix socket. */
+  | { readonly kind: 'agent-channel'; readonly transport: 'virtio-serial'; socket: string; name: string }
+  /** vhost-vsock: the guest's `cid`, the agent's `port`. */
+  | { readonly kind: 'agent-channel'; readonly transport: 'vsock'; cid: number; port: number }
+  /** Hybrid vsock (Cloud Hypervisor, Firecracker): a unix socket on the host, `CONNECT <port>` to reach the guest. */
+  | { readonly kind: 'agent-channel'; readonly transport: 'hybrid-vsock'; socket: string; cid: number; port: number };
+
+/**
+ * The guest console the runtime collects: to a unix socket and/or a log file when given, else to
+ * the hypervisor's own output.
+ */
+export interface ConsoleIntent {
+  readonly kind: 'console';
+  socket?: string;
+  logFile?: string;
+}
+
+/** A virtio-rng device fed from a host entropy source. */
+export interface RngIntent {
+  readonly kind: 'rng';
+  source: string;
+}
+
+/** A memory balloon. */
+export interface BalloonIntent {
+  readonly kind: 'balloon';
+  /** The guest reports freed pages so the host can reclaim them. */
+  freePageReporting: boolean;
+}
+
+/**
+ * A device the VM gets at boot. The next kinds (network interfaces: `{ kind: 'net', ... }`) are
+ * added to this union; a hypervisor plugin declares `render:device:<kind>` for each kind it can
+ * render, and the core refuses a plan holding a kind its hypervisor plugin did not declare.
+ */
+export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent;
+
+export type DeviceKind = DeviceIntent['kind'];
+
+/** The capability a hypervisor plugin declares when it can render devices of `kind`. */
+export function renderDeviceCapability(kind: string): string {
+  return `render:device:${kind}`;
+}
+
+/** The capability a hypervisor plugin declares when it can launch a trust domain of `tee`. */
+export function renderTeeCapability(tee: string): string {
+  return `render:tee:${tee}`;
+}
+
+/** The capability a hypervisor plugin declares when it can make every device offer VIRTIO_F_ACCESS_PLATFORM. */
+export const RENDER_ACCESS_PLATFORM = 'render:access-platform';
+
+/**
+ * The VM the sandbox needs, hypervisor-neutral. The core starts it from the common hypervisor keys;
+ * the hypervisor plugin may replace it at STAGE.HYPERVISOR (applying its own limits and Kata's rules
+ * for it), device plugins add devices, confidential plugins restrict it, and at STAGE.FINALIZE the
+ * hypervisor plugin renders all of it into its own format.
+ */
+export interface VmDescription {
+  /** The hypervisor plugin that renders and runs it (the `[hypervisor.<name>]` name). */
+  readonly hypervisor: string;
+  /** The hypervisor executable (`path`); `kata-runtime check` and `env` show it. */
   binary: string;
-  /** Extra `cloud-hypervisor` command-line arguments (besides `--api-socket`). */
-  args: string[];
-  vmConfig: ClhVmConfig;
-  /** Per-call API timeout; confidential guests need longer (Kata: 1 s normally, 20 s for TDX). */
-  apiTimeoutMs: number;
-  /** The launch artefact shown by `validate --json` under `vm`: the vm.create body. */
-  launch?: ClhVmConfig;
-}
-
-// ---------------------------------------------------------------------------------------------
-// QEMU: a structured description, rendered to argv by the qemu plugin at the FINALIZE plan stage,
-// so that other plugins (tdx) edit structure instead of strings.
-
-export type QemuPropValue = string | number | boolean;
-
-/** One `-object`, `-device`, `-chardev` … option: a driver/type followed by key=value pairs. */
-export interface QemuOption {
-  /** The first, unnamed value (device driver, object type, chardev backend). */
-  type: string;
-  id?: string;
-  props: Record<string, QemuPropValue>;
-}
-
-export interface QemuLaunchSpec {
-  readonly hypervisor: 'qemu';
-  binary: string;
-  machine: { type: string; options: Record<string, QemuPropValue> };
-  /** `auto` is resolved when the VM starts: KVM when it can run a standard guest, else TCG. */
-  accelerator: 'auto' | 'kvm' | 'tcg';
-  cpu: { model: string; features: string };
-  smp: { cpus: number; maxcpus: number };
-  memory: { sizeMiB: number; slots: number; maxMiB: number; shared: boolean };
+  cpus: VcpuIntent;
+  memory: MemoryIntent;
+  /** The guest kernel. */
   kernel?: string;
   initrd?: string;
-  append: string;
-  /** Firmware given with `-bios`. */
-  bios?: string;
-  objects: QemuOption[];
-  chardevs: QemuOption[];
-  devices: QemuOption[];
-  fsdevs: QemuOption[];
-  /** Ids of the pcie-root-ports reserved for hot-plug, in order. */
-  hotplugPorts: string[];
-  /** Set virtio `iommu_platform=on` on every virtio-pci device, including hot-plugged ones (TDX). */
-  virtioIommuPlatform: boolean;
-  /** Extra raw arguments appended last. */
-  extraArgs: string[];
-  /** The launch artefact shown by `validate --json` under `vm`: the argv, binary first. */
-  launch?: string[];
-}
-
-/** A launch description from a third-party hypervisor plugin. */
-export interface OtherLaunchSpec {
-  readonly hypervisor: string;
+  image?: ImageIntent;
+  /**
+   * Kernel parameters asked for by the configuration (`kernel_params`) and by plugins, appended in
+   * order after the hypervisor's own; an entry may hold several, space-separated.
+   */
+  kernelParams: string[];
+  /** Firmware to boot through, when the hypervisor plugin uses one. */
+  firmware?: string;
+  /** Set by a confidential-computing plugin; null for an ordinary VM. */
+  confidential: ConfidentialIntent | null;
+  devices: DeviceIntent[];
+  /**
+   * The launch artefact, rendered by the hypervisor plugin at STAGE.FINALIZE and shown by
+   * `validate --json` under `vm`: QEMU's argv (binary first), Cloud Hypervisor's vm.create body.
+   */
   launch?: unknown;
-  [field: string]: unknown;
-}
-
-export type VmLaunchSpec = ClhLaunchSpec | QemuLaunchSpec | OtherLaunchSpec;
-
-export function isClhSpec(vm: VmLaunchSpec): vm is ClhLaunchSpec {
-  return vm.hypervisor === 'clh';
-}
-export function isQemuSpec(vm: VmLaunchSpec): vm is QemuLaunchSpec {
-  return vm.hypervisor === 'qemu';
+  /**
+   * The hypervisor plugin's own launch description, rendered with `launch`, for its driver (a
+   * structured form the driver fills the run directory into). Nobody else reads it.
+   */
+  native?: unknown;
 }
 
 /** A host-side daemon the sandbox needs (virtiofsd …), started by the plugin that planned it. */
@@ -181,9 +246,10 @@ export interface SandboxPlan {
   rootfs: RootfsDelivery[];
   /** Block-device driver used for hot-plugged disks, when block devices are in use. */
   blockDriver: string | null;
-  /** The confidential-computing technology, or null. */
+  /** The confidential-computing technology, or null (the VM's settings are in `vm.confidential`). */
   confidential: { tee: 'tdx'; firmware: string } | null;
-  vm: VmLaunchSpec;
+  /** The VM, as intents, and (after STAGE.FINALIZE) its launch artefact. */
+  vm: VmDescription;
   /**
    * How the runtime reaches the guest agent, set by the hypervisor plugin: `unix://<path>`
    * (virtio-serial through a QEMU chardev) or `hvsock://<path>:<port>` (Cloud Hypervisor's hybrid
@@ -198,4 +264,55 @@ export interface SandboxPlan {
   /** Host-side daemons to start before the VM. */
   daemons: DaemonSpec[];
   notes: PlanNote[];
+}
+
+/**
+ * The VM description the core starts the plan with, from the common hypervisor keys: what a
+ * hypervisor plugin gets when it does not build its own at STAGE.HYPERVISOR. vCPU and memory
+ * ceilings apply only when the capabilities allow hot-plug; `default_maxvcpus = 0` means the host's
+ * CPU count, `default_maxmemory` at or below `default_memory` means no hot-plug region.
+ */
+export function baseVmDescription(config: Pick<KataConfig, 'hypervisorName' | 'hypervisor'>, caps: ReadonlyCapabilities, hostCpus: number): VmDescription {
+  const hv = config.hypervisor;
+  const boot = Math.max(1, Math.ceil(hv.default_vcpus));
+  const cpuHotplug = caps.has('cpu-hotplug');
+  const memHotplug = caps.has('memory-hotplug');
+  const maxCpus = cpuHotplug ? Math.max(boot, hv.default_maxvcpus > 0 ? hv.default_maxvcpus : hostCpus) : boot;
+  const maxMiB = memHotplug ? Math.max(hv.default_memory, hv.default_maxmemory) : hv.default_memory;
+  const vm: VmDescription = {
+    hypervisor: config.hypervisorName,
+    binary: hv.path ?? '',
+    cpus: { boot, max: maxCpus, hotplug: cpuHotplug },
+    memory: { bootMiB: hv.default_memory, maxMiB, hotplug: memHotplug, shared: false },
+    kernelParams: hv.kernel_params.trim() ? [hv.kernel_params.trim()] : [],
+    confidential: null,
+    devices: [],
+  };
+  if (hv.kernel) vm.kernel = hv.kernel;
+  if (hv.initrd) vm.initrd = hv.initrd;
+  if (hv.image) vm.image = { path: hv.image, fstype: hv.rootfs_type };
+  if (hv.firmware) vm.firmware = hv.firmware;
+  return vm;
+}
+
+/** A plan intent the hypervisor plugin did not declare it can render. */
+export interface UnrenderableIntent {
+  /** What the plan asks for, e.g. `a vhost-user-fs device`. */
+  readonly intent: string;
+  /** The `render:*` capability that is missing. */
+  readonly capability: string;
+}
+
+/** The intents of `vm` whose `render:*` capability is not in `caps`. */
+export function unrenderableIntents(vm: VmDescription, caps: ReadonlyCapabilities): UnrenderableIntent[] {
+  const out: UnrenderableIntent[] = [];
+  const need = (intent: string, capability: string) => {
+    if (!caps.has(capability) && !out.some((u) => u.capability === capability)) out.push({ intent, capability });
+  };
+  for (const d of vm.devices) need(`a ${d.kind} device`, renderDeviceCapability(d.kind));
+  if (vm.confidential) {
+    need(`a ${vm.confidential.tee} trust domain`, renderTeeCapability(vm.confidential.tee));
+    if (vm.confidential.accessPlatform) need('VIRTIO_F_ACCESS_PLATFORM on every device', RENDER_ACCESS_PLATFORM);
+  }
+  return out;
 }

@@ -106,7 +106,18 @@ export type { VerdictView, Veto } from './verdict.js';
 export type { KataConfig, HypervisorSection } from './config/types.js';
 export { hvKey } from './config/types.js';
 export type * from './plan.js';
-export { isClhSpec, isQemuSpec, SANDBOX_DIR, SANDBOX_SHARED_DIR, GUEST_SHARED_DIR, GUEST_CONTAINERS_DIR, AGENT_VSOCK_PORT, fillSandboxDir } from './plan.js';
+export {
+  SANDBOX_DIR,
+  SANDBOX_SHARED_DIR,
+  GUEST_SHARED_DIR,
+  GUEST_CONTAINERS_DIR,
+  AGENT_CHANNEL_NAME,
+  AGENT_VSOCK_PORT,
+  RENDER_ACCESS_PLATFORM,
+  fillSandboxDir,
+  renderDeviceCapability,
+  renderTeeCapability,
+} from './plan.js';
 export type { VmContext, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
 export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from './host.js';
 export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';

@@ -18,7 +18,8 @@ import type { KataConfig, RawConfig } from './config/types.js';
 import { ConfigInvalidError, KataError, type Problem } from './errors.js';
 import { createHooks, type Hooks } from './hooks.js';
 import { silentLogger, type Logger } from './logger.js';
-import type { SandboxPlan } from './plan.js';
+import { availableParallelism } from 'node:os';
+import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
 import { activationOf, applyPlugin, builtinPlugins, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
 import type { PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
@@ -199,7 +200,11 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   for (const r of requirements) if (!r.met) problems.push(unmetRequirement(r, caps, hypervisorTable));
 
   let plan: SandboxPlan | undefined;
-  if (problems.length === 0) plan = buildPlan(hooks, config, caps, verdict);
+  if (problems.length === 0) {
+    const built = buildPlan(hooks, config, caps, verdict);
+    problems.push(...built.problems);
+    if (built.problems.length === 0) plan = built.plan;
+  }
 
   return {
     judgement: freezeJudgement({
@@ -296,20 +301,44 @@ function buildConfig(data: Record<string, unknown>, path: string | undefined, hy
   };
 }
 
-function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict): SandboxPlan {
+/**
+ * Runs the plan hook from the core's starting point. An intent the hypervisor plugin did not declare
+ * it can render (`render:*` capabilities) is a problem of the validated config phase, never a
+ * failure at VM start.
+ */
+function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict): { plan: SandboxPlan; problems: Problem[] } {
+  const readonlyCaps = caps.readonly();
   const initial: SandboxPlan = {
     hypervisor: config.hypervisorName,
     sharedFs: 'none',
     rootfs: [],
     blockDriver: null,
     confidential: null,
-    vm: { hypervisor: config.hypervisorName },
+    vm: baseVmDescription(config, readonlyCaps, availableParallelism()),
     agent: null,
     sharedFsMount: null,
     daemons: [],
     notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
   };
-  const plan = hooks.plan.call(initial, config, caps.readonly()) ?? initial;
+  const plan = hooks.plan.call(initial, config, readonlyCaps) ?? initial;
+  if (plan.vm === null || typeof plan.vm !== 'object' || !Array.isArray(plan.vm.devices)) {
+    // A plugin replaced the neutral description instead of editing it (plugins add intents and render plan.vm.launch).
+    throw new KataError('KATA_ERR_PLUGIN_HOOK', 'the plan hook left plan.vm without its device list: a plugin replaced the VM description instead of adding to it', {
+      hook: 'plan',
+      key: config.hypervisorTable,
+      fix: 'Edit plan.vm in place (push intents to plan.vm.devices, set plan.vm.launch); never assign a new object to plan.vm.',
+    });
+  }
+  const problems = unrenderableIntents(plan.vm, readonlyCaps).map(
+    (u): Problem => ({
+      code: 'KATA_ERR_CAPABILITY_MISSING',
+      hook: 'plan',
+      key: config.hypervisorTable,
+      reason: `the plan asks for ${u.intent}, which the plugin serving [${config.hypervisorTable}] cannot render: it does not declare capability "${u.capability}"`,
+      fix: `use a hypervisor whose plugin declares "${u.capability}", or change the configuration so that no plugin asks for ${u.intent}`,
+    }),
+  );
+  if (problems.length > 0) return { plan, problems };
   if (plan.vm.launch === undefined) {
     throw new KataError('KATA_ERR_INTERNAL', `the "${config.hypervisorName}" hypervisor plugin built no launch description in the plan hook`, { key: config.hypervisorTable });
   }
@@ -324,7 +353,7 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
   if (caps.has('block-device-hotplug') && plan.rootfs.includes('block-hotplug') && plan.blockDriver === null) {
     throw new KataError('KATA_ERR_INTERNAL', 'the plan delivers the rootfs by block hot-plug but names no block driver');
   }
-  return deepFreeze(plan);
+  return { plan: deepFreeze(plan), problems };
 }
 
 function unmetRequirement(r: Requirement, caps: CapabilitySet, hypervisorTable: string): Problem {

@@ -10,7 +10,8 @@
  * whose memory is accepted and measured while vm.create and vm.boot run.
  */
 import http from 'node:http';
-import { KataError, type ClhDiskConfig, type ClhVmConfig } from '../../core/plugin-api.js';
+import { KataError } from '../../core/plugin-api.js';
+import type { ClhDiskConfig, ClhVmConfig } from './vm-config.js';
 
 export const API_ROOT = '/api/v1';
 

@@ -22,11 +22,7 @@ import {
   KataError,
   LineRing,
   fillSandboxDir,
-  isClhSpec,
   type BlockDeviceSpec,
-  type ClhDiskConfig,
-  type ClhLaunchSpec,
-  type ClhVmConfig,
   type HotpluggedBlock,
   type Logger,
   type VmContext,
@@ -35,6 +31,7 @@ import {
   spawnTied,
 } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
+import { isClhSpec, type ClhDiskConfig, type ClhLaunchSpec, type ClhVmConfig } from './vm-config.js';
 
 export const PLUGIN_NAME = 'clh';
 
@@ -119,9 +116,9 @@ export class ClhVm implements VmHandle {
   #stopping: Promise<VmExit> | undefined;
 
   constructor(ctx: VmContext, opts: ClhVmOptions = {}) {
-    if (!isClhSpec(ctx.plan.vm)) throw new KataError('KATA_ERR_INTERNAL', `ClhVm needs a Cloud Hypervisor launch spec, got "${ctx.plan.vm.hypervisor}"`, { plugin: PLUGIN_NAME });
+    if (!isClhSpec(ctx.plan.vm.native)) throw new KataError('KATA_ERR_INTERNAL', `ClhVm needs a plan rendered by the clh plugin, got one for "${ctx.plan.vm.hypervisor}"`, { plugin: PLUGIN_NAME });
     this.#ctx = ctx;
-    this.#spec = ctx.plan.vm;
+    this.#spec = ctx.plan.vm.native;
     this.#log = ctx.log.child({ plugin: PLUGIN_NAME });
     this.#opts = { ...CLH_VM_DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) };
     this.#stderr = new LineRing(this.#opts.outputLines);

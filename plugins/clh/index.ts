@@ -1,16 +1,35 @@
 /**
  * clh: the Cloud Hypervisor hypervisor plugin. Serves `[hypervisor.clh]`: declares what a Cloud
- * Hypervisor VM can do for the configuration, applies Kata's Cloud Hypervisor value rules, plans
- * the VM as a `vm.create` body (vm-config.ts), and drives the VMM through its REST API: `createVm`
- * answers a Cloud Hypervisor plan with a ClhVm (driver.ts, api.ts).
+ * Hypervisor VM can do for the configuration (including the `render:*` capabilities: which plan
+ * intents it can render), applies Kata's Cloud Hypervisor value rules, describes the VM as neutral
+ * intents at STAGE.HYPERVISOR and renders the finished plan into a `vm.create` body at
+ * STAGE.FINALIZE (vm-config.ts), and drives the VMM through its REST API: `createVm` answers a plan
+ * it rendered with a ClhVm (driver.ts, api.ts).
  */
-import { AGENT_VSOCK_PORT, definePlugin, hvKey, isClhSpec, STAGE, type ClhLaunchSpec, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
+import { AGENT_VSOCK_PORT, definePlugin, hvKey, RENDER_ACCESS_PLATFORM, renderDeviceCapability, renderTeeCapability, STAGE, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
 import { ClhVm, PLUGIN_NAME } from './driver.js';
 import { clhHostChecks } from './probe.js';
-import { buildVmConfig, clhArgs, CLH_API_TIMEOUT_MS, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
+import { CLH_DEVICE_KINDS, describeClhVm, isClhSpec, renderClhLaunchSpec, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
 
-export { buildVmConfig, clhArgs, kernelCmdline, rootParams, vcpuCounts, currentHost, IMAGE_DISK_ID, VSOCK_SOCKET, GUEST_VSOCK_CID, CLH_API_TIMEOUT_MS } from './vm-config.js';
-export type { ClhSection, HostInfo } from './vm-config.js';
+export {
+  buildVmConfig,
+  describeClhVm,
+  renderClhLaunchSpec,
+  renderVmConfig,
+  isClhSpec,
+  clhArgs,
+  kernelCmdline,
+  rootParams,
+  vcpuCounts,
+  currentHost,
+  IMAGE_DISK_ID,
+  VSOCK_SOCKET,
+  GUEST_VSOCK_CID,
+  CLH_API_TIMEOUT_MS,
+  CLH_TDX_API_TIMEOUT_MS,
+  CLH_DEVICE_KINDS,
+} from './vm-config.js';
+export type { ClhSection, HostInfo, ClhLaunchSpec, ClhVmConfig, ClhDiskConfig, ClhFsConfig, ClhPayloadConfig } from './vm-config.js';
 export { ClhVm, CLH_VM_DEFAULTS, CLH_FILES, TDX_FEATURE, bdfToPciPath, fillVmConfig, type ClhVmOptions } from './driver.js';
 export { probeVmm, clhHostChecks, PROBE_TIMEOUT_MS } from './probe.js';
 export { ClhApiClient, errorBodyMessage, clhApiFailure, API_ROOT, type VmmPing, type PciDeviceInfo, type VmInfo, type ClhApiFailure } from './api.js';
@@ -95,20 +114,17 @@ export default definePlugin({
       caps.add('cpu-hotplug', 'vm.resize desired_vcpus, up to max_vcpus');
       caps.add('memory-hotplug', 'vm.resize desired_ram, up to size + hotplug_size');
       caps.add('balloon', 'virtio-balloon (used for free-page reporting)');
+      // The plan intents vm-config.ts renders.
+      for (const kind of CLH_DEVICE_KINDS) caps.add(renderDeviceCapability(kind));
+      caps.add(renderTeeCapability('tdx'), 'platform.tdx, the firmware (td-shim) as the payload');
+      caps.add(RENDER_ACCESS_PLATFORM, 'for a TD: Cloud Hypervisor offers VIRTIO_F_ACCESS_PLATFORM on every device of a TD itself');
     });
 
     hooks.validate.tap(PLUGIN_NAME, (cfg, verdict) => validate(cfg, verdict));
 
     hooks.plan.tap({ stage: STAGE.HYPERVISOR }, (plan, cfg, caps) => {
       const hv = cfg.hypervisor as ClhSection;
-      const vm: ClhLaunchSpec = {
-        hypervisor: 'clh',
-        binary: hv.path,
-        args: clhArgs(hv),
-        vmConfig: buildVmConfig(cfg, caps),
-        apiTimeoutMs: CLH_API_TIMEOUT_MS,
-      };
-      plan.vm = vm;
+      plan.vm = describeClhVm(cfg, caps);
       plan.agent = { address: `hvsock://${VSOCK_SOCKET}:${AGENT_VSOCK_PORT}` };
       if (!hv.disable_block_device_use) plan.blockDriver = hv.block_device_driver;
       if (hv.image && !hv.disable_image_nvdimm) {
@@ -117,13 +133,17 @@ export default definePlugin({
       return plan;
     });
 
-    hooks.plan.tap({ stage: STAGE.FINALIZE }, (plan) => {
-      if (isClhSpec(plan.vm)) plan.vm.launch = structuredClone(plan.vm.vmConfig);
+    // The whole plan, whoever wrote its intents, becomes the vm.create body.
+    hooks.plan.tap({ stage: STAGE.FINALIZE }, (plan, cfg) => {
+      if (plan.vm.hypervisor !== PLUGIN_NAME) return plan;
+      const spec = renderClhLaunchSpec(plan.vm, cfg);
+      plan.vm.native = spec;
+      plan.vm.launch = spec.launch;
       return plan;
     });
 
-    // The VM for a Cloud Hypervisor plan, created but not started: the core calls start() next.
-    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isClhSpec(vmCtx.plan.vm) ? new ClhVm(vmCtx) : undefined));
+    // The VM for a plan this plugin rendered, created but not started: the core calls start() next.
+    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isClhSpec(vmCtx.plan.vm.native) ? new ClhVm(vmCtx) : undefined));
 
     // kata-runtime check: the binary's own vmm.ping (version, features, TDX).
     hooks.hostChecks.tapPromise(PLUGIN_NAME, (check) => clhHostChecks(check));

@@ -1,15 +1,91 @@
 /**
- * The Cloud Hypervisor `vm.create` body (`VmConfig` in Cloud Hypervisor's OpenAPI spec) for a
- * configuration, as a pure function: the plan hook uses it, and so will the driver.
+ * Cloud Hypervisor's side of the plan, as pure functions: the neutral VM description for a
+ * `[hypervisor.clh]` section ({@link describeClhVm}, at STAGE.HYPERVISOR), and the rendering of the
+ * finished description, whoever wrote its intents, into the `vm.create` body (`VmConfig` in Cloud
+ * Hypervisor's OpenAPI spec) and the launch description the driver runs ({@link renderClhLaunchSpec},
+ * at STAGE.FINALIZE).
  *
  * What Kata's Cloud Hypervisor driver (`clh.go` CreateVM/launchClh) does is the model; where this
  * differs, the comment says why.
  */
 import { availableParallelism } from 'node:os';
-import type { ReadonlyCapabilities } from '../../core/capabilities.js';
-import type { HypervisorSection, KataConfig } from '../../core/config/types.js';
 import type { ClhSection as GeneratedClhSection } from '../../core/config/schema-types.js';
-import { SANDBOX_DIR, type ClhVmConfig } from '../../core/plan.js';
+import {
+  AGENT_VSOCK_PORT,
+  KataError,
+  SANDBOX_DIR,
+  type DeviceIntent,
+  type HypervisorSection,
+  type KataConfig,
+  type ReadonlyCapabilities,
+  type VmDescription,
+} from '../../core/plugin-api.js';
+
+// The vm.create body. Only the fields the runtime sets are typed; the tests validate whole bodies
+// against the published spec.
+
+export interface ClhPayloadConfig {
+  kernel?: string;
+  cmdline?: string;
+  initramfs?: string;
+  firmware?: string;
+}
+export interface ClhDiskConfig {
+  path: string;
+  readonly?: boolean;
+  direct?: boolean;
+  iommu?: boolean;
+  num_queues?: number;
+  queue_size?: number;
+  id?: string;
+  image_type?: 'Raw' | 'Qcow2' | 'FixedVhd' | 'Vhdx' | 'Unknown';
+  pci_segment?: number;
+}
+export interface ClhFsConfig {
+  tag: string;
+  socket: string;
+  num_queues: number;
+  queue_size: number;
+  id?: string;
+  pci_segment?: number;
+}
+export interface ClhVmConfig {
+  payload: ClhPayloadConfig;
+  cpus?: { boot_vcpus: number; max_vcpus: number };
+  memory?: { size: number; hotplug_size?: number; shared?: boolean; hugepages?: boolean; hotplug_method?: 'Acpi' | 'VirtioMem' };
+  disks?: ClhDiskConfig[];
+  fs?: ClhFsConfig[];
+  pmem?: { file: string; discard_writes?: boolean }[];
+  rng?: { src: string; iommu?: boolean };
+  serial?: { mode: 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null'; file?: string; socket?: string };
+  console?: { mode: 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null'; file?: string; socket?: string; iommu?: boolean };
+  vsock?: { cid: number; socket: string; iommu?: boolean; id?: string };
+  iommu?: boolean;
+  platform?: { num_pci_segments?: number; iommu_segments?: number[]; tdx?: boolean; sev_snp?: boolean };
+  watchdog?: boolean;
+  [field: string]: unknown;
+}
+
+/** What the driver runs: rendered from the plan at STAGE.FINALIZE, kept in `plan.vm.native`. */
+export interface ClhLaunchSpec {
+  readonly hypervisor: 'clh';
+  binary: string;
+  /** Extra `cloud-hypervisor` command-line arguments (besides `--api-socket`). */
+  args: string[];
+  vmConfig: ClhVmConfig;
+  /** Per-call API timeout; confidential guests need longer (Kata: 1 s normally, 20 s for TDX). */
+  apiTimeoutMs: number;
+  /** The launch artefact shown by `validate --json` under `vm` (as `plan.vm.launch`): a copy of the vm.create body. */
+  launch?: ClhVmConfig;
+}
+
+/** True when `native` (a plan's `vm.native`) is a Cloud Hypervisor launch description. */
+export function isClhSpec(native: unknown): native is ClhLaunchSpec {
+  return typeof native === 'object' && native !== null && (native as { hypervisor?: unknown }).hypervisor === 'clh';
+}
+
+/** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
+export const CLH_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', 'agent-channel', 'console', 'rng', 'balloon'] as const);
 
 /** The `[hypervisor.clh]` section after the shape check: the common keys plus those of clh.schema.json. */
 export type ClhSection = HypervisorSection & Readonly<GeneratedClhSection>;
@@ -32,8 +108,12 @@ export const GUEST_VSOCK_CID = 3;
 export const VSOCK_SOCKET = `${SANDBOX_DIR}/clh.vsock`;
 /** `id` of the guest image disk; stable so later requests (and people) can name it. */
 export const IMAGE_DISK_ID = 'rootfs-image';
-/** Kata's per-call Cloud Hypervisor API timeout (the tdx plugin raises it for a TD). */
+/** Kata's per-call Cloud Hypervisor API timeout. */
 export const CLH_API_TIMEOUT_MS = 1000;
+/** The API timeout for a TD: its calls take longer (Kata: 20 s instead of 1 s). */
+export const CLH_TDX_API_TIMEOUT_MS = 20_000;
+/** `id` of the first virtio-fs share. */
+export const SHARED_FS_ID = 'kata-shared-fs';
 
 const MIB = 1024 * 1024;
 
@@ -52,21 +132,26 @@ export function rootParams(rootfsType: string): string[] {
 
 /** The guest kernel command line, in Kata's order; `kernel_params` come last so they win. */
 export function kernelCmdline(hv: ClhSection, host: Pick<HostInfo, 'arch'>): string {
-  const params: string[] = [];
-  if (hasText(hv.image)) params.push(...rootParams(hv.rootfs_type));
-  params.push(...BASE_KERNEL_PARAMS);
-  if (hv.enable_iommu) params.push('iommu=pt');
+  const extra = hv.kernel_params.trim();
+  return cmdline(hv, hasText(hv.image) ? hv.rootfs_type : undefined, extra ? [extra] : [], host);
+}
+
+/** Root parameters for an image of `imageFstype`, Kata's base parameters, the console, then `params`. */
+function cmdline(hv: ClhSection, imageFstype: string | undefined, params: readonly string[], host: Pick<HostInfo, 'arch'>): string {
+  const out: string[] = [];
+  if (imageFstype !== undefined) out.push(...rootParams(imageFstype));
+  out.push(...BASE_KERNEL_PARAMS);
+  if (hv.enable_iommu) out.push('iommu=pt');
   if (hv.enable_debug) {
     // A TD's guest kernel has no serial port: its debug output goes to the virtio console.
-    if (hv.confidential_guest) params.push('console=hvc0');
-    else params.push(host.arch === 'arm64' ? 'console=ttyAMA0,115200n8' : 'console=ttyS0,115200n8');
-    params.push('systemd.log_target=console');
+    if (hv.confidential_guest) out.push('console=hvc0');
+    else out.push(host.arch === 'arm64' ? 'console=ttyAMA0,115200n8' : 'console=ttyS0,115200n8');
+    out.push('systemd.log_target=console');
   } else {
-    params.push('quiet');
+    out.push('quiet');
   }
-  const extra = hv.kernel_params.trim();
-  if (extra) params.push(extra);
-  return params.join(' ');
+  out.push(...params);
+  return out.join(' ');
 }
 
 /** Extra `cloud-hypervisor` arguments besides `--api-socket` (which the driver adds). */
@@ -86,51 +171,119 @@ export function vcpuCounts(hv: ClhSection, caps: ReadonlyCapabilities, host: Pic
   return { boot_vcpus: boot, max_vcpus: Math.max(boot, max) };
 }
 
-/**
- * Builds the `vm.create` body. Devices other plugins own (virtio-fs, hot-plugged disks, TDX
- * platform settings) are added by them through the plan hook, not here.
- */
+/** The `vm.create` body for this configuration alone (no other plugin's intents): for tests and tools. */
 export function buildVmConfig(cfg: Pick<KataConfig, 'hypervisor'>, caps: ReadonlyCapabilities, host: HostInfo = currentHost()): ClhVmConfig {
+  return renderVmConfig(describeClhVm(cfg, caps, host), cfg, host);
+}
+
+/**
+ * The neutral VM description for `[hypervisor.clh]`, with Kata's Cloud Hypervisor rules: the
+ * devices Cloud Hypervisor itself brings (the agent on hybrid vsock, rng, a console with
+ * `enable_debug`, a free-page-reporting balloon with `reclaim_guest_freed_memory`), and guest
+ * memory shared whenever a filesystem is shared. No firmware: Kata's Cloud Hypervisor driver boots
+ * one only for a TD, which the confidential intent carries.
+ */
+export function describeClhVm(cfg: Pick<KataConfig, 'hypervisor'>, caps: ReadonlyCapabilities, host: Pick<HostInfo, 'cpus'> = currentHost()): VmDescription {
   const hv = cfg.hypervisor as ClhSection;
-  const iommu = hv.enable_iommu;
-  const onIommu = iommu ? { iommu: true } : {};
-
-  const payload: ClhVmConfig['payload'] = { kernel: hv.kernel, cmdline: kernelCmdline(hv, host) };
-  if (hasText(hv.initrd)) payload.initramfs = hv.initrd;
-
-  const memory: NonNullable<ClhVmConfig['memory']> = {
-    size: hv.default_memory * MIB,
-    // vhost-user devices (virtiofsd) map guest RAM, so it must be shared; so must hugepages (Kata).
-    shared: hv.shared_fs !== 'none' || hv.enable_hugepages,
-    hugepages: hv.enable_hugepages,
-  };
+  const { boot_vcpus, max_vcpus } = vcpuCounts(hv, caps, host);
+  const memHotplug = caps.has('memory-hotplug');
   // Cloud Hypervisor's hotplug_size is what may be added on top of `size`; Kata's
   // default_maxmemory is the ceiling of the total. (0 means "host memory" to Kata: no ceiling is
   // known without asking the host, so no hot-plug region is reserved.)
-  if (caps.has('memory-hotplug') && hv.default_maxmemory > hv.default_memory) {
-    memory.hotplug_size = (hv.default_maxmemory - hv.default_memory) * MIB;
-  }
+  const maxMiB = memHotplug && hv.default_maxmemory > hv.default_memory ? hv.default_maxmemory : hv.default_memory;
+  const devices: DeviceIntent[] = [];
+  if (hv.enable_debug) devices.push({ kind: 'console' });
+  devices.push({ kind: 'agent-channel', transport: 'hybrid-vsock', socket: VSOCK_SOCKET, cid: GUEST_VSOCK_CID, port: AGENT_VSOCK_PORT });
+  devices.push({ kind: 'rng', source: hv.entropy_source });
+  // Free-page reporting returns memory the guest freed to the host (Kata: a zero-sized balloon).
+  if (hv.reclaim_guest_freed_memory && caps.has('balloon')) devices.push({ kind: 'balloon', freePageReporting: true });
+  const extra = hv.kernel_params.trim();
+  const vm: VmDescription = {
+    hypervisor: 'clh',
+    binary: hv.path as string,
+    cpus: { boot: boot_vcpus, max: max_vcpus, hotplug: caps.has('cpu-hotplug') },
+    // vhost-user devices (virtiofsd) map guest RAM, so it must be shared.
+    memory: { bootMiB: hv.default_memory, maxMiB, hotplug: memHotplug, shared: hv.shared_fs !== 'none' },
+    kernel: hv.kernel as string,
+    kernelParams: extra ? [extra] : [],
+    confidential: null,
+    devices,
+  };
+  if (hasText(hv.initrd)) vm.initrd = hv.initrd;
+  if (hasText(hv.image)) vm.image = { path: hv.image, fstype: hv.rootfs_type };
+  return vm;
+}
+
+/** What the driver runs for the finished plan, with its vm.create body. */
+export function renderClhLaunchSpec(vm: VmDescription, cfg: Pick<KataConfig, 'hypervisor'>, host: Pick<HostInfo, 'arch'> = currentHost()): ClhLaunchSpec {
+  const hv = cfg.hypervisor as ClhSection;
+  const vmConfig = renderVmConfig(vm, cfg, host);
+  return {
+    hypervisor: 'clh',
+    binary: vm.binary,
+    args: clhArgs(hv),
+    vmConfig,
+    apiTimeoutMs: vm.confidential ? CLH_TDX_API_TIMEOUT_MS : CLH_API_TIMEOUT_MS,
+    launch: structuredClone(vmConfig),
+  };
+}
+
+/**
+ * Renders the whole VM description into the `vm.create` body. Cloud Hypervisor-only settings
+ * (`enable_iommu`, `enable_hugepages`, the debug console) come from `[hypervisor.clh]`; everything
+ * else from the intents. A TD gets `platform.tdx`, which makes Cloud Hypervisor offer
+ * VIRTIO_F_ACCESS_PLATFORM on every device itself, and its firmware as the payload.
+ */
+export function renderVmConfig(vm: VmDescription, cfg: Pick<KataConfig, 'hypervisor'>, host: Pick<HostInfo, 'arch'> = currentHost()): ClhVmConfig {
+  const hv = cfg.hypervisor as ClhSection;
+  const iommu = hv.enable_iommu;
+  const onIommu = iommu ? { iommu: true } : {};
+  const of = <K extends DeviceIntent['kind']>(kind: K) => vm.devices.filter((d): d is Extract<DeviceIntent, { kind: K }> => d.kind === kind);
+
+  const payload: ClhPayloadConfig = { kernel: vm.kernel, cmdline: cmdline(hv, vm.image?.fstype, vm.kernelParams, host) };
+  if (vm.initrd !== undefined) payload.initramfs = vm.initrd;
+  if (vm.confidential) payload.firmware = vm.confidential.firmware;
+
+  const memory: NonNullable<ClhVmConfig['memory']> = {
+    size: vm.memory.bootMiB * MIB,
+    // Hugepages must be shared too (Kata).
+    shared: vm.memory.shared || hv.enable_hugepages,
+    hugepages: hv.enable_hugepages,
+  };
+  if (vm.memory.hotplug && vm.memory.maxMiB > vm.memory.bootMiB) memory.hotplug_size = (vm.memory.maxMiB - vm.memory.bootMiB) * MIB;
 
   const vmConfig: ClhVmConfig = {
     payload,
-    cpus: vcpuCounts(hv, caps, host),
+    cpus: { boot_vcpus: vm.cpus.boot, max_vcpus: vm.cpus.hotplug ? vm.cpus.max : vm.cpus.boot },
     memory,
-    rng: { src: hv.entropy_source, ...onIommu },
-    ...consoles(hv),
-    vsock: { cid: GUEST_VSOCK_CID, socket: VSOCK_SOCKET, ...onIommu },
-    iommu,
   };
+  const rng = of('rng')[0];
+  if (rng) vmConfig.rng = { src: rng.source, ...onIommu };
+  Object.assign(vmConfig, consoles(hv, of('console').length > 0));
+  const agent = of('agent-channel')[0];
+  if (agent) {
+    // Cloud Hypervisor's vsock is hybrid only; the clh plugin chooses the channel itself (describeClhVm).
+    if (agent.transport !== 'hybrid-vsock') throw new KataError('KATA_ERR_INTERNAL', `Cloud Hypervisor has no ${agent.transport} agent channel: use hybrid-vsock`, { plugin: 'clh' });
+    vmConfig.vsock = { cid: agent.cid, socket: agent.socket, ...onIommu };
+  }
+  vmConfig.iommu = iommu;
   if (vmConfig.console && iommu) vmConfig.console.iommu = true;
 
-  if (hasText(hv.image)) {
-    // Always a read-only virtio-blk disk, never pmem (Kata forces disable_image_nvdimm for
-    // Cloud Hypervisor). The type is given so Cloud Hypervisor does not probe the image.
-    vmConfig.disks = [{ path: hv.image, readonly: true, image_type: 'Raw', id: IMAGE_DISK_ID, ...onIommu }];
+  // The guest image: always a read-only virtio-blk disk, never pmem (Kata forces
+  // disable_image_nvdimm for Cloud Hypervisor). The type is given so Cloud Hypervisor does not probe it.
+  const disks: ClhDiskConfig[] = [];
+  if (vm.image) disks.push({ path: vm.image.path, readonly: true, image_type: 'Raw', id: IMAGE_DISK_ID, ...onIommu });
+  for (const d of of('disk')) disks.push({ path: d.path, readonly: d.readonly, image_type: 'Raw', id: d.id, ...onIommu });
+  if (disks.length > 0) vmConfig.disks = disks;
+
+  const balloon = of('balloon')[0];
+  if (balloon) vmConfig.balloon = { size: 0, free_page_reporting: balloon.freePageReporting };
+
+  const shares = of('vhost-user-fs');
+  if (shares.length > 0) {
+    vmConfig.fs = shares.map((f, i) => ({ tag: f.tag, socket: f.socket, num_queues: f.queues, queue_size: f.queueSize, id: i === 0 ? SHARED_FS_ID : `${SHARED_FS_ID}${i}` }));
   }
-
-  // Free-page reporting returns memory the guest freed to the host (Kata: a zero-sized balloon).
-  if (hv.reclaim_guest_freed_memory && caps.has('balloon')) vmConfig.balloon = { size: 0, free_page_reporting: true };
-
+  if (vm.confidential?.tee === 'tdx') vmConfig.platform = { tdx: true };
   return vmConfig;
 }
 
@@ -141,8 +294,7 @@ export function buildVmConfig(cfg: Pick<KataConfig, 'hypervisor'>, caps: Readonl
  * message). `Tty` sends the guest output to the VMM's stdout, which the driver collects; neither
  * `Pty` nor `File` is needed, since nobody reads the console interactively.
  */
-function consoles(hv: ClhSection): Pick<ClhVmConfig, 'serial' | 'console'> {
-  const debug = hv.enable_debug;
+function consoles(hv: ClhSection, debug: boolean): Pick<ClhVmConfig, 'serial' | 'console'> {
   if (hv.confidential_guest) return { serial: { mode: 'Off' }, console: { mode: debug ? 'Tty' : 'Off' } };
   return { serial: { mode: debug ? 'Tty' : 'Off' }, console: { mode: 'Off' } };
 }

@@ -7,7 +7,8 @@
  * the argv matters: option values are comma-separated, so a path is escaped when it is rendered
  * (`,` becomes `,,`), which a string replace on the finished argv would skip.
  */
-import { KataError, SANDBOX_DIR, type QemuLaunchSpec, type QemuOption, type QemuPropValue } from '../../core/plugin-api.js';
+import { KataError, SANDBOX_DIR } from '../../core/plugin-api.js';
+import type { QemuLaunchSpec, QemuOption, QemuPropValue } from './launch-spec.js';
 import { IMAGE_SIZE, QEMU_IDS } from './config.js';
 
 export interface RenderOptions {

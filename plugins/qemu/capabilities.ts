@@ -1,8 +1,9 @@
 /**
  * What a QEMU VM can do for a given configuration (Kata's `qemuAmd64.capabilities`, made finer).
  */
-import type { CapabilityView, KataConfig } from '../../core/plugin-api.js';
+import { RENDER_ACCESS_PLATFORM, renderDeviceCapability, renderTeeCapability, type CapabilityView, type KataConfig } from '../../core/plugin-api.js';
 import { SUPPORTED_MACHINE, qemuSection } from './config.js';
+import { QEMU_DEVICE_KINDS } from './launch-spec.js';
 
 export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void {
   const hv = qemuSection(cfg);
@@ -24,6 +25,10 @@ export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void
   caps.add('memory-hotplug');
   if (!hv.disable_image_nvdimm) caps.add('nvdimm-image', 'disable_image_nvdimm = false');
   caps.add('balloon');
+  // The plan intents launch-spec.ts renders.
+  for (const kind of QEMU_DEVICE_KINDS) caps.add(renderDeviceCapability(kind));
+  caps.add(renderTeeCapability('tdx'), 'tdx-guest object, confidential-guest-support=tdx, the firmware as -bios, KVM');
+  caps.add(RENDER_ACCESS_PLATFORM, 'iommu_platform=on on every virtio-pci device, hot-plugged ones included');
 }
 
 /**

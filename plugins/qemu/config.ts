@@ -71,6 +71,10 @@ export const QEMU_IDS = Object.freeze({
   imageDisk: 'image-disk',
   imageMemory: 'image-mem',
   imageNvdimm: 'image-nvdimm',
+  /** The first vhost-user-fs share: its chardev, and the device id prefix (virtio-fs0 …). */
+  virtiofsChardev: 'virtiofsd-char',
+  virtiofsDevicePrefix: 'virtio-fs',
+  vsockDevice: 'vsock0',
   /** Guest RAM backend when memory is shared. */
   ramBackend: 'guest-ram',
   /** Prefix of the hot-plug root ports: rp0, rp1, … */

@@ -2,8 +2,9 @@
  * The QEMU driver: one `QemuVm` per sandbox, created (not started) by the plugin's `createVm` tap.
  *
  * start(): resolve the accelerator (auto → KVM or TCG, logged once with the reason), substitute
- * the run directory into the plan's launch spec, render the argv, spawn QEMU in the run directory
- * (stdin closed, stderr kept as a ring of lines and logged), record the pid, and connect to QMP.
+ * the run directory into the launch spec the plugin rendered from the plan (`plan.vm.native`),
+ * render the argv, spawn QEMU in the run directory (stdin closed, stderr kept as a ring of lines
+ * and logged), record the pid, and connect to QMP.
  * If QEMU exits first, start fails with KATA_ERR_VM_START and QEMU's own last words.
  *
  * stop(): ACPI power-down (when the guest is running), then `quit`, then SIGKILL, each after a
@@ -22,14 +23,12 @@ import {
   LineRing,
   chooseAccelerator,
   detectHost,
-  isQemuSpec,
   errorText,
   type Accelerator,
   type BlockDeviceSpec,
   type HostInfo,
   type HotpluggedBlock,
   type Logger,
-  type QemuLaunchSpec,
   type VmContext,
   type VmExit,
   type VmHandle,
@@ -38,6 +37,7 @@ import {
 import { renderQemuArgv, substituteTokens } from './argv.js';
 import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
+import { isQemuSpec, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
 
 /** The pid file the driver writes in the run directory. */
@@ -113,7 +113,7 @@ export class QemuVm implements VmHandle {
   #stopping: Promise<QemuVmExit> | undefined;
 
   constructor(ctx: VmContext, opts: QemuVmOptions = {}) {
-    if (!isQemuSpec(ctx.plan.vm)) throw new KataError('KATA_ERR_INTERNAL', `QemuVm needs a QEMU launch spec, got "${ctx.plan.vm.hypervisor}"`, { plugin: PLUGIN_NAME });
+    if (!isQemuSpec(ctx.plan.vm.native)) throw new KataError('KATA_ERR_INTERNAL', `QemuVm needs a plan rendered by the qemu plugin, got one for "${ctx.plan.vm.hypervisor}"`, { plugin: PLUGIN_NAME });
     this.#ctx = ctx;
     this.#log = ctx.log.child({ plugin: PLUGIN_NAME });
     this.#opts = { ...QEMU_VM_DEFAULTS, ...dropUndefined(opts) };
@@ -180,7 +180,7 @@ export class QemuVm implements VmHandle {
     this.timeline.startCalled = performance.now();
     if (this.#stopRequested) throw new KataError('KATA_ERR_VM_START', 'cannot start QEMU: the VM was stopped before it started', { plugin: PLUGIN_NAME });
     this.#state = 'starting';
-    const planned = this.#ctx.plan.vm as QemuLaunchSpec;
+    const planned = this.#ctx.plan.vm.native as QemuLaunchSpec;
     try {
       this.#accelerator = chooseAccelerator(this.#opts.host ?? detectHost(), planned.accelerator);
       this.#log.info({ accelerator: this.#accelerator.accelerator, requested: planned.accelerator, reason: this.#accelerator.reason }, `QEMU accelerator: ${this.#accelerator.accelerator}`);
@@ -268,7 +268,7 @@ export class QemuVm implements VmHandle {
   /** KATA_ERR_VM_START for a failed start: why, in QEMU's own words when it exited by itself. */
   #startFailure(cause: unknown): KataError {
     if (cause instanceof KataError && (cause.code === 'KATA_ERR_VM_START' || cause.code === 'KATA_ERR_INTERNAL' || cause.code === 'KATA_ERR_UNTRUSTED_PATH')) return cause;
-    const binary = (this.#ctx.plan.vm as QemuLaunchSpec).binary;
+    const binary = (this.#ctx.plan.vm.native as QemuLaunchSpec).binary;
     const tail = this.#stderr.tail(STDERR_TAIL);
     let what: string;
     if (this.#spawnError) {

@@ -11,7 +11,8 @@
  * the cleanup. A port is only handed out again once QEMU has confirmed it empty.
  */
 import { stat } from 'node:fs/promises';
-import { KataError, type BlockDeviceSpec, type HotpluggedBlock, type Logger, type QemuLaunchSpec } from '../../core/plugin-api.js';
+import { KataError, type BlockDeviceSpec, type HotpluggedBlock, type Logger } from '../../core/plugin-api.js';
+import type { QemuLaunchSpec } from './launch-spec.js';
 import { effectiveDevice, hotplugPortSlot } from './argv.js';
 import { PLUGIN_NAME } from './config.js';
 import { QmpError, type QmpClient } from './qmp.js';

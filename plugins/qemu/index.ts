@@ -1,18 +1,19 @@
 /**
- * The QEMU hypervisor plugin: capabilities, Kata's QEMU value rules, the launch description (a
- * QemuLaunchSpec in the plan, rendered to argv at STAGE.FINALIZE), and the driver: `createVm`
- * answers a QEMU plan with a QemuVm (driver.ts: process, QMP, block hot-plug).
+ * The QEMU hypervisor plugin: capabilities (including the `render:*` ones: which plan intents it
+ * can render), Kata's QEMU value rules, QEMU's neutral VM description at STAGE.HYPERVISOR, the
+ * rendering of the finished plan into a QemuLaunchSpec and its argv at STAGE.FINALIZE, and the
+ * driver: `createVm` answers a plan it rendered with a QemuVm (driver.ts: process, QMP, hot-plug).
  *
  * It also provides `shared-fs:virtio-9p`: a 9p share is served by QEMU itself (-fsdev + virtio-9p-pci),
  * with no daemon of its own, so there is nothing for a separate plugin to own.
  */
-import { STAGE, definePlugin, isQemuSpec } from '../../core/plugin-api.js';
+import { STAGE, definePlugin } from '../../core/plugin-api.js';
 import { SANDBOX_PATHS, SHARED_MOUNT_TAG } from './config.js';
 import { renderQemuArgv } from './argv.js';
 import { declareCapabilities } from './capabilities.js';
 import { PLAN_ACCELERATOR, PLUGIN_NAME, qemuSection } from './config.js';
 import { QemuVm } from './driver.js';
-import { buildQemuLaunchSpec } from './launch-spec.js';
+import { describeQemuVm, isQemuSpec, renderQemuLaunchSpec } from './launch-spec.js';
 import { qemuValueRules } from './rules.js';
 
 export default definePlugin({
@@ -38,8 +39,8 @@ export default definePlugin({
 
     hooks.plan.tap({ stage: STAGE.HYPERVISOR }, (plan, cfg, caps) => {
       const hv = qemuSection(cfg);
-      const { spec, notes } = buildQemuLaunchSpec(cfg, caps);
-      plan.vm = spec;
+      const { vm, notes } = describeQemuVm(cfg, caps);
+      plan.vm = vm;
       plan.agent = { address: `unix://${SANDBOX_PATHS.agentSocket}` };
       for (const n of notes) plan.notes.push({ by: PLUGIN_NAME, ...n });
       if (hv.shared_fs === 'virtio-9p') {
@@ -52,9 +53,10 @@ export default definePlugin({
       return plan;
     });
 
-    hooks.plan.tap({ stage: STAGE.FINALIZE }, (plan) => {
-      const vm = plan.vm;
-      if (!isQemuSpec(vm)) return plan;
+    // The whole plan, whoever wrote its intents, becomes QEMU's launch description.
+    hooks.plan.tap({ stage: STAGE.FINALIZE }, (plan, cfg, caps) => {
+      if (plan.vm.hypervisor !== PLUGIN_NAME) return plan;
+      const vm = renderQemuLaunchSpec(plan.vm, cfg, caps);
       if (vm.accelerator === 'auto') {
         plan.notes.push({
           by: PLUGIN_NAME,
@@ -63,16 +65,30 @@ export default definePlugin({
         });
       }
       vm.launch = renderQemuArgv(vm, { accelerator: vm.accelerator === 'auto' ? PLAN_ACCELERATOR : vm.accelerator });
+      plan.vm.native = vm;
+      plan.vm.launch = vm.launch;
       return plan;
     });
 
     // The VM for a QEMU plan, created but not started: the core calls start() next.
-    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isQemuSpec(vmCtx.plan.vm) ? new QemuVm(vmCtx) : undefined));
+    hooks.createVm.tapPromise(PLUGIN_NAME, async (vmCtx) => (isQemuSpec(vmCtx.plan.vm.native) ? new QemuVm(vmCtx) : undefined));
   },
 });
 
 export { renderQemuArgv, substituteTokens, effectiveDevice, formatQemuOption, hotplugPortDevice } from './argv.js';
-export { buildQemuLaunchSpec, hostResources, kernelCommandLine, parseMachineAccelerators } from './launch-spec.js';
+export {
+  buildQemuLaunchSpec,
+  describeQemuVm,
+  renderQemuLaunchSpec,
+  isQemuSpec,
+  hostResources,
+  kernelCommandLine,
+  parseMachineAccelerators,
+  QEMU_DEVICE_KINDS,
+  type QemuLaunchSpec,
+  type QemuOption,
+  type QemuPropValue,
+} from './launch-spec.js';
 export { declareCapabilities, blockHotplugMissing } from './capabilities.js';
 export { qemuValueRules } from './rules.js';
 export { QemuVm, QEMU_VM_DEFAULTS, PID_FILE, type QemuVmExit, type QemuVmOptions } from './driver.js';

@@ -1,13 +1,25 @@
 /**
- * Builds the structured QEMU launch description (QemuLaunchSpec) for a validated configuration.
- * Pure: the host's CPU count and memory are an argument (defaulting to this host's), and every
- * run-directory path is written with the SANDBOX_DIR token.
+ * QEMU's side of the plan: what a QEMU VM looks like as neutral intents for a configuration
+ * ({@link describeQemuVm}, at STAGE.HYPERVISOR), and the rendering of the finished intents into
+ * QEMU's own structured launch description ({@link renderQemuLaunchSpec}, at STAGE.FINALIZE), which
+ * argv.ts turns into an argv. Pure: the host's CPU count and memory are an argument (defaulting to
+ * this host's), and every run-directory path is written with the SANDBOX_DIR token.
  *
- * Other plugins edit the result through the plan hook: virtiofs adds vhost-user-fs-pci and sets
- * `memory.shared`; tdx sets machine options, objects, `bios` and `virtioIommuPlatform`.
+ * Other plugins never see the QemuLaunchSpec: virtiofs adds a vhost-user-fs intent and asks for
+ * shared memory, tdx sets the confidential intent; this file turns those into vhost-user-fs-pci, a
+ * memfd RAM backend, the TDX machine options, `-bios` and `iommu_platform=on`.
  */
 import os from 'node:os';
-import type { KataConfig, QemuLaunchSpec, QemuOption, QemuPropValue, ReadonlyCapabilities } from '../../core/plugin-api.js';
+import {
+  AGENT_CHANNEL_NAME,
+  KataError,
+  type AgentChannelIntent,
+  type ConsoleIntent,
+  type DeviceIntent,
+  type KataConfig,
+  type ReadonlyCapabilities,
+  type VmDescription,
+} from '../../core/plugin-api.js';
 import { escapeOptionValue } from './argv.js';
 import {
   DEFAULT_MEMORY_MIB,
@@ -16,12 +28,60 @@ import {
   MAX_VCPUS,
   MIN_MEMORY_MIB,
   NVDIMM_RESERVE_MIB,
+  PLUGIN_NAME,
   QEMU_IDS,
   SANDBOX_PATHS,
   SHARED_MOUNT_TAG,
   qemuSection,
   type QemuConfig,
 } from './config.js';
+
+export type QemuPropValue = string | number | boolean;
+
+/** One `-object`, `-device`, `-chardev` … option: a driver/type followed by key=value pairs. */
+export interface QemuOption {
+  /** The first, unnamed value (device driver, object type, chardev backend). */
+  type: string;
+  id?: string;
+  props: Record<string, QemuPropValue>;
+}
+
+/** QEMU's structured launch description, rendered from the plan's intents; argv.ts renders it to argv. */
+export interface QemuLaunchSpec {
+  readonly hypervisor: 'qemu';
+  binary: string;
+  machine: { type: string; options: Record<string, QemuPropValue> };
+  /** `auto` is resolved when the VM starts: KVM when it can run a standard guest, else TCG. */
+  accelerator: 'auto' | 'kvm' | 'tcg';
+  cpu: { model: string; features: string };
+  smp: { cpus: number; maxcpus: number };
+  memory: { sizeMiB: number; slots: number; maxMiB: number; shared: boolean };
+  kernel?: string;
+  initrd?: string;
+  append: string;
+  /** Firmware given with `-bios`. */
+  bios?: string;
+  objects: QemuOption[];
+  chardevs: QemuOption[];
+  devices: QemuOption[];
+  fsdevs: QemuOption[];
+  /** Ids of the pcie-root-ports reserved for hot-plug, in order. */
+  hotplugPorts: string[];
+  /** Set virtio `iommu_platform=on` on every virtio-pci device, including hot-plugged ones (TDX). */
+  virtioIommuPlatform: boolean;
+  /** Extra raw arguments appended last. */
+  extraArgs: string[];
+  /** The argv, binary first (as `plan.vm.launch`). */
+  launch?: string[];
+}
+
+/** True when `native` (a plan's `vm.native`) is a QEMU launch description. */
+export function isQemuSpec(native: unknown): native is QemuLaunchSpec {
+  return typeof native === 'object' && native !== null && (native as { hypervisor?: unknown }).hypervisor === 'qemu';
+}
+
+/** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
+export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng'] as const);
 
 export interface HostResources {
   readonly cpus: number;
@@ -62,82 +122,162 @@ export const BASE_KERNEL_PARAMS: readonly string[] = Object.freeze([
   'net.ifnames=0',
 ]);
 
+/** A QEMU VM for this configuration alone (no other plugin's intents), rendered: for tests and benchmarks. */
 export function buildQemuLaunchSpec(cfg: KataConfig, caps: ReadonlyCapabilities, host: HostResources = hostResources()): BuiltSpec {
+  const { vm, notes } = describeQemuVm(cfg, caps, host);
+  return { spec: renderQemuLaunchSpec(vm, cfg, caps), notes };
+}
+
+export interface DescribedVm {
+  readonly vm: VmDescription;
+  /** Decisions worth showing in `validate` (clamped values, fallbacks). */
+  readonly notes: SpecNote[];
+}
+
+/**
+ * The neutral VM description for `[hypervisor.qemu]`: QEMU's limits and Kata's QEMU rules applied
+ * to vCPUs and memory, the kernel, the image, and the devices QEMU itself brings (console, agent
+ * channel on virtio-serial, rng, the 9p share it serves).
+ */
+export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host: HostResources = hostResources()): DescribedVm {
   const hv = qemuSection(cfg);
   const notes: SpecNote[] = [];
-  const image = nonEmpty(hv.image) ? hv.image : undefined;
-  const hasImage = image !== undefined;
-  const nvdimmImage = hasImage && caps.has('nvdimm-image');
+  const smp = smpFor(hv, caps, host, notes);
+  const mem = memoryFor(hv, caps, host, notes);
+  const devices: DeviceIntent[] = [
+    { kind: 'console', socket: SANDBOX_PATHS.consoleSocket, logFile: SANDBOX_PATHS.consoleLog },
+    // No vhost-vsock needed on the host: a virtio-serial port the guest finds by name.
+    { kind: 'agent-channel', transport: 'virtio-serial', socket: SANDBOX_PATHS.agentSocket, name: AGENT_CHANNEL_NAME },
+  ];
+  if (nonEmpty(hv.entropy_source)) devices.push({ kind: 'rng', source: hv.entropy_source });
+  if (hv.shared_fs === 'virtio-9p') devices.push({ kind: '9p', path: SANDBOX_PATHS.sharedDir, tag: SHARED_MOUNT_TAG });
+  const vm: VmDescription = {
+    hypervisor: 'qemu',
+    binary: hv.path as string,
+    cpus: { boot: smp.cpus, max: smp.maxcpus, hotplug: caps.has('cpu-hotplug') },
+    memory: { bootMiB: mem.bootMiB, maxMiB: mem.maxMiB, hotplug: caps.has('memory-hotplug'), shared: false },
+    kernelParams: hv.kernel_params.trim() ? [hv.kernel_params.trim()] : [],
+    confidential: null,
+    devices,
+  };
+  if (hv.kernel !== undefined) vm.kernel = hv.kernel;
+  if (nonEmpty(hv.initrd)) vm.initrd = hv.initrd;
+  if (nonEmpty(hv.image)) vm.image = { path: hv.image, fstype: hv.rootfs_type };
+  if (nonEmpty(hv.firmware)) vm.firmware = hv.firmware;
+  return { vm, notes };
+}
+
+/**
+ * Renders the whole VM description into QEMU's launch description. QEMU-only settings (machine,
+ * accelerator, CPU model, memory slots, hot-plug ports, IOMMU platform) come from `[hypervisor.qemu]`;
+ * everything else from the intents. The order of options is fixed by kind, so the argv is the same
+ * whichever plugin added an intent first.
+ */
+export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: ReadonlyCapabilities): QemuLaunchSpec {
+  const hv = qemuSection(cfg);
+  const image = vm.image;
+  const nvdimmImage = image !== undefined && caps.has('nvdimm-image');
+  const tdx = vm.confidential?.tee === 'tdx' ? vm.confidential : undefined;
 
   const machineOptions = parseMachineAccelerators(hv.machine_accelerators);
   if (nvdimmImage) machineOptions.nvdimm = true;
+  if (tdx) {
+    machineOptions['confidential-guest-support'] = 'tdx';
+    machineOptions['kernel-irqchip'] = 'split';
+  }
 
   const spec: QemuLaunchSpec = {
     hypervisor: 'qemu',
-    binary: hv.path,
+    binary: vm.binary,
     machine: { type: hv.machine_type, options: machineOptions },
-    accelerator: hv.accelerator,
+    // A TD needs KVM with TDX; no software emulation.
+    accelerator: tdx ? 'kvm' : hv.accelerator,
     // `host` is Kata's model; the renderer turns it into `max` under TCG, where `host` does not exist.
     cpu: { model: 'host', features: hv.cpu_features },
-    smp: smpFor(hv, caps, host, notes),
-    memory: memoryFor(hv, caps, host, nvdimmImage, notes),
-    kernel: hv.kernel,
-    append: kernelCommandLine(hv, hasImage ? (nvdimmImage ? 'nvdimm' : 'virtio-blk') : undefined),
+    smp: { cpus: vm.cpus.boot, maxcpus: vm.cpus.hotplug ? vm.cpus.max : vm.cpus.boot },
+    memory: renderMemory(hv, vm, nvdimmImage),
+    kernel: vm.kernel,
+    append: appendLine(hv, image && (nvdimmImage ? 'nvdimm' : 'virtio-blk'), image?.fstype ?? hv.rootfs_type, vm.kernelParams),
     objects: [],
     chardevs: [],
     devices: [],
     fsdevs: [],
     hotplugPorts: caps.has('block-device-hotplug') ? hotplugPortIds(hv.hotplug_root_ports) : [],
-    virtioIommuPlatform: hv.enable_iommu_platform,
+    virtioIommuPlatform: hv.enable_iommu_platform || vm.confidential?.accessPlatform === true,
     extraArgs: [],
   };
-  if (nonEmpty(hv.initrd)) spec.initrd = hv.initrd;
-  if (nonEmpty(hv.firmware)) spec.bios = hv.firmware;
+  if (vm.initrd !== undefined) spec.initrd = vm.initrd;
+  const firmware = tdx?.firmware ?? vm.firmware;
+  if (firmware !== undefined && firmware !== '') spec.bios = firmware;
 
   // QMP: a chardev (so that its path is escaped like any other) and a control monitor on it.
   spec.chardevs.push(unixServer(QEMU_IDS.qmpChardev, SANDBOX_PATHS.qmpSocket));
   spec.extraArgs.push('-mon', `chardev=${QEMU_IDS.qmpChardev},mode=control`);
 
+  const of = <K extends DeviceIntent['kind']>(kind: K) => vm.devices.filter((d): d is Extract<DeviceIntent, { kind: K }> => d.kind === kind);
+
   // Guest console on the first serial port (console=ttyS0): a socket the driver may read live,
   // and a log file that keeps everything from the first byte, connected or not.
-  spec.chardevs.push(unixServer(QEMU_IDS.consoleChardev, SANDBOX_PATHS.consoleSocket, { logfile: SANDBOX_PATHS.consoleLog }));
-  spec.devices.push({ type: 'isa-serial', id: QEMU_IDS.consoleSerial, props: { chardev: QEMU_IDS.consoleChardev } });
-
-  // Agent channel: a virtio-serial port the guest finds by name (no vhost-vsock needed on the host).
-  spec.chardevs.push(unixServer(QEMU_IDS.agentChardev, SANDBOX_PATHS.agentSocket));
-  spec.devices.push({ type: 'virtio-serial-pci', id: QEMU_IDS.virtioSerial, props: {} });
-  spec.devices.push({
-    type: 'virtserialport',
-    id: QEMU_IDS.agentPort,
-    props: { bus: `${QEMU_IDS.virtioSerial}.0`, chardev: QEMU_IDS.agentChardev, name: 'agent.channel.0' },
-  });
-
-  if (nonEmpty(hv.entropy_source)) {
-    spec.objects.push({ type: 'rng-random', id: QEMU_IDS.rngObject, props: { filename: hv.entropy_source } });
-    spec.devices.push({ type: 'virtio-rng-pci', id: QEMU_IDS.rngDevice, props: { rng: QEMU_IDS.rngObject } });
+  for (const c of of('console').slice(0, 1)) renderConsole(spec, c);
+  for (const a of of('agent-channel').slice(0, 1)) renderAgentChannel(spec, a);
+  for (const [i, r] of of('rng').entries()) {
+    const suffix = i === 0 ? '' : String(i);
+    spec.objects.push({ type: 'rng-random', id: `${QEMU_IDS.rngObject}${suffix}`, props: { filename: r.source } });
+    spec.devices.push({ type: 'virtio-rng-pci', id: `${QEMU_IDS.rngDevice}${suffix}`, props: { rng: `${QEMU_IDS.rngObject}${suffix}` } });
   }
 
   if (image !== undefined && nvdimmImage) {
-    spec.objects.push({ type: 'memory-backend-file', id: QEMU_IDS.imageMemory, props: { 'mem-path': image, size: IMAGE_SIZE, readonly: true, share: false } });
+    spec.objects.push({ type: 'memory-backend-file', id: QEMU_IDS.imageMemory, props: { 'mem-path': image.path, size: IMAGE_SIZE, readonly: true, share: false } });
     spec.devices.push({ type: 'nvdimm', id: QEMU_IDS.imageNvdimm, props: { memdev: QEMU_IDS.imageMemory, unarmed: true } });
   } else if (image !== undefined) {
-    // The spec has no block-node list, so the read-only node behind the disk is a raw -blockdev.
-    spec.extraArgs.push(
-      '-blockdev',
-      `driver=raw,node-name=${QEMU_IDS.imageNode},read-only=on,file.driver=file,file.filename=${escapeOptionValue(image)},file.read-only=on`,
-    );
+    spec.extraArgs.push('-blockdev', rawBlockdev(QEMU_IDS.imageNode, image.path, true));
     spec.devices.push({ type: 'virtio-blk-pci', id: QEMU_IDS.imageDisk, props: { drive: QEMU_IDS.imageNode } });
   }
-
-  if (hv.shared_fs === 'virtio-9p') {
-    spec.fsdevs.push({
-      type: 'local',
-      id: QEMU_IDS.sharedFsdev,
-      props: { path: SANDBOX_PATHS.sharedDir, security_model: 'none', multidevs: 'remap' },
-    });
-    spec.devices.push({ type: 'virtio-9p-pci', id: QEMU_IDS.sharedDevice, props: { fsdev: QEMU_IDS.sharedFsdev, mount_tag: SHARED_MOUNT_TAG } });
+  if (tdx) spec.objects.push({ type: 'tdx-guest', id: 'tdx', props: {} });
+  for (const d of of('disk')) {
+    // The spec has no block-node list, so the node behind the disk is a raw -blockdev.
+    spec.extraArgs.push('-blockdev', rawBlockdev(`${d.id}-node`, d.path, d.readonly));
+    spec.devices.push({ type: 'virtio-blk-pci', id: d.id, props: { drive: `${d.id}-node` } });
   }
-  return { spec, notes };
+
+  for (const [i, share] of of('9p').entries()) {
+    const fsdev = i === 0 ? QEMU_IDS.sharedFsdev : `fs-${share.tag}${i}`;
+    spec.fsdevs.push({ type: 'local', id: fsdev, props: { path: share.path, security_model: 'none', multidevs: 'remap' } });
+    spec.devices.push({ type: 'virtio-9p-pci', id: i === 0 ? QEMU_IDS.sharedDevice : `virtio-9p-${share.tag}${i}`, props: { fsdev, mount_tag: share.tag } });
+  }
+
+  for (const [i, fs] of of('vhost-user-fs').entries()) {
+    // vhost-user needs the guest RAM in a shared memory backend that the daemon can map
+    // (vm.memory.shared, asked for by the plugin that added the share).
+    const chardev = i === 0 ? QEMU_IDS.virtiofsChardev : `${QEMU_IDS.virtiofsChardev}${i}`;
+    spec.chardevs.push({ type: 'socket', id: chardev, props: { path: fs.socket } });
+    spec.devices.push({ type: 'vhost-user-fs-pci', id: `${QEMU_IDS.virtiofsDevicePrefix}${i}`, props: { chardev, tag: fs.tag, 'queue-size': fs.queueSize } });
+  }
+  return spec;
+}
+
+function renderConsole(spec: QemuLaunchSpec, c: ConsoleIntent): void {
+  const extra: Record<string, QemuPropValue> = c.logFile !== undefined ? { logfile: c.logFile } : {};
+  spec.chardevs.push(unixServer(QEMU_IDS.consoleChardev, c.socket ?? SANDBOX_PATHS.consoleSocket, extra));
+  spec.devices.push({ type: 'isa-serial', id: QEMU_IDS.consoleSerial, props: { chardev: QEMU_IDS.consoleChardev } });
+}
+
+function renderAgentChannel(spec: QemuLaunchSpec, a: AgentChannelIntent): void {
+  if (a.transport === 'virtio-serial') {
+    spec.chardevs.push(unixServer(QEMU_IDS.agentChardev, a.socket));
+    spec.devices.push({ type: 'virtio-serial-pci', id: QEMU_IDS.virtioSerial, props: {} });
+    spec.devices.push({ type: 'virtserialport', id: QEMU_IDS.agentPort, props: { bus: `${QEMU_IDS.virtioSerial}.0`, chardev: QEMU_IDS.agentChardev, name: a.name } });
+  } else if (a.transport === 'vsock') {
+    spec.devices.push({ type: 'vhost-vsock-pci', id: QEMU_IDS.vsockDevice, props: { 'guest-cid': a.cid } });
+  } else {
+    // The qemu plugin chooses the agent channel itself (describeQemuVm), so this is a plugin bug.
+    throw new KataError('KATA_ERR_INTERNAL', `QEMU has no ${a.transport} agent channel: use virtio-serial or vsock`, { plugin: PLUGIN_NAME });
+  }
+}
+
+function rawBlockdev(node: string, file: string, readonly: boolean): string {
+  const ro = readonly ? ',read-only=on' : '';
+  return `driver=raw,node-name=${node}${ro},file.driver=file,file.filename=${escapeOptionValue(file)}${ro ? ',file.read-only=on' : ''}`;
 }
 
 /**
@@ -163,21 +303,26 @@ export function hotplugPortIds(count: number): string[] {
 
 /** Base parameters, the root= parameters for a disk image, then the user's kernel_params (last, so they win). */
 export function kernelCommandLine(hv: QemuConfig, image: 'nvdimm' | 'virtio-blk' | undefined): string {
-  const params = [...BASE_KERNEL_PARAMS, hv.enable_debug ? 'debug' : 'quiet'];
-  if (image !== undefined) params.push(...rootParams(image, hv.rootfs_type));
   const user = hv.kernel_params.trim();
-  if (user) params.push(user);
-  return params.join(' ');
+  return appendLine(hv, image, hv.rootfs_type, user ? [user] : []);
 }
 
-function rootParams(image: 'nvdimm' | 'virtio-blk', fstype: QemuConfig['rootfs_type']): string[] {
+/** Base parameters, the root= parameters for a disk image, then the plan's parameters (last, so they win). */
+function appendLine(hv: QemuConfig, image: 'nvdimm' | 'virtio-blk' | undefined, fstype: string, params: readonly string[]): string {
+  const out = [...BASE_KERNEL_PARAMS, hv.enable_debug ? 'debug' : 'quiet'];
+  if (image !== undefined) out.push(...rootParams(image, fstype));
+  out.push(...params);
+  return out.join(' ');
+}
+
+function rootParams(image: 'nvdimm' | 'virtio-blk', fstype: string): string[] {
   // The guest image's first partition; DAX when it is an NVDIMM (page cache bypassed).
   const root = image === 'nvdimm' ? '/dev/pmem0p1' : '/dev/vda1';
   const flags = [image === 'nvdimm' ? 'dax' : undefined, fstype === 'ext4' ? 'data=ordered,errors=remount-ro' : undefined].filter(Boolean);
   return [`root=${root}`, ...(flags.length > 0 ? [`rootflags=${flags.join(',')}`] : []), 'ro', `rootfstype=${fstype}`];
 }
 
-function smpFor(hv: QemuConfig, caps: ReadonlyCapabilities, host: HostResources, notes: SpecNote[]): QemuLaunchSpec['smp'] {
+function smpFor(hv: QemuConfig, caps: ReadonlyCapabilities, host: HostResources, notes: SpecNote[]): { cpus: number; maxcpus: number } {
   let cpus = Math.max(1, Math.ceil(hv.default_vcpus));
   if (cpus > MAX_VCPUS) {
     notes.push({ level: 'warn', message: `default_vcpus = ${hv.default_vcpus} is above QEMU's ${MAX_VCPUS} vCPUs for x86_64 guests; using ${MAX_VCPUS}` });
@@ -192,23 +337,28 @@ function smpFor(hv: QemuConfig, caps: ReadonlyCapabilities, host: HostResources,
   return { cpus, maxcpus: Math.max(cpus, maxcpus) };
 }
 
-function memoryFor(hv: QemuConfig, caps: ReadonlyCapabilities, host: HostResources, nvdimmImage: boolean, notes: SpecNote[]): QemuLaunchSpec['memory'] {
+/** Boot memory (Kata's minimum applied) and the hot-plug ceiling (0 or above the host = the host's memory). */
+function memoryFor(hv: QemuConfig, caps: ReadonlyCapabilities, host: HostResources, notes: SpecNote[]): { bootMiB: number; maxMiB: number } {
   let sizeMiB = hv.default_memory;
   if (sizeMiB < MIN_MEMORY_MIB) {
     // Kata's rule: less than 256 MiB means the default.
     notes.push({ level: 'warn', message: `default_memory = ${sizeMiB} is below ${MIN_MEMORY_MIB} MiB; using ${DEFAULT_MEMORY_MIB} MiB as Kata does` });
     sizeMiB = DEFAULT_MEMORY_MIB;
   }
-  const hotplug = caps.has('memory-hotplug');
-  if (!hotplug && !nvdimmImage) return { sizeMiB, slots: 0, maxMiB: sizeMiB, shared: false };
-  let maxMiB = sizeMiB;
-  if (hotplug) {
-    const wanted = hv.default_maxmemory === 0 || hv.default_maxmemory > host.memoryMiB ? host.memoryMiB : hv.default_maxmemory;
-    maxMiB = Math.max(sizeMiB, wanted);
-  }
+  if (!caps.has('memory-hotplug')) return { bootMiB: sizeMiB, maxMiB: sizeMiB };
+  const wanted = hv.default_maxmemory === 0 || hv.default_maxmemory > host.memoryMiB ? host.memoryMiB : hv.default_maxmemory;
+  return { bootMiB: sizeMiB, maxMiB: Math.max(sizeMiB, wanted) };
+}
+
+/** `-m`: hot-plug slots and maxmem only when memory may be hot-plugged or the image is an NVDIMM. */
+function renderMemory(hv: QemuConfig, vm: VmDescription, nvdimmImage: boolean): QemuLaunchSpec['memory'] {
+  const sizeMiB = vm.memory.bootMiB;
+  const shared = vm.memory.shared;
+  if (!vm.memory.hotplug && !nvdimmImage) return { sizeMiB, slots: 0, maxMiB: sizeMiB, shared };
+  let maxMiB = vm.memory.hotplug ? Math.max(sizeMiB, vm.memory.maxMiB) : sizeMiB;
   // Address space above the RAM for the image NVDIMM (Kata reserves 1 GiB plus memory_offset).
   maxMiB += hv.memory_offset + (nvdimmImage ? NVDIMM_RESERVE_MIB : 0);
-  return { sizeMiB, slots: hv.memory_slots === 0 ? DEFAULT_MEMORY_SLOTS : hv.memory_slots, maxMiB, shared: false };
+  return { sizeMiB, slots: hv.memory_slots === 0 ? DEFAULT_MEMORY_SLOTS : hv.memory_slots, maxMiB, shared };
 }
 
 function unixServer(id: string, path: string, extra: Record<string, QemuPropValue> = {}): QemuOption {

@@ -7,13 +7,23 @@
  * ("virtiofs virtio2: device must provide VIRTIO_F_ACCESS_PLATFORM"). virtiofsd does not offer it,
  * so this plugin vetoes virtio-fs during the validated config phase, before any VM starts, and
  * requires block-device hot-plug so the devmapper rootfs can reach the guest as virtio-blk.
+ *
+ * It writes intents only: the plan's `vm.confidential` (TEE, firmware, access-platform on every
+ * device) and a VM without hot-plug or balloon. Each hypervisor plugin renders them in its own
+ * format and says, through `render:*` capabilities, whether it can; one that cannot fails here, in
+ * the validated config phase.
  */
-import { definePlugin, hvKey, isClhSpec, isQemuSpec, STAGE, type KataConfig, type VerdictView } from '../../core/plugin-api.js';
+import {
+  definePlugin,
+  hvKey,
+  RENDER_ACCESS_PLATFORM,
+  renderTeeCapability,
+  STAGE,
+  type KataConfig,
+  type VerdictView,
+} from '../../core/plugin-api.js';
 
 const PLUGIN_NAME = 'tdx';
-
-/** Cloud Hypervisor API calls take longer for a TD (Kata: 20 s instead of 1 s). */
-export const TDX_CLH_API_TIMEOUT_MS = 20_000;
 
 /** What a TD cannot have, and why. */
 const REMOVED = [
@@ -63,6 +73,9 @@ export default definePlugin({
 
     hooks.validate.tap(PLUGIN_NAME, (cfg, verdict, caps) => {
       const hv = cfg.hypervisor;
+      const fix = 'use a hypervisor whose plugin can launch TDX guests (qemu, clh), or set confidential_guest = false';
+      verdict.require(renderTeeCapability('tdx'), 'the VM is an Intel TDX trust domain, which the hypervisor plugin must launch', { key: hvKey(cfg, 'confidential_guest'), fix });
+      verdict.require(RENDER_ACCESS_PLATFORM, 'a TDX guest refuses every virtio device without VIRTIO_F_ACCESS_PLATFORM', { key: hvKey(cfg, 'confidential_guest'), fix });
       vetoSharedFs(cfg, verdict, caps.has('virtio-fs:access-platform'));
       if (!hv.firmware) {
         verdict.veto({
@@ -97,30 +110,12 @@ export default definePlugin({
       const firmware = cfg.hypervisor.firmware;
       plan.confidential = { tee: 'tdx', firmware };
       const vm = plan.vm;
-      if (isClhSpec(vm)) {
-        vm.apiTimeoutMs = Math.max(vm.apiTimeoutMs, TDX_CLH_API_TIMEOUT_MS);
-        vm.vmConfig.payload = { ...vm.vmConfig.payload, firmware };
-        vm.vmConfig.platform = { ...vm.vmConfig.platform, tdx: true };
-        if (vm.vmConfig.memory) delete vm.vmConfig.memory.hotplug_size;
-        if (vm.vmConfig.cpus) vm.vmConfig.cpus.max_vcpus = vm.vmConfig.cpus.boot_vcpus;
-        delete vm.vmConfig.pmem;
-        delete vm.vmConfig.balloon;
-      } else if (isQemuSpec(vm)) {
-        // A TD needs KVM with TDX; no software emulation.
-        vm.accelerator = 'kvm';
-        vm.machine.options['confidential-guest-support'] = 'tdx';
-        vm.machine.options['kernel-irqchip'] = 'split';
-        vm.objects.push({ type: 'tdx-guest', id: 'tdx', props: {} });
-        vm.bios = firmware;
-        vm.virtioIommuPlatform = true;
-        vm.smp.maxcpus = vm.smp.cpus;
-        vm.memory.maxMiB = vm.memory.sizeMiB;
-        vm.memory.slots = 0;
-        vm.devices = vm.devices.filter((d) => d.type !== 'nvdimm' && d.type !== 'virtio-balloon-pci');
-        vm.objects = vm.objects.filter((o) => !(o.type === 'memory-backend-file' && o.id?.startsWith('nvdimm')));
-      } else {
-        plan.notes.push({ by: PLUGIN_NAME, level: 'warn', message: `the "${vm.hypervisor}" hypervisor plugin's launch spec is unknown to tdx; it must apply the TDX settings itself` });
-      }
+      vm.confidential = { tee: 'tdx', firmware, accessPlatform: true };
+      vm.firmware = firmware;
+      // A TD has a fixed size: no vCPU or memory hot-plug, no balloon (see REMOVED).
+      vm.cpus = { boot: vm.cpus.boot, max: vm.cpus.boot, hotplug: false };
+      vm.memory = { ...vm.memory, maxMiB: vm.memory.bootMiB, hotplug: false };
+      vm.devices = vm.devices.filter((d) => d.kind !== 'balloon');
       return plan;
     });
   },

@@ -5,9 +5,12 @@
  * It never claims VIRTIO_F_ACCESS_PLATFORM on its own: virtiofsd does not offer it, which is why a
  * TDX guest refuses the device. `virtio_fs_access_platform = true` is an explicit opt-in for a VMM
  * that forces the feature on vhost-user devices and a guest kernel that accepts it.
+ *
+ * It writes intents only (a vhost-user-fs device, shared guest memory); the hypervisor plugin
+ * renders them, and must declare `render:device:vhost-user-fs` to be used with this plugin.
  */
 import { mkdir } from 'node:fs/promises';
-import { Daemon, definePlugin, fillSandboxDir, hvKey, isClhSpec, isQemuSpec, SANDBOX_DIR, SANDBOX_SHARED_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
+import { Daemon, definePlugin, fillSandboxDir, hvKey, renderDeviceCapability, SANDBOX_DIR, SANDBOX_SHARED_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
 import type { VirtiofsKeys } from '../../core/config/schema-types.js';
 
 const PLUGIN_NAME = 'virtiofs';
@@ -51,6 +54,10 @@ export default definePlugin({
         key: hvKey(cfg, 'shared_fs'),
         fix: 'use a hypervisor configuration that supports virtio-fs, or set shared_fs = "none"',
       });
+      verdict.require(renderDeviceCapability('vhost-user-fs'), `shared_fs = "${hv.shared_fs}" adds a vhost-user-fs device, which the hypervisor plugin must render`, {
+        key: hvKey(cfg, 'shared_fs'),
+        fix: 'use a hypervisor whose plugin renders vhost-user-fs devices (qemu, clh), or set shared_fs = "none"',
+      });
       if (!hv.virtio_fs_daemon) {
         verdict.veto({
           code: 'KATA_ERR_CONFIG_VALUE',
@@ -79,19 +86,11 @@ export default definePlugin({
       plan.sharedFsMount = { driver: 'virtio-fs', source: SHARED_FS_TAG, fstype: 'virtiofs', options: ['nodev'] };
       if (!plan.rootfs.includes('shared-fs')) plan.rootfs.push('shared-fs');
       plan.daemons.push({ by: PLUGIN_NAME, name: 'virtiofsd', binary: hv.virtio_fs_daemon, args: virtiofsdArgs(hv), socket: VIRTIOFSD_SOCKET });
-      const vm = plan.vm;
-      if (isClhSpec(vm)) {
-        // Cloud Hypervisor refuses an fs device unless guest memory is shared (VhostUserRequiresSharedMemory).
-        vm.vmConfig.memory = { ...(vm.vmConfig.memory ?? { size: hv.default_memory * 1024 * 1024 }), shared: true };
-        vm.vmConfig.fs = [...(vm.vmConfig.fs ?? []), { tag: SHARED_FS_TAG, socket: VIRTIOFSD_SOCKET, num_queues: 1, queue_size: hv.virtio_fs_queue_size, id: 'kata-shared-fs' }];
-      } else if (isQemuSpec(vm)) {
-        // vhost-user needs the guest RAM in a shared memory backend that virtiofsd can map.
-        vm.memory.shared = true;
-        vm.chardevs.push({ type: 'socket', id: 'virtiofsd-char', props: { path: VIRTIOFSD_SOCKET } });
-        vm.devices.push({ type: 'vhost-user-fs-pci', id: 'virtio-fs0', props: { chardev: 'virtiofsd-char', tag: SHARED_FS_TAG, 'queue-size': hv.virtio_fs_queue_size } });
-      } else {
-        plan.notes.push({ by: PLUGIN_NAME, level: 'warn', message: `the "${vm.hypervisor}" hypervisor plugin's launch spec is unknown to virtiofs; it must add the vhost-user-fs device itself` });
-      }
+      // vhost-user: the daemon maps guest RAM, so it must be shared (Cloud Hypervisor refuses the
+      // device otherwise: VhostUserRequiresSharedMemory).
+      plan.vm.memory = { ...plan.vm.memory, shared: true };
+      // No DAX window: virtio_fs_cache_size is warned about and ignored (see validate).
+      plan.vm.devices.push({ kind: 'vhost-user-fs', socket: VIRTIOFSD_SOCKET, tag: SHARED_FS_TAG, queues: 1, queueSize: hv.virtio_fs_queue_size, cacheSizeMiB: 0 });
       return plan;
     });
 

@@ -27,7 +27,8 @@ export class TempDir {
 
 /**
  * A minimal third-party hypervisor plugin for core tests that must not depend on the built-in
- * hypervisor plugins: it serves `[hypervisor.<name>]` and builds a trivial launch description.
+ * hypervisor plugins: it serves `[hypervisor.<name>]`, declares that it renders vhost-user-fs
+ * shares, and renders a trivial launch description from the core's VM description.
  */
 export function fakeHypervisorSource(name: string, extra = ''): string {
   return `
@@ -37,9 +38,9 @@ export default {
     hooks.capabilities.tap({ stage: -100 }, (caps, cfg) => {
       if (!cfg.hypervisor.disable_block_device_use) { caps.add('block-device'); caps.add('block-device-hotplug'); caps.add('virtio-blk'); }
       if (cfg.hypervisor.shared_fs !== 'none') { caps.add('fs-sharing'); caps.add('fs-sharing:' + cfg.hypervisor.shared_fs); }
+      if (cfg.hypervisor.shared_fs === 'virtio-fs') caps.add('render:device:vhost-user-fs');
       caps.add('cpu-hotplug');
     });
-    hooks.plan.tap({ stage: -100 }, (plan, cfg) => { plan.vm = { hypervisor: '${name}', kernel: cfg.hypervisor.kernel }; return plan; });
     hooks.plan.tap({ stage: 1000 }, (plan) => { plan.vm.launch = ['${name}', '--kernel', plan.vm.kernel]; return plan; });
     ${extra}
   },

@@ -15,7 +15,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { KataError } from '../../core/errors.js';
 import { chooseAccelerator, detectHost } from '../../core/host.js';
 import { createLogger, silentLogger } from '../../core/logger.js';
-import type { QemuLaunchSpec } from '../../core/plan.js';
+import type { QemuLaunchSpec } from '../../plugins/qemu/launch-spec.js';
 import { loadValidatedConfig, type ValidatedConfig } from '../../core/runtime.js';
 import { launchVm, type RunningVm } from '../../core/vm-lifecycle.js';
 import type { VmContext } from '../../core/vm.js';
@@ -47,10 +47,10 @@ const isCode = (code: string) => (e: unknown) => e instanceof KataError && e.cod
 
 /** The plan with `-S` appended: QEMU starts paused and never runs the (synthetic) kernel. */
 function paused(v: ValidatedConfig, edit: (spec: QemuLaunchSpec) => void = () => undefined): ValidatedConfig {
-  const vm = structuredClone(v.plan.vm) as QemuLaunchSpec;
-  vm.extraArgs.push('-S');
-  edit(vm);
-  return { ...v, plan: { ...v.plan, vm } } as ValidatedConfig;
+  const native = structuredClone(v.plan.vm.native) as QemuLaunchSpec;
+  native.extraArgs.push('-S');
+  edit(native);
+  return { ...v, plan: { ...v.plan, vm: { ...v.plan.vm, native } } } as ValidatedConfig;
 }
 
 /**

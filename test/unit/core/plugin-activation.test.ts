@@ -68,7 +68,7 @@ describe('plugin activation', () => {
         load: async () => {
           loads.push(name);
           return { default: { manifest: { name, version: '1.0.0', runtime: '^1.0.0', provides: ['hypervisor', `hypervisor:${name}`], activation: { hypervisor: name } },
-            apply: ({ hooks }: { hooks: { plan: { tap: (o: object, f: (plan: { vm: unknown }) => unknown) => void } } }) => hooks.plan.tap({ stage: -100 }, (plan) => ((plan.vm = { hypervisor: name, launch: [name] }), plan)) } };
+            apply: ({ hooks }: { hooks: { plan: { tap: (o: object, f: (plan: { vm: { launch?: unknown } }) => unknown) => void } } }) => hooks.plan.tap({ stage: 1000 }, (plan) => ((plan.vm.launch = [name]), plan)) } };
         },
       });
       const j = await judgeConfig({ text, builtins: [src('qemu'), src('other')] });

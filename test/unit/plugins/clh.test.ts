@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { availableParallelism } from 'node:os';
 import { judgeConfig, loadValidatedConfig, type Judgement } from '../../../core/runtime.js';
-import { isClhSpec, SANDBOX_DIR, type ClhLaunchSpec, type ClhVmConfig, type SandboxPlan } from '../../../core/plan.js';
+import { SANDBOX_DIR, type SandboxPlan } from '../../../core/plan.js';
+import { isClhSpec, type ClhLaunchSpec, type ClhVmConfig } from '../../../plugins/clh/vm-config.js';
 import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
 import type { KataConfig } from '../../../core/config/types.js';
-import clh, { buildVmConfig, hotplugDriverError, IMAGE_DISK_ID } from '../../../plugins/clh/index.js';
+import clh, { buildVmConfig, CLH_DEVICE_KINDS, describeClhVm, hotplugDriverError, IMAGE_DISK_ID, renderClhLaunchSpec, renderVmConfig } from '../../../plugins/clh/index.js';
 import { CLH_API_SUBSET, CLH_OPENAPI, compileComponent, referenceFile, type OpenApiValidator } from '../../helpers/openapi.js';
 
 const IMAGE = '/usr/share/kata-containers/kata-containers.img';
@@ -17,9 +18,10 @@ function toml(extra = '', base = 'shared_fs = "none"\ndisable_block_device_use =
 
 async function planOf(text: string): Promise<{ plan: SandboxPlan; vm: ClhLaunchSpec; body: ClhVmConfig; config: KataConfig }> {
   const { plan, config } = await loadValidatedConfig({ text });
-  assert.ok(isClhSpec(plan.vm), 'plan.vm is a Cloud Hypervisor launch spec');
-  const vm = plan.vm;
+  assert.ok(isClhSpec(plan.vm.native), 'plan.vm.native is a Cloud Hypervisor launch spec');
+  const vm = plan.vm.native;
   assert.ok(vm.launch, 'plan.vm.launch is rendered');
+  assert.equal(plan.vm.launch, vm.launch);
   return { plan, vm, body: vm.launch, config };
 }
 
@@ -297,6 +299,48 @@ describe('clh plugin', () => {
 
     it('adds no balloon when the capability was removed', () => {
       assert.equal(buildVmConfig(cfg({ reclaim_guest_freed_memory: true }), caps(), host).balloon, undefined);
+    });
+  });
+
+  describe('renderVmConfig', () => {
+    const cfg = (over: Record<string, unknown> = {}) =>
+      ({
+        hypervisor: {
+          path: '/usr/bin/cloud-hypervisor', kernel: '/k', image: '/i', rootfs_type: 'ext4', kernel_params: '', hypervisor_loglevel: 1,
+          default_vcpus: 2, default_maxvcpus: 4, default_memory: 512, default_maxmemory: 1024, shared_fs: 'none', enable_hugepages: false,
+          enable_iommu: false, enable_debug: true, confidential_guest: false, reclaim_guest_freed_memory: true, entropy_source: '/dev/urandom', ...over,
+        },
+      }) as unknown as KataConfig;
+    const host = { cpus: 16, arch: 'x64' };
+    /** Where each intent kind lands in the vm.create body. */
+    const RENDERED_AS: Record<(typeof CLH_DEVICE_KINDS)[number], (b: ClhVmConfig) => boolean> = {
+      disk: (b) => b.disks?.some((d) => d.id === 'data' && d.path === '/srv/data.img' && d.readonly === false) === true,
+      'vhost-user-fs': (b) => b.fs?.[0]?.tag === 'share' && b.fs[0].socket === '/run/fs.sock' && b.fs[0].queue_size === 256,
+      'agent-channel': (b) => b.vsock?.socket === `${SANDBOX_DIR}/clh.vsock` && b.vsock.cid === 3,
+      console: (b) => b.serial?.mode === 'Tty',
+      rng: (b) => b.rng?.src === '/dev/urandom',
+      balloon: (b) => (b.balloon as { free_page_reporting?: boolean } | undefined)?.free_page_reporting === true,
+    };
+
+    it('renders every intent kind it declares it can render', () => {
+      const vm = describeClhVm(cfg(), caps('balloon'), host);
+      vm.devices.push(
+        { kind: 'disk', id: 'data', path: '/srv/data.img', readonly: false },
+        { kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 },
+      );
+      const body = renderVmConfig(vm, cfg(), host);
+      assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...CLH_DEVICE_KINDS].sort());
+      for (const kind of CLH_DEVICE_KINDS) assert.ok(RENDERED_AS[kind](body), `${kind}: ${JSON.stringify(body)}`);
+    });
+
+    it('renders the confidential intent as a TD booted through its firmware, with the longer API timeout', () => {
+      const vm = describeClhVm(cfg(), caps(), host);
+      vm.confidential = { tee: 'tdx', firmware: '/fw/td-shim.bin', accessPlatform: true };
+      const spec = renderClhLaunchSpec(vm, cfg(), host);
+      assert.equal(spec.vmConfig.platform?.tdx, true);
+      assert.equal(spec.vmConfig.payload.firmware, '/fw/td-shim.bin');
+      assert.equal(spec.apiTimeoutMs, 20_000);
+      assert.deepEqual(spec.launch, spec.vmConfig);
     });
   });
 

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { KataError } from '../../../core/errors.js';
-import { SANDBOX_DIR, type QemuLaunchSpec, type QemuOption } from '../../../core/plan.js';
+import { SANDBOX_DIR } from '../../../core/plan.js';
+import type { QemuLaunchSpec, QemuOption } from '../../../plugins/qemu/launch-spec.js';
 import {
   effectiveDevice,
   escapeOptionValue,

@@ -12,7 +12,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { loadValidatedConfig } from '../../../core/runtime.js';
-import { isQemuSpec, type QemuLaunchSpec } from '../../../core/plan.js';
+import { isQemuSpec, type QemuLaunchSpec } from '../../../plugins/qemu/launch-spec.js';
 import { renderQemuArgv, substituteTokens } from '../../../plugins/qemu/argv.js';
 import { TempDir } from '../../helpers/tmp.js';
 
@@ -132,8 +132,8 @@ describe('qemu-system-x86_64 with the rendered argv @integration', function () {
   async function specOf(lines: string): Promise<QemuLaunchSpec> {
     const text = `[hypervisor.qemu]\npath = "${binary}"\nkernel = "${tmp.path}/vmlinuz"\naccelerator = "tcg"\ndefault_memory = 256\ndefault_maxmemory = 1024\ndefault_maxvcpus = 2\n${lines}\n`;
     const { plan } = await loadValidatedConfig({ text });
-    assert.ok(isQemuSpec(plan.vm));
-    return structuredClone(plan.vm) as QemuLaunchSpec;
+    assert.ok(isQemuSpec(plan.vm.native));
+    return structuredClone(plan.vm.native) as QemuLaunchSpec;
   }
 
   it('builds the hot-plug ports, the agent port, the 9p share and the RNG of an initrd guest', async () => {

@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { loadValidatedConfig } from '../../../core/runtime.js';
 import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
 import type { KataConfig } from '../../../core/config/types.js';
-import { buildQemuLaunchSpec, hotplugPortIds, parseMachineAccelerators } from '../../../plugins/qemu/launch-spec.js';
+import { renderQemuArgv } from '../../../plugins/qemu/argv.js';
+import { buildQemuLaunchSpec, describeQemuVm, hotplugPortIds, parseMachineAccelerators, QEMU_DEVICE_KINDS, renderQemuLaunchSpec } from '../../../plugins/qemu/launch-spec.js';
 
 const HOST = { cpus: 4, memoryMiB: 8192 };
 const ALL = ['cpu-hotplug', 'memory-hotplug', 'nvdimm-image', 'block-device', 'block-device-hotplug', 'virtio-blk'];
@@ -77,6 +78,55 @@ describe('buildQemuLaunchSpec', () => {
     assert.equal(spec.memory.shared, false);
     assert.deepEqual(spec.machine.options, {});
     assert.equal(spec.bios, undefined);
+  });
+});
+
+describe('renderQemuLaunchSpec', () => {
+  /** The QEMU device each intent kind becomes. */
+  const RENDERED_AS: Record<(typeof QEMU_DEVICE_KINDS)[number], string> = {
+    disk: 'virtio-blk-pci',
+    'vhost-user-fs': 'vhost-user-fs-pci',
+    '9p': 'virtio-9p-pci',
+    'agent-channel': 'virtserialport',
+    console: 'isa-serial',
+    rng: 'virtio-rng-pci',
+  };
+
+  it('renders a device for every intent kind it declares it can render', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.devices.push(
+      { kind: 'disk', id: 'data', path: '/srv/data.img', readonly: false },
+      { kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 },
+      { kind: '9p', path: '/srv/shared', tag: 'nine' },
+    );
+    const spec = renderQemuLaunchSpec(vm, cfg, caps());
+    assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...QEMU_DEVICE_KINDS].sort());
+    for (const kind of QEMU_DEVICE_KINDS) assert.ok(spec.devices.some((d) => d.type === RENDERED_AS[kind]), kind);
+    assert.deepEqual(spec.devices.find((d) => d.id === 'data')?.props, { drive: 'data-node' });
+    assert.ok(spec.extraArgs.includes('driver=raw,node-name=data-node,file.driver=file,file.filename=/srv/data.img'));
+    assert.deepEqual(spec.devices.find((d) => d.type === 'virtio-9p-pci')?.props, { fsdev: 'fs-kataShared', mount_tag: 'nine' });
+  });
+
+  it('gives a vhost-user-fs share shared guest RAM when the intent asks for it', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.memory.shared = true;
+    vm.devices.push({ kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 });
+    const argv = renderQemuArgv(renderQemuLaunchSpec(vm, cfg, caps()), { accelerator: 'kvm' });
+    assert.ok(argv.includes('memory-backend-memfd,id=guest-ram,size=2048M,share=on'), argv.join(' '));
+  });
+
+  it('renders the confidential intent as a TDX guest on KVM with access-platform on every device', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.confidential = { tee: 'tdx', firmware: '/fw/tdvf.fd', accessPlatform: true };
+    const spec = renderQemuLaunchSpec(vm, cfg, caps());
+    assert.equal(spec.accelerator, 'kvm');
+    assert.deepEqual(spec.machine.options, { 'confidential-guest-support': 'tdx', 'kernel-irqchip': 'split' });
+    assert.ok(spec.objects.some((o) => o.type === 'tdx-guest'));
+    assert.equal(spec.bios, '/fw/tdvf.fd');
+    assert.equal(spec.virtioIommuPlatform, true);
   });
 });
 

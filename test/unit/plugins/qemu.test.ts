@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { judgeConfig, loadValidatedConfig, type Judgement } from '../../../core/runtime.js';
-import { isQemuSpec, SANDBOX_DIR, type QemuLaunchSpec, type SandboxPlan } from '../../../core/plan.js';
+import { SANDBOX_DIR, type SandboxPlan } from '../../../core/plan.js';
+import { isQemuSpec, type QemuLaunchSpec } from '../../../plugins/qemu/launch-spec.js';
 import qemu from '../../../plugins/qemu/index.js';
 import { IMAGE_SIZE } from '../../../plugins/qemu/config.js';
 
@@ -23,9 +24,10 @@ const BLOCK = { disable_block_device_use: false, block_device_driver: 'virtio-bl
 
 async function planOf(keys: Record<string, TomlValue> = {}): Promise<{ plan: SandboxPlan; vm: QemuLaunchSpec; argv: string[] }> {
   const { plan } = await loadValidatedConfig({ text: toml(keys) });
-  assert.ok(isQemuSpec(plan.vm), 'plan.vm is a QEMU launch spec');
-  assert.ok(plan.vm.launch, 'plan.vm.launch is rendered');
-  return { plan, vm: plan.vm, argv: plan.vm.launch };
+  assert.ok(isQemuSpec(plan.vm.native), 'plan.vm.native is a QEMU launch spec');
+  assert.ok(plan.vm.native.launch, 'plan.vm.launch is rendered');
+  assert.equal(plan.vm.launch, plan.vm.native.launch);
+  return { plan, vm: plan.vm.native, argv: plan.vm.native.launch };
 }
 
 const capNames = (j: Judgement) => j.capabilities.map((c) => c.name);

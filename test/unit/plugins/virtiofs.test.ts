@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { loadValidatedConfig } from '../../../core/runtime.js';
-import { isQemuSpec } from '../../../core/plan.js';
+import { isQemuSpec } from '../../../plugins/qemu/launch-spec.js';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../../core/paths.js';
@@ -33,11 +33,12 @@ describe('virtiofs plugin', () => {
 
   it('gives QEMU a vhost-user-fs device on the daemon socket and shared guest memory', async () => {
     const { plan } = await loadValidatedConfig({ text: qemu('virtio_fs_queue_size = 512') });
-    assert.ok(isQemuSpec(plan.vm));
-    assert.equal(plan.vm.memory.shared, true);
-    const dev = plan.vm.devices.find((d) => d.type === 'vhost-user-fs-pci');
+    const vm = plan.vm.native;
+    assert.ok(isQemuSpec(vm));
+    assert.equal(vm.memory.shared, true);
+    const dev = vm.devices.find((d) => d.type === 'vhost-user-fs-pci');
     assert.deepEqual(dev?.props, { chardev: 'virtiofsd-char', tag: 'kataShared', 'queue-size': 512 });
-    assert.deepEqual(plan.vm.chardevs.find((c) => c.id === 'virtiofsd-char')?.props, { path: '{sandbox_dir}/virtiofsd.sock' });
+    assert.deepEqual(vm.chardevs.find((c) => c.id === 'virtiofsd-char')?.props, { path: '{sandbox_dir}/virtiofsd.sock' });
   });
 
   it('warns that the DAX window is ignored', async () => {
