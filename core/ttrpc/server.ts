@@ -36,7 +36,7 @@ export type ServiceImpl<S extends ServiceDescriptor> = {
  * server hold too much of a frame, or takes too long to send one, is disconnected.
  */
 export interface ServerLimits {
-  /** Bytes of partial (started, unfinished) request frames of all connections together; a connection whose frame does not fit is closed. 32 MiB. */
+  /** Bytes of partial (started, unfinished) request frames of all connections together (four frames of the largest size); a connection whose frame does not fit is closed. 16 MiB. */
   maxBufferedFrameBytes: number;
   /** Once a request frame has started, its last byte must arrive within this time, or the connection is closed; 0: no limit. 30 s. */
   frameTimeoutMs: number;
@@ -49,7 +49,7 @@ export interface ServerLimits {
 }
 
 export const DEFAULT_SERVER_LIMITS: Readonly<ServerLimits> = Object.freeze({
-  maxBufferedFrameBytes: 32 << 20,
+  maxBufferedFrameBytes: 16 << 20,
   frameTimeoutMs: 30_000,
   maxInFlightPerConnection: 128,
   maxInFlightBytesPerConnection: 16 << 20,
