@@ -32,7 +32,9 @@ export interface ChannelOptions {
  */
 export class FrameChannel {
   private readonly decoder: FrameDecoder;
-  private readonly queue: DecodedItem[] = [];
+  /** Decoded items not yet handed over: `queue[head..]` (an index, not shift(), which is O(n) per item). */
+  private queue: DecodedItem[] = [];
+  private head = 0;
   private done = false;
   /** Ending: the last writes flush, nothing more is read or sent. */
   private closing = false;
@@ -51,7 +53,10 @@ export class FrameChannel {
       const items = this.decoder.push(chunk);
       // A frame ended: the partial one now (if any) is a new frame, with its own time.
       if (items.length > 0) this.clearFrameTimer();
-      this.queue.push(...items);
+      if (this.head === this.queue.length) {
+        this.queue = items;
+        this.head = 0;
+      } else for (const item of items) this.queue.push(item);
       this.pump();
     });
     stream.on('end', () => this.finish());
@@ -65,13 +70,14 @@ export class FrameChannel {
     if (stream.destroyed) queueMicrotask(() => this.finish());
   }
 
+  /** True once closed or closing: nothing more can be sent. */
   get closed(): boolean {
-    return this.done;
+    return this.done || this.closing;
   }
 
   /** Frames decoded but not yet handed to the receiver (it said it was not ready). */
   get queuedFrames(): number {
-    return this.queue.length;
+    return this.queue.length - this.head;
   }
 
   /** Bytes held for the partial frame being received. */
@@ -101,8 +107,9 @@ export class FrameChannel {
    * receiver calls it when it can take frames again (a call finished, its replies drained).
    */
   pump(): void {
-    while (this.queue.length > 0 && !this.done && !this.closing && (this.handlers.ready?.() ?? true)) {
-      const item = this.queue.shift()!;
+    while (this.head < this.queue.length && !this.done && !this.closing && (this.handlers.ready?.() ?? true)) {
+      const item = this.queue[this.head]!;
+      this.queue[this.head++] = undefined as unknown as DecodedItem;
       if (item.kind === 'overbudget') {
         this.refuse(`no room for a frame of ${item.length} bytes on stream ${item.streamId}: partial frames of all connections already hold ${this.opts.budget?.used ?? 0} of ${this.opts.budget?.limit ?? 0} bytes`);
         return;
@@ -111,7 +118,11 @@ export class FrameChannel {
       else this.handlers.frame(item);
     }
     if (this.done || this.closing) return;
-    const hold = this.queue.length > 0 || !(this.handlers.ready?.() ?? true);
+    if (this.head === this.queue.length) {
+      this.queue = [];
+      this.head = 0;
+    }
+    const hold = this.head < this.queue.length || !(this.handlers.ready?.() ?? true);
     if (hold && !this.paused) {
       this.paused = true;
       this.stream.pause();
@@ -131,7 +142,8 @@ export class FrameChannel {
   closeAfterFlush(graceMs = 1000): void {
     if (this.done || this.closing) return;
     this.closing = true;
-    this.queue.length = 0;
+    this.queue = [];
+    this.head = 0;
     this.decoder.dispose();
     this.clearFrameTimer();
     const t = setTimeout(() => this.finish(), graceMs);
@@ -174,7 +186,8 @@ export class FrameChannel {
     if (this.done) return;
     this.done = true;
     this.clearFrameTimer();
-    this.queue.length = 0;
+    this.queue = [];
+    this.head = 0;
     const parts: string[] = [];
     if (this.error) parts.push(this.error.message);
     const p = this.closing ? undefined : this.decoder.progress();
