@@ -217,6 +217,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'containerd-shim-kata-v2 was started in a way it cannot work with (missing -id, -namespace or bundle, unknown action, socket already served by another shim).',
     fix: 'Let containerd start the shim (runtime type io.containerd.kata.v2); when running it by hand, give -namespace, -id, -address and run it in the bundle directory.',
   },
+  KATA_ERR_INVALID_ID: {
+    meaning: 'An id or namespace the shim was given (-id, -namespace, the CRI sandbox-id annotation, the id or exec id of a task API request) is not a containerd identifier, so it cannot safely name a file or directory; refused before anything is touched.',
+    fix: 'Use letters and digits, optionally joined by single ".", "_" or "-" (no "/", no "..", at most 76 characters), as containerd itself requires of ids and namespaces.',
+  },
   KATA_ERR_OCI_SPEC: {
     meaning: "The container's OCI spec (the bundle's config.json or an exec's process spec) is missing, not valid JSON, or lacks a field the runtime needs.",
     fix: 'Check the bundle containerd created; the error names the field. Specs written by containerd or CRI are valid.',

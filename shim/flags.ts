@@ -7,8 +7,11 @@
  *   containerd-shim-kata-v2 ... -socket PATH      (the daemon `start` spawns: serve on PATH)
  *   containerd-shim-kata-v2 -v | -version
  *   containerd-shim-kata-v2 -info              (containerd 2.x: RuntimeInfo protobuf on stdout)
+ *
+ * -id and -namespace must be containerd identifiers (./identifiers.ts): KATA_ERR_INVALID_ID otherwise.
  */
 import { KataError } from '../core/errors.js';
+import { checkIdentifier } from './identifiers.js';
 
 export type ShimAction = 'start' | 'delete' | 'serve' | 'version' | 'info';
 
@@ -75,6 +78,9 @@ export function parseShimFlags(argv: readonly string[]): ShimFlags {
   if (action === 'serve' && !values.socket) throw usage('no action given: expected start or delete');
   const missing = (['namespace', 'id'] as const).filter((k) => !values[k]);
   if (missing.length > 0) throw usage(`missing ${missing.map((m) => `-${m}`).join(' and ')}`);
+  // Both become path components (run directory, socket name): refused here, before any action.
+  checkIdentifier('-namespace', values.namespace!);
+  checkIdentifier('-id', values.id!);
   return {
     action,
     namespace: values.namespace!,

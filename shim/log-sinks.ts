@@ -14,8 +14,10 @@
  * log pipe); it is never an error.
  *
  * - {@link logFifo}: containerd creates a FIFO named `log` in the bundle and opens it O_RDWR itself,
- *   so it always has a reader while containerd runs. We open it O_WRONLY|O_NONBLOCK and write each
- *   line with one non-blocking write: a full pipe (EAGAIN) drops the line, a vanished reader (EPIPE;
+ *   so it always has a reader while containerd runs. We open it O_WRONLY|O_NONBLOCK|O_NOFOLLOW and
+ *   check that what opened is a FIFO: a symlink, a regular file or a device there is refused for
+ *   good (with a warning on the other sinks), never written to. Each line goes out
+ *   with one non-blocking write: a full pipe (EAGAIN) drops the line, a vanished reader (EPIPE;
  *   Node ignores SIGPIPE) closes the sink. A line longer than PIPE_BUF may be written in part; its
  *   remainder is finished before any later line, so a reader never sees two lines interleaved.
  * - {@link systemLog}: the journal when `/run/systemd/journal/stdout` exists (journald's stream
@@ -24,7 +26,7 @@
  *   lines on its stdin and sends one datagram each), else nothing, with one warning. Identifier
  *   `kata`, as Kata's own runtime tags its syslog lines.
  */
-import { closeSync, openSync, statSync, writeSync, constants as fsc } from 'node:fs';
+import { closeSync, fstatSync, lstatSync, openSync, statSync, writeSync, constants as fsc, type Stats } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
@@ -69,15 +71,24 @@ function errCode(e: unknown): string {
 export interface LogFifoOptions {
   /** After a failed open (no reader yet), try again at most this often on later lines. Default 1000 ms. */
   reopenIntervalMs?: number;
+  /**
+   * The path turned out not to be a FIFO on a later open (the first open's refusal is the warning
+   * `open()` returns). Called once, outside any write; log it through the other sinks.
+   */
+  onRefused?: (message: string) => void;
 }
 
 class FifoSink implements LogSink {
   readonly name: string;
   readonly #path: string;
   readonly #reopenMs: number;
+  readonly #onRefused: ((message: string) => void) | undefined;
   readonly #c = new Counter();
   #fd = -1;
   #closed = false;
+  /** Not a FIFO: never opened again. */
+  #refused: string | undefined;
+  #opened = false;
   #lastOpenAttempt = 0;
   /** The unwritten tail of a line that went out in part. */
   #pending: Buffer | undefined;
@@ -87,27 +98,70 @@ class FifoSink implements LogSink {
     this.#path = file;
     this.name = `fifo:${file}`;
     this.#reopenMs = opts.reopenIntervalMs ?? 1000;
+    this.#onRefused = opts.onRefused;
   }
 
   open(): string | undefined {
     const err = this.#tryOpen();
-    return err === undefined ? undefined : `cannot open the containerd log pipe ${this.#path} (${err}); its lines are dropped until it opens`;
+    this.#opened = true;
+    if (err === undefined) return undefined;
+    if (this.#refused) return this.#refused;
+    return `cannot open the containerd log pipe ${this.#path} (${err}); its lines are dropped until it opens`;
   }
 
   #tryOpen(): string | undefined {
     this.#lastOpenAttempt = Date.now();
+    // Opening is itself an action on some files (a device): look before opening, check after.
+    const seen = lstatOrUndefined(this.#path);
+    if (seen && !seen.isFIFO()) {
+      this.#c.lastError = 'ENOTFIFO';
+      this.#refuse(`it is ${seen.isSymbolicLink() ? 'a symlink' : describeFile(seen)}`);
+      return this.#c.lastError;
+    }
+    let fd: number;
     try {
       // ENXIO when no process has the FIFO open for reading: O_NONBLOCK never waits for one.
-      this.#fd = openSync(this.#path, fsc.O_WRONLY | fsc.O_NONBLOCK);
-      return undefined;
+      // ELOOP for a symlink: whoever can write the bundle must not steer our lines into a file.
+      fd = openSync(this.#path, fsc.O_WRONLY | fsc.O_NONBLOCK | fsc.O_NOFOLLOW);
     } catch (e) {
       this.#c.lastError = errCode(e);
+      if (this.#c.lastError === 'ELOOP') this.#refuse('it is a symlink');
       return this.#c.lastError;
+    }
+    let kind: string | undefined;
+    try {
+      const st = fstatSync(fd);
+      if (!st.isFIFO()) kind = describeFile(st);
+    } catch (e) {
+      kind = `cannot be checked (${errCode(e)})`;
+    }
+    if (kind === undefined) {
+      this.#fd = fd;
+      return undefined;
+    }
+    closeSync(fd);
+    this.#c.lastError = 'ENOTFIFO';
+    this.#refuse(`it is ${kind}`);
+    return this.#c.lastError;
+  }
+
+  #refuse(why: string): void {
+    if (this.#refused) return;
+    this.#refused = `refusing the containerd log pipe ${this.#path}: ${why}, not a FIFO; shim log lines are not written there`;
+    // The first open's warning is returned by open(); a later one is told separately, once.
+    if (this.#opened && this.#onRefused) {
+      const message = this.#refused;
+      const cb = this.#onRefused;
+      setImmediate(() => cb(message));
     }
   }
 
   write(line: string): void {
     if (this.#closed) return;
+    if (this.#refused) {
+      this.#c.dropped++;
+      return;
+    }
     if (this.#fd < 0 && (Date.now() - this.#lastOpenAttempt < this.#reopenMs || this.#tryOpen() !== undefined)) {
       this.#c.dropped++;
       return;
@@ -182,6 +236,18 @@ class FifoSink implements LogSink {
   stats(): SinkStats {
     return this.#c.snapshot();
   }
+}
+
+function lstatOrUndefined(p: string): Stats | undefined {
+  try {
+    return lstatSync(p);
+  } catch {
+    return undefined;
+  }
+}
+
+function describeFile(st: Stats): string {
+  return st.isFile() ? 'a regular file' : st.isDirectory() ? 'a directory' : st.isCharacterDevice() || st.isBlockDevice() ? 'a device' : st.isSocket() ? 'a socket' : 'something else';
 }
 
 /** containerd's log pipe (`<bundle>/log`). */

@@ -10,11 +10,15 @@
  *           run directory, and prints a DeleteResponse. Idempotent.
  *   (daemon) Serves containerd.task.v2.Task over ttrpc on the socket and forwards task events to
  *           $TTRPC_ADDRESS; exits after Shutdown, or on SIGTERM/SIGINT after stopping the sandbox.
+ *
+ * Every id and namespace (flags, the CRI sandbox-id annotation, task API requests) is checked as
+ * containerd checks identifiers before it names a file, a directory or a process (./identifiers.ts);
+ * what `delete` removes or kills is only what is provably the shim's own (./cleanup.ts).
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, writeSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, rm } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { KataError, toKataError } from '../core/errors.js';
@@ -24,9 +28,11 @@ import { mountsUnder, unmount } from '../core/mounts.js';
 import { TtrpcServer } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
 import { DEFAULT_RUN_ROOT } from '../core/vm-lifecycle.js';
+import { inSocketDir, readAddressFile, removeShimSocket, sandboxProcesses, shimSocketDir, socketRefusal, writeAddressFile } from './cleanup.js';
 import { EventPublisher } from './events.js';
 import { parseShimFlags, type ShimFlags } from './flags.js';
-import { readBundleSpec } from './oci.js';
+import { checkIdentifier, guardTaskIds } from './identifiers.js';
+import { readBundleSpec, SANDBOX_ID_ANNOTATION, type BundleSpec } from './oci.js';
 import { Any, DeleteResponse, RuntimeInfo, Task } from '../wire/containerd/proto.gen.js';
 import { TaskService } from './service.js';
 import { timestamp } from './time.js';
@@ -46,8 +52,7 @@ function runtimeOptions(bytes: Uint8Array | undefined): { options?: Any } {
   }
 }
 
-/** Where shim sockets live: containerd's own convention, whatever its state directory. */
-export const SOCKET_DIR = '/run/containerd/s';
+export { SOCKET_DIR } from './cleanup.js';
 const READY_LINE = 'ready';
 /** The daemon's readiness pipe to `start`. */
 const READY_FD = 3;
@@ -64,7 +69,7 @@ export interface ShimEnv {
 
 /** The socket of the shim serving a sandbox: a hash of containerd's address, namespace and sandbox id. */
 export function socketPath(env: NodeJS.ProcessEnv, address: string, namespace: string, sandboxId: string): string {
-  const dir = env.KATA_TS_SHIM_SOCKET_DIR || SOCKET_DIR;
+  const dir = shimSocketDir(env);
   return path.join(dir, createHash('sha256').update(path.join(address, namespace, sandboxId)).digest('hex'));
 }
 
@@ -119,14 +124,19 @@ function describe(e: unknown): string {
   return `${k.message} [${k.code}] (fix: ${k.fix})`;
 }
 
+/** The pod sandbox a container joins (CRI annotation) names a run directory and a socket too. */
+function checkedSandboxId(spec: Pick<BundleSpec, 'sandboxId' | 'joinsSandbox'>): string {
+  return spec.joinsSandbox ? checkIdentifier(SANDBOX_ID_ANNOTATION, spec.sandboxId) : spec.sandboxId;
+}
+
 async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
   const bundle = flags.bundle ?? process.cwd();
   const spec = await readBundleSpec(bundle, flags.id);
-  const sock = socketPath(io.env, flags.address, flags.namespace, spec.sandboxId);
+  const sock = socketPath(io.env, flags.address, flags.namespace, checkedSandboxId(spec));
   const address = `unix://${sock}`;
   if (await canConnect(sock)) {
     // The pod's shim already runs: containerd talks to it for this container too.
-    await writeFile(path.join(bundle, 'address'), address);
+    await writeAddressFile(bundle, address);
     io.stdout(address);
     return 0;
   }
@@ -136,7 +146,7 @@ async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
     });
   }
   await mkdir(path.dirname(sock), { recursive: true, mode: 0o711 });
-  await unlink(sock).catch(() => undefined);
+  await removeShimSocket(sock, shimSocketDir(io.env));
 
   const script = process.argv[1]!;
   const args = [...process.execArgv, script, '-namespace', flags.namespace, '-address', flags.address, '-publish-binary', flags.publishBinary, '-id', flags.id, '-bundle', bundle];
@@ -170,16 +180,23 @@ async function start(flags: ShimFlags, io: ShimEnv): Promise<number> {
     if (child.exitCode === null) child.kill('SIGKILL');
     throw new KataError('KATA_ERR_SHIM', answer);
   }
-  await writeFile(path.join(bundle, 'address'), address);
+  await writeAddressFile(bundle, address);
   io.stdout(address);
   return 0;
 }
 
 async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   const bundle = flags.bundle ?? process.cwd();
-  const sock = flags.socket!;
+  const socketDir = shimSocketDir(io.env);
+  const sock = await inSocketDir(flags.socket!, socketDir);
+  if (!sock) {
+    throw new KataError('KATA_ERR_SHIM', `-socket ${flags.socket} is not directly in the shim socket directory ${socketDir}`, {
+      fix: 'let `start` spawn the daemon: it chooses the socket in the shim socket directory',
+    });
+  }
   // containerd's log pipe and the system log (identifier "kata"), both written without blocking.
-  const pipe = logFifo(path.join(bundle, 'log'));
+  // A `log` that is not a FIFO (a symlink to a file, say) is refused; the warning goes to the system log.
+  const pipe = logFifo(path.join(bundle, 'log'), { onRefused: (message) => log.warn(message) });
   const sinks = [pipe, systemLog()];
   const log: Logger = createLogger({ level: flags.debug ? 'debug' : 'info', name: 'kata', sinks }).child({ namespace: flags.namespace });
   const events = new EventPublisher({ address: io.env.TTRPC_ADDRESS, namespace: flags.namespace, log });
@@ -189,7 +206,7 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
     exiting ??= (async () => {
       await service.close().catch((err: unknown) => log.error({ err }, 'shutdown: stopping the sandbox failed'));
       await server.close();
-      await unlink(sock).catch(() => undefined);
+      await removeShimSocket(sock, socketDir);
       await events.close(5_000);
       log.info({ delivered: events.delivered, dropped: events.dropped, logLinesDropped: pipe.stats().dropped }, 'shim exiting');
       await closeSinks(sinks);
@@ -207,8 +224,12 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   const server = new TtrpcServer({
     onHandlerError: (err, ctx) => log.error({ err, method: ctx.method }, 'task handler failed'),
     onProtocolError: (err) => log.warn({ err: err.message }, 'containerd sent something unexpected'),
+    onLimit: (message) => log.warn({ socket: sock }, message),
   });
-  server.register(Task, service.impl());
+  server.register(
+    Task,
+    guardTaskIds(service.impl(), (err, method) => log.warn({ err: err.message, code: err.code, call: method }, 'task call refused')),
+  );
   process.on('SIGTERM', () => exit(0));
   process.on('SIGINT', () => exit(0));
   process.on('uncaughtException', (err) => {
@@ -244,31 +265,28 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   return new Promise<number>(() => undefined);
 }
 
-/** Processes whose command line names the sandbox's run directory: its VM and daemons. */
-async function processesOf(runDir: string): Promise<number[]> {
-  const pids: number[] = [];
-  for (const name of await readdir('/proc')) {
-    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
-    const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.split('\0').some((arg) => arg.includes(`${runDir}/`))) pids.push(Number(name));
-  }
-  return pids;
-}
-
 async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
   const bundle = flags.bundle ?? process.cwd();
   const spec = await readBundleSpec(bundle, flags.id).catch(() => undefined);
-  const sandboxId = spec?.sandboxId ?? flags.id;
+  const sandboxId = spec ? checkedSandboxId(spec) : flags.id;
   const rootfs = path.join(bundle, 'rootfs');
   await unmount(rootfs).catch(() => undefined);
 
-  // A live shim still serves the pod (this was one of its containers): it owns the sandbox.
-  const written = await readFile(path.join(bundle, 'address'), 'utf8').catch(() => '');
-  const sock = written.startsWith('unix://') ? written.slice('unix://'.length) : socketPath(io.env, flags.address, flags.namespace, sandboxId);
+  // A live shim still serves the pod (this was one of its containers): it owns the sandbox. The
+  // address file is only believed when it names a shim socket; containerd logs stderr as warnings.
+  const socketDir = shimSocketDir(io.env);
+  let sock = socketPath(io.env, flags.address, flags.namespace, sandboxId);
+  const written = readAddressFile(bundle);
+  if (written) {
+    const named = written.startsWith('unix://') ? written.slice('unix://'.length) : written;
+    const refusal = await socketRefusal(named, socketDir);
+    if (refusal) io.stderr(`containerd-shim-kata-v2 delete: ignoring ${path.join(bundle, 'address')}: ${refusal}\n`);
+    else sock = named;
+  }
   const alive = await canConnect(sock);
   if (!alive && sandboxId === flags.id) {
     const runDir = path.join(runRootOf(io.env, flags.namespace), sandboxId);
-    for (const pid of await processesOf(runDir)) {
+    for (const pid of await sandboxProcesses(runDir)) {
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
@@ -278,7 +296,7 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
     // Mounts the dead shim left under the run directory (shared rootfs and volumes), deepest first.
     for (const m of await mountsUnder(runDir)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
-    await unlink(sock).catch(() => undefined);
+    await removeShimSocket(sock, socketDir);
   }
   io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));
   return 0;

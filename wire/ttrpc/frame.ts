@@ -38,11 +38,50 @@ export interface Frame extends FrameHeader {
   readonly payload: Buffer;
 }
 
-/** What the decoder makes of the bytes: a whole frame, or the header of one too long to accept. */
+/**
+ * What the decoder makes of the bytes: a whole frame, the header of one too long to accept, or the
+ * header of one the shared {@link FrameBudget} has no room for (the decoder stops there: nothing
+ * more comes out of it, and the connection should be closed).
+ */
 export type DecodedItem =
   | ({ readonly kind: 'frame' } & Frame)
   /** The body is being discarded, so the stream stays in step; answer RESOURCE_EXHAUSTED on it. */
-  | ({ readonly kind: 'oversize' } & FrameHeader);
+  | ({ readonly kind: 'oversize' } & FrameHeader)
+  | ({ readonly kind: 'overbudget' } & FrameHeader);
+
+/**
+ * Bytes of partial frames that several decoders may hold together (a server's connections). A
+ * decoder reserves a frame's whole length when its header arrives and the body does not, and
+ * releases it when the frame is complete or the decoder is disposed of.
+ */
+export class FrameBudget {
+  #used = 0;
+  #peak = 0;
+
+  constructor(readonly limit: number) {}
+
+  /** Bytes reserved now. */
+  get used(): number {
+    return this.#used;
+  }
+
+  /** The most ever reserved at once. */
+  get peak(): number {
+    return this.#peak;
+  }
+
+  /** Reserves `n` bytes; false (and nothing reserved) when that would go over the limit. */
+  reserve(n: number): boolean {
+    if (this.#used + n > this.limit) return false;
+    this.#used += n;
+    if (this.#used > this.#peak) this.#peak = this.#used;
+    return true;
+  }
+
+  release(n: number): void {
+    this.#used = Math.max(0, this.#used - n);
+  }
+}
 
 /** One frame as bytes. Refuses a payload over {@link MAX_MESSAGE_LENGTH} with RESOURCE_EXHAUSTED. */
 export function encodeFrame(streamId: number, type: number, flags: number, payload: Uint8Array): Buffer {
@@ -73,9 +112,33 @@ export class FrameDecoder {
   private bodyFill = 0;
   private discardLeft = 0;
   private readonly max: number;
+  private readonly budget: FrameBudget | undefined;
+  /** Bytes this decoder holds reserved in the budget (the body being filled). */
+  private reserved = 0;
+  /** Set after an `overbudget` item or {@link dispose}: the decoder takes no more bytes. */
+  private stopped = false;
 
-  constructor(opts: { maxMessageLength?: number } = {}) {
+  constructor(opts: { maxMessageLength?: number; budget?: FrameBudget } = {}) {
     this.max = opts.maxMessageLength ?? MAX_MESSAGE_LENGTH;
+    this.budget = opts.budget;
+  }
+
+  /** Bytes held for the partial frame being received (its whole length, allocated at its header). */
+  get bufferedBytes(): number {
+    return this.body ? this.body.length : 0;
+  }
+
+  /** Drops the partial frame and gives its reservation back; the decoder takes no more bytes. */
+  dispose(): void {
+    this.stopped = true;
+    this.body = undefined;
+    this.current = undefined;
+    this.releaseBody();
+  }
+
+  private releaseBody(): void {
+    if (this.reserved > 0) this.budget?.release(this.reserved);
+    this.reserved = 0;
   }
 
   /** True while a frame has started but not ended: the peer going away now cuts a frame short. */
@@ -95,6 +158,7 @@ export class FrameDecoder {
 
   push(chunk: Uint8Array): DecodedItem[] {
     const out: DecodedItem[] = [];
+    if (this.stopped) return out;
     let buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
     while (buf.length > 0) {
       if (this.discardLeft > 0) {
@@ -136,6 +200,13 @@ export class FrameDecoder {
           buf = buf.subarray(header.length);
           continue;
         }
+        // Only now, with the header in hand, is the body allocated: once, at its final size.
+        if (this.budget && !this.budget.reserve(header.length)) {
+          out.push({ kind: 'overbudget', ...header });
+          this.stopped = true;
+          return out;
+        }
+        this.reserved = this.budget ? header.length : 0;
         this.current = header;
         this.body = Buffer.allocUnsafe(header.length);
         this.bodyFill = 0;
@@ -150,6 +221,7 @@ export class FrameDecoder {
         out.push({ kind: 'frame', ...this.current, payload: body });
         this.current = undefined;
         this.body = undefined;
+        this.releaseBody();
       }
     }
     return out;

@@ -3,7 +3,7 @@ import type { Duplex } from 'node:stream';
 import { FrameChannel } from './channel.js';
 import { GrpcCode } from './codes.js';
 import { TtrpcError, oversizeMessage } from './errors.js';
-import { MAX_MESSAGE_LENGTH, MessageType, type Frame, type FrameHeader } from './frame.js';
+import { FrameBudget, MAX_MESSAGE_LENGTH, MessageType, type Frame, type FrameHeader } from './frame.js';
 import { Request, Response } from './proto.gen.js';
 import type { MessageInit, RequestOf, ResponseOf, ServiceDescriptor } from './codec.js';
 
@@ -30,11 +30,59 @@ export type ServiceImpl<S extends ServiceDescriptor> = {
   ) => MessageInit<ResponseOf<S['methods'][K]>> | Promise<MessageInit<ResponseOf<S['methods'][K]>>>;
 };
 
+/**
+ * What a server lets its clients make it hold. A client that writes faster than it reads is slowed
+ * down (its connection is no longer read), never answered with an error; one that would make the
+ * server hold too much of a frame, or takes too long to send one, is disconnected.
+ */
+export interface ServerLimits {
+  /** Bytes of partial (started, unfinished) request frames of all connections together (four frames of the largest size); a connection whose frame does not fit is closed. 16 MiB. */
+  maxBufferedFrameBytes: number;
+  /** Once a request frame has started, its last byte must arrive within this time, or the connection is closed; 0: no limit. 30 s. */
+  frameTimeoutMs: number;
+  /** Calls of one connection running at once; beyond it, the connection is not read until one ends. 128. */
+  maxInFlightPerConnection: number;
+  /** Request bytes of one connection's running calls; beyond it, the connection is not read until calls end. 16 MiB. */
+  maxInFlightBytesPerConnection: number;
+  /** Reply bytes written to one connection but not yet read by its client; beyond it, the connection is not read until they drain. 1 MiB. */
+  maxPendingReplyBytes: number;
+}
+
+export const DEFAULT_SERVER_LIMITS: Readonly<ServerLimits> = Object.freeze({
+  maxBufferedFrameBytes: 16 << 20,
+  frameTimeoutMs: 30_000,
+  maxInFlightPerConnection: 128,
+  maxInFlightBytesPerConnection: 16 << 20,
+  maxPendingReplyBytes: 1 << 20,
+});
+
+/** What a server holds now, for tests and diagnostics. */
+export interface ServerStats {
+  readonly connections: number;
+  /** Bytes held for partial request frames, all connections together. */
+  readonly bufferedFrameBytes: number;
+  /** The most {@link bufferedFrameBytes} ever was. */
+  readonly peakBufferedFrameBytes: number;
+  /** Calls running. */
+  readonly inFlight: number;
+  /** Request bytes of the calls running. */
+  readonly inFlightBytes: number;
+  /** Frames decoded but not yet dispatched (their connection is held back). */
+  readonly queuedFrames: number;
+  /** Reply bytes written but not yet read by the clients. */
+  readonly pendingReplyBytes: number;
+  /** Connections not being read now (held back by a limit). */
+  readonly pausedConnections: number;
+}
+
 export interface TtrpcServerOptions {
   /** A handler threw something that is not a TtrpcError (answered as UNKNOWN): a bug worth logging. */
   onHandlerError?: (err: unknown, ctx: CallContext) => void;
   /** A client sent something no client should; it was answered or ignored, the connection stays up. */
   onProtocolError?: (err: TtrpcError) => void;
+  /** A connection was closed, or a reply replaced, because of a limit (see {@link ServerLimits} and the frame size limit). */
+  onLimit?: (message: string) => void;
+  limits?: Partial<ServerLimits>;
 }
 
 /** One served connection. */
@@ -44,19 +92,51 @@ export interface ServerConnection {
   readonly closed: Promise<void>;
 }
 
+interface ConnectionStats {
+  inFlight: number;
+  inFlightBytes: number;
+  queuedFrames: number;
+  pendingReplyBytes: number;
+  paused: boolean;
+}
+
 /**
  * The serving side of ttrpc. Each request runs as soon as it arrives, so replies go out in the
  * order handlers finish: a long poll such as WaitProcess does not hold up the calls behind it.
  * Error answers follow the Go server: unknown service or method → UNIMPLEMENTED ("service X",
  * "method X"); an undecodable request, an even or non-increasing stream id → INVALID_ARGUMENT; an
- * oversized frame → RESOURCE_EXHAUSTED; a handler's TtrpcError → its code; anything else → UNKNOWN.
+ * oversized request frame → RESOURCE_EXHAUSTED, then the connection is closed (its sender is not
+ * a ttrpc client we can serve); a reply over the frame limit → RESOURCE_EXHAUSTED instead; a
+ * handler's TtrpcError → its code; anything else → UNKNOWN. What a client can make the server hold
+ * is bounded by {@link ServerLimits}.
  */
 export class TtrpcServer {
   private readonly services = new Map<string, ReadonlyMap<string, RawHandler>>();
-  private readonly connections = new Set<ServerConnection>();
+  private readonly connections = new Set<Connection>();
   private readonly listeners = new Set<net.Server>();
+  private readonly limits: Readonly<ServerLimits>;
+  private readonly budget: FrameBudget;
 
-  constructor(private readonly opts: TtrpcServerOptions = {}) {}
+  constructor(private readonly opts: TtrpcServerOptions = {}) {
+    this.limits = { ...DEFAULT_SERVER_LIMITS, ...opts.limits };
+    this.budget = new FrameBudget(this.limits.maxBufferedFrameBytes);
+  }
+
+  /** What the server holds now. */
+  stats(): ServerStats {
+    const per = [...this.connections].map((c) => c.stats());
+    const sum = (f: (s: ConnectionStats) => number) => per.reduce((n, s) => n + f(s), 0);
+    return {
+      connections: per.length,
+      bufferedFrameBytes: this.budget.used,
+      peakBufferedFrameBytes: this.budget.peak,
+      inFlight: sum((s) => s.inFlight),
+      inFlightBytes: sum((s) => s.inFlightBytes),
+      queuedFrames: sum((s) => s.queuedFrames),
+      pendingReplyBytes: sum((s) => s.pendingReplyBytes),
+      pausedConnections: sum((s) => (s.paused ? 1 : 0)),
+    };
+  }
 
   /** Serves a generated service; methods without a handler answer UNIMPLEMENTED "method X". */
   register<S extends ServiceDescriptor>(desc: S, impl: ServiceImpl<S>): this {
@@ -91,7 +171,7 @@ export class TtrpcServer {
 
   /** Serves one connection until it closes. */
   serve(stream: Duplex): ServerConnection {
-    const conn = new Connection(stream, this.services, this.opts);
+    const conn = new Connection(stream, this.services, this.opts, this.limits, this.budget);
     this.connections.add(conn);
     void conn.closed.then(() => this.connections.delete(conn));
     return conn;
@@ -127,6 +207,7 @@ class Connection implements ServerConnection {
   private readonly channel: FrameChannel;
   private lastStreamId = 0;
   private readonly active = new Map<number, AbortController>();
+  private inFlightBytes = 0;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
 
@@ -134,22 +215,52 @@ class Connection implements ServerConnection {
     stream: Duplex,
     private readonly services: ReadonlyMap<string, ReadonlyMap<string, RawHandler>>,
     private readonly opts: TtrpcServerOptions,
+    private readonly limits: Readonly<ServerLimits>,
+    budget: FrameBudget,
   ) {
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
-    this.channel = new FrameChannel(stream, {
-      frame: (f) => this.onFrame(f),
-      oversize: (h) => this.onOversize(h),
-      close: (reason) => this.onClose(reason),
-    });
+    this.channel = new FrameChannel(
+      stream,
+      {
+        frame: (f) => this.onFrame(f),
+        oversize: (h) => this.onOversize(h),
+        close: (reason) => this.onClose(reason),
+        ready: () => this.ready(),
+        refused: (reason) => this.opts.onLimit?.(`ttrpc: connection closed: ${reason}`),
+      },
+      { budget, frameTimeoutMs: limits.frameTimeoutMs },
+    );
+    // Replies the client did not read have drained: it may be read from again.
+    stream.on('drain', () => this.channel.pump());
   }
 
   close(): void {
     this.channel.close();
   }
 
+  stats(): ConnectionStats {
+    return {
+      inFlight: this.active.size,
+      inFlightBytes: this.inFlightBytes,
+      queuedFrames: this.channel.queuedFrames,
+      pendingReplyBytes: this.channel.pendingWriteBytes,
+      paused: this.channel.readPaused,
+    };
+  }
+
+  private ready(): boolean {
+    return (
+      this.active.size < this.limits.maxInFlightPerConnection &&
+      this.inFlightBytes < this.limits.maxInFlightBytesPerConnection &&
+      this.channel.pendingWriteBytes <= this.limits.maxPendingReplyBytes
+    );
+  }
+
   private onOversize(h: FrameHeader): void {
-    this.protocolError(`oversized frame of ${h.length} bytes on stream ${h.streamId}`);
+    // Skipping up to 4 GiB the client claims to send would keep the connection busy for nothing.
+    this.opts.onLimit?.(`ttrpc: connection closed: request frame of ${h.length} bytes on stream ${h.streamId} is over the ${MAX_MESSAGE_LENGTH}-byte limit`);
     this.sendStatus(h.streamId, GrpcCode.RESOURCE_EXHAUSTED, oversizeMessage(h.length, MAX_MESSAGE_LENGTH));
+    this.channel.closeAfterFlush();
   }
 
   private onFrame(f: Frame): void {
@@ -191,12 +302,13 @@ class Connection implements ServerConnection {
       this.sendStatus(f.streamId, GrpcCode.UNIMPLEMENTED, `method ${req.method}`);
       return;
     }
-    void this.run(f.streamId, req, handler);
+    void this.run(f.streamId, req, handler, f.length);
   }
 
-  private async run(streamId: number, req: Request, handler: RawHandler): Promise<void> {
+  private async run(streamId: number, req: Request, handler: RawHandler, size: number): Promise<void> {
     const ac = new AbortController();
     this.active.set(streamId, ac);
+    this.inFlightBytes += size;
     const metadata = new Map<string, string[]>();
     for (const kv of req.metadata) {
       const key = kv.key.toLowerCase();
@@ -232,23 +344,27 @@ class Connection implements ServerConnection {
     } finally {
       if (timer) clearTimeout(timer);
       this.active.delete(streamId);
+      this.inFlightBytes -= size;
     }
     if (this.channel.closed) return;
-    if (code !== GrpcCode.OK) {
-      this.sendStatus(streamId, code, message);
-      return;
-    }
+    if (code !== GrpcCode.OK) this.sendStatus(streamId, code, message);
     // The Go server always sends a status; an empty one means OK.
-    const body = Response.encode({ status: {}, payload });
-    if (body.length > MAX_MESSAGE_LENGTH) {
-      this.sendStatus(streamId, GrpcCode.RESOURCE_EXHAUSTED, `reply refused: ${oversizeMessage(body.length, MAX_MESSAGE_LENGTH)}`);
-      return;
-    }
-    this.send(streamId, body);
+    else this.sendChecked(streamId, Response.encode({ status: {}, payload }));
+    this.channel.pump();
   }
 
   private sendStatus(streamId: number, code: number, message: string): void {
-    this.send(streamId, Response.encode({ status: { code, message } }));
+    this.sendChecked(streamId, Response.encode({ status: { code, message } }));
+  }
+
+  /** A reply over the frame limit (a big payload, or a status message quoting a huge request) becomes RESOURCE_EXHAUSTED. */
+  private sendChecked(streamId: number, body: Uint8Array): void {
+    if (body.length > MAX_MESSAGE_LENGTH) {
+      const why = oversizeMessage(body.length, MAX_MESSAGE_LENGTH);
+      this.opts.onLimit?.(`ttrpc: reply on stream ${streamId} replaced by RESOURCE_EXHAUSTED: ${why}`);
+      body = Response.encode({ status: { code: GrpcCode.RESOURCE_EXHAUSTED, message: `reply refused: ${why}` } });
+    }
+    this.send(streamId, body);
   }
 
   private send(streamId: number, body: Uint8Array): void {

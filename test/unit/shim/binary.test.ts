@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { Any, DeleteResponse, Options, RuntimeInfo, Task } from '../../../wire/containerd/proto.gen.js';
@@ -115,13 +115,18 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
   });
 
   it("delete kills what a dead shim left of its own sandbox, and nothing of another namespace's", async () => {
-    // Stand-ins for a VM left behind: processes whose command line names a sandbox run directory.
+    // Stand-ins for a VM left behind: processes started in a sandbox run directory, with a pid file there, as the drivers start QEMU.
     const mine = path.join(tmp.path, 'run', 'testns', 'c1');
     const theirs = path.join(tmp.path, 'run', 'otherns', 'c1');
-    const leftover = (dir: string) => spawn('sh', ['-c', 'sleep 1000', `${dir}/qmp.sock`], { stdio: 'ignore' });
+    tmp.file('run/testns/c1/console.log', 'x');
+    tmp.file('run/otherns/c1/console.log', 'x');
+    const leftover = (dir: string) => {
+      const p = spawn('sleep', ['1000'], { cwd: dir, stdio: 'ignore' });
+      writeFileSync(path.join(dir, 'qemu.pid'), `${p.pid}\n`);
+      return p;
+    };
     const a = leftover(mine);
     const b = leftover(theirs);
-    tmp.file('run/testns/c1/console.log', 'x');
     try {
       const r = shim([...base, 'c1', '-bundle', bundle, 'delete'], { cwd: bundle, env });
       assert.equal(r.code, 0, r.stderr);

@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, openSync, readSync, constants as fsc } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readSync, symlinkSync, writeFileSync, constants as fsc } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -133,6 +133,62 @@ describe('log sinks', () => {
       sink.write('{"a":1}\n', 30);
       sink.write('{"a":2}\n', 30);
       assert.deepEqual([sink.stats().dropped, sink.stats().lastError], [2, 'EPIPE']);
+    });
+
+    /** A sink that keeps its lines: the "other sinks" a refused pipe's warning goes to. */
+    const recorder = (): LogSink & { lines: string[] } => {
+      const kept: string[] = [];
+      return { name: 'recorder', lines: kept, open: () => undefined, write: (l: string) => void kept.push(l), close: async () => undefined, stats: () => ({ written: kept.length, dropped: 0, lastError: undefined }) };
+    };
+
+    it('never writes through a symlink named log, to a file or even to a FIFO, and warns through the other sinks', () => {
+      const text = tmp.file('notes.txt', 'untouched\n');
+      const viaLink = path.join(tmp.path, 'link-to-file');
+      symlinkSync(text, viaLink);
+      const other = recorder();
+      const log = createLogger({ level: 'info', name: 'kata', sinks: [track(logFifo(viaLink)), other] });
+      for (let i = 0; i < 5; i++) log.info({ i }, 'a line');
+      assert.equal(readFileSync(text, 'utf8'), 'untouched\n');
+      assert.ok(other.lines.some((l) => /refusing the containerd log pipe .*link-to-file: it is a symlink, not a FIFO/.test(l)), other.lines.join(''));
+
+      const r = reader();
+      const toFifo = path.join(tmp.path, 'link-to-fifo');
+      symlinkSync(fifo, toFifo);
+      const sink = track(logFifo(toFifo, { reopenIntervalMs: 0 }));
+      assert.match(sink.open() ?? '', /symlink/);
+      sink.write('{"x":1}\n', 30);
+      assert.equal(drain(r), '');
+      assert.deepEqual([sink.stats().written, sink.stats().dropped], [0, 1]);
+    });
+
+    it('never writes into a regular file named log', () => {
+      const file = tmp.file('log-file', 'untouched\n');
+      const sink = track(logFifo(file, { reopenIntervalMs: 0 }));
+      assert.match(sink.open() ?? '', /it is a regular file, not a FIFO/);
+      for (let i = 0; i < 3; i++) sink.write('{"x":1}\n', 30);
+      assert.equal(readFileSync(file, 'utf8'), 'untouched\n');
+      assert.equal(sink.stats().lastError, 'ENOTFIFO');
+    });
+
+    it('refuses for good a non-FIFO that appears after the first open, telling onRefused once', async () => {
+      const later = path.join(tmp.path, 'later-log');
+      const told: string[] = [];
+      const sink = track(logFifo(later, { reopenIntervalMs: 0, onRefused: (m) => told.push(m) }));
+      assert.match(sink.open() ?? '', /ENOENT/);
+      writeFileSync(later, 'untouched\n');
+      for (let i = 0; i < 3; i++) sink.write('{"x":1}\n', 30);
+      await sleep(10);
+      assert.equal(readFileSync(later, 'utf8'), 'untouched\n');
+      assert.equal(told.length, 1);
+      assert.match(told[0]!, /later-log: it is a regular file, not a FIFO/);
+      // Replaced by a FIFO now: still refused; what was refused once is not trusted again.
+      execFileSync('rm', [later]);
+      execFileSync('mkfifo', [later]);
+      const fd = openSync(later, fsc.O_RDONLY | fsc.O_NONBLOCK);
+      fds.push(fd);
+      sink.write('{"x":2}\n', 30);
+      assert.equal(drain(fd), '');
+      assert.equal(sink.stats().dropped, 4);
     });
   });
 

@@ -236,13 +236,14 @@ describe('ttrpc client and server', () => {
     });
     afterEach(() => peer.close());
 
-    it('answers an oversized frame with RESOURCE_EXHAUSTED on its stream, skips it, and goes on serving', async () => {
+    it('answers an oversized frame with RESOURCE_EXHAUSTED on its stream, then closes that connection only', async () => {
       peer.send(1, MessageType.REQUEST, 0, Buffer.alloc(MAX_MESSAGE_LENGTH + 1, 1));
       peer.send(3, MessageType.REQUEST, 0, requestBytes('test.Echo', 'Echo', KeyValue.encode({ key: 'after' })));
       const r1 = responseOf(await peer.next());
       assert.deepEqual([r1.streamId, r1.code, r1.message], [1, GrpcCode.RESOURCE_EXHAUSTED, `message length ${MAX_MESSAGE_LENGTH + 1} exceed maximum message size of 4194304`]);
-      const r3 = responseOf(await peer.next());
-      assert.deepEqual([r3.streamId, r3.code, KeyValue.decode(r3.payload).key], [3, 0, 'after']);
+      await assert.rejects(peer.next(), /connection closed/);
+      const echo = connect().service(Echo);
+      assert.equal((await echo.Echo({ key: 'other connection' })).key, 'other connection');
     });
 
     it('answers an even stream id with INVALID_ARGUMENT on that id', async () => {
