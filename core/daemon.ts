@@ -3,12 +3,10 @@
  * needs): started, ready when its socket appears, its stderr kept and logged, its exit observed,
  * stopped with SIGTERM then SIGKILL. Plugins use it from their lifecycle hooks.
  */
-import type { ChildProcess } from 'node:child_process';
-import { spawnTied } from './child.js';
 import { rm, stat } from 'node:fs/promises';
 import { KataError } from './errors.js';
-import { LineRing } from './line-ring.js';
 import type { Logger } from './logger.js';
+import { SupervisedProcess, describeExit } from './supervised.js';
 
 export interface DaemonOptions {
   /** Short name for logs and errors, e.g. `virtiofsd`. */
@@ -35,53 +33,42 @@ export interface DaemonExit {
 }
 
 const TAIL_LINES = 20;
+/** How long a daemon gets to disappear after SIGKILL. */
+const KILL_TIMEOUT_MS = 2_000;
 
 export class Daemon {
   readonly #opts: DaemonOptions;
-  readonly #child: ChildProcess;
-  readonly #stderr = new LineRing(TAIL_LINES);
-  #stopping = false;
+  readonly #proc: SupervisedProcess;
   /** Settles when the process ends, whoever ended it. */
   readonly exited: Promise<DaemonExit>;
 
   private constructor(opts: DaemonOptions) {
     this.#opts = opts;
-    this.#child = spawnTied(opts.binary, opts.args, { cwd: opts.cwd, stdio: ['ignore', 'ignore', 'pipe'] }, `the ${opts.name} binary`);
-    this.#child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
-      for (const line of this.#stderr.push(chunk)) opts.log.debug({ daemon: opts.name }, line);
-    });
-    this.exited = new Promise((resolve) => {
-      this.#child.once('error', (e) => {
-        this.#stderr.push(`${opts.binary}: ${e.message}\n`);
-        resolve({ expected: this.#stopping, code: null, signal: null, stderrTail: this.#stderr.tail(TAIL_LINES) });
-      });
-      this.#child.once('exit', (code, signal) => {
-        this.#stderr.flush();
-        const exit = { expected: this.#stopping, code, signal, stderrTail: this.#stderr.tail(TAIL_LINES) };
-        if (!exit.expected) opts.log.error({ daemon: opts.name, code, signal, stderr: exit.stderrTail }, `${opts.name} exited unexpectedly`);
-        resolve(exit);
-      });
+    this.#proc = SupervisedProcess.start({ name: opts.name, binary: opts.binary, args: opts.args, cwd: opts.cwd, log: opts.log, what: `the ${opts.name} binary`, tailLines: TAIL_LINES, outputLevel: 'debug' });
+    this.exited = this.#proc.exited.then((e) => {
+      const exit = { expected: e.expected, code: e.code, signal: e.signal, stderrTail: e.stderrTail };
+      if (!exit.expected && !e.spawnError) opts.log.error({ daemon: opts.name, code: e.code, signal: e.signal, stderr: exit.stderrTail }, `${opts.name} exited unexpectedly`);
+      return exit;
     });
   }
 
   get pid(): number | undefined {
-    return this.#child.pid;
+    return this.#proc.pid;
   }
 
   /** Starts the daemon and resolves once its socket exists; on failure nothing is left running. */
   static async start(opts: DaemonOptions): Promise<Daemon> {
     const d = new Daemon(opts);
     const deadline = Date.now() + (opts.readyTimeoutMs ?? 10_000);
-    let exit: DaemonExit | undefined;
-    void d.exited.then((e) => (exit = e));
     for (;;) {
+      const exit = d.#proc.exit;
       if (exit) {
         throw new KataError('KATA_ERR_DAEMON_START', `${opts.name} exited before it was ready (${describeExit(exit)})${tailText(exit.stderrTail)}`, { plugin: opts.plugin, value: opts.binary });
       }
       if (await exists(opts.socket)) break;
       if (Date.now() > deadline) {
         await d.stop();
-        throw new KataError('KATA_ERR_DAEMON_START', `${opts.name} did not create its socket ${opts.socket} within ${opts.readyTimeoutMs ?? 10_000} ms${tailText(d.#stderr.tail(TAIL_LINES))}`, {
+        throw new KataError('KATA_ERR_DAEMON_START', `${opts.name} did not create its socket ${opts.socket} within ${opts.readyTimeoutMs ?? 10_000} ms${tailText(d.#proc.tail(TAIL_LINES))}`, {
           plugin: opts.plugin,
           value: opts.binary,
         });
@@ -94,20 +81,10 @@ export class Daemon {
 
   /** SIGTERM, then SIGKILL after the stop timeout; removes the socket. Safe to call twice. */
   async stop(): Promise<DaemonExit> {
-    this.#stopping = true;
-    if (this.#child.exitCode === null && this.#child.signalCode === null) {
-      this.#child.kill('SIGTERM');
-      const timer = setTimeout(() => this.#child.kill('SIGKILL'), this.#opts.stopTimeoutMs ?? 3_000);
-      try {
-        await this.exited;
-      } finally {
-        clearTimeout(timer);
-      }
-    }
+    await this.#proc.stop(() => [{ name: 'SIGTERM', action: () => this.#proc.signal('SIGTERM'), waitMs: this.#opts.stopTimeoutMs ?? 3_000 }], KILL_TIMEOUT_MS);
     await rm(this.#opts.socket, { force: true });
     return this.exited;
   }
-
 }
 
 async function exists(p: string): Promise<boolean> {
@@ -119,9 +96,6 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-function describeExit(e: DaemonExit): string {
-  return e.signal ? `signal ${e.signal}` : e.code === null ? 'could not be started' : `exit code ${e.code}`;
-}
 
 function tailText(lines: readonly string[]): string {
   return lines.length ? `; last output:\n    ${lines.join('\n    ')}` : '';

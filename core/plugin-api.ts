@@ -124,6 +124,7 @@ export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
 export { LineRing } from './line-ring.js';
 export { spawnTied } from './child.js';
+export { SupervisedProcess, describeExit, type SupervisedOptions, type ProcessExit, type StopStep } from './supervised.js';
 export { assertTrustedPath } from './trusted-path.js';
 export { KataError, errorText, pluginErrorCodePrefix, type PluginErrorCode } from './errors.js';
 export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';

@@ -8,6 +8,7 @@ import type { KataConfig } from './config/types.js';
 import type { KataError } from './errors.js';
 import type { Logger } from './logger.js';
 import type { SandboxPlan } from './plan.js';
+import type { ProcessExit } from './supervised.js';
 
 /** What `createVm` handlers receive. */
 export interface VmContext {
@@ -38,14 +39,8 @@ export interface HotpluggedBlock {
   readonly pciPath: string;
 }
 
-/** How a VM process ended. */
-export interface VmExit {
-  /** True when the runtime asked it to stop. */
-  readonly expected: boolean;
-  readonly code: number | null;
-  readonly signal: NodeJS.Signals | null;
-  /** The hypervisor's last stderr lines, for the failure report. */
-  readonly stderrTail: readonly string[];
+/** How a VM process ended: a supervised process's exit (the hypervisor's last stderr lines included), with the error that explains it. */
+export interface VmExit extends Omit<ProcessExit, 'spawnError'> {
   /** The coded error that explains an unexpected or forced end (KATA_ERR_VM_EXITED, KATA_ERR_VM_STOP). */
   readonly error?: KataError;
 }

@@ -14,21 +14,21 @@
  * short wait; then the files the VMM and the driver created in the run directory are removed.
  * An exit nobody asked for is reported in `exited` with a KATA_ERR_VM_EXITED error.
  */
-import type { ChildProcess } from 'node:child_process';
 import { rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import {
   KataError,
-  LineRing,
+  SupervisedProcess,
+  describeExit,
   fillSandboxDir,
   type BlockDeviceSpec,
   type HotpluggedBlock,
   type Logger,
   type VmContext,
   type VmExit,
+  type StopStep,
   type VmHandle,
-  spawnTied,
 } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { isClhSpec, type ClhDiskConfig, type ClhLaunchSpec, type ClhVmConfig } from './vm-config.js';
@@ -97,16 +97,13 @@ export class ClhVm implements VmHandle {
   readonly #spec: ClhLaunchSpec;
   readonly #log: Logger;
   readonly #opts: typeof CLH_VM_DEFAULTS;
-  readonly #stderr: LineRing;
-  readonly #stdout: LineRing;
   readonly #api: ClhApiClient;
   readonly #vmConfig: ClhVmConfig;
   readonly #disks = new Map<string, HotpluggedBlock>();
   #resolveExited!: (exit: VmExit) => void;
   #state: State = 'created';
-  #child: ChildProcess | undefined;
+  #proc: SupervisedProcess | undefined;
   #exit: VmExit | undefined;
-  #spawnError: Error | undefined;
   #stopRequested = false;
   /** The VMM answered vmm.ping: stop goes through the API first. */
   #apiUp = false;
@@ -121,15 +118,13 @@ export class ClhVm implements VmHandle {
     this.#spec = ctx.plan.vm.native;
     this.#log = ctx.log.child({ plugin: PLUGIN_NAME });
     this.#opts = { ...CLH_VM_DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) };
-    this.#stderr = new LineRing(this.#opts.outputLines);
-    this.#stdout = new LineRing(this.#opts.outputLines);
     this.#api = new ClhApiClient({ socketPath: path.join(ctx.runDir, CLH_FILES.apiSocket), timeoutMs: this.#spec.apiTimeoutMs, plugin: PLUGIN_NAME });
     this.#vmConfig = fillVmConfig(this.#spec.vmConfig, ctx.runDir);
     this.exited = new Promise((resolve) => (this.#resolveExited = resolve));
   }
 
   get pid(): number | undefined {
-    return this.#child?.pid;
+    return this.#proc?.pid;
   }
 
   /** The REST API client (tests and diagnostics query the VMM through it). */
@@ -236,23 +231,21 @@ export class ClhVm implements VmHandle {
   async #spawn(): Promise<void> {
     const args = [...this.#spec.args, '--api-socket', `path=${this.#api.socketPath}`];
     this.#log.debug({ binary: this.#spec.binary, args }, 'spawning Cloud Hypervisor');
-    // Tied to this process: a runtime that dies takes its VMM with it.
-    const child = spawnTied(this.#spec.binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'pipe', 'pipe'] }, 'the hypervisor binary');
-    this.#child = child;
-    child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
-      for (const line of this.#stderr.push(chunk)) this.#log.warn({ pid: child.pid, stderr: line }, 'Cloud Hypervisor stderr');
+    // Tied to this process: a runtime that dies takes its VMM with it. A `Tty` serial port or console writes the guest's output on stdout.
+    const proc = SupervisedProcess.start({
+      name: 'Cloud Hypervisor',
+      binary: this.#spec.binary,
+      args,
+      cwd: this.#ctx.runDir,
+      log: this.#log,
+      what: 'the hypervisor binary',
+      tailLines: this.#opts.outputLines,
+      stdout: { level: 'debug', message: 'guest console' },
     });
-    // A `Tty` serial port or console writes the guest's output here.
-    child.stdout?.setEncoding('utf8').on('data', (chunk: string) => {
-      for (const line of this.#stdout.push(chunk)) this.#log.debug({ pid: child.pid, console: line }, 'guest console');
-    });
-    child.on('error', (err) => {
-      if (child.pid === undefined) this.#spawnError = err;
-      else this.#log.error({ err, pid: child.pid }, 'Cloud Hypervisor process error');
-    });
-    child.on('close', (code, signal) => this.#onExit(code, signal));
-    if (child.pid !== undefined) {
-      await writeFile(path.join(this.#ctx.runDir, CLH_FILES.pidFile), `${child.pid}\n`).catch((err) => this.#log.warn({ err }, 'cannot write the pid file'));
+    this.#proc = proc;
+    void proc.exited.then((e) => this.#onExit(e.code, e.signal));
+    if (proc.pid !== undefined) {
+      await writeFile(path.join(this.#ctx.runDir, CLH_FILES.pidFile), `${proc.pid}\n`).catch((err) => this.#log.warn({ err }, 'cannot write the pid file'));
     }
   }
 
@@ -261,7 +254,7 @@ export class ClhVm implements VmHandle {
     const deadline = Date.now() + this.#opts.startTimeoutMs;
     let pause = 5;
     for (;;) {
-      if (this.#exit || this.#spawnError) throw new Error('Cloud Hypervisor exited before its API socket answered');
+      if (this.#exit || this.#proc?.spawnError) throw new Error('Cloud Hypervisor exited before its API socket answered');
       this.#abortIfStopped();
       try {
         return await this.#api.ping({ timeoutMs: Math.max(1, Math.min(this.#spec.apiTimeoutMs, deadline - Date.now())) });
@@ -296,11 +289,12 @@ export class ClhVm implements VmHandle {
   /** KATA_ERR_VM_START for a failed start, in the VMM's own words when it exited by itself; API refusals keep their code. */
   #startFailure(cause: unknown): KataError {
     if (cause instanceof KataError && cause.code !== 'KATA_ERR_INTERNAL') return cause;
-    const tail = this.#stderr.tail(OUTPUT_TAIL);
+    const spawnError = this.#proc?.spawnError;
+    const tail = (this.#proc?.tail(OUTPUT_TAIL) ?? []).filter((l) => !spawnError || !l.startsWith(`${this.#spec.binary}: `));
     let what: string;
-    if (this.#spawnError) {
-      const code = (this.#spawnError as NodeJS.ErrnoException).code;
-      what = code === 'ENOENT' ? `${this.#spec.binary} does not exist (spawn ENOENT)` : `cannot run ${this.#spec.binary}: ${this.#spawnError.message}`;
+    if (spawnError) {
+      const code = (spawnError as NodeJS.ErrnoException).code;
+      what = code === 'ENOENT' ? `${this.#spec.binary} does not exist (spawn ENOENT)` : `cannot run ${this.#spec.binary}: ${spawnError.message}`;
     } else if (this.#exit && this.#exit.signal === null && !this.#exit.expected) {
       what = `Cloud Hypervisor exited during start (${describeExit(this.#exit)})`;
     } else {
@@ -310,17 +304,15 @@ export class ClhVm implements VmHandle {
     return new KataError('KATA_ERR_VM_START', `cannot start Cloud Hypervisor: ${what}${stderr}`, {
       plugin: PLUGIN_NAME,
       key: `${this.#ctx.config.hypervisorTable}.path`,
-      cause: this.#spawnError ?? cause,
+      cause: spawnError ?? cause,
     });
   }
 
   #onExit(code: number | null, signal: NodeJS.Signals | null): void {
     if (this.#exit) return;
-    for (const line of this.#stderr.flush()) this.#log.warn({ pid: this.pid, stderr: line }, 'Cloud Hypervisor stderr');
-    for (const line of this.#stdout.flush()) this.#log.debug({ pid: this.pid, console: line }, 'guest console');
     const expected = this.#stopRequested;
-    const stderrTail = this.#stderr.tail(OUTPUT_TAIL);
-    const base: VmExit = { expected, code: this.#spawnError ? null : code, signal, stderrTail };
+    const stderrTail = this.#proc?.tail(OUTPUT_TAIL) ?? [];
+    const base: VmExit = { expected, code, signal, stderrTail };
     let error: KataError | undefined;
     if (!expected && this.#state === 'running') {
       error = new KataError('KATA_ERR_VM_EXITED', `Cloud Hypervisor (pid ${this.pid}) exited while the sandbox was running (${describeExit(base)})${stderrTail.length ? `; its stderr:\n  ${stderrTail.join('\n  ')}` : ''}`, {
@@ -338,10 +330,10 @@ export class ClhVm implements VmHandle {
     if (this.#state === 'running') this.#state = 'stopping';
     await this.#starting?.catch(() => undefined);
     let forced = false;
-    if (this.#child && !this.#exit && this.#child.pid !== undefined) forced = !(await this.#graceful());
+    if (this.#proc && !this.#exit && this.#proc.pid !== undefined) forced = !(await this.#proc.stop(() => this.#stopSteps(), this.#opts.killTimeoutMs));
     if (!this.#exit) {
       // Never spawned (or spawn failed): there is no process to wait for.
-      this.#exit = Object.freeze({ expected: true, code: null, signal: null, stderrTail: this.#stderr.tail(OUTPUT_TAIL) });
+      this.#exit = Object.freeze({ expected: true, code: null, signal: null, stderrTail: this.#proc?.tail(OUTPUT_TAIL) ?? [] });
       this.#state = 'exited';
       this.#resolveExited(this.#exit);
     }
@@ -356,38 +348,34 @@ export class ClhVm implements VmHandle {
     return exit;
   }
 
-  /** vm.shutdown → vm.delete → vmm.shutdown (or SIGTERM without the API) → SIGTERM → SIGKILL. True when it exited before SIGKILL. */
-  async #graceful(): Promise<boolean> {
-    if (this.#apiUp) {
-      const timeoutMs = Math.max(this.#opts.stopCallTimeoutMs, this.#spec.apiTimeoutMs);
-      if (this.#vmCreated) {
-        // Refusals are expected here (a VM that never booted cannot be shut down): go on regardless.
-        await this.#api.shutdownVm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vm.shutdown while stopping'));
-        await this.#api.deleteVm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vm.delete while stopping'));
-      }
-      await this.#api.shutdownVmm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vmm.shutdown while stopping'));
-      if (await this.#waitExit(this.#opts.exitTimeoutMs)) return true;
-    }
-    this.#child?.kill('SIGTERM');
-    if (await this.#waitExit(this.#opts.exitTimeoutMs)) return true;
-    await this.#kill();
-    return false;
+  /** vm.shutdown → vm.delete → vmm.shutdown (when the API answered), then SIGTERM; SIGKILL follows. */
+  #stopSteps(): StopStep[] {
+    const proc = this.#proc;
+    const sigterm: StopStep = { name: 'SIGTERM', action: () => proc?.signal('SIGTERM'), waitMs: this.#opts.exitTimeoutMs };
+    if (!this.#apiUp) return [sigterm];
+    const timeoutMs = Math.max(this.#opts.stopCallTimeoutMs, this.#spec.apiTimeoutMs);
+    return [
+      {
+        name: 'vmm.shutdown',
+        action: async () => {
+          if (this.#vmCreated) {
+            // Refusals are expected here (a VM that never booted cannot be shut down): go on regardless.
+            await this.#api.shutdownVm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vm.shutdown while stopping'));
+            await this.#api.deleteVm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vm.delete while stopping'));
+          }
+          await this.#api.shutdownVmm({ timeoutMs }).catch((err) => this.#log.debug({ err }, 'vmm.shutdown while stopping'));
+        },
+        waitMs: this.#opts.exitTimeoutMs,
+      },
+      sigterm,
+    ];
   }
 
   /** SIGKILL and wait for the exit (bounded). */
   async #kill(): Promise<void> {
-    if (!this.#child || this.#exit || this.#child.pid === undefined) return;
+    if (!this.#proc || this.#proc.exit || this.#proc.pid === undefined) return;
     this.#stopRequested = true;
-    this.#child.kill('SIGKILL');
-    if (!(await this.#waitExit(this.#opts.killTimeoutMs))) this.#log.error({ pid: this.pid }, `Cloud Hypervisor did not exit within ${this.#opts.killTimeoutMs} ms of SIGKILL`);
-  }
-
-  async #waitExit(ms: number): Promise<boolean> {
-    if (this.#exit) return true;
-    const timer = new AbortController();
-    const exited = await Promise.race([this.exited.then(() => true), delay(ms, false, { signal: timer.signal }).catch(() => false)]);
-    timer.abort();
-    return exited;
+    await this.#proc.kill(this.#opts.killTimeoutMs);
   }
 
   #mustRun(what: string): void {
@@ -412,9 +400,4 @@ function hotplugError(message: string, opts: { cause?: unknown; fix?: string } =
 function reason(e: unknown): string {
   if (e instanceof KataError) return `${e.text} [${e.code}]`;
   return e instanceof Error ? e.message : String(e);
-}
-
-function describeExit(exit: Pick<VmExit, 'code' | 'signal'>): string {
-  if (exit.signal) return `killed by ${exit.signal}`;
-  return exit.code === null ? 'no exit status' : `exit status ${exit.code}`;
 }

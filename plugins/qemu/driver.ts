@@ -12,7 +12,6 @@
  * core removes the directory). An exit nobody asked for is logged as an error and reported in
  * `exited` with `expected: false` and a KATA_ERR_VM_EXITED error carrying the stderr tail.
  */
-import type { ChildProcess } from 'node:child_process';
 import { mkdir, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
@@ -20,7 +19,9 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
 import {
   KataError,
-  LineRing,
+  SupervisedProcess,
+  describeExit,
+  type StopStep,
   chooseAccelerator,
   detectHost,
   errorText,
@@ -32,7 +33,6 @@ import {
   type VmContext,
   type VmExit,
   type VmHandle,
-  spawnTied,
 } from '../../core/plugin-api.js';
 import { renderQemuArgv, substituteTokens } from './argv.js';
 import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
@@ -95,13 +95,11 @@ export class QemuVm implements VmHandle {
   readonly #ctx: VmContext;
   readonly #log: Logger;
   readonly #opts: Required<Omit<QemuVmOptions, 'host'>> & Pick<QemuVmOptions, 'host'>;
-  readonly #stderr: LineRing;
   #resolveExited!: (exit: QemuVmExit) => void;
   #state: State = 'created';
-  #child: ChildProcess | undefined;
+  #proc: SupervisedProcess | undefined;
   #exit: QemuVmExit | undefined;
   #stopRequested = false;
-  #spawnError: Error | undefined;
   #qmp: QmpClient | undefined;
   #hotplug: BlockHotplug | undefined;
   #accelerator: { accelerator: Accelerator; reason: string } | undefined;
@@ -117,12 +115,11 @@ export class QemuVm implements VmHandle {
     this.#ctx = ctx;
     this.#log = ctx.log.child({ plugin: PLUGIN_NAME });
     this.#opts = { ...QEMU_VM_DEFAULTS, ...dropUndefined(opts) };
-    this.#stderr = new LineRing(this.#opts.stderrLines);
     this.exited = new Promise((resolve) => (this.#resolveExited = resolve));
   }
 
   get pid(): number | undefined {
-    return this.#child?.pid;
+    return this.#proc?.pid;
   }
 
   /** The QMP connection while the VM runs (tests and diagnostics query QEMU through it). */
@@ -142,7 +139,7 @@ export class QemuVm implements VmHandle {
 
   /** The last stderr lines QEMU wrote. */
   get stderrTail(): readonly string[] {
-    return this.#stderr.tail(STDERR_TAIL);
+    return this.#proc?.tail(STDERR_TAIL) ?? [];
   }
 
   start(): Promise<void> {
@@ -216,22 +213,14 @@ export class QemuVm implements VmHandle {
     const [binary, ...args] = argv as [string, ...string[]];
     this.#log.debug({ argv }, 'spawning QEMU');
     // Tied to this process: a runtime that dies takes its VM with it.
-    const child = spawnTied(binary, args, { cwd: this.#ctx.runDir, stdio: ['ignore', 'ignore', 'pipe'] }, 'the hypervisor binary');
-    this.#child = child;
+    const proc = SupervisedProcess.start({ name: 'QEMU', binary, args, cwd: this.#ctx.runDir, log: this.#log, what: 'the hypervisor binary', tailLines: this.#opts.stderrLines });
+    this.#proc = proc;
     this.timeline.spawned = performance.now();
-    child.stderr?.setEncoding('utf8');
-    child.stderr?.on('data', (chunk: string) => {
-      for (const line of this.#stderr.push(chunk)) this.#log.warn({ pid: child.pid, stderr: line }, 'QEMU stderr');
-    });
-    child.on('error', (err) => {
-      if (child.pid === undefined) this.#spawnError = err;
-      else this.#log.error({ err, pid: child.pid }, 'QEMU process error');
-    });
-    child.on('close', (code, signal) => this.#onExit(code, signal));
-    if (child.pid !== undefined) {
+    void proc.exited.then((e) => this.#onExit(e.code, e.signal));
+    if (proc.pid !== undefined) {
       const pidFile = path.join(this.#ctx.runDir, PID_FILE);
       this.#created.push(pidFile);
-      await writeFile(pidFile, `${child.pid}\n`).catch((err) => this.#log.warn({ err, pidFile }, 'cannot write the QEMU pid file'));
+      await writeFile(pidFile, `${proc.pid}\n`).catch((err) => this.#log.warn({ err, pidFile }, 'cannot write the QEMU pid file'));
     }
   }
 
@@ -240,7 +229,7 @@ export class QemuVm implements VmHandle {
     const deadline = performance.now() + this.#opts.startTimeoutMs;
     let pause = 2;
     for (;;) {
-      if (this.#exit || this.#spawnError) throw new Error('QEMU exited before its QMP socket answered');
+      if (this.#exit || this.#proc?.spawnError) throw new Error('QEMU exited before its QMP socket answered');
       if (this.#stopRequested) throw new Error('the VM was stopped while starting');
       const socket = await connectOnce(socketPath);
       if (socket) {
@@ -269,11 +258,12 @@ export class QemuVm implements VmHandle {
   #startFailure(cause: unknown): KataError {
     if (cause instanceof KataError && (cause.code === 'KATA_ERR_VM_START' || cause.code === 'KATA_ERR_INTERNAL' || cause.code === 'KATA_ERR_UNTRUSTED_PATH')) return cause;
     const binary = (this.#ctx.plan.vm.native as QemuLaunchSpec).binary;
-    const tail = this.#stderr.tail(STDERR_TAIL);
+    const spawnError = this.#proc?.spawnError;
+    const tail = (this.#proc?.tail(STDERR_TAIL) ?? []).filter((l) => !spawnError || !l.startsWith(`${binary}: `));
     let what: string;
-    if (this.#spawnError) {
-      const code = (this.#spawnError as NodeJS.ErrnoException).code;
-      what = code === 'ENOENT' ? `${binary} does not exist (spawn ENOENT)` : `cannot run ${binary}: ${this.#spawnError.message}`;
+    if (spawnError) {
+      const code = (spawnError as NodeJS.ErrnoException).code;
+      what = code === 'ENOENT' ? `${binary} does not exist (spawn ENOENT)` : `cannot run ${binary}: ${spawnError.message}`;
     } else if (this.#exit && this.#exit.signal === null) {
       // No signal: QEMU ended itself (bad option, kernel not found …), whatever the caller saw first.
       what = `QEMU exited during start (${describeExit(this.#exit)})`;
@@ -284,18 +274,17 @@ export class QemuVm implements VmHandle {
     return new KataError('KATA_ERR_VM_START', `cannot start QEMU: ${what}${stderr}`, {
       plugin: PLUGIN_NAME,
       key: `${this.#ctx.config.hypervisorTable}.path`,
-      cause: this.#spawnError ?? cause,
+      cause: spawnError ?? cause,
     });
   }
 
   #onExit(code: number | null, signal: NodeJS.Signals | null): void {
     if (this.#exit) return;
     this.timeline.exited = performance.now();
-    for (const line of this.#stderr.flush()) this.#log.warn({ pid: this.pid, stderr: line }, 'QEMU stderr');
     const expected = this.#stopRequested;
-    const stderrTail = this.#stderr.tail(STDERR_TAIL);
+    const stderrTail = this.#proc?.tail(STDERR_TAIL) ?? [];
     const wasRunning = this.#state === 'running';
-    const base: VmExit = { expected, code: this.#spawnError ? null : code, signal, stderrTail };
+    const base: VmExit = { expected, code, signal, stderrTail };
     let error: KataError | undefined;
     if (!expected && wasRunning) {
       error = new KataError('KATA_ERR_VM_EXITED', `QEMU (pid ${this.pid}) exited while the sandbox was running (${describeExit(base)})${stderrTail.length ? `; QEMU stderr:\n  ${stderrTail.join('\n  ')}` : ''}`, {
@@ -317,12 +306,12 @@ export class QemuVm implements VmHandle {
     // A start in progress notices the request and fails; wait for it to settle first.
     await this.#starting?.catch(() => undefined);
     let forced = false;
-    if (this.#child && !this.#exit && this.#child.pid !== undefined) {
-      forced = !(await this.#graceful());
+    if (this.#proc && !this.#exit && this.#proc.pid !== undefined) {
+      forced = !(await this.#proc.stop(() => this.#stopSteps(), this.#opts.killTimeoutMs));
     }
     if (!this.#exit) {
       // Never spawned (or spawn failed): there is no process to wait for.
-      this.#exit = Object.freeze({ expected: true, code: null, signal: null, stderrTail: this.#stderr.tail(STDERR_TAIL) });
+      this.#exit = Object.freeze({ expected: true, code: null, signal: null, stderrTail: this.#proc?.tail(STDERR_TAIL) ?? [] });
       this.#state = 'exited';
       this.#resolveExited(this.#exit);
     }
@@ -338,42 +327,33 @@ export class QemuVm implements VmHandle {
     return exit;
   }
 
-  /** power-down → quit (or SIGTERM without QMP) → SIGKILL. True when QEMU exited before SIGKILL. */
-  async #graceful(): Promise<boolean> {
+  /** power-down (a running guest only: a paused one cannot react) → quit, or SIGTERM without QMP; SIGKILL follows. */
+  #stopSteps(): StopStep[] {
     const qmp = this.#qmp && !this.#qmp.closed ? this.#qmp : undefined;
-    if (qmp) {
-      // A paused guest cannot react to the power button: skip straight to quit.
-      const status = await qmp.execute<{ running?: boolean }>('query-status', undefined, { timeoutMs: this.#opts.powerdownTimeoutMs }).catch(() => undefined);
-      if (status?.running) {
-        await qmp.execute('system_powerdown', undefined, { timeoutMs: this.#opts.powerdownTimeoutMs }).catch(() => undefined);
-        if (await this.#waitExit(this.#opts.powerdownTimeoutMs)) return true;
-      }
+    const proc = this.#proc;
+    if (!qmp) return [{ name: 'SIGTERM', action: () => proc?.signal('SIGTERM'), waitMs: this.#opts.quitTimeoutMs }];
+    const t = this.#opts.powerdownTimeoutMs;
+    return [
+      {
+        name: 'system_powerdown',
+        action: async () => {
+          const status = await qmp.execute<{ running?: boolean }>('query-status', undefined, { timeoutMs: t }).catch(() => undefined);
+          if (!status?.running) return false;
+          await qmp.execute('system_powerdown', undefined, { timeoutMs: t });
+          return true;
+        },
+        waitMs: t,
+      },
       // QEMU may exit before its reply to quit is read: a closed connection is success too.
-      await qmp.execute('quit', undefined, { timeoutMs: this.#opts.quitTimeoutMs }).catch(() => undefined);
-    } else {
-      this.#child?.kill('SIGTERM');
-    }
-    if (await this.#waitExit(this.#opts.quitTimeoutMs)) return true;
-    await this.#kill();
-    return false;
+      { name: 'quit', action: () => qmp.execute('quit', undefined, { timeoutMs: this.#opts.quitTimeoutMs }), waitMs: this.#opts.quitTimeoutMs },
+    ];
   }
 
   /** SIGKILL and wait for the exit (bounded). */
   async #kill(): Promise<void> {
-    if (!this.#child || this.#exit || this.#child.pid === undefined) return;
+    if (!this.#proc || this.#proc.exit || this.#proc.pid === undefined) return;
     this.#stopRequested = true;
-    this.#child.kill('SIGKILL');
-    if (!(await this.#waitExit(this.#opts.killTimeoutMs))) {
-      this.#log.error({ pid: this.pid }, `QEMU did not exit within ${this.#opts.killTimeoutMs} ms of SIGKILL`);
-    }
-  }
-
-  async #waitExit(ms: number): Promise<boolean> {
-    if (this.#exit) return true;
-    const timer = new AbortController();
-    const exited = await Promise.race([this.exited.then(() => true), delay(ms, false, { signal: timer.signal }).catch(() => false)]);
-    timer.abort();
-    return exited;
+    await this.#proc.kill(this.#opts.killTimeoutMs);
   }
 
   #qmpWhileRunning(what: string): QmpClient {
@@ -439,11 +419,6 @@ function connectOnce(socketPath: string): Promise<net.Socket | undefined> {
 function chardevPath(spec: QemuLaunchSpec, id: string): string | undefined {
   const p = spec.chardevs.find((c) => c.id === id)?.props.path;
   return typeof p === 'string' ? p : undefined;
-}
-
-function describeExit(exit: Pick<VmExit, 'code' | 'signal'>): string {
-  if (exit.signal) return `killed by ${exit.signal}`;
-  return exit.code === null ? 'no exit status' : `exit status ${exit.code}`;
 }
 
 function round(ms: number): number {

@@ -17,7 +17,7 @@ import { TempDir } from '../helpers/tmp.js';
 import { processesMentioning } from '../helpers/procs.js';
 
 const run = promisify(execFile);
-const BUILDER = path.join(DIST_ROOT, 'guest', 'build-image.js');
+const BUILDER = path.join(DIST_ROOT, 'guest', 'image', 'build-image.js');
 const CLI = path.join(DIST_ROOT, 'bin', 'kata-runtime.js');
 const QEMU = 'qemu-system-x86_64';
 
