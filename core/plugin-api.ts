@@ -73,6 +73,6 @@ export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from '
 export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
 export { LineRing } from './line-ring.js';
-export { spawnTied } from './child.js';
+export { spawnProbe, spawnTied } from './child.js';
 export { KataError } from './errors.js';
 export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';
