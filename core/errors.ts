@@ -26,9 +26,17 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The configuration file exists but cannot be read.',
     fix: 'Check the file permissions and that the path is a regular file.',
   },
+  KATA_ERR_CONFIG_TOO_LARGE: {
+    meaning: 'The configuration file is larger than 1 MiB (Kata\'s own are about 30 KB); it is refused before it is read.',
+    fix: 'Name the right file (not a log, an image or a device); a real configuration is a few dozen kilobytes.',
+  },
   KATA_ERR_CONFIG_PARSE: {
     meaning: 'The configuration file is not valid TOML.',
     fix: 'Correct the TOML syntax at the line and column given.',
+  },
+  KATA_ERR_CONFIG_TABLE_ARRAY: {
+    meaning: 'A section Kata\'s format defines as one table ([hypervisor.<name>], [agent.<name>], [runtime], [factory]) is written as an array of tables ([[...]]).',
+    fix: 'Write the section header with single brackets, e.g. [hypervisor.qemu] instead of [[hypervisor.qemu]].',
   },
   KATA_ERR_CONFIG_NO_HYPERVISOR: {
     meaning: 'The configuration has no [hypervisor.<name>] section.',
