@@ -3,7 +3,7 @@
  * what they print.
  */
 import { writeSync } from 'node:fs';
-import { formatProblem, isKataError, ConfigInvalidError, type KataError } from '../errors.js';
+import { formatProblem, isKataError, ConfigInvalidError, type KataError, type Problem } from '../errors.js';
 
 export interface CliIO {
   out(text: string): void;
@@ -38,3 +38,10 @@ export function describeError(e: KataError): string {
 }
 
 export { isKataError };
+
+/** A coded error as `problems[]` entries: a ConfigInvalidError's own list, else the error as one problem. */
+export function problemsOf(e: KataError): Problem[] {
+  if (e instanceof ConfigInvalidError) return [...e.problems];
+  const p: Problem = { code: e.code, key: e.key ?? '', reason: e.message, fix: e.fix };
+  return [{ ...p, ...(e.value !== undefined ? { value: e.value } : {}), ...(e.plugin ? { plugin: e.plugin } : {}), ...(e.hook ? { hook: e.hook } : {}) }];
+}

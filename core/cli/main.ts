@@ -10,7 +10,7 @@ import { KataError, isKataError, toKataError } from '../errors.js';
 import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../logger.js';
 import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../config/locate.js';
 import { runtimeVersion } from '../version.js';
-import { describeError, processIO, type CliIO } from './io.js';
+import { describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
 
@@ -64,6 +64,17 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };
 const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
+
+/**
+ * With --json, what a command that stopped before its report (no configuration, unparsable file,
+ * unsupported hypervisor …) prints on stdout: its report's shape with nothing found, `valid: false`
+ * and the error as `problems[]`, as `validate --json` lists problems.
+ */
+const JSON_ERROR_REPORT: Record<string, Record<string, unknown>> = {
+  validate: { hypervisor: '', plugins: [], capabilities: [], removedCapabilities: [], requirements: [], warnings: [], unknownKeys: [], plan: null, vm: null },
+  check: { hypervisor: '', capable: false, checks: [] },
+  env: {},
+};
 
 const USAGE = `Usage: kata-runtime [global options] <command> [command options]
 
@@ -128,6 +139,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     interactive: v.interactive ?? false,
     timings: v.timings ?? false,
   };
+  let configPath: string | null = null;
   const ctx: CommandContext = {
     io,
     log,
@@ -135,6 +147,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     args,
     locate() {
       const located = locateConfig({ flag: flags.config, env: io.env });
+      configPath = located.path;
       log.info({ path: located.path, source: located.source }, 'using configuration file');
       return located;
     },
@@ -144,6 +157,9 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
   } catch (e) {
     const err = isKataError(e) ? e : toKataError(e);
     if (err.code === 'KATA_ERR_INTERNAL') log.error({ err: e }, 'internal error');
+    // A tool that asked for JSON gets its one object even when the command stopped early.
+    const canonical = ALIASES[name] ?? name;
+    if (flags.json && canonical in JSON_ERROR_REPORT) io.out(toJson({ valid: false, configPath, ...JSON_ERROR_REPORT[canonical], problems: problemsOf(err) }) + '\n');
     io.err(describeError(err));
     return err.code === 'KATA_ERR_USAGE' ? EXIT.USAGE : EXIT.FAILED;
   }
