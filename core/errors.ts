@@ -210,6 +210,14 @@ export const ERROR_CODES = Object.freeze({
     meaning: "A container's bind mount (a volume: Kubernetes volumes, /etc/hosts, `ctr run --mount type=bind`) cannot reach the guest: its source is missing, or the sandbox has no shared filesystem (a confidential sandbox has none by design).",
     fix: 'Check that the mount source exists on the host; for a confidential sandbox, put the data in the image instead of a host volume.',
   },
+  KATA_ERR_RUN_DIR: {
+    meaning: 'The sandbox run directory cannot be created under the run root (/run/kata-ts, or KATA_TS_RUN_ROOT): as a non-root user, permission is denied.',
+    fix: 'Run as root (running a sandbox needs it: bind mounts, hot-plug, /run/kata-ts), or point KATA_TS_RUN_ROOT at a directory you can write.',
+  },
+  KATA_ERR_INTERRUPTED: {
+    meaning: 'A signal (SIGINT, SIGTERM or SIGHUP) interrupted the runtime while it started or ran a sandbox; what had started was stopped and its run directory removed.',
+    fix: 'Nothing to undo; run the command again.',
+  },
   KATA_ERR_SANDBOX: {
     meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',
     fix: 'Check the ids used; a failed sandbox must be stopped and created again.',
