@@ -4,11 +4,12 @@
  * plugin before any VM starts. Exits non-zero unless both verdicts are what they should be.
  */
 import path from 'node:path';
+import { bold } from '../core/cli/io.js';
 import { main } from '../core/cli/main.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
 
 const example = (f: string) => path.join(PACKAGE_ROOT, 'examples', f);
-const say = (s: string) => process.stdout.write(`\n\x1b[1m${s}\x1b[0m\n\n`);
+const say = (s: string) => process.stdout.write(`\n${bold(s, process.stdout)}\n\n`);
 
 say('$ kata-runtime --config examples/configuration-clh-tdx.toml validate');
 const good = await main(['--config', example('configuration-clh-tdx.toml'), 'validate']);

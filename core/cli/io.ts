@@ -45,3 +45,11 @@ export function problemsOf(e: KataError): Problem[] {
   const p: Problem = { code: e.code, key: e.key ?? '', reason: e.message, fix: e.fix };
   return [{ ...p, ...(e.value !== undefined ? { value: e.value } : {}), ...(e.plugin ? { plugin: e.plugin } : {}), ...(e.hook ? { hook: e.hook } : {}) }];
 }
+
+/**
+ * `text` in bold for a terminal; plain when the stream is not one (a pipe, a file, CI logs) or
+ * NO_COLOR is set, so logs and tests get no escape codes.
+ */
+export function bold(text: string, stream: { isTTY?: boolean }, env: NodeJS.ProcessEnv = process.env): string {
+  return stream.isTTY && !env.NO_COLOR ? `\x1b[1m${text}\x1b[0m` : text;
+}

@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
@@ -15,6 +15,7 @@ import { TempDir } from '../helpers/tmp.js';
 import { until } from '../helpers/wait.js';
 
 const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+const SHIPPED_CONFIG = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');
 
 describe('kata-runtime run @integration', function () {
   this.timeout(300_000);
@@ -187,6 +188,44 @@ describe('kata-runtime run @integration', function () {
     assert.match(r.stderr, /executable file not found/);
     assert.match(r.stderr, /code: KATA_ERR_/);
     assert.doesNotMatch(r.stderr, STACK_FRAME);
+  });
+
+  /** A guest cache of its own: the built guest files linked in, the busybox rootfs copied (it is mounted read-write). */
+  function guestCache(name: string): string {
+    const cache = path.join(tmp.path, name);
+    mkdirSync(path.join(cache, 'guest'), { recursive: true });
+    const built = path.dirname(image.initrd);
+    for (const f of readdirSync(built)) {
+      if (f === 'busybox-rootfs.ext4') copyFileSync(path.join(built, f), path.join(cache, 'guest', f));
+      else if (!f.startsWith('.')) symlinkSync(path.join(built, f), path.join(cache, 'guest', f));
+    }
+    return cache;
+  }
+
+  it("takes the shipped configuration's guest files from KATA_TS_CACHE_DIR, and says so in the log", () => {
+    const cache = guestCache('cache-run');
+    const r = spawnSync(process.execPath, [BIN, '--config', SHIPPED_CONFIG, '--log-level', 'info', 'run', '--', 'echo', 'from the cache'], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: cache } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, 'from the cache\n');
+    assert.match(r.stderr, new RegExp(`"key":"hypervisor.qemu.kernel".*"using":"${path.join(cache, 'guest')}/`));
+    assert.match(r.stderr, /KATA_TS_CACHE_DIR is set: hypervisor.qemu.initrd is taken from the cache/);
+  });
+
+  it('looks nowhere else when KATA_TS_CACHE_DIR has no guest image (the error names the cache)', () => {
+    const empty = path.join(tmp.path, 'cache-empty');
+    const r = spawnSync(process.execPath, [BIN, '--config', SHIPPED_CONFIG, 'run', '--', 'true'], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: empty } });
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, new RegExp(`${path.join(empty, 'guest', 'busybox-rootfs.ext4')}`));
+    assert.doesNotMatch(r.stderr, STACK_FRAME);
+  });
+
+  it('npm run demo: runs its container with the cache in KATA_TS_CACHE_DIR, and prints no escape codes into a pipe', () => {
+    const cache = guestCache('cache-demo');
+    const r = spawnSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'scripts', 'demo.js')], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: cache, KATA_TS_RUN_ROOT: path.join(tmp.path, 'run-demo') } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /hello from a container in a VM: \S+, rootfs \/dev\/vda ext4/);
+    assert.match(r.stdout, /^\$ kata-runtime /m);
+    assert.doesNotMatch(r.stdout + r.stderr, /\x1b/);
   });
 
   it('gives a coded error, no stack trace, for a missing rootfs', () => {
