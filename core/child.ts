@@ -79,10 +79,24 @@ export function killProcessGroup(pgid: number, signal: NodeJS.Signals = 'SIGKILL
  * SIGINT, SIGTERM or SIGHUP (when nobody else handles those), before that.
  */
 export function spawnProbe(binary: string, args: readonly string[], options: SpawnOptions): { child: ChildProcess; kill(): void } {
-  const child = spawn(binary, [...args], { ...options, detached: true });
+  // Listening before the spawn: a signal that arrives while spawn() runs (the probe may already be
+  // forking) is then delivered to the handler once this function has registered the group, instead
+  // of killing this process by default with the group unknown.
+  const first = probeGroups.size === 0;
+  if (first) watchSignals();
+  let child: ChildProcess;
+  try {
+    child = spawn(binary, [...args], { ...options, detached: true });
+  } catch (e) {
+    if (first) unwatchSignals();
+    throw e;
+  }
   const pgid = child.pid;
-  if (pgid === undefined) return { child, kill: () => undefined };
-  if (probeGroups.size === 0) watchSignals();
+  if (pgid === undefined) {
+    // Not started (the 'error' event follows): nothing to kill.
+    if (first) unwatchSignals();
+    return { child, kill: () => undefined };
+  }
   probeGroups.add(pgid);
   return {
     child,

@@ -69,7 +69,7 @@ describe('core: stale run directories', function () {
   it('keeps a directory whose owner has ended while a process (its hypervisor) still uses it', async () => {
     const d = runDir('run-orphan-vm', await deadOwner());
     // A hypervisor started without pdeathsig outlives its runtime; its argv names the run directory.
-    const vm = spawn('sh', ['-c', 'sleep 1000', `${d}/qmp.sock`], { stdio: 'ignore' });
+    const vm = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1e6)', `${d}/qmp.sock`], { stdio: 'ignore' });
     children.push(vm);
     writeFileSync(path.join(d, 'qemu.pid'), String(vm.pid));
     const r = await reapStaleRunDirs(root);
