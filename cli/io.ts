@@ -3,7 +3,7 @@
  * what they print.
  */
 import { writeSync } from 'node:fs';
-import { formatProblem, isKataError, ConfigInvalidError, type KataError } from '../core/errors.js';
+import { formatProblem, isKataError, ConfigInvalidError, type KataError, type Problem } from '../core/errors.js';
 
 export interface CliIO {
   out(text: string): void;
@@ -38,3 +38,19 @@ export function describeError(e: KataError): string {
 }
 
 export { isKataError };
+
+/** A coded error as `problems[]` entries: a ConfigInvalidError's own list, else the error as one problem. */
+export function problemsOf(e: KataError): Problem[] {
+  if (e instanceof ConfigInvalidError) return [...e.problems];
+  // The plugin is its own field (formatProblem prefixes it when printed): the reason is the words alone.
+  const p: Problem = { code: e.code, key: e.key ?? '', reason: e.text, fix: e.fix };
+  return [{ ...p, ...(e.value !== undefined ? { value: e.value } : {}), ...(e.plugin ? { plugin: e.plugin } : {}), ...(e.hook ? { hook: e.hook } : {}) }];
+}
+
+/**
+ * `text` in bold for a terminal; plain when the stream is not one (a pipe, a file, CI logs) or
+ * NO_COLOR is set, so logs and tests get no escape codes.
+ */
+export function bold(text: string, stream: { isTTY?: boolean }, env: NodeJS.ProcessEnv = process.env): string {
+  return stream.isTTY && !env.NO_COLOR ? `\x1b[1m${text}\x1b[0m` : text;
+}

@@ -3,16 +3,24 @@
  * imported only when used, so `--version` or `validate` do not pay for the others.
  *
  * Exit codes: 0 success, 1 the command ran and found a problem (invalid configuration, host cannot
- * run it, error), 2 usage error.
+ * run it, error), 2 usage error; `run` has its own (see {@link RUN_EXIT}).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { KataError, isKataError, toKataError } from '../core/errors.js';
 import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../core/logger.js';
 import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../core/config/locate.js';
 import { runtimeVersion } from '../core/version.js';
-import { describeError, processIO, type CliIO } from './io.js';
+import { describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
+
+/**
+ * `run`'s exit statuses besides the process's own (0-255, 128+n when killed by signal n), as
+ * docker and podman use them: 125 the runtime failed (the coded error says why), 126 the command
+ * cannot be executed, 127 the command was not found. An interrupted run (SIGINT, SIGTERM, SIGHUP)
+ * exits 128+n, as shells report it; usage errors exit 2 as for every command.
+ */
+export const RUN_EXIT = Object.freeze({ RUNTIME_FAILED: 125, CANNOT_EXECUTE: 126, NOT_FOUND: 127 });
 
 const OPTIONS = {
   config: { type: 'string' },
@@ -28,6 +36,8 @@ const OPTIONS = {
   rootfs: { type: 'string' },
   interactive: { type: 'boolean', short: 'i' },
   timings: { type: 'boolean' },
+  // cleanup
+  'dry-run': { type: 'boolean' },
 } satisfies ParseArgsConfig['options'];
 
 export type CliFlags = {
@@ -36,6 +46,7 @@ export type CliFlags = {
   rootfs?: string | undefined;
   interactive: boolean;
   timings: boolean;
+  dryRun: boolean;
 };
 
 /** What a subcommand receives. */
@@ -61,23 +72,41 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
       return (ctx) => runCommand(ctx, ctx.flags);
     },
   },
+  cleanup: { summary: 'remove the run directories of runs and shims that were killed (never a live one) [--dry-run] [--json]', load: async () => (await import('./cleanup.js')).cleanupCommand },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };
 const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
 
+/**
+ * With --json, what a command that stopped before its report (no configuration, unparsable file,
+ * unsupported hypervisor …) prints on stdout: its report's shape with nothing found, `valid: false`
+ * and the error as `problems[]`, as `validate --json` lists problems.
+ */
+const JSON_ERROR_REPORT: Record<string, Record<string, unknown>> = {
+  validate: { hypervisor: '', plugins: [], capabilities: [], removedCapabilities: [], requirements: [], warnings: [], unknownKeys: [], plan: null, vm: null },
+  check: { hypervisor: '', capable: false, checks: [] },
+  env: {},
+};
+
+function aliasesOf(name: string): string {
+  const a = Object.entries(ALIASES).filter(([, to]) => to === name).map(([from]) => from);
+  return a.length === 0 ? '' : ` (alias: ${a.join(', ')}, as in Kata)`;
+}
+
 const USAGE = `Usage: kata-runtime [global options] <command> [command options]
 
 Commands:
-${Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(10)} ${c.summary}`).join('\n')}
+${Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(10)} ${c.summary}${aliasesOf(n)}`).join('\n')}
 
 Global options:
   --config, --kata-config FILE    configuration file (else KATA_CONF_FILE, else the default paths)
   --show-default-config-paths     print the default configuration paths, /etc first
   --log-level LEVEL               ${LOG_LEVELS.join('|')} (default warn; logs go to stderr)
   --debug                         same as --log-level debug
-  --json                          machine-readable output (validate, env, check)
+  --json                          machine-readable output (validate, env, check, cleanup)
   --rootfs PATH, -i, --timings    run: the container rootfs (block device, image file or directory),
                                   connect stdin, print the time of each phase
+  --dry-run                       cleanup: list what would be removed, remove nothing
   -v, --version                   print the version
   -h, --help                      print this help
 `;
@@ -120,14 +149,16 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     io.err(`kata-runtime: unknown command "${name}"\n\n${USAGE}`);
     return EXIT.USAGE;
   }
-  const log = createLogger({ level: level as LogLevel, ...(io === processIO ? {} : { stream: { write: (line: string) => io.err(line) } }) });
+  const log = createLogger({ level: level as LogLevel, stacks: level === 'debug' || level === 'trace', ...(io === processIO ? {} : { stream: { write: (line: string) => io.err(line) } }) });
   const flags: CliFlags = {
     config: v.config ?? v['kata-config'],
     json: v.json ?? false,
     rootfs: v.rootfs,
     interactive: v.interactive ?? false,
     timings: v.timings ?? false,
+    dryRun: v['dry-run'] ?? false,
   };
+  let configPath: string | null = null;
   const ctx: CommandContext = {
     io,
     log,
@@ -135,6 +166,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
     args,
     locate() {
       const located = locateConfig({ flag: flags.config, env: io.env });
+      configPath = located.path;
       log.info({ path: located.path, source: located.source }, 'using configuration file');
       return located;
     },
@@ -144,8 +176,12 @@ export async function main(argv: readonly string[], io: CliIO = processIO): Prom
   } catch (e) {
     const err = isKataError(e) ? e : toKataError(e);
     if (err.code === 'KATA_ERR_INTERNAL') log.error({ err: e }, 'internal error');
+    // A tool that asked for JSON gets its one object even when the command stopped early.
+    const canonical = ALIASES[name] ?? name;
+    if (flags.json && canonical in JSON_ERROR_REPORT) io.out(toJson({ valid: false, configPath, ...JSON_ERROR_REPORT[canonical], problems: problemsOf(err) }) + '\n');
     io.err(describeError(err));
-    return err.code === 'KATA_ERR_USAGE' ? EXIT.USAGE : EXIT.FAILED;
+    if (err.code === 'KATA_ERR_USAGE') return EXIT.USAGE;
+    return canonical === 'run' ? RUN_EXIT.RUNTIME_FAILED : EXIT.FAILED;
   }
 }
 

@@ -41,3 +41,75 @@ export function spawnTied(binary: string, args: readonly string[], options: Spaw
   if (!setprivPath || !resolved) return spawn(resolved ?? binary, [...args], options);
   return spawn(setprivPath, ['--pdeathsig', 'KILL', '--', resolved, ...args], options);
 }
+
+/** Process groups of probes still running: killed when this process exits or is interrupted first. */
+const probeGroups = new Set<number>();
+const FORWARDED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+function killAllProbeGroups(): void {
+  for (const pgid of probeGroups) killProcessGroup(pgid);
+  probeGroups.clear();
+}
+
+// A detached probe does not get the terminal's Ctrl-C: while one runs, an interrupt kills its group
+// first and is then delivered again with the default action, as if nobody had listened.
+function onProbeSignal(signal: NodeJS.Signals): void {
+  killAllProbeGroups();
+  unwatchSignals();
+  process.kill(process.pid, signal);
+}
+
+function watchSignals(): void {
+  process.on('exit', killAllProbeGroups);
+  for (const s of FORWARDED_SIGNALS) if (process.listenerCount(s) === 0) process.on(s, onProbeSignal);
+}
+
+function unwatchSignals(): void {
+  process.off('exit', killAllProbeGroups);
+  for (const s of FORWARDED_SIGNALS) process.off(s, onProbeSignal);
+}
+
+/** SIGKILLs every process of a group; a group already gone is not an error. */
+export function killProcessGroup(pgid: number, signal: NodeJS.Signals = 'SIGKILL'): void {
+  try {
+    process.kill(-pgid, signal);
+  } catch {
+    // ESRCH: nobody left in the group
+  }
+}
+
+/**
+ * Spawns a short-lived probe (`--version`, a VMM started only to be asked something) in a process
+ * group of its own, so that whatever it forks can be killed with it: call the returned `kill()` on
+ * timeout and when done. The group is also killed if this process exits, or is interrupted by
+ * SIGINT, SIGTERM or SIGHUP (when nobody else handles those), before that.
+ */
+export function spawnProbe(binary: string, args: readonly string[], options: SpawnOptions): { child: ChildProcess; kill(): void } {
+  // Listening before the spawn: a signal that arrives while spawn() runs (the probe may already be
+  // forking) is then delivered to the handler once this function has registered the group, instead
+  // of killing this process by default with the group unknown.
+  const first = probeGroups.size === 0;
+  if (first) watchSignals();
+  let child: ChildProcess;
+  try {
+    child = spawn(binary, [...args], { ...options, detached: true });
+  } catch (e) {
+    if (first) unwatchSignals();
+    throw e;
+  }
+  const pgid = child.pid;
+  if (pgid === undefined) {
+    // Not started (the 'error' event follows): nothing to kill.
+    if (first) unwatchSignals();
+    return { child, kill: () => undefined };
+  }
+  probeGroups.add(pgid);
+  return {
+    child,
+    kill() {
+      if (!probeGroups.delete(pgid)) return;
+      killProcessGroup(pgid);
+      if (probeGroups.size === 0) unwatchSignals();
+    },
+  };
+}

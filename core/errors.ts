@@ -33,9 +33,17 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'The configuration file exists but cannot be read.',
     fix: 'Check the file permissions and that the path is a regular file.',
   },
+  KATA_ERR_CONFIG_TOO_LARGE: {
+    meaning: 'The configuration file is larger than 1 MiB (Kata\'s own are about 30 KB); it is refused before it is read.',
+    fix: 'Name the right file (not a log, an image or a device); a real configuration is a few dozen kilobytes.',
+  },
   KATA_ERR_CONFIG_PARSE: {
     meaning: 'The configuration file is not valid TOML.',
     fix: 'Correct the TOML syntax at the line and column given.',
+  },
+  KATA_ERR_CONFIG_TABLE_ARRAY: {
+    meaning: 'A section Kata\'s format defines as one table ([hypervisor.<name>], [agent.<name>], [runtime], [factory]) is written as an array of tables ([[...]]).',
+    fix: 'Write the section header with single brackets, e.g. [hypervisor.qemu] instead of [[hypervisor.qemu]].',
   },
   KATA_ERR_CONFIG_NO_HYPERVISOR: {
     meaning: 'The configuration has no [hypervisor.<name>] section.',
@@ -209,6 +217,14 @@ export const ERROR_CODES = Object.freeze({
     meaning: "A container's bind mount (a volume: Kubernetes volumes, /etc/hosts, `ctr run --mount type=bind`) cannot reach the guest: its source is missing, or the sandbox has no shared filesystem (a confidential sandbox has none by design).",
     fix: 'Check that the mount source exists on the host; for a confidential sandbox, put the data in the image instead of a host volume.',
   },
+  KATA_ERR_RUN_DIR: {
+    meaning: 'The sandbox run directory cannot be created under the run root (/run/kata-ts, or KATA_TS_RUN_ROOT): as a non-root user, permission is denied.',
+    fix: 'Run as root (running a sandbox needs it: bind mounts, hot-plug, /run/kata-ts), or point KATA_TS_RUN_ROOT at a directory you can write.',
+  },
+  KATA_ERR_INTERRUPTED: {
+    meaning: 'A signal (SIGINT, SIGTERM or SIGHUP) interrupted the runtime while it started or ran a sandbox; what had started was stopped and its run directory removed.',
+    fix: 'Nothing to undo; run the command again.',
+  },
   KATA_ERR_SANDBOX: {
     meaning: 'A sandbox or container operation was asked for in a state that does not allow it (unknown or duplicate container, sandbox stopped or failed).',
     fix: 'Check the ids used; a failed sandbox must be stopped and created again.',
@@ -338,7 +354,7 @@ function unknownCodeFix(plugin: string | undefined): string {
  * the schema check, the core's value rules and every plugin, then throws them together.
  */
 export interface Problem {
-  readonly code: ErrorCode;
+  readonly code: ErrorCode | PluginErrorCode;
   /** Dotted key path the problem is about. */
   readonly key: string;
   readonly value?: unknown;

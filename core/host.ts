@@ -11,10 +11,10 @@
  * guest kernel does not boot on it. A standard guest needs the device, the hardware virtualisation
  * flag and the vendor KVM module together.
  */
-import { execFile } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { assertTrustedPath } from './trusted-path.js';
+import { spawnProbe } from './child.js';
 
 export interface HostDetectOptions {
   /** Directory that stands for `/` (tests use a fake tree); default `/`. */
@@ -162,7 +162,11 @@ export function parseHypervisorVersion(output: string): { product: HypervisorPro
   return null;
 }
 
-/** Runs `<binary> --version` (2 s timeout by default) and parses the answer. Never rejects. */
+/**
+ * Runs `<binary> --version` (2 s timeout by default) and parses the answer. Never rejects. The
+ * binary runs in a process group of its own, killed as a whole on timeout and once it has answered,
+ * so a wrapper script that forks (or hangs in a grandchild) leaves nothing running.
+ */
 export function hypervisorVersion(binary: string, opts: { timeoutMs?: number } = {}): Promise<HypervisorVersion> {
   const timeoutMs = opts.timeoutMs ?? VERSION_TIMEOUT_MS;
   // Running as root, an untrusted binary is not run even to ask its version.
@@ -173,23 +177,48 @@ export function hypervisorVersion(binary: string, opts: { timeoutMs?: number } =
     return Promise.resolve({ version: null, product: null, output: '', reason: e instanceof Error ? e.message : String(e) });
   }
   return new Promise((resolve) => {
-    execFile(run, ['--version'], { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 1024, windowsHide: true }, (err, stdout, stderr) => {
-      const text = `${String(stdout)}\n${String(stderr)}`.trim();
+    const { child, kill } = spawnProbe(run, ['--version'], { stdio: ['ignore', 'pipe', 'pipe'], windowsHide: true });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let bytes = 0;
+    const collect = (into: Buffer[]) => (d: Buffer) => {
+      bytes += d.length;
+      if (bytes <= 64 * 1024) into.push(d);
+      else finish({ kind: 'too-much' });
+    };
+    child.stdout?.on('data', collect(out));
+    child.stderr?.on('data', collect(err));
+    const timer = setTimeout(() => finish({ kind: 'timeout' }), timeoutMs);
+    let done = false;
+    type End = { kind: 'exit'; code: number | null; signal: NodeJS.Signals | null } | { kind: 'error'; error: NodeJS.ErrnoException } | { kind: 'timeout' } | { kind: 'too-much' };
+    function finish(end: End): void {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      kill();
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      const text = `${Buffer.concat(out).toString()}\n${Buffer.concat(err).toString()}`.trim();
       const output = text.split('\n')[0]?.trim() ?? '';
-      if (err) {
-        const e = err as NodeJS.ErrnoException & { killed?: boolean; signal?: string | null };
-        let reason: string;
-        if (e.code === 'ENOENT') reason = `${binary} does not exist`;
-        else if (e.code === 'EACCES') reason = `${binary} is not executable`;
-        else if (e.killed || e.signal) reason = `${binary} --version did not answer within ${timeoutMs / 1000} s`;
-        else if (typeof e.code === 'number') reason = `${binary} --version exited with status ${e.code}`;
-        else reason = `${binary} --version failed: ${e.code ?? e.message}`;
+      let reason: string | undefined;
+      if (end.kind === 'error') {
+        const code = end.error.code;
+        reason = code === 'ENOENT' ? `${binary} does not exist` : code === 'EACCES' ? `${binary} is not executable` : `${binary} --version failed: ${code ?? end.error.message}`;
+      } else if (end.kind === 'timeout') reason = `${binary} --version did not answer within ${timeoutMs / 1000} s`;
+      else if (end.kind === 'too-much') reason = `${binary} --version printed more than 64 KiB`;
+      else if (end.signal) reason = `${binary} --version was killed by ${end.signal}`;
+      else if (end.code !== 0) reason = `${binary} --version exited with status ${end.code}`;
+      if (reason !== undefined) {
         resolve({ version: null, product: null, output, reason });
         return;
       }
       const parsed = parseHypervisorVersion(text);
       resolve(parsed ? { ...parsed, output, reason: '' } : { version: null, product: null, output, reason: `unrecognised ${binary} --version output: ${JSON.stringify(output)}` });
-    });
+    }
+    child.once('error', (error) => finish({ kind: 'error', error }));
+    // A grandchild that keeps the pipes open must not hold the answer back until the timeout.
+    child.once('exit', () => kill());
+    child.once('close', (code, signal) => finish({ kind: 'exit', code, signal }));
   });
 }
 

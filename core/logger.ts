@@ -73,6 +73,11 @@ export interface LoggerOptions {
    */
   sinks?: readonly LogSink[];
   name?: string;
+  /**
+   * Whether logged errors (`err`) carry their stack trace; default true. The CLI drops them below
+   * debug level: an operator reads the message and the code, a developer asks for --debug.
+   */
+  stacks?: boolean;
 }
 
 /** pino hands a destination marked with this symbol the level of the line it is about to write. */
@@ -102,6 +107,7 @@ class PinoHolder {
         level: this.opts.level ?? 'warn',
         timestamp: pino.stdTimeFunctions.isoTime,
         base: { pid: process.pid },
+        ...(this.opts.stacks === false ? { serializers: { err: (e: Error) => ({ ...pino.stdSerializers.err(e), stack: undefined }) } } : {}),
       };
       const sinks = this.opts.sinks;
       const warnings = sinks ? sinks.map((s) => [s.name, s.open()] as const).filter((w): w is readonly [string, string] => w[1] !== undefined) : [];

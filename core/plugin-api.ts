@@ -123,7 +123,7 @@ export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from '
 export { Daemon, type DaemonOptions, type DaemonExit } from './daemon.js';
 export { silentLogger, type Logger } from './logger.js';
 export { LineRing } from './line-ring.js';
-export { spawnTied } from './child.js';
+export { spawnProbe, spawnTied } from './child.js';
 export { SupervisedProcess, describeExit, type SupervisedOptions, type ProcessExit, type StopStep } from './supervised.js';
 export { assertTrustedPath } from './trusted-path.js';
 export { KataError, errorText, pluginErrorCodePrefix, type PluginErrorCode } from './errors.js';

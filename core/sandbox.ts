@@ -22,7 +22,7 @@ import { silentLogger, type Logger } from './logger.js';
 import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js';
 import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
-import { launchVm, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
+import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
 import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmExit } from './vm.js';
 
 const run = promisify(execFile);
@@ -216,11 +216,18 @@ export class Sandbox {
       // A VM that dies while we wait makes the dial fail at once instead of at the deadline.
       const abort = new AbortController();
       void running.exited.then(() => abort.abort());
+      opts.signal?.addEventListener('abort', () => abort.abort(), { once: true });
       const agent = await connectAgent(address, { deadlineMs, signal: abort.signal }).catch((e: unknown) => {
+        if (opts.signal?.aborted) throw interruptedError(opts.sandboxId);
         throw new KataError('KATA_ERR_AGENT_UNREACHABLE', `the guest agent of sandbox ${opts.sandboxId} did not answer: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
       });
       const storages = plan.sharedFsMount ? [{ ...plan.sharedFsMount, mountPoint: GUEST_SHARED_DIR }] : [];
-      await agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.sandboxId.slice(0, 63), storages });
+      try {
+        await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
+      } catch (e) {
+        agent.close();
+        throw e;
+      }
       log.info({ agent: address }, 'sandbox ready');
       return new Sandbox(running, agent, validated, log);
     } catch (e) {

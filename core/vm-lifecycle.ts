@@ -8,10 +8,11 @@
  * A failure at any step undoes the steps before it, so a failed start leaves no process, socket or
  * directory behind.
  */
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
+import { removeRunDir, writeOwner } from './run-dirs.js';
 import type { ValidatedConfig } from './runtime.js';
 import type { BlockDeviceSpec, HotpluggedBlock, UnplugOptions, VmContext, VmExit, VmHandle } from './vm.js';
 
@@ -29,6 +30,11 @@ export interface LaunchOptions {
   /** Parent of the run directory; tests use a temp dir. */
   readonly runRoot?: string;
   readonly log?: Logger;
+  /**
+   * Aborts the launch (Ctrl-C while the VM boots): what was started is stopped and the run
+   * directory removed, and the launch rejects with KATA_ERR_INTERRUPTED.
+   */
+  readonly signal?: AbortSignal;
 }
 
 export interface RunningVm {
@@ -57,20 +63,31 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
       fix: 'use a shorter run root (KATA_TS_RUN_ROOT); the default /run/kata-ts fits a CRI sandbox id (64 characters) in namespace k8s.io',
     });
   }
-  await mkdir(runDir, { recursive: true, mode: 0o700 });
+  await mkdir(runDir, { recursive: true, mode: 0o700 }).catch((e: NodeJS.ErrnoException) => {
+    throw runRootError(runDir, e);
+  });
   const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log });
   const { hooks } = validated;
 
   let vm: VmHandle | undefined;
+  const interrupted = () => {
+    if (opts.signal?.aborted) throw interruptedError(opts.sandboxId);
+  };
   try {
+    // First, so that a run killed from here on leaves a directory `kata-runtime cleanup` can judge.
+    await writeOwner(runDir);
+    interrupted();
     await hooks.beforeVmStart.promise(ctx);
+    interrupted();
     vm = await hooks.createVm.promise(ctx);
     if (!vm) {
       throw new KataError('KATA_ERR_INTERNAL', `no plugin created a VM for the "${validated.plan.vm.hypervisor}" launch spec`, { key: validated.config.hypervisorTable });
     }
+    interrupted();
     log.info({ hypervisor: vm.hypervisor }, 'starting VM');
-    await vm.start();
+    await untilAborted(vm.start(), opts.signal, opts.sandboxId);
     await hooks.vmStarted.promise(ctx, vm);
+    interrupted();
   } catch (e) {
     const failure = toKataError(e);
     const exit = vm ? await vm.stop().catch(() => undefined) : undefined;
@@ -106,5 +123,39 @@ async function cleanup(ctx: VmContext, hooks: ValidatedConfig['hooks'], exit: Vm
   } catch (e) {
     log.error({ err: e }, 'cleanup after the VM stopped failed');
   }
-  await rm(ctx.runDir, { recursive: true, force: true });
+  // Never through a mount left behind (a shared rootfs or volume): that would delete host data.
+  await removeRunDir(ctx.runDir).catch((e: unknown) => log.error({ err: e }, 'could not remove the run directory'));
+}
+
+/** The coded error of an interrupted launch or sandbox creation. */
+export function interruptedError(sandboxId: string): KataError {
+  return new KataError('KATA_ERR_INTERRUPTED', `sandbox ${sandboxId}: interrupted while starting; everything started so far was stopped`);
+}
+
+/** `p`, or KATA_ERR_INTERRUPTED as soon as `signal` aborts (the caller then stops what `p` was starting). */
+export function untilAborted<T>(p: Promise<T>, signal: AbortSignal | undefined, sandboxId: string): Promise<T> {
+  if (!signal) return p;
+  if (signal.aborted) {
+    p.catch(() => undefined);
+    return Promise.reject(interruptedError(sandboxId));
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => {
+      p.catch(() => undefined);
+      reject(interruptedError(sandboxId));
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
+/** Creating the run directory failed: as a non-root user, /run/kata-ts is the usual reason. */
+function runRootError(runDir: string, e: NodeJS.ErrnoException): KataError {
+  if (e.code === 'EACCES' || e.code === 'EPERM' || e.code === 'EROFS') {
+    return new KataError('KATA_ERR_RUN_DIR', `cannot create the sandbox run directory ${runDir}: ${e.code} (running as uid ${process.getuid?.() ?? '?'})`, {
+      value: runDir,
+      cause: e,
+    });
+  }
+  return new KataError('KATA_ERR_RUN_DIR', `cannot create the sandbox run directory ${runDir}: ${e.code ?? e.message}`, { value: runDir, cause: e, fix: 'check that the run root (KATA_TS_RUN_ROOT, default /run/kata-ts) is a writable directory' });
 }

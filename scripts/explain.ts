@@ -4,6 +4,7 @@
  * plugin before any VM starts. Exits non-zero unless both verdicts are what they should be.
  */
 import path from 'node:path';
+import { bold } from '../cli/io.js';
 import { main } from '../cli/main.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
@@ -12,7 +13,7 @@ import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
 useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const example = (f: string) => path.join(PACKAGE_ROOT, 'examples', f);
-const say = (s: string) => process.stdout.write(`\n\x1b[1m${s}\x1b[0m\n\n`);
+const say = (s: string) => process.stdout.write(`\n${bold(s, process.stdout)}\n\n`);
 
 say('$ kata-runtime --config examples/configuration-clh-tdx.toml validate');
 const good = await main(['--config', example('configuration-clh-tdx.toml'), 'validate']);

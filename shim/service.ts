@@ -266,6 +266,8 @@ export class TaskService {
     if (this.#shutdown) throw fail('KATA_ERR_TASK_STATE', 'the shim is shutting down');
     if (this.#tasks.has(req.id)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `container "${req.id}" already exists [KATA_ERR_SANDBOX]`);
     if (req.checkpoint) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'restoring from a checkpoint is not built');
+    // "" would read config.json from the shim's working directory and boot a VM before failing.
+    if (!path.isAbsolute(req.bundle)) throw fail('KATA_ERR_OCI_SPEC', `container "${req.id}": the bundle ${JSON.stringify(req.bundle)} is not an absolute path`, 'give the absolute path of the bundle directory (containerd always does)');
     const spec = await readBundleSpec(req.bundle, req.id);
     if (req.terminal || spec.terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `container "${req.id}" asks for a terminal (tty), which is not built`, 'run it without -t (ctr) or tty: true (Kubernetes)');
     const log = this.opts.log.child({ container: req.id });

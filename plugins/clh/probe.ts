@@ -3,12 +3,11 @@
  * private temporary directory, ask `vmm.ping` for its version and features, and shut it down
  * (`vmm.shutdown`, then SIGKILL). No VM is created. The features tell whether a TDX guest can run.
  */
-import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { assertTrustedPath, KataError, errorText, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
+import { assertTrustedPath, KataError, errorText, spawnProbe, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { PLUGIN_NAME, TDX_FEATURE } from './driver.js';
 
@@ -19,7 +18,8 @@ export async function probeVmm(binary: string, timeoutMs = PROBE_TIMEOUT_MS): Pr
   const run = assertTrustedPath(binary, 'the hypervisor binary', { plugin: PLUGIN_NAME });
   const dir = await mkdtemp(path.join(os.tmpdir(), 'kata-clh-probe-'));
   const socketPath = path.join(dir, 'api.sock');
-  const child = spawn(run, ['--api-socket', `path=${socketPath}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Its own process group: what it forks is killed with it, also when this process is interrupted.
+  const { child, kill } = spawnProbe(run, ['--api-socket', `path=${socketPath}`], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-2000)));
   const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
@@ -43,10 +43,11 @@ export async function probeVmm(binary: string, timeoutMs = PROBE_TIMEOUT_MS): Pr
   } finally {
     if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
       await api.shutdownVmm().catch(() => undefined);
-      const killer = setTimeout(() => child.kill('SIGKILL'), 1_000);
+      const killer = setTimeout(kill, 1_000);
       await exited;
       clearTimeout(killer);
     }
+    kill();
     await rm(dir, { recursive: true, force: true });
   }
 }

@@ -4,7 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
@@ -14,6 +15,7 @@ import { TempDir } from '../helpers/tmp.js';
 import { until } from '../helpers/wait.js';
 
 const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+const SHIPPED_CONFIG = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');
 
 describe('kata-runtime run @integration', function () {
   this.timeout(300_000);
@@ -86,15 +88,144 @@ describe('kata-runtime run @integration', function () {
     assert.deepEqual(existsSync(runRoot()) ? readdirSync(runRoot()) : [], []);
   });
 
-  it('takes its VM down with it when it is SIGKILLed (no chance to clean up)', async () => {
-    const child = spawn(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: env(), stdio: ['ignore', 'pipe', 'ignore'] });
-    await new Promise<void>((resolve) => child.stdout.on('data', (d: Buffer) => d.toString().includes('started') && resolve()));
-    assert.notDeepEqual(qemuProcessesMentioning(runRoot()), [], 'the VM runs while the container does');
-    child.kill('SIGKILL');
-    await new Promise((resolve) => child.once('exit', resolve));
-    await until('QEMU to die with the runtime', () => qemuProcessesMentioning(runRoot()).length === 0, 10_000, 100);
-    // What the runtime could not remove itself (its run directory) a later cleanup can.
-    rmSync(runRoot(), { recursive: true, force: true });
+  /** A run of `sh -c 'echo started; sleep 1000'` under `root`, resolved once the container runs. */
+  async function sleeper(root: string) {
+    const child = spawn(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on('data', (d: Buffer) => d.toString().includes('started') && resolve());
+      void exited.then((c) => reject(new Error(`run exited ${c} before the container started: ${stderr}`)));
+    });
+    return { child, exited, stderr: () => stderr, runDir: () => runDirsIn(root)[0] as string };
+  }
+  const runDirsIn = (root: string) => (existsSync(root) ? readdirSync(root).filter((e) => e.startsWith('run-')).map((e) => path.join(root, e)) : []);
+  const cleanup = (root: string) => spawnSync(process.execPath, [BIN, 'cleanup', '--json'], { encoding: 'utf8', env: { ...env(), KATA_TS_RUN_ROOT: root } });
+
+  it('takes its VM down with it when it is SIGKILLed; `kata-runtime cleanup` removes what it left and keeps a live sandbox', async () => {
+    const root = path.join(tmp.path, 'run-killed');
+    // A live sandbox in the shim's <namespace>/<sandbox> layout, which cleanup must not touch.
+    const live = await sleeper(path.join(root, 'k8s.io'));
+    const killed = await sleeper(root);
+    const leftDir = killed.runDir();
+    assert.notDeepEqual(qemuProcessesMentioning(leftDir), [], 'the VM runs while the container does');
+    killed.child.kill('SIGKILL');
+    await killed.exited;
+    await until('QEMU to die with the runtime', () => qemuProcessesMentioning(leftDir).length === 0, 10_000, 100);
+    assert.ok(existsSync(leftDir), 'a SIGKILLed run cannot remove its run directory');
+
+    const r = cleanup(root);
+    assert.equal(r.status, 0, r.stderr);
+    const report = JSON.parse(r.stdout) as { removed: string[]; kept: { dir: string }[]; problems: unknown[] };
+    assert.deepEqual(report.removed, [leftDir]);
+    assert.deepEqual(report.kept.map((k) => k.dir), [live.runDir()]);
+    assert.deepEqual(report.problems, []);
+    assert.equal(existsSync(leftDir), false);
+    assert.ok(existsSync(path.join(live.runDir(), 'qmp.sock')), "the live sandbox's run directory is intact");
+    assert.notDeepEqual(qemuProcessesMentioning(live.runDir()), [], 'the live VM still runs');
+
+    live.child.kill('SIGINT');
+    assert.equal(await live.exited, 130, live.stderr());
+    assert.deepEqual(runDirsIn(path.join(root, 'k8s.io')), []);
+  });
+
+  it('removes, when it starts, the run directory a SIGKILLed run left', async () => {
+    const root = path.join(tmp.path, 'run-reap');
+    const killed = await sleeper(root);
+    const leftDir = killed.runDir();
+    killed.child.kill('SIGKILL');
+    await killed.exited;
+    await until('QEMU to die with the runtime', () => qemuProcessesMentioning(leftDir).length === 0, 10_000, 100);
+    const r = spawnSync(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'true'], { encoding: 'utf8', env: { ...env(), KATA_TS_RUN_ROOT: root } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(runDirsIn(root), []);
+  });
+
+  it('reports a VM killed under it as KATA_ERR_VM_EXITED (exit 125), without a stack trace, and removes its run directory', async () => {
+    const root = path.join(tmp.path, 'run-vm-killed');
+    const run = await sleeper(root);
+    const pid = Number(readFileSync(path.join(run.runDir(), 'qemu.pid'), 'utf8'));
+    process.kill(pid, 'SIGKILL');
+    assert.equal(await run.exited, 125, run.stderr());
+    assert.match(run.stderr(), /code: KATA_ERR_VM_EXITED/);
+    assert.doesNotMatch(run.stderr(), STACK_FRAME);
+    assert.doesNotMatch(run.stderr(), /"stack"|Unhandled|KATA_ERR_INTERNAL/);
+    assert.deepEqual(runDirsIn(root), []);
+  });
+
+  // Each signal at another moment of the start: the run directory just made, QEMU started, the
+  // guest agent listening (the dial and CreateSandbox), the sandbox created (the rootfs hot-plug).
+  const consoleSays = (re: RegExp) => (d: string) => existsSync(path.join(d, 'console.log')) && re.test(readFileSync(path.join(d, 'console.log'), 'latin1'));
+  for (const [signal, moment, ready] of [
+    ['SIGINT', 'as soon as the run directory exists', (d: string) => existsSync(path.join(d, 'owner.json'))],
+    ['SIGTERM', 'once QEMU runs', (d: string) => existsSync(path.join(d, 'qemu.pid'))],
+    ['SIGHUP', 'once the guest agent listens', consoleSays(/KATA-TS-AGENT: listening/)],
+    ['SIGINT', 'while the rootfs is hot-plugged', consoleSays(/KATA-TS-AGENT: sandbox \S+ created/)],
+  ] as const) {
+    it(`on ${signal} ${moment} stops the VM, removes the run directory and exits 128+n, with no error`, async () => {
+      const root = path.join(tmp.path, `run-${n}`);
+      const child = spawn(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      let stdout = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
+      await until(moment, () => runDirsIn(root).some(ready), 120_000, 5);
+      child.kill(signal);
+      assert.equal(await exited, 128 + (os.constants.signals[signal] as number), stderr);
+      assert.equal(stdout, '', 'interrupted before the container ran');
+      // Not even a log line: "cannot unplug a disk: the VM is stopping" was one.
+      assert.equal(stderr, '');
+      assert.deepEqual(await qemuLeftBehind(root), []);
+      assert.deepEqual(existsSync(root) ? readdirSync(root) : [], []);
+    });
+  }
+
+  it('exits 127 for a command that is not in the container, with a coded error', () => {
+    const r = run(['--', '/nonexistent']);
+    assert.equal(r.status, 127, r.stderr);
+    assert.match(r.stderr, /executable file not found/);
+    assert.match(r.stderr, /code: KATA_ERR_/);
+    assert.doesNotMatch(r.stderr, STACK_FRAME);
+  });
+
+  /** A guest cache of its own: the built guest files linked in, the busybox rootfs copied (it is mounted read-write). */
+  function guestCache(name: string): string {
+    const cache = path.join(tmp.path, name);
+    mkdirSync(path.join(cache, 'guest'), { recursive: true });
+    const built = path.dirname(image.initrd);
+    for (const f of readdirSync(built)) {
+      if (f === 'busybox-rootfs.ext4') copyFileSync(path.join(built, f), path.join(cache, 'guest', f));
+      else if (!f.startsWith('.')) symlinkSync(path.join(built, f), path.join(cache, 'guest', f));
+    }
+    return cache;
+  }
+
+  it("takes the shipped configuration's guest files from KATA_TS_CACHE_DIR, and says so in the log", () => {
+    const cache = guestCache('cache-run');
+    const r = spawnSync(process.execPath, [BIN, '--config', SHIPPED_CONFIG, '--log-level', 'info', 'run', '--', 'echo', 'from the cache'], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: cache } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, 'from the cache\n');
+    assert.match(r.stderr, new RegExp(`"key":"hypervisor.qemu.kernel".*"using":"${path.join(cache, 'guest')}/`));
+    assert.match(r.stderr, /KATA_TS_CACHE_DIR is set: hypervisor.qemu.initrd is taken from the cache/);
+  });
+
+  it('looks nowhere else when KATA_TS_CACHE_DIR has no guest image (the error names the cache)', () => {
+    const empty = path.join(tmp.path, 'cache-empty');
+    const r = spawnSync(process.execPath, [BIN, '--config', SHIPPED_CONFIG, 'run', '--', 'true'], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: empty } });
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, new RegExp(`${path.join(empty, 'guest', 'busybox-rootfs.ext4')}`));
+    assert.doesNotMatch(r.stderr, STACK_FRAME);
+  });
+
+  it('npm run demo: runs its container with the cache in KATA_TS_CACHE_DIR, and prints no escape codes into a pipe', () => {
+    const cache = guestCache('cache-demo');
+    const r = spawnSync(process.execPath, [path.join(PACKAGE_ROOT, 'dist', 'scripts', 'demo.js')], { encoding: 'utf8', env: { ...env(), KATA_TS_CACHE_DIR: cache, KATA_TS_RUN_ROOT: path.join(tmp.path, 'run-demo') } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /hello from a container in a VM: \S+, rootfs \/dev\/vda ext4/);
+    assert.match(r.stdout, /^\$ kata-runtime /m);
+    assert.doesNotMatch(r.stdout + r.stderr, /\x1b/);
   });
 
   it('gives a coded error, no stack trace, for a missing rootfs', () => {

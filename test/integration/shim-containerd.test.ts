@@ -9,9 +9,10 @@
  * (devmapper) is covered by the sandbox tests, since this kernel has no device-mapper.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
@@ -106,6 +107,17 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     it('is RUNNING in ctr task ls', async () => {
       const r = await c().ctr(['task', 'ls']);
       assert.match(r.stdout, new RegExp(`^${id}\\s+\\d+\\s+RUNNING`, 'm'), why(r));
+    });
+
+    it('survives `kata-runtime cleanup`: the live shim owns its run directory', async () => {
+      const bin = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+      const r = spawnSync(process.execPath, [bin, 'cleanup', '--json'], { encoding: 'utf8', env: { ...process.env, KATA_TS_RUN_ROOT: runRoot } });
+      assert.equal(r.status, 0, r.stderr);
+      const report = JSON.parse(r.stdout) as { removed: string[]; kept: { dir: string; reason: string }[] };
+      assert.deepEqual(report.removed, []);
+      assert.match(report.kept.find((k) => k.dir === sandboxDir(id))?.reason ?? '', /is running/);
+      assert.ok(existsSync(path.join(sandboxDir(id), 'qmp.sock')));
+      assert.notDeepEqual(processesUnder(sandboxDir(id)), [], 'its VM still runs');
     });
 
     it('runs a second process with ctr task exec, with its own exit code', async () => {

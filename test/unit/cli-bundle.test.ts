@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, symlinkSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { TempDir } from '../helpers/tmp.js';
@@ -26,6 +26,27 @@ describe('the kata-runtime bin (bundled)', () => {
     assert.equal(r.status, 1);
     assert.match(r.stderr, /\[plugin tdx\] hypervisor\.clh\.shared_fs = "virtio-fs".*\[KATA_ERR_CONFIG_VETO\]/);
     assert.doesNotMatch(r.stderr, /^\s+at /m);
+  });
+
+  it('runs as `kata-runtime` from a symlink on PATH, as the README installs it, and lists the Kata aliases in --help', () => {
+    const tmp = new TempDir();
+    try {
+      const binDir = path.join(tmp.path, 'bin');
+      tmp.file('bin/.keep', '');
+      symlinkSync(path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs'), path.join(binDir, 'kata-runtime'));
+      const env = { ...process.env, PATH: `${binDir}:${path.dirname(process.execPath)}:/usr/bin:/bin`, KATA_CONF_FILE: '' };
+      const v = spawnSync('kata-runtime', ['--version'], { encoding: 'utf8', env });
+      assert.equal(v.status, 0, v.stderr);
+      assert.match(v.stdout, /^kata-runtime +: \d+\.\d+\.\d+/);
+      const h = spawnSync('kata-runtime', ['--help'], { encoding: 'utf8', env });
+      assert.match(h.stdout, /^ {2}check .*\(alias: kata-check/m);
+      assert.match(h.stdout, /^ {2}env .*\(alias: kata-env/m);
+      assert.match(h.stdout, /^ {2}cleanup /m);
+      const alias = spawnSync('kata-runtime', ['--config', path.join(PACKAGE_ROOT, 'examples', 'configuration-clh-tdx.toml'), 'kata-env', '--json'], { encoding: 'utf8', env });
+      assert.equal((JSON.parse(alias.stdout) as { Hypervisor: { Name: string } }).Hypervisor.Name, 'clh');
+    } finally {
+      tmp.cleanup();
+    }
   });
 
   it('exits 2 on a usage error', () => {

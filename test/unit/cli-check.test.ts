@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, cpSync } from 'node:fs';
+import { chmodSync, cpSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { hostChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../cli/check.js';
 import { main } from '../../cli/main.js';
 import { detectHost } from '../../core/host.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { TempDir } from '../helpers/tmp.js';
+import { pidAlive, until } from '../helpers/wait.js';
 import { CLI, HOST_FIXTURES, STACK_FRAME, capture, makeFakeHosts } from '../helpers/cli.js';
 
 
@@ -110,6 +111,26 @@ ${opts.extra ?? ''}
     assert.equal(s.initrd, 'FAIL');
     for (const p of [binary, path.join(tmp.path, 'qemu-missing', 'vmlinuz'), path.join(tmp.path, 'qemu-missing', 'initrd.img')]) assert.ok(r.stderr.includes(p), p);
     assert.doesNotMatch(r.stderr, STACK_FRAME);
+  });
+
+  it('leaves nothing running after a hypervisor --version probe that hangs in a grandchild (check and env, as processes)', async function () {
+    this.timeout(20_000);
+    for (const command of ['check', 'env']) {
+      const pidfile = path.join(tmp.path, `hang-${command}.pid`);
+      const binary = tmp.file(`bin/hanging-qemu-${command}`, `#!/bin/sh\nsleep 1000 >/dev/null 2>&1 &\necho $! > ${pidfile}\nwait\n`);
+      chmodSync(binary, 0o755);
+      const r = spawnSync(process.execPath, [CLI, '--config', qemuConfig(`qemu-hang-${command}`, { binary }), command, '--json'], { encoding: 'utf8', env: { ...process.env, KATA_TS_SYSROOT: hosts['paravirtual-kvm'], KATA_CONF_FILE: '' }, timeout: 15_000 });
+      assert.equal(r.signal, null, `${command} returned (${r.stderr})`);
+      const doc = JSON.parse(r.stdout) as CheckReport & { Hypervisor?: { VersionReason: string } };
+      const reason = command === 'check' ? doc.checks.find((c) => c.id === 'hypervisor-version')?.message : doc.Hypervisor?.VersionReason;
+      assert.match(reason ?? '', /did not answer within 2 s/);
+      const pid = Number(readFileSync(pidfile, 'utf8').trim());
+      try {
+        await until(`the probe's grandchild (${command}) to be gone`, () => !pidAlive(pid), 3_000);
+      } finally {
+        if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+      }
+    }
   });
 
   it('fails a hypervisor binary that is not executable', async () => {

@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { loadValidatedConfig } from '../../../core/runtime.js';
 import { launchVm } from '../../../core/vm-lifecycle.js';
 import type { KataError } from '../../../core/errors.js';
+import { isMountPoint } from '../../../core/mounts.js';
+import { OWNER_FILE } from '../../../core/run-dirs.js';
 import { TempDir, fakeConfig, fakeHypervisorSource } from '../../helpers/tmp.js';
 
 /**
@@ -21,7 +24,7 @@ const LIFECYCLE = `
       const exited = new Promise((r) => (resolveExit = r));
       return {
         hypervisor: 'fakevmm', pid: 4242, exited,
-        async start() { log(ctx, 'vm-start'); if (ctx.config.hypervisor.kernel === '/fail-start') throw new Error('bad kernel'); },
+        async start() { log(ctx, 'vm-start'); if (ctx.config.hypervisor.kernel === '/fail-start') throw new Error('bad kernel'); if (ctx.config.hypervisor.kernel === '/hang-start') await exited; },
         async hotplugBlock(dev) { log(ctx, 'plug:' + dev.id); return { id: dev.id, pciPath: '02/00' }; },
         async unplugBlock(id) { log(ctx, 'unplug:' + id); },
         async stop() { log(ctx, 'vm-stop'); const e = { expected: true, code: 0, signal: null, stderrTail: [] }; resolveExit(e); return e; },
@@ -81,5 +84,47 @@ describe('launchVm', () => {
 
   it('refuses a sandbox id that could escape the run root', async () => {
     await assert.rejects(launchVm(await validated('/k'), { sandboxId: '../etc', runRoot: path.join(tmp.path, 'run') }), (e: KataError) => e.code === 'KATA_ERR_USAGE');
+  });
+
+  it('records its owner (this process) in the run directory before anything starts', async () => {
+    const running = await launchVm(await validated('/k'), { sandboxId: 'sb-owner', runRoot: path.join(tmp.path, 'run') });
+    try {
+      assert.equal((JSON.parse(readFileSync(path.join(running.ctx.runDir, OWNER_FILE), 'utf8')) as { pid: number }).pid, process.pid);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('on abort while the VM starts, stops it, removes the run directory and rejects with KATA_ERR_INTERRUPTED', async () => {
+    const abort = new AbortController();
+    const launching = launchVm(await validated('/hang-start'), { sandboxId: 'sb-int', runRoot: path.join(tmp.path, 'run'), signal: abort.signal });
+    const runDir = path.join(tmp.path, 'run', 'sb-int');
+    while (!existsSync(path.join(tmp.path, 'run', 'events.log')) || !events().includes('vm-start')) await new Promise((r) => setTimeout(r, 5));
+    abort.abort();
+    await assert.rejects(launching, (e: KataError) => e.code === 'KATA_ERR_INTERRUPTED');
+    assert.deepEqual(events(), ['daemon-start:true', 'vm-start', 'vm-stop', 'daemon-stop:exit']);
+    assert.equal(existsSync(runDir), false);
+  });
+
+  it('reports a run root it cannot create with KATA_ERR_RUN_DIR', async () => {
+    const file = tmp.file('not-a-dir', '');
+    await assert.rejects(launchVm(await validated('/k'), { sandboxId: 'sb5', runRoot: path.join(file, 'run') }), (e: KataError) => e.code === 'KATA_ERR_RUN_DIR' && e.value === path.join(file, 'run', 'sb5'));
+  });
+
+  it('unmounts what is left mounted under the run directory before removing it: host data survives', async function () {
+    if (process.getuid?.() !== 0) this.skip();
+    const data = tmp.file('host-data/precious.txt', 'keep me\n');
+    const running = await launchVm(await validated('/k'), { sandboxId: 'sb-mount', runRoot: path.join(tmp.path, 'run') });
+    const target = path.join(running.ctx.runDir, 'shared', 'c1', 'rootfs');
+    mkdirSync(target, { recursive: true });
+    execFileSync('mount', ['--bind', path.dirname(data), target]);
+    try {
+      await running.stop();
+      assert.equal(await isMountPoint(target), false);
+      assert.equal(existsSync(running.ctx.runDir), false);
+      assert.equal(readFileSync(data, 'utf8'), 'keep me\n');
+    } finally {
+      if (await isMountPoint(target)) execFileSync('umount', ['-l', target]);
+    }
   });
 });

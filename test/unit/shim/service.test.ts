@@ -752,6 +752,16 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       assert.deepEqual(evs, []);
     });
 
+    it('a bundle that is empty or relative: INVALID_ARGUMENT (KATA_ERR_OCI_SPEC) before any sandbox starts', async () => {
+      await harness();
+      await rejectsWith(h.create('b1', { req: { bundle: '' } }), GrpcCode.INVALID_ARGUMENT, /KATA_ERR_OCI_SPEC/);
+      // A valid bundle, named relative to the shim's working directory: still refused.
+      const relative = path.relative(process.cwd(), h.bundle('b2', {}));
+      await rejectsWith(h.create('b2', { req: { bundle: relative } }), GrpcCode.INVALID_ARGUMENT, /KATA_ERR_OCI_SPEC/);
+      assert.equal(h.factory.requests.length, 0);
+      assert.deepEqual(await h.flushEvents(), []);
+    });
+
     it('a duplicate id: ALREADY_EXISTS; a container of no pod or of another pod: FAILED_PRECONDITION; the first one unharmed', async () => {
       await harness();
       await h.create('c1');
