@@ -1,11 +1,8 @@
 #!/usr/bin/env node
-// containerd-shim-kata-v2: the containerd runtime v2 shim (shim/main.ts).
+// containerd-shim-kata-v2: the containerd runtime v2 shim (shim/main.ts), with the built-in plugins.
 import { readFileSync } from 'node:fs';
-import { useBuiltinPlugins } from '../core/plugin-loader.js';
 import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
 import { shimMain } from '../shim/main.js';
-
-useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const code = await shimMain({
   env: process.env,
@@ -13,5 +10,6 @@ const code = await shimMain({
   stdin: () => readFileSync(0),
   stdout: (s) => process.stdout.write(s),
   stderr: (s) => process.stderr.write(s),
+  builtins: BUILTIN_PLUGINS,
 });
 process.exitCode = code;

@@ -21,7 +21,7 @@ import { accessSync, constants as fsConstants, statSync } from 'node:fs';
 import { formatProblem } from '../core/errors.js';
 import type { Hooks } from '../core/hooks.js';
 import type { CheckStatus, HostCheck } from '../core/host-check.js';
-import { chooseAccelerator, detectHost, hypervisorVersion, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../core/host.js';
+import { chooseAccelerator, detectHost, hypervisorVersion, productName, type AcceleratorChoice, type HostInfo, type HypervisorVersion } from '../core/host.js';
 import type { SandboxPlan } from '../core/plan.js';
 import { judgeConfigWithHooks, type Judgement } from '../core/runtime.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
@@ -62,24 +62,23 @@ export function hypervisorBinary(section: Readonly<Record<string, unknown>>, pla
 }
 
 /**
- * The accelerator this configuration gets on this host. QEMU: the plan's choice (`auto` unless the
- * configuration forces one) resolved by {@link chooseAccelerator}. Cloud Hypervisor: KVM, which it
- * cannot run without. Other hypervisors: whatever their plugin decides; shown as unknown.
+ * The accelerator this configuration gets on this host, from the plan's neutral `vm.accelerator`
+ * (the hypervisor plugin says whether its VMs may fall back to TCG; a confidential guest needs
+ * KVM), resolved by {@link chooseAccelerator}. Without a plan (an invalid configuration): `auto`.
  */
-export function acceleratorFor(hypervisor: string, section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined, host: HostInfo): { accelerator: string; reason: string } {
-  if (hypervisor === 'qemu') return chooseAccelerator(host, qemuAccelerator(section, plan));
-  if (hypervisor === 'clh') {
-    return { accelerator: 'kvm', reason: host.kvmCanRunStandardGuest ? `Cloud Hypervisor runs on KVM only; ${host.kvm.reason}` : `Cloud Hypervisor runs on KVM only, but ${host.kvm.reason}` };
+export function acceleratorFor(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined, host: HostInfo): { accelerator: string; reason: string } {
+  const choice = acceleratorChoice(section, plan);
+  const r = chooseAccelerator(host, choice);
+  if (choice === 'kvm' && plan?.vm.accelerator === 'kvm' && section.confidential_guest !== true) {
+    // The hypervisor, not the configuration, asks for KVM (Cloud Hypervisor has no emulation).
+    return { accelerator: 'kvm', reason: host.kvmCanRunStandardGuest ? `the "${plan.hypervisor}" hypervisor runs on KVM only; ${host.kvm.reason}` : `the "${plan.hypervisor}" hypervisor runs on KVM only, but ${host.kvm.reason}` };
   }
-  return { accelerator: '', reason: `chosen by the plugin that provides the "${hypervisor}" hypervisor` };
+  return r;
 }
 
-/** The QEMU accelerator setting: the one the qemu plugin rendered (KVM for a TD), else the `accelerator` key (ours), else auto. */
-function qemuAccelerator(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined): AcceleratorChoice {
-  const rendered = (plan?.vm.native as { accelerator?: unknown } | undefined)?.accelerator;
-  if (rendered === 'auto' || rendered === 'kvm' || rendered === 'tcg') return rendered;
-  const v = section.accelerator;
-  return v === 'kvm' || v === 'tcg' ? v : 'auto';
+function acceleratorChoice(section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined): AcceleratorChoice {
+  if (section.confidential_guest === true) return 'kvm';
+  return plan?.vm.accelerator ?? 'auto';
 }
 
 export async function checkCommand(ctx: CommandContext): Promise<number> {
@@ -87,8 +86,8 @@ export async function checkCommand(ctx: CommandContext): Promise<number> {
   const located = ctx.locate();
   const { judgement: j, hooks } = await judgeConfigWithHooks({ file: located.path, log: ctx.log });
   const host = detectHost({ root: hostRoot(ctx.io.env) });
-  const checks = j.config ? await hostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : [];
-  if (j.config) checks.push(...(await pluginChecks(hooks, j, checks, ctx)));
+  const core = j.config ? await hostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : [];
+  const checks = j.config ? mergeChecks(core, await pluginChecks(hooks, j, core, ctx)) : core;
   const failures = checks.filter((c) => c.status === 'FAIL');
   const capable = j.valid && failures.length === 0;
 
@@ -117,9 +116,18 @@ export async function checkCommand(ctx: CommandContext): Promise<number> {
 async function pluginChecks(hooks: Hooks, j: Judgement, core: readonly HostCheck[], ctx: CommandContext): Promise<HostCheck[]> {
   const added: HostCheck[] = [];
   if (!j.config) return added;
-  await hooks.hostChecks.promise({ config: j.config, plan: j.plan, checks: core, add: (c) => void added.push(Object.freeze({ ...c })), log: ctx.log });
+  await hooks.hostChecks.promise({ config: j.config, plan: j.plan, checks: core, add: (c) => void added.push(Object.freeze({ ...c })), version: versions.get(core), log: ctx.log });
   return added;
 }
+
+/** The core's lines, each refined by a plugin's line of the same id, then the plugins' other lines. */
+export function mergeChecks(core: readonly HostCheck[], fromPlugins: readonly HostCheck[]): HostCheck[] {
+  const refined = core.map((c) => [...fromPlugins].reverse().find((p) => p.id === c.id) ?? c);
+  return [...refined, ...fromPlugins.filter((p) => !core.some((c) => c.id === p.id))];
+}
+
+/** The `--version` answer behind a list of core checks, for the plugins' `hostChecks` context. */
+const versions = new WeakMap<readonly HostCheck[], HypervisorVersion>();
 
 /** Runs every host check this configuration calls for, in a fixed order. */
 export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
@@ -128,7 +136,7 @@ export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
   const confidential = section.confidential_guest === true;
 
   checks.push(kvmCheck(hypervisor, section, plan, host, confidential));
-  checks.push(vsockCheck(hypervisor, host));
+  checks.push(vsockCheck(plan, host));
   if (confidential) {
     checks.push(
       host.tdx.available
@@ -140,7 +148,11 @@ export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
   const binary = hypervisorBinary(section, plan);
   const binaryCheck = executableCheck('hypervisor-binary', 'hypervisor binary', binary, `${hypervisorTable(hypervisor)}.path`);
   checks.push(binaryCheck);
-  if (binaryCheck.status === 'ok') checks.push(versionCheck(hypervisor, binary, await hypervisorVersion(binary)));
+  if (binaryCheck.status === 'ok') {
+    const version = await hypervisorVersion(binary);
+    versions.set(checks, version);
+    checks.push(versionCheck(version));
+  }
 
   checks.push(...fileCheck('kernel', 'guest kernel', section.kernel, `${hypervisorTable(hypervisor)}.kernel`));
   checks.push(...fileCheck('image', 'guest image', section.image, `${hypervisorTable(hypervisor)}.image`));
@@ -163,33 +175,32 @@ function kvmCheck(hypervisor: string, section: Readonly<Record<string, unknown>>
   const base = { id: 'kvm', subject: 'KVM' } as const;
   if (host.kvmCanRunStandardGuest) return { ...base, status: 'ok', message: host.kvm.reason };
   if (confidential) return { ...base, status: 'FAIL', message: `a confidential (TDX) guest needs KVM, but ${host.kvm.reason}` };
-  if (hypervisor === 'clh') return { ...base, status: 'FAIL', message: `Cloud Hypervisor needs KVM, but ${host.kvm.reason}; use a host with hardware virtualisation, or the QEMU configuration (it falls back to TCG)` };
-  if (hypervisor === 'qemu') {
-    const choice = acceleratorFor(hypervisor, section, plan, host);
-    if (choice.accelerator === 'kvm') return { ...base, status: 'FAIL', message: `${choice.reason}; set accelerator = "auto" to fall back to TCG` };
-    if (qemuAccelerator(section, plan) === 'tcg') return { ...base, status: 'info', message: `not used: ${choice.reason} (${host.kvm.reason})` };
-    return { ...base, status: 'WARN', message: `${host.kvm.reason}; QEMU falls back to TCG (software emulation): guests run, but slowly` };
+  if (!plan) return { ...base, status: 'WARN', message: `${host.kvm.reason}; whether the "${hypervisor}" hypervisor can do without is up to its plugin` };
+  const choice = acceleratorChoice(section, plan);
+  if (choice === 'kvm') {
+    const why = plan.vm.accelerator === 'kvm' && section.accelerator !== 'kvm' ? `the "${hypervisor}" hypervisor needs KVM` : 'the configuration forces accelerator = "kvm"';
+    return { ...base, status: 'FAIL', message: `${why}, but ${host.kvm.reason}; use a host with hardware virtualisation${section.accelerator === 'kvm' ? ', or set accelerator = "auto" to fall back to TCG' : ', or a hypervisor that falls back to TCG (QEMU)'}` };
   }
-  return { ...base, status: 'WARN', message: `${host.kvm.reason}; whether the "${hypervisor}" hypervisor can do without is up to its plugin` };
+  if (choice === 'tcg') return { ...base, status: 'info', message: `not used: TCG (software emulation) requested by the configuration (${host.kvm.reason})` };
+  return { ...base, status: 'WARN', message: `${host.kvm.reason}; the VM falls back to TCG (software emulation): guests run, but slowly` };
 }
 
-function vsockCheck(hypervisor: string, host: HostInfo): HostCheck {
+/** vhost-vsock matters only for an agent channel over AF_VSOCK; the plan says which channel the VM has. */
+function vsockCheck(plan: SandboxPlan | undefined, host: HostInfo): HostCheck {
   const base = { id: 'vhost-vsock', subject: 'vhost-vsock' } as const;
   if (host.vhostVsock.available) return { ...base, status: 'ok', message: host.vhostVsock.reason };
-  if (hypervisor === 'clh') return { ...base, status: 'info', message: 'not needed: Cloud Hypervisor serves the guest vsock itself, over a unix socket on the host' };
-  if (hypervisor === 'qemu') return { ...base, status: 'WARN', message: `${host.vhostVsock.reason}; the agent channel uses virtio-serial instead` };
+  const channel = plan?.vm.devices.find((d) => d.kind === 'agent-channel');
+  if (channel?.transport === 'hybrid-vsock') return { ...base, status: 'info', message: 'not needed: the hypervisor serves the guest vsock itself, over a unix socket on the host (hybrid vsock)' };
+  if (channel?.transport === 'virtio-serial') return { ...base, status: 'WARN', message: `${host.vhostVsock.reason}; the agent channel uses virtio-serial instead` };
+  if (channel?.transport === 'vsock') return { ...base, status: 'FAIL', message: `the agent channel is AF_VSOCK, but ${host.vhostVsock.reason}; load vhost_vsock (modprobe vhost_vsock)` };
   return { ...base, status: 'WARN', message: host.vhostVsock.reason };
 }
 
-function versionCheck(hypervisor: string, binary: string, v: HypervisorVersion): HostCheck {
+/** What the binary says it is; the hypervisor plugin refines this line when it is not its own product. */
+function versionCheck(v: HypervisorVersion): HostCheck {
   const base = { id: 'hypervisor-version', subject: 'hypervisor version' } as const;
   if (v.version === null) return { ...base, status: 'info', message: `unknown: ${v.reason}` };
-  const expected = hypervisor === 'qemu' ? 'qemu' : hypervisor === 'clh' ? 'cloud-hypervisor' : null;
-  const name = v.product === 'qemu' ? 'QEMU' : 'Cloud Hypervisor';
-  if (expected !== null && v.product !== expected) {
-    return { ...base, status: 'WARN', message: `${binary} is ${name} ${v.version}, not the hypervisor of [${hypervisorTable(hypervisor)}]` };
-  }
-  return { ...base, status: 'info', message: `${name} ${v.version}` };
+  return { ...base, status: 'info', message: `${productName(v.product)} ${v.version}` };
 }
 
 /** A binary: exists, is a regular file, is executable. */

@@ -170,7 +170,7 @@ export async function buildEnvInfo(inputs: EnvInputs): Promise<EnvInfo> {
 
   const binary = hypervisorBinary(hvSection, plan);
   const version = binary ? await hypervisorVersion(binary) : { version: null, reason: 'no hypervisor path in the configuration' };
-  const accel = hvName ? acceleratorFor(hvName, hvSection, plan, host) : { accelerator: '', reason: 'no hypervisor in the configuration' };
+  const accel = hvName ? acceleratorFor(hvSection, plan, host) : { accelerator: '', reason: 'no hypervisor in the configuration' };
   const rv = runtimeVersion();
   const sv = parseSemver(rv);
 

@@ -10,6 +10,8 @@ import { KataError, isKataError, toKataError } from '../core/errors.js';
 import { createLogger, LOG_LEVELS, type LogLevel, type Logger } from '../core/logger.js';
 import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../core/config/locate.js';
 import { runtimeVersion } from '../core/version.js';
+import type { PluginSource } from '../core/plugin-api.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
 import { describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
@@ -111,7 +113,12 @@ Global options:
   -h, --help                      print this help
 `;
 
-export async function main(argv: readonly string[], io: CliIO = processIO): Promise<number> {
+/**
+ * Runs one `kata-runtime` command line. `builtins` are the built-in plugins the executable hands
+ * over (bin/kata-runtime.ts passes plugins/builtin.ts's list; the CLI itself imports no plugin).
+ */
+export async function main(argv: readonly string[], io: CliIO = processIO, opts: { builtins?: readonly PluginSource[] } = {}): Promise<number> {
+  if (opts.builtins) useBuiltinPlugins(opts.builtins);
   // Everything after `--` belongs to the command being run, options included.
   const dashDash = argv.indexOf('--');
   const own = dashDash < 0 ? [...argv] : argv.slice(0, dashDash);

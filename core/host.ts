@@ -141,6 +141,11 @@ export function chooseAccelerator(
 
 export type HypervisorProduct = 'qemu' | 'cloud-hypervisor';
 
+/** How a product is called in messages. */
+export function productName(product: HypervisorProduct | null): string {
+  return product === 'qemu' ? 'QEMU' : product === 'cloud-hypervisor' ? 'Cloud Hypervisor' : 'an unknown hypervisor';
+}
+
 export interface HypervisorVersion {
   /** `7.2.0`, `40.0`; null when unknown. */
   readonly version: string | null;

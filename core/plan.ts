@@ -199,6 +199,12 @@ export interface VmDescription {
   readonly hypervisor: string;
   /** The hypervisor executable (`path`); `kata-runtime check` and `env` show it. */
   binary: string;
+  /**
+   * How the vCPUs run: `kvm` only (Cloud Hypervisor, a TEE), `tcg` only, or `auto` (KVM when the
+   * host can run a standard guest, else TCG). Absent means `auto`. `check` and `env` judge the
+   * host by it.
+   */
+  accelerator?: 'auto' | 'kvm' | 'tcg';
   cpus: VcpuIntent;
   memory: MemoryIntent;
   /** The guest kernel. */

@@ -128,3 +128,4 @@ export { SupervisedProcess, describeExit, type SupervisedOptions, type ProcessEx
 export { assertTrustedPath } from './trusted-path.js';
 export { KataError, errorText, pluginErrorCodePrefix, type PluginErrorCode } from './errors.js';
 export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';
+export { productMismatch } from './host-check.js';

@@ -37,6 +37,8 @@ import { Any, DeleteResponse, RuntimeInfo, Task } from '../wire/containerd/proto
 import { TaskService } from './service.js';
 import { timestamp } from './time.js';
 import { SHIPPED_QEMU_CONFIG } from '../core/paths.js';
+import type { PluginSource } from '../core/plugin-api.js';
+import { useBuiltinPlugins } from '../core/plugin-loader.js';
 
 /** The runtime type containerd knows this shim by. */
 export const RUNTIME_NAME = 'io.containerd.kata.v2';
@@ -65,6 +67,8 @@ export interface ShimEnv {
   readonly argv: readonly string[];
   readonly stdout: (s: string | Uint8Array) => void;
   readonly stderr: (s: string) => void;
+  /** The built-in plugins the executable hands over (the shim itself imports no plugin). */
+  readonly builtins?: readonly PluginSource[];
 }
 
 /** The socket of the shim serving a sandbox: a hash of containerd's address, namespace and sandbox id. */
@@ -93,6 +97,7 @@ function canConnect(sock: string): Promise<boolean> {
 }
 
 export async function shimMain(io: ShimEnv): Promise<number> {
+  if (io.builtins) useBuiltinPlugins(io.builtins);
   let flags: ShimFlags;
   try {
     flags = parseShimFlags(io.argv);

@@ -7,7 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { assertTrustedPath, KataError, errorText, spawnProbe, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
+import { assertTrustedPath, KataError, errorText, productMismatch, spawnProbe, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { PLUGIN_NAME, TDX_FEATURE } from './driver.js';
 
@@ -56,6 +56,8 @@ export async function probeVmm(binary: string, timeoutMs = PROBE_TIMEOUT_MS): Pr
 export async function clhHostChecks(ctx: HostCheckContext): Promise<void> {
   if (ctx.config.hypervisorName !== 'clh') return;
   if (ctx.checks.find((c) => c.id === 'hypervisor-binary')?.status !== 'ok') return;
+  const mismatch = productMismatch(ctx, 'cloud-hypervisor');
+  if (mismatch) ctx.add(mismatch);
   const binary = ctx.plan?.vm.binary;
   const path_ = typeof binary === 'string' && binary ? binary : String((ctx.config.hypervisor as { path?: unknown }).path ?? '');
   const confidential = ctx.config.hypervisor.confidential_guest === true;

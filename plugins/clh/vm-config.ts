@@ -201,6 +201,8 @@ export function describeClhVm(cfg: Pick<KataConfig, 'hypervisor'>, caps: Readonl
   const vm: VmDescription = {
     hypervisor: 'clh',
     binary: hv.path as string,
+    // Cloud Hypervisor has no software emulation.
+    accelerator: 'kvm',
     cpus: { boot: boot_vcpus, max: max_vcpus, hotplug: caps.has('cpu-hotplug') },
     // vhost-user devices (virtiofsd) map guest RAM, so it must be shared.
     memory: { bootMiB: hv.default_memory, maxMiB, hotplug: memHotplug, shared: hv.shared_fs !== 'none' },

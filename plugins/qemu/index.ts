@@ -7,7 +7,7 @@
  * It also provides `shared-fs:virtio-9p`: a 9p share is served by QEMU itself (-fsdev + virtio-9p-pci),
  * with no daemon of its own, so there is nothing for a separate plugin to own.
  */
-import { STAGE, definePlugin } from '../../core/plugin-api.js';
+import { STAGE, definePlugin, productMismatch } from '../../core/plugin-api.js';
 import { SANDBOX_PATHS, SHARED_MOUNT_TAG } from './config.js';
 import { renderQemuArgv } from './argv.js';
 import { declareCapabilities } from './capabilities.js';
@@ -68,6 +68,12 @@ export default definePlugin({
       plan.vm.native = vm;
       plan.vm.launch = vm.launch;
       return plan;
+    });
+
+    // `kata-runtime check`: the binary must be QEMU.
+    hooks.hostChecks.tapPromise(PLUGIN_NAME, async (check) => {
+      const mismatch = productMismatch(check, 'qemu');
+      if (mismatch) check.add(mismatch);
     });
 
     // The VM for a QEMU plan, created but not started: the core calls start() next.

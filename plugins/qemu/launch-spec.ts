@@ -154,6 +154,7 @@ export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host
   const vm: VmDescription = {
     hypervisor: 'qemu',
     binary: hv.path as string,
+    accelerator: hv.accelerator,
     cpus: { boot: smp.cpus, max: smp.maxcpus, hotplug: caps.has('cpu-hotplug') },
     memory: { bootMiB: mem.bootMiB, maxMiB: mem.maxMiB, hotplug: caps.has('memory-hotplug'), shared: false },
     kernelParams: hv.kernel_params.trim() ? [hv.kernel_params.trim()] : [],

@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { chmodSync, cpSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { hostChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../cli/check.js';
+import { hostChecks, mergeChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../cli/check.js';
+import type { SandboxPlan } from '../../core/plan.js';
 import { main } from '../../cli/main.js';
 import { detectHost } from '../../core/host.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
@@ -319,5 +320,38 @@ describe('hostChecks', () => {
   it('fails a guest file that is a directory', async () => {
     const checks = await hostChecks({ hypervisor: 'qemu', section: { ...base(), kernel: tmp.path }, plan: undefined, host: host('intel-kvm') });
     assert.equal(statuses(checks).kernel, 'FAIL');
+  });
+
+  describe('judged from the plan, whatever the hypervisor is called', () => {
+    const plan = (vm: Partial<SandboxPlan['vm']>): SandboxPlan => ({ hypervisor: 'othervmm', vm: { hypervisor: 'othervmm', binary, devices: [], ...vm } }) as unknown as SandboxPlan;
+    const other = (p: SandboxPlan, h = 'paravirtual-kvm') => hostChecks({ hypervisor: 'othervmm', section: base(), plan: p, host: host(h) });
+
+    it('fails KVM for a VM that needs it, warns for one that falls back to TCG, and tells for one on TCG', async () => {
+      assert.equal(statuses(await other(plan({ accelerator: 'kvm' }))).kvm, 'FAIL');
+      assert.equal(statuses(await other(plan({ accelerator: 'auto' }))).kvm, 'WARN');
+      assert.equal(statuses(await other(plan({}))).kvm, 'WARN');
+      assert.equal(statuses(await other(plan({ accelerator: 'tcg' }))).kvm, 'info');
+      assert.equal(statuses(await other(plan({ accelerator: 'kvm' }), 'intel-kvm')).kvm, 'ok');
+    });
+
+    it('judges vhost-vsock by the agent channel the plan has', async () => {
+      const channel = (transport: string) => plan({ devices: [{ kind: 'agent-channel', transport, socket: '/s', cid: 3, port: 1024, name: 'agent' } as never] });
+      assert.equal(statuses(await other(channel('hybrid-vsock')))['vhost-vsock'], 'info');
+      assert.equal(statuses(await other(channel('virtio-serial')))['vhost-vsock'], 'WARN');
+      assert.equal(statuses(await other(channel('vsock')))['vhost-vsock'], 'FAIL');
+      assert.equal(statuses(await other(channel('vsock'), 'intel-kvm'))['vhost-vsock'], 'ok');
+    });
+
+    it('lets a plugin line replace the core line of the same id, and appends the others', () => {
+      const core: HostCheck[] = [
+        { id: 'kvm', status: 'ok', subject: 'KVM', message: 'fine' },
+        { id: 'hypervisor-version', status: 'info', subject: 'v', message: 'QEMU 8' },
+      ];
+      const merged = mergeChecks(core, [
+        { id: 'hypervisor-version', status: 'WARN', subject: 'v', message: 'not mine' },
+        { id: 'hypervisor-api', status: 'ok', subject: 'api', message: 'pong' },
+      ]);
+      assert.deepEqual(merged.map((c) => [c.id, c.status]), [['kvm', 'ok'], ['hypervisor-version', 'WARN'], ['hypervisor-api', 'ok']]);
+    });
   });
 });
