@@ -23,7 +23,7 @@ import { runtimeVersion } from '../core/version.js';
 import type { Logger } from '../core/logger.js';
 import type { ConfigSource } from '../core/config/locate.js';
 import { acceleratorFor, hostRoot, hypervisorBinary } from './check.js';
-import { describeError, toJson } from './io.js';
+import { describeError, problemsOf, toJson } from './io.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 
 /**
@@ -94,6 +94,8 @@ export interface EnvInfo {
   Agent: { Debug: boolean; Trace: boolean };
   /** Ours: the plugins the configuration loaded. */
   Plugins: { Name: string; Version: string; Builtin: boolean; Source: string; Reason: string; Provides: string[] }[];
+  /** Ours, named as in `validate --json` and `check --json`: what is wrong with the configuration; empty when it is valid. */
+  problems: Problem[];
 }
 
 export async function envCommand(ctx: CommandContext): Promise<number> {
@@ -102,6 +104,7 @@ export async function envCommand(ctx: CommandContext): Promise<number> {
   const host = detectHost({ root: hostRoot(ctx.io.env) });
   const judged = await judgeOrExplain(located.path, ctx.log);
   const doc = await buildEnvInfo({ configPath: located.path, configSource: located.source, host, ...judged });
+  if (judged.error) doc.problems = problemsOf(judged.error);
 
   ctx.io.out(ctx.flags.json ? toJson(doc) + '\n' : stringify(doc) + '\n');
 
@@ -246,6 +249,7 @@ export async function buildEnvInfo(inputs: EnvInputs): Promise<EnvInfo> {
     },
     Agent: { Debug: ag.bool('enable_debug'), Trace: ag.bool('enable_tracing') },
     Plugins: (j?.plugins ?? []).map((p) => ({ Name: p.name, Version: p.version, Builtin: p.builtin, Source: p.specifier, Reason: p.reason, Provides: [...p.provides] })),
+    problems: [...(j?.problems ?? [])],
   };
 }
 

@@ -143,6 +143,7 @@ enable_tracing = true
     assert.match(r.stderr, /hypervisor\.qemu\.default_memory/);
     assert.match(r.stderr, /KATA_ERR_CONFIG_VALUE/);
     assert.doesNotMatch(r.stderr, STACK_FRAME);
+    assert.deepEqual(doc.problems.map((p) => [p.code, p.key]), [['KATA_ERR_CONFIG_VALUE', 'hypervisor.qemu.default_memory']]);
   });
 
   it('shows the raw values of a configuration that fails the shape check', async () => {
@@ -166,6 +167,7 @@ enable_tracing = true
     assert.equal(doc.Host.CPU.CPUs, 4);
     assert.match(r.stderr, /KATA_ERR_CONFIG_PARSE/);
     assert.doesNotMatch(r.stderr, STACK_FRAME);
+    assert.deepEqual(doc.problems.map((p) => p.code), ['KATA_ERR_CONFIG_PARSE']);
   });
 
   it('writes integers beyond 2^53 in both formats', async () => {
@@ -184,6 +186,7 @@ enable_tracing = true
       `[hypervisor.clh]\npath = "${clhBin}"\nkernel = "/k"\nimage = "/i"\nshared_fs = "none"\ndisable_block_device_use = true\n`,
     );
     const pvm = JSON.parse((await env(['--config', file, 'env', '--json'])).stdout) as EnvInfo;
+    assert.deepEqual(pvm.problems, []);
     assert.equal(pvm.Hypervisor.Version, '40.0');
     assert.equal(pvm.Host.Accelerator, 'kvm');
     assert.equal(pvm.Host.VMContainerCapable, false);
