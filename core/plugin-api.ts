@@ -73,6 +73,12 @@ export interface PluginActivation {
  */
 export interface PluginSource {
   readonly name: string;
+  /**
+   * The plugin's manifest, when it can be had without importing its code (a built-in's
+   * `manifest.ts`): activation is then judged before the import, so an inactive plugin costs nothing.
+   * The module's own manifest must be the same.
+   */
+  readonly manifest?: PluginManifest;
   load(): Promise<unknown>;
 }
 

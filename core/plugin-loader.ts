@@ -69,7 +69,11 @@ export function importBuiltin(source: PluginSource): Promise<LoadedPlugin> {
       } catch (e) {
         throw new KataError('KATA_ERR_PLUGIN_IMPORT', `built-in plugin "${source.name}" failed to import: ${errorText(e)}`, { plugin: source.name, cause: e });
       }
-      return checkModule(mod, { specifier: source.name, moduleUrl: undefined, builtin: true, reason: '' });
+      const loaded = await checkModule(mod, { specifier: source.name, moduleUrl: undefined, builtin: true, reason: '' });
+      if (source.manifest && JSON.stringify(source.manifest) !== JSON.stringify(loaded.manifest)) {
+        throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `built-in plugin "${source.name}": the manifest it was offered with differs from its module's`, { plugin: source.name });
+      }
+      return loaded;
     })();
     builtinCache.set(source, loaded);
     loaded.catch(() => builtinCache.delete(source));
@@ -178,7 +182,8 @@ async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'ma
   if (plugin === undefined || plugin === null) {
     throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `plugin module "${meta.specifier}" has no default export`, { value: meta.specifier });
   }
-  const problems = await manifestProblems(plugin);
+  // Built-in manifests are checked by a unit test (test/unit/core/plugin-activation.test.ts), not at every start.
+  const problems = meta.builtin ? [] : await manifestProblems(plugin);
   const named = (plugin as { manifest?: { name?: unknown } }).manifest?.name;
   const who = typeof named === 'string' ? named : meta.specifier;
   if (problems.length > 0) {

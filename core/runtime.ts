@@ -21,7 +21,7 @@ import { silentLogger, type Logger } from './logger.js';
 import { availableParallelism } from 'node:os';
 import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
 import { activationOf, applyPlugin, builtinPlugins, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
-import type { PluginSource } from './plugin-api.js';
+import type { PluginManifest, PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
 
 export interface JudgeOptions {
@@ -130,7 +130,10 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
 
   // Plugins: the hypervisor's driver first, then the third-party plugins, then the other built-ins,
   // each where its manifest's activation matches this configuration.
-  const offered = await Promise.all((opts.builtins ?? builtinPlugins()).map((b) => importBuiltin(b)));
+  // A built-in offered with its manifest is imported only when its activation matches.
+  const offered = await Promise.all(
+    (opts.builtins ?? builtinPlugins()).map(async (source) => ({ source, manifest: source.manifest ?? (await importBuiltin(source)).manifest })),
+  );
   const thirdParty: LoadedPlugin[] = [];
   for (const spec of thirdPartySpecs(parsed)) {
     const p = await importThirdParty(spec, 'listed in runtime.plugins');
@@ -138,15 +141,16 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     if (act.active) thirdParty.push(act.reason ? { ...p, reason: `listed in runtime.plugins; ${act.reason}` } : p);
     else log.info({ plugin: p.manifest.name, why: act.reason }, `plugin ${p.manifest.name} does not apply to this configuration`);
   }
-  const active = offered.flatMap((p) => {
-    const act = activationOf(p.manifest.activation, parsed, hypervisorName);
-    return act.active && p.manifest.activation ? [{ ...p, reason: act.reason }] : [];
-  });
+  const active: LoadedPlugin[] = [];
+  for (const o of offered) {
+    const act = activationOf(o.manifest.activation, parsed, hypervisorName);
+    if (act.active && o.manifest.activation) active.push({ ...(await importBuiltin(o.source)), reason: act.reason });
+  }
   const driver = active.filter((p) => p.manifest.activation?.hypervisor !== undefined);
   const plugins: LoadedPlugin[] = [...driver, ...thirdParty, ...active.filter((p) => !driver.includes(p))];
   if (driver.length === 0 && !thirdParty.some((p) => p.manifest.provides?.includes(`hypervisor:${hypervisorName}`))) {
     const available = [
-      ...offered.flatMap((p) => (p.manifest.activation?.hypervisor ? [p.manifest.activation.hypervisor] : [])),
+      ...offered.flatMap((o) => (o.manifest.activation?.hypervisor ? [o.manifest.activation.hypervisor] : [])),
       ...thirdParty.flatMap((p) => (p.manifest.provides ?? []).filter((r) => r.startsWith('hypervisor:')).map((r) => r.slice(11))),
     ];
     throw new KataError('KATA_ERR_HYPERVISOR_UNSUPPORTED', `configuration file contains hypervisor section [${hypervisorTable}], but no plugin provides the "${hypervisorName}" hypervisor (available: ${available.join(', ')})`, {
@@ -157,7 +161,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   }
   const hvSection = parsed.hypervisor && (parsed.hypervisor as Record<string, unknown>)[hypervisorName];
   const hv = (isPlainObject(hvSection) ? hvSection : {}) as Record<string, unknown>;
-  problems.push(...teeProblems(hv, hypervisorTable, plugins, offered));
+  problems.push(...teeProblems(hv, hypervisorTable, plugins, offered.map((o) => o.manifest)));
   checkPluginSet(plugins);
 
   const hooks = createHooks();
@@ -253,11 +257,11 @@ function thirdPartySpecs(raw: RawConfig): string[] {
  * A confidential guest needs a plugin that provides its TEE (`confidential-guest:<tee>`). Reads
  * raw values (before the shape check); a value of the wrong type is reported by the shape check.
  */
-function teeProblems(hv: Record<string, unknown>, table: string, active: readonly LoadedPlugin[], offered: readonly LoadedPlugin[]): Problem[] {
+function teeProblems(hv: Record<string, unknown>, table: string, active: readonly LoadedPlugin[], offered: readonly PluginManifest[]): Problem[] {
   if (hv.confidential_guest !== true) return [];
-  const tee = (p: LoadedPlugin) => (p.manifest.provides ?? []).filter((r) => r.startsWith('confidential-guest:')).map((r) => r.slice('confidential-guest:'.length));
-  if (active.some((p) => tee(p).length > 0)) return [];
-  const available = [...new Set(offered.flatMap((p) => tee(p).map((t) => `${t} (plugin ${p.manifest.name})`)))].join(', ') || 'none';
+  const tee = (m: PluginManifest) => (m.provides ?? []).filter((r) => r.startsWith('confidential-guest:')).map((r) => r.slice('confidential-guest:'.length));
+  if (active.some((p) => tee(p.manifest).length > 0)) return [];
+  const available = [...new Set(offered.flatMap((m) => tee(m).map((t) => `${t} (plugin ${m.name})`)))].join(', ') || 'none';
   const snp = hv.sev_snp_guest === true;
   return [
     {

@@ -32,8 +32,9 @@ import {
 } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { isClhSpec, type ClhDiskConfig, type ClhLaunchSpec, type ClhVmConfig } from './vm-config.js';
+import { PLUGIN_NAME } from './manifest.js';
 
-export const PLUGIN_NAME = 'clh';
+export { PLUGIN_NAME };
 
 /** Files of the driver and the VMM in the run directory. */
 export const CLH_FILES = Object.freeze({

@@ -10,6 +10,7 @@ import { AGENT_VSOCK_PORT, definePlugin, hvKey, RENDER_ACCESS_PLATFORM, renderDe
 import { ClhVm, PLUGIN_NAME } from './driver.js';
 import { clhHostChecks } from './probe.js';
 import { CLH_DEVICE_KINDS, describeClhVm, isClhSpec, renderClhLaunchSpec, VSOCK_SOCKET, type ClhSection } from './vm-config.js';
+import { MANIFEST } from './manifest.js';
 
 export {
   buildVmConfig,
@@ -87,15 +88,7 @@ function validate(cfg: KataConfig, verdict: VerdictView): void {
 }
 
 export default definePlugin({
-  manifest: {
-    name: PLUGIN_NAME,
-    version: '1.0.0',
-    runtime: '^1.0.0',
-    description: 'Cloud Hypervisor VMs (REST API on a unix socket): capabilities, value rules, the vm.create body and the driver',
-    provides: ['hypervisor', 'hypervisor:clh'],
-    config: { table: 'hypervisor.clh', schema: 'clh.schema.json' },
-    activation: { hypervisor: 'clh' },
-  },
+  manifest: MANIFEST,
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.HYPERVISOR }, (caps, cfg) => {
       const hv = cfg.hypervisor as ClhSection;

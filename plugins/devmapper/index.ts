@@ -6,9 +6,9 @@
 import { createHash } from 'node:crypto';
 import { definePlugin, GUEST_CONTAINERS_DIR, hvKey, STAGE, type GuestStorage } from '../../core/plugin-api.js';
 
-const PLUGIN_NAME = 'devmapper';
 
 import { blockRootfsSource } from './block-rootfs.js';
+import { MANIFEST, PLUGIN_NAME } from './manifest.js';
 
 export { blockRootfsSource, detectBlockRootfs, type BlockRootfs, type RootfsMount } from './block-rootfs.js';
 
@@ -18,15 +18,7 @@ function diskId(containerId: string): string {
 }
 
 export default definePlugin({
-  manifest: {
-    name: PLUGIN_NAME,
-    version: '1.0.0',
-    runtime: '^1.0.0',
-    description: 'block-device container rootfs (devmapper snapshotter), hot-plugged as virtio-blk',
-    provides: ['block-rootfs'],
-    requires: ['hypervisor'],
-    activation: { when: [{ key: 'hypervisor.*.disable_block_device_use', in: [false], default: false }] },
-  },
+  manifest: MANIFEST,
   apply({ hooks }) {
     hooks.validate.tap(PLUGIN_NAME, (cfg, verdict) => {
       verdict.require('block-device-hotplug', 'a block-device rootfs is hot-plugged into the running VM when its container is created', {

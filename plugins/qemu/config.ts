@@ -4,11 +4,12 @@
  */
 import { SANDBOX_DIR, SANDBOX_SHARED_DIR, type HypervisorSection, type KataConfig } from '../../core/plugin-api.js';
 
-export const PLUGIN_NAME = 'qemu';
+export { PLUGIN_NAME };
 
 /** Keys of schemas/qemu.schema.json after the shape check (generated from the schema). */
 export type { QemuSection } from '../../core/config/schema-types.js';
 import type { QemuSection } from '../../core/config/schema-types.js';
+import { PLUGIN_NAME } from './manifest.js';
 
 export type QemuConfig = HypervisorSection & QemuSection;
 

@@ -15,17 +15,10 @@ import { PLAN_ACCELERATOR, PLUGIN_NAME, qemuSection } from './config.js';
 import { QemuVm } from './driver.js';
 import { describeQemuVm, isQemuSpec, renderQemuLaunchSpec } from './launch-spec.js';
 import { qemuValueRules } from './rules.js';
+import { MANIFEST } from './manifest.js';
 
 export default definePlugin({
-  manifest: {
-    name: PLUGIN_NAME,
-    version: '1.0.0',
-    runtime: '^1.0.0',
-    description: 'QEMU (q35) hypervisor: capabilities, value rules and the qemu-system-x86_64 command line; serves virtio-9p shares',
-    provides: ['hypervisor', 'hypervisor:qemu', 'shared-fs:virtio-9p'],
-    config: { table: 'hypervisor.qemu', schema: 'qemu.schema.json' },
-    activation: { hypervisor: 'qemu' },
-  },
+  manifest: MANIFEST,
   apply(ctx) {
     const { hooks } = ctx;
 

@@ -22,8 +22,8 @@ import {
   type KataConfig,
   type VerdictView,
 } from '../../core/plugin-api.js';
+import { MANIFEST, PLUGIN_NAME } from './manifest.js';
 
-const PLUGIN_NAME = 'tdx';
 
 /** What a TD cannot have, and why. */
 const REMOVED = [
@@ -55,16 +55,7 @@ function vetoSharedFs(cfg: KataConfig, verdict: VerdictView, accessPlatform: boo
 }
 
 export default definePlugin({
-  manifest: {
-    name: PLUGIN_NAME,
-    version: '1.0.0',
-    runtime: '^1.0.0',
-    description: 'Intel TDX confidential guests: no virtio-fs, block-device rootfs by hot-plug',
-    provides: ['confidential-guest:tdx'],
-    requires: ['hypervisor'],
-    // confidential_guest with sev_snp_guest asks for SEV-SNP, which is not TDX.
-    activation: { when: [{ key: 'hypervisor.*.confidential_guest', in: [true] }], unless: [{ key: 'hypervisor.*.sev_snp_guest', in: [true] }] },
-  },
+  manifest: MANIFEST,
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.CONFIDENTIAL }, (caps) => {
       caps.add('confidential-guest:tdx');

@@ -12,8 +12,8 @@
 import { mkdir } from 'node:fs/promises';
 import { Daemon, definePlugin, fillSandboxDir, hvKey, renderDeviceCapability, SANDBOX_DIR, SANDBOX_SHARED_DIR, STAGE, type KataConfig, type VmContext } from '../../core/plugin-api.js';
 import type { VirtiofsKeys } from '../../core/config/schema-types.js';
+import { MANIFEST, PLUGIN_NAME } from './manifest.js';
 
-const PLUGIN_NAME = 'virtiofs';
 
 /** The mount tag the guest agent mounts (Kata's). */
 export const SHARED_FS_TAG = 'kataShared';
@@ -31,17 +31,7 @@ export function virtiofsdArgs(hv: Section): string[] {
 const running = new WeakMap<VmContext, Daemon>();
 
 export default definePlugin({
-  manifest: {
-    name: PLUGIN_NAME,
-    version: '1.0.0',
-    runtime: '^1.0.0',
-    description: 'virtio-fs shared filesystem (vhost-user-fs + virtiofsd)',
-    provides: ['shared-fs:virtio-fs'],
-    requires: ['hypervisor'],
-    config: { table: 'hypervisor.*', schema: 'virtiofs.schema.json' },
-    // Kata's default shared_fs is virtio-fs.
-    activation: { when: [{ key: 'hypervisor.*.shared_fs', in: ['virtio-fs', 'virtio-fs-nydus'], default: 'virtio-fs' }] },
-  },
+  manifest: MANIFEST,
   apply({ hooks }) {
     hooks.capabilities.tap({ stage: STAGE.DEVICES }, (caps, cfg) => {
       const hv = cfg.hypervisor as Section;

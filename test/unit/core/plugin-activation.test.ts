@@ -1,8 +1,11 @@
 import assert from 'node:assert/strict';
 import sinon from 'sinon';
 import { judgeConfig } from '../../../core/runtime.js';
-import { activationOf } from '../../../core/plugin-loader.js';
-import type { PluginSource } from '../../../core/plugin-api.js';
+import { activationOf, manifestProblems } from '../../../core/plugin-loader.js';
+import type { PluginManifest, PluginSource } from '../../../core/plugin-api.js';
+import { BUILTIN_PLUGINS } from '../../../plugins/builtin.js';
+import { MANIFEST as QEMU_MANIFEST } from '../../../plugins/qemu/manifest.js';
+import { MANIFEST as TDX_MANIFEST } from '../../../plugins/tdx/manifest.js';
 import { TempDir, fakeConfig, fakeHypervisorSource } from '../../helpers/tmp.js';
 
 describe('plugin activation', () => {
@@ -83,6 +86,33 @@ describe('plugin activation', () => {
       const text = '[hypervisor.qemu]\nkernel = "/k"\nimage = "/i"\nshared_fs = "virtio-9p"\ndisable_block_device_use = true\n';
       for (let i = 0; i < 3; i++) assert.equal((await judgeConfig({ text, builtins })).valid, true);
       sinon.assert.calledOnce(load);
+    });
+
+    it('does not import a built-in offered with its manifest when its activation does not match', async () => {
+      const qemu = (await import('../../../plugins/qemu/index.js')) as { default: { manifest: PluginManifest } };
+      const tdxLoad = sinon.spy(async () => import('../../../plugins/tdx/index.js'));
+      const qemuLoad = sinon.spy(async () => qemu);
+      const builtins: PluginSource[] = [
+        { name: 'qemu', manifest: qemu.default.manifest, load: qemuLoad },
+        { name: 'tdx', manifest: TDX_MANIFEST, load: tdxLoad },
+      ];
+      const text = '[hypervisor.qemu]\nkernel = "/k"\nimage = "/i"\nshared_fs = "virtio-9p"\ndisable_block_device_use = true\n';
+      const j = await judgeConfig({ text, builtins });
+      assert.deepEqual(j.plugins.map((p) => p.name), ['qemu']);
+      sinon.assert.notCalled(tdxLoad);
+    });
+
+    it('refuses a built-in whose module manifest differs from the one it was offered with', async () => {
+      const qemu = await import('../../../plugins/qemu/index.js');
+      const builtins: PluginSource[] = [{ name: 'qemu', manifest: { ...QEMU_MANIFEST, version: '9.9.9' }, load: async () => qemu }];
+      await assert.rejects(judgeConfig({ text: '[hypervisor.qemu]\nkernel = "/k"\nimage = "/i"\n', builtins }), (e: { code: string }) => e.code === 'KATA_ERR_PLUGIN_BAD_MANIFEST');
+    });
+
+    it('ships built-in manifests that pass the manifest checks (they are not re-checked at every start)', async () => {
+      for (const b of BUILTIN_PLUGINS) {
+        assert.deepEqual(await manifestProblems({ manifest: b.manifest, apply: () => undefined }), [], b.name);
+        assert.equal(b.manifest?.name, b.name);
+      }
     });
 
     it('reports a confidential guest whose TEE no plugin provides, naming the TEEs that exist', async () => {
