@@ -337,7 +337,7 @@ export interface QemuSection {
    */
   machine_type: string;
   /**
-   * How block devices reach the guest (Kata's QEMU default is virtio-scsi). Only virtio-blk is hot-plugged by the qemu plugin.
+   * How block devices reach the guest (Kata's QEMU default is virtio-scsi). The qemu plugin hot-plugs virtio-scsi (scsi-hd on a virtio-scsi-pci controller) and virtio-blk (into pcie-root-ports); nvdimm, virtio-mmio and virtio-blk-ccw disks are not hot-plugged.
    */
   block_device_driver: 'virtio-scsi' | 'virtio-blk' | 'virtio-mmio' | 'nvdimm' | 'virtio-blk-ccw';
   /**

@@ -29,7 +29,7 @@ describe('guest agent: storages', () => {
     assert.deepEqual(plan, { kind: 'mount', source: '/dev/sda', target: '/run/kata-containers/containers/c1/rootfs', fstype: 'ext4', options: [] });
   });
 
-  it('refuses a bad SCSI address, or none fstype, before waiting for any device', async () => {
+  it('refuses a bad SCSI address, or no fstype, before waiting for any device', async () => {
     for (const source of ['', '0', '0:', ':1', '0:1:2', '256:0', '0:16384', '-1:0', '0x1:0', '0:1 ', '../0:1']) {
       await assert.rejects(planStorage(storage({ driver: 'scsi', source, fstype: 'ext4' }), device), hasCode(GrpcCode.INVALID_ARGUMENT), source);
     }
