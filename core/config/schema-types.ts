@@ -345,7 +345,7 @@ export interface QemuSection {
    */
   accelerator: 'auto' | 'kvm' | 'tcg';
   /**
-   * Ours, not Kata's. Number of pcie-root-port devices reserved for block-device hot-plug (one virtio-blk disk each); 0 disables block hot-plug.
+   * Ours, not Kata's. Number of pcie-root-port devices reserved for virtio-blk hot-plug (one disk each); 0 disables virtio-blk hot-plug. Not used with block_device_driver = "virtio-scsi", whose disks go on the virtio-scsi controller.
    */
   hotplug_root_ports: number;
 }

@@ -210,7 +210,8 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
     chardevs: [],
     devices: [],
     fsdevs: [],
-    hotplugPorts: caps.has('block-device-hotplug') ? hotplugPortIds(hv.hotplug_root_ports) : [],
+    // Root ports serve virtio-blk hot-plug only; SCSI disks go on the controller.
+    hotplugPorts: caps.has('block-device-hotplug') && hv.block_device_driver === 'virtio-blk' ? hotplugPortIds(hv.hotplug_root_ports) : [],
     virtioIommuPlatform: hv.enable_iommu_platform || vm.confidential?.accessPlatform === true,
     extraArgs: [],
   };

@@ -249,6 +249,9 @@ describe('qemu plugin', () => {
       assert.deepEqual(plan.rootfs, ['block-hotplug']);
       assert.equal(vm.scsiController, 'scsi0');
       assert.deepEqual(valuesOf(argv, '-device').filter((d) => d.startsWith('virtio-scsi-pci')), ['virtio-scsi-pci,id=scsi0']);
+      // Root ports serve virtio-blk hot-plug only.
+      assert.deepEqual(vm.hotplugPorts, []);
+      assert.ok(!argv.some((a) => a.startsWith('pcie-root-port')));
     });
 
     it('plans no SCSI controller for virtio-blk, nor when block devices are off', async () => {
