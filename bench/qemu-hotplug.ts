@@ -5,10 +5,13 @@
  *
  * 1. Boot: from the launchVm() call to the guest's `KATA-TS-GUEST: ready` console line, split into
  *    our code before QEMU is spawned, QEMU spawn → QMP negotiated, and QMP → guest ready.
- * 2. Hot-plug latency: hotplugBlock() from call to resolved (stat, queue, blockdev-add, device_add,
+ * 2. Hot-plug latency, for virtio-blk (virtio-blk-pci into a pcie-root-port) and, on a second VM
+ *    with block_device_driver = "virtio-scsi", for virtio-scsi (scsi-hd on the virtio-scsi-pci
+ *    controller): hotplugBlock() from call to resolved (stat, queue, blockdev-add, device_add,
  *    bookkeeping, logging at info) against the same two QMP commands sent by a bare client over its
  *    own QMP monitor socket on the same VM. Alternating, 20+ of each, everything unplugged between
- *    rounds. Target: the driver's overhead (difference of medians) under 5 ms per hot-plug.
+ *    rounds; the driver's unplugs (device_del, DEVICE_DELETED, blockdev-del) are timed one by one.
+ *    Target: the driver's overhead (difference of medians) under 5 ms per hot-plug, for each.
  *
  * Exits 1 when a target is missed. Run with `npm run bench:qemu`.
  */
@@ -28,6 +31,7 @@ import { buildGuestImage } from '../guest/image/build-image.js';
 import { SANDBOX_PATHS } from '../plugins/qemu/config.js';
 import { QemuVm } from '../plugins/qemu/driver.js';
 import type { QemuLaunchSpec } from '../plugins/qemu/launch-spec.js';
+import { QEMU_IDS } from '../plugins/qemu/config.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
 import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
 
@@ -35,7 +39,10 @@ useBuiltinPlugins(BUILTIN_PLUGINS);
 
 const BOOTS = 3;
 const ROUNDS = 6;
-/** Disks per client per round: the driver takes rp0–rp3, the bare client rp4–rp7. */
+/**
+ * Disks per client per round: with virtio-blk the driver takes rp0–rp3, the bare client rp4–rp7;
+ * with virtio-scsi the driver takes SCSI id 0 (LUNs 0–3), the bare client SCSI id 1.
+ */
 const PER_ROUND = 4;
 const OVERHEAD_TARGET_MS = 5;
 const BENCH_QMP = 'bench-qmp.sock';
@@ -131,8 +138,7 @@ async function main(): Promise<void> {
   let running: RunningVm | undefined;
   let bare: BareQmp | undefined;
   try {
-    const loaded = await loadValidatedConfig({
-      text: `[hypervisor.qemu]
+    const configText = (driver: string) => `[hypervisor.qemu]
 path = "qemu-system-x86_64"
 kernel = "${image.kernel}"
 initrd = "${image.initrd}"
@@ -140,13 +146,15 @@ default_memory = 512
 default_maxvcpus = 1
 shared_fs = "none"
 disable_block_device_use = false
-block_device_driver = "virtio-blk"
-`,
-    });
+block_device_driver = "${driver}"
+`;
     // A second QMP monitor for the bare client: QEMU serves one client per monitor socket.
-    const vmSpec = structuredClone(loaded.plan.vm.native) as QemuLaunchSpec;
-    vmSpec.extraArgs.push('-chardev', `socket,id=bench-qmp,path=${SANDBOX_DIR}/${BENCH_QMP},server=on,wait=off`, '-mon', 'chardev=bench-qmp,mode=control');
-    const validated = { ...loaded, plan: { ...loaded.plan, vm: { ...loaded.plan.vm, native: vmSpec } } } as ValidatedConfig;
+    const withBenchMonitor = (loaded: ValidatedConfig): ValidatedConfig => {
+      const vmSpec = structuredClone(loaded.plan.vm.native) as QemuLaunchSpec;
+      vmSpec.extraArgs.push('-chardev', `socket,id=bench-qmp,path=${SANDBOX_DIR}/${BENCH_QMP},server=on,wait=off`, '-mon', 'chardev=bench-qmp,mode=control');
+      return { ...loaded, plan: { ...loaded.plan, vm: { ...loaded.plan.vm, native: vmSpec } } } as ValidatedConfig;
+    };
+    const validated = withBenchMonitor(await loadValidatedConfig({ text: configText('virtio-blk') }));
 
     // 1. Boot
     const phases: { before: number; qemu: number; guest: number; total: number }[] = [];
@@ -169,55 +177,79 @@ block_device_driver = "virtio-blk"
     console.log(`   QMP ready → guest ready   ${ms(p('guest')).padStart(12)}   ${((100 * p('guest')) / total).toFixed(2)}%`);
     console.log(`   total                     ${ms(total).padStart(12)}`);
 
-    // 2. Hot-plug latency, driver vs bare QMP, alternating on the same VM.
-    const vm = (running as RunningVm).vm as QemuVm;
-    bare = await BareQmp.connect(path.join((running as RunningVm).ctx.runDir, BENCH_QMP));
     const files = Array.from({ length: 2 * PER_ROUND }, (_, i) => {
       const f = path.join(tmp, `disk${i}.img`);
       writeFileSync(f, '');
       truncateSync(f, 1024 * 1024);
       return f;
     });
-    const driverMs: number[] = [];
-    const bareMs: number[] = [];
-    const b = bare;
-    const plugDriver = async (id: string, file: string, into: number[] | undefined) => {
-      const t = performance.now();
-      await vm.hotplugBlock({ id, path: file });
-      into?.push(performance.now() - t);
-    };
-    const plugBare = async (id: string, file: string, port: string, into: number[] | undefined) => {
-      const t = performance.now();
-      await b.cmd('blockdev-add', { driver: 'raw', 'node-name': id, 'read-only': false, file: { driver: 'file', filename: file, 'read-only': false } });
-      await b.cmd('device_add', { driver: 'virtio-blk-pci', id, drive: id, bus: port, addr: '0' });
-      into?.push(performance.now() - t);
-    };
-    // Round 0 warms both paths up and is not counted.
-    for (let round = 0; round <= ROUNDS; round++) {
-      const count = round > 0;
-      const ids: { driver: string[]; bare: string[] } = { driver: [], bare: [] };
-      for (let k = 0; k < PER_ROUND; k++) {
-        const d = `d${round}x${k}`;
-        const q = `b${round}x${k}`;
-        const driverFirst = (round + k) % 2 === 0;
-        if (driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
-        await plugBare(q, files[PER_ROUND + k] as string, `rp${PER_ROUND + k}`, count ? bareMs : undefined);
-        if (!driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
-        ids.driver.push(d);
-        ids.bare.push(q);
-      }
-      const bareUnplugs = async () => {
-        for (const id of ids.bare) await b.unplug(id);
+
+    /** Driver vs bare QMP hot-plugs, alternating on the running VM; the driver's unplugs timed one by one. */
+    const measure = async (r: RunningVm, bareDevice: (id: string, k: number) => Record<string, unknown>): Promise<{ driverMs: number[]; bareMs: number[]; unplugMs: number[] }> => {
+      const vm = r.vm as QemuVm;
+      bare = await BareQmp.connect(path.join(r.ctx.runDir, BENCH_QMP));
+      const b = bare;
+      const driverMs: number[] = [];
+      const bareMs: number[] = [];
+      const unplugMs: number[] = [];
+      const plugDriver = async (id: string, file: string, into: number[] | undefined) => {
+        const t = performance.now();
+        await vm.hotplugBlock({ id, path: file });
+        into?.push(performance.now() - t);
       };
-      await Promise.all([...ids.driver.map((id) => vm.unplugBlock(id)), bareUnplugs()]);
-    }
-    const dm = median(driverMs);
-    const bm = median(bareMs);
-    const overhead = dm - bm;
-    console.log(`2. hot-plug latency (blockdev-add + device_add), ${driverMs.length} each, alternating, same VM, medians`);
-    console.log(`   baseline  bare QMP client            ${ms(bm).padStart(10)}`);
-    console.log(`   measured  QemuVm.hotplugBlock()      ${ms(dm).padStart(10)}   ratio ${(dm / bm).toFixed(2)}x`);
-    console.log(`   driver overhead per hot-plug         ${ms(overhead).padStart(10)}   ${verdict(overhead < OVERHEAD_TARGET_MS, `< ${OVERHEAD_TARGET_MS} ms`)}`);
+      const plugBare = async (id: string, file: string, k: number, into: number[] | undefined) => {
+        const t = performance.now();
+        await b.cmd('blockdev-add', { driver: 'raw', 'node-name': id, 'read-only': false, file: { driver: 'file', filename: file, 'read-only': false } });
+        await b.cmd('device_add', { id, drive: id, ...bareDevice(id, k) });
+        into?.push(performance.now() - t);
+      };
+      // Round 0 warms both paths up and is not counted.
+      for (let round = 0; round <= ROUNDS; round++) {
+        const count = round > 0;
+        const ids: { driver: string[]; bare: string[] } = { driver: [], bare: [] };
+        for (let k = 0; k < PER_ROUND; k++) {
+          const d = `d${round}x${k}`;
+          const q = `b${round}x${k}`;
+          const driverFirst = (round + k) % 2 === 0;
+          if (driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
+          await plugBare(q, files[PER_ROUND + k] as string, k, count ? bareMs : undefined);
+          if (!driverFirst) await plugDriver(d, files[k] as string, count ? driverMs : undefined);
+          ids.driver.push(d);
+          ids.bare.push(q);
+        }
+        for (const id of ids.bare) await b.unplug(id);
+        for (const id of ids.driver) {
+          const t = performance.now();
+          await vm.unplugBlock(id);
+          if (count) unplugMs.push(performance.now() - t);
+        }
+      }
+      b.close();
+      bare = undefined;
+      return { driverMs, bareMs, unplugMs };
+    };
+
+    // 2. Hot-plug latency, virtio-blk on the booted VM, then virtio-scsi on a VM of its own.
+    const blk = await measure(running as RunningVm, (_id, k) => ({ driver: 'virtio-blk-pci', bus: `rp${PER_ROUND + k}`, addr: '0' }));
+    await running?.stop();
+    running = undefined;
+    const scsiValidated = withBenchMonitor(await loadValidatedConfig({ text: configText('virtio-scsi') }));
+    running = await launchVm(scsiValidated, { sandboxId: 'scsi', runRoot, log });
+    await waitForReady(SANDBOX_PATHS.consoleLog.replace(SANDBOX_DIR, running.ctx.runDir), 120_000);
+    const scsi = await measure(running, (_id, k) => ({ driver: 'scsi-hd', bus: `${QEMU_IDS.scsiController}.0`, 'scsi-id': 1, lun: k }));
+
+    console.log(`2. hot-plug latency (blockdev-add + device_add), ${blk.driverMs.length} each per driver, alternating, same VM, medians`);
+    console.log(`   ${''.padEnd(40)} ${'virtio-blk'.padStart(10)}   ${'virtio-scsi'.padStart(11)}`);
+    const row = (label: string, a: number, b2: number, extra = '') => console.log(`   ${label.padEnd(40)} ${ms(a).padStart(10)}   ${ms(b2).padStart(11)}${extra}`);
+    const [blkDriver, blkBare, scsiDriver, scsiBare] = [median(blk.driverMs), median(blk.bareMs), median(scsi.driverMs), median(scsi.bareMs)];
+    row('baseline  bare QMP client', blkBare, scsiBare);
+    row('measured  QemuVm.hotplugBlock()', blkDriver, scsiDriver, `   ratio ${(blkDriver / blkBare).toFixed(2)}x / ${(scsiDriver / scsiBare).toFixed(2)}x`);
+    row('unplugBlock() (until the guest let go)', median(blk.unplugMs), median(scsi.unplugMs));
+    const blkOverhead = blkDriver - blkBare;
+    const scsiOverhead = scsiDriver - scsiBare;
+    row('driver overhead per hot-plug', blkOverhead, scsiOverhead);
+    console.log(`   ${'virtio-blk overhead'.padEnd(40)} ${verdict(blkOverhead < OVERHEAD_TARGET_MS, `< ${OVERHEAD_TARGET_MS} ms`)}`);
+    console.log(`   ${'virtio-scsi overhead'.padEnd(40)} ${verdict(scsiOverhead < OVERHEAD_TARGET_MS, `< ${OVERHEAD_TARGET_MS} ms`)}`);
   } finally {
     bare?.close();
     await running?.stop();

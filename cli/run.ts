@@ -4,8 +4,9 @@
  * stderr connected to ours, exits with the process's exit status (128+signal when killed), and
  * tears everything down, also on Ctrl-C. Operators use it to try a configuration without containerd.
  *
- * The rootfs: a block device or a filesystem image file is hot-plugged as a virtio-blk disk (the
- * devmapper / TDX data path); a directory is shared through the configured shared filesystem.
+ * The rootfs: a block device or a filesystem image file is hot-plugged as a disk of the configured
+ * block_device_driver, virtio-blk or virtio-scsi (the devmapper / TDX data path); a directory is
+ * shared through the configured shared filesystem.
  */
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';

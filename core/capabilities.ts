@@ -9,6 +9,7 @@ export const KNOWN_CAPABILITIES = Object.freeze({
   'block-device': 'The VM can be given block devices.',
   'block-device-hotplug': 'Block devices can be hot-plugged into the running VM (needed for a block-device container rootfs).',
   'virtio-blk': 'Block devices reach the guest as virtio-blk (PCI).',
+  'virtio-scsi': 'Block devices reach the guest as SCSI disks on a virtio-scsi controller.',
   'fs-sharing': 'A host directory can be shared with the guest.',
   'fs-sharing:virtio-fs': 'Sharing uses virtio-fs (vhost-user-fs, served by virtiofsd).',
   'fs-sharing:virtio-9p': 'Sharing uses virtio-9p (served by QEMU itself).',

@@ -166,8 +166,8 @@ export const ERROR_CODES = Object.freeze({
     fix: 'Install a cloud-hypervisor built with `--features tdx` and point [hypervisor.clh] path at it (`kata-runtime check` shows the features), or set confidential_guest = false.',
   },
   KATA_ERR_HOTPLUG_NO_SLOT: {
-    meaning: 'Every pcie-root-port reserved for hot-plug is in use.',
-    fix: 'Raise hotplug_root_ports in [hypervisor.qemu], or unplug a device first.',
+    meaning: 'Every hot-plug slot is in use: the pcie-root-ports reserved for virtio-blk, or the SCSI addresses of the virtio-scsi controller.',
+    fix: 'Raise hotplug_root_ports in [hypervisor.qemu] (virtio-blk), or unplug a device first.',
   },
   KATA_ERR_HOTPLUG: {
     meaning: 'A device could not be hot-plugged; what was already added for it has been removed again.',

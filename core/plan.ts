@@ -41,7 +41,7 @@ export type SharedFsKind = 'virtio-fs' | 'virtio-fs-nydus' | 'virtio-9p' | 'none
 
 /** How a container's root filesystem reaches the guest. */
 export type RootfsDelivery =
-  /** A block-device rootfs (devmapper snapshotter) is hot-plugged as virtio-blk. */
+  /** A block-device rootfs (devmapper snapshotter) is hot-plugged (virtio-blk or virtio-scsi, as `blockDriver` says). */
   | 'block-hotplug'
   /** The rootfs directory is shared through the shared filesystem. */
   | 'shared-fs';
@@ -167,11 +167,22 @@ export interface BalloonIntent {
 }
 
 /**
+ * A SCSI controller (a virtio-scsi HBA) present from boot, so that disks can be hot-plugged onto it
+ * as SCSI disks (Kata's `block_device_driver = "virtio-scsi"`). The disks get `<scsi id>:<lun>`
+ * addresses on it; under a confidential intent it offers VIRTIO_F_ACCESS_PLATFORM like every device.
+ */
+export interface ScsiControllerIntent {
+  readonly kind: 'scsi-controller';
+  /** Stable name, unique in the VM; hot-plugged disks are attached to its bus. */
+  id: string;
+}
+
+/**
  * A device the VM gets at boot. The next kinds (network interfaces: `{ kind: 'net', ... }`) are
  * added to this union; a hypervisor plugin declares `render:device:<kind>` for each kind it can
  * render, and the core refuses a plan holding a kind its hypervisor plugin did not declare.
  */
-export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent;
+export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent | ScsiControllerIntent;
 
 export type DeviceKind = DeviceIntent['kind'];
 

@@ -373,7 +373,7 @@ export class Sandbox {
       : 'enable a shared filesystem (shared_fs), or give the container a block-device rootfs';
     if (ctx.rootfs.kind !== 'dir') {
       throw new KataError('KATA_ERR_ROOTFS', `no plugin could deliver the block-device rootfs ${ctx.rootfs.path} (block devices are disabled: disable_block_device_use = true)`, {
-        fix: 'set disable_block_device_use = false and block_device_driver = "virtio-blk", or use a directory rootfs',
+        fix: 'set disable_block_device_use = false and block_device_driver = "virtio-scsi" or "virtio-blk", or use a directory rootfs',
       });
     }
     if (!plan.sharedFsMount) {

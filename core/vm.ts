@@ -29,7 +29,8 @@ export interface BlockDeviceSpec {
   readonly readonly?: boolean;
 }
 
-export interface HotpluggedBlock {
+/** A disk hot-plugged as a PCI device (virtio-blk-pci); the agent's `blk` Storage takes `pciPath`. */
+export interface PciHotpluggedBlock {
   readonly id: string;
   /**
    * Where the guest finds the device, in Kata's PCI path form: slots from the root bus down, two
@@ -37,6 +38,22 @@ export interface HotpluggedBlock {
    * `blk` Storage takes this as its source.
    */
   readonly pciPath: string;
+  readonly scsiAddr?: undefined;
+}
+
+/** A disk hot-plugged as a SCSI disk (scsi-hd on a virtio-scsi controller); the agent's `scsi` Storage takes `scsiAddr`. */
+export interface ScsiHotpluggedBlock {
+  readonly id: string;
+  /** Kata's SCSI address `<scsi id>:<lun>` on the VM's one virtio-scsi controller, e.g. `0:3`. */
+  readonly scsiAddr: string;
+  readonly pciPath?: undefined;
+}
+
+export type HotpluggedBlock = PciHotpluggedBlock | ScsiHotpluggedBlock;
+
+/** The Kata Storage driver and source the guest agent finds a hot-plugged disk by: `blk` + PCI path, or `scsi` + `<id>:<lun>`. */
+export function guestBlockSource(b: HotpluggedBlock): { readonly driver: 'blk' | 'scsi'; readonly source: string } {
+  return b.scsiAddr !== undefined ? { driver: 'scsi', source: b.scsiAddr } : { driver: 'blk', source: b.pciPath };
 }
 
 /** How a VM process ended: a supervised process's exit (the hypervisor's last stderr lines included), with the error that explains it. */

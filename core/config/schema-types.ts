@@ -337,7 +337,7 @@ export interface QemuSection {
    */
   machine_type: string;
   /**
-   * How block devices reach the guest (Kata's QEMU default is virtio-scsi). Only virtio-blk is hot-plugged by the qemu plugin.
+   * How block devices reach the guest (Kata's QEMU default is virtio-scsi). The qemu plugin hot-plugs virtio-scsi (scsi-hd on a virtio-scsi-pci controller) and virtio-blk (into pcie-root-ports); nvdimm, virtio-mmio and virtio-blk-ccw disks are not hot-plugged.
    */
   block_device_driver: 'virtio-scsi' | 'virtio-blk' | 'virtio-mmio' | 'nvdimm' | 'virtio-blk-ccw';
   /**
@@ -345,7 +345,7 @@ export interface QemuSection {
    */
   accelerator: 'auto' | 'kvm' | 'tcg';
   /**
-   * Ours, not Kata's. Number of pcie-root-port devices reserved for block-device hot-plug (one virtio-blk disk each); 0 disables block hot-plug.
+   * Ours, not Kata's. Number of pcie-root-port devices reserved for virtio-blk hot-plug (one disk each); 0 disables virtio-blk hot-plug. Not used with block_device_driver = "virtio-scsi", whose disks go on the virtio-scsi controller.
    */
   hotplug_root_ports: number;
 }

@@ -6,6 +6,7 @@
  * | driver | source | mounted as |
  * |---|---|---|
  * | `blk` | PCI path of a virtio-blk device (`05/00`), waited for (hot-plug is asynchronous) | `fstype` (e.g. ext4) |
+ * | `scsi` | SCSI address `<id>:<lun>` of a disk on the virtio-scsi controller, waited for under /sys/class/scsi_disk | `fstype` |
  * | `mmioblk` | the device node (`/dev/vdb`) | `fstype` |
  * | `9p` | the 9p mount tag (`kataShared`) | 9p, `trans=virtio,version=9p2000.L` unless the options say otherwise |
  * | `virtio-fs` | the virtio-fs tag | virtiofs |
@@ -21,9 +22,10 @@ import type { Storage } from '../../wire/agent/proto.gen.js';
 import { internal, invalidArgument } from './errors.js';
 import { log } from './log.js';
 import { parsePciPath, waitForPciBlockDevice } from './pci.js';
+import { parseScsiAddress, waitForScsiBlockDevice } from './scsi.js';
 import { busybox, busyboxOk, lstatOrUndefined, sleep } from './sys.js';
 
-export const STORAGE_DRIVERS = Object.freeze(['blk', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local'] as const);
+export const STORAGE_DRIVERS = Object.freeze(['blk', 'scsi', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local'] as const);
 export type StorageDriver = (typeof STORAGE_DRIVERS)[number];
 
 /** The mount a storage turns into: `mount -t fstype -o options source target`, or a directory only. */
@@ -55,20 +57,26 @@ export function checkFsType(value: string, what: string): string {
   return value;
 }
 
+/** Finds the /dev node of a hot-plugged disk: `blk` by PCI path, `scsi` by `<id>:<lun>`. */
+export type DeviceLookup = (driver: 'blk' | 'scsi', source: string) => Promise<string>;
+
 /**
- * The mount for a storage, with the device (for `blk`) still to be found: `device` resolves the
- * source to a /dev node. Pure apart from that callback. INVALID_ARGUMENT for an unknown driver or
- * a malformed source.
+ * The mount for a storage, with the device (for `blk` and `scsi`) still to be found: `device`
+ * resolves the source to a /dev node. Pure apart from that callback. INVALID_ARGUMENT for an
+ * unknown driver or a malformed source.
  */
-export async function planStorage(s: Storage, device: (pciPath: string) => Promise<string>): Promise<MountPlan> {
+export async function planStorage(s: Storage, device: DeviceLookup): Promise<MountPlan> {
   const target = checkGuestPath(s.mountPoint, 'storage mount_point');
   const driver = s.driver as StorageDriver;
   switch (driver) {
-    case 'blk': {
-      if (!s.fstype) throw invalidArgument(`storage ${target}: driver "blk" needs an fstype`);
+    case 'blk':
+    case 'scsi': {
+      if (!s.fstype) throw invalidArgument(`storage ${target}: driver "${driver}" needs an fstype`);
       checkFsType(s.fstype, `storage ${target}: fstype`);
-      parsePciPath(s.source); // reject a bad path before waiting for it
-      return { kind: 'mount', source: await device(s.source), target, fstype: s.fstype, options: s.options };
+      // reject a bad source before waiting for it
+      if (driver === 'blk') parsePciPath(s.source);
+      else parseScsiAddress(s.source);
+      return { kind: 'mount', source: await device(driver, s.source), target, fstype: s.fstype, options: s.options };
     }
     case 'mmioblk':
       if (!s.fstype) throw invalidArgument(`storage ${target}: driver "mmioblk" needs an fstype`);
@@ -107,7 +115,7 @@ interface Mounted {
 }
 
 export interface StorageOptions {
-  /** How long a `blk` device may take to appear. */
+  /** How long a `blk` or `scsi` device may take to appear. */
   readonly hotplugTimeoutMs: number;
 }
 
@@ -130,7 +138,10 @@ export class StorageManager {
       held.refs++;
       return target;
     }
-    const plan = await planStorage(s, (pci) => waitForPciBlockDevice(parsePciPath(pci), { timeoutMs: this.opts.hotplugTimeoutMs, signal }));
+    const wait = { timeoutMs: this.opts.hotplugTimeoutMs, signal };
+    const plan = await planStorage(s, (driver, source) =>
+      driver === 'scsi' ? waitForScsiBlockDevice(parseScsiAddress(source), wait) : waitForPciBlockDevice(parsePciPath(source), wait),
+    );
     const createdDir = !(await lstatOrUndefined(target));
     try {
       await mkdir(target, { recursive: true, mode: plan.kind === 'dir' ? plan.mode : 0o755 });

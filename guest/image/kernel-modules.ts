@@ -26,6 +26,12 @@ export const GUEST_MODULES: readonly string[] = Object.freeze([
   // disks (hot-plugged container rootfs) and the agent's virtio-serial port
   'virtio_blk',
   'virtio_console',
+  // virtio-scsi disks (block_device_driver = "virtio-scsi", Kata's QEMU default): the HBA, the
+  // SCSI core and the disk driver (sd_mod registers /sys/class/scsi_disk)
+  'scsi_common',
+  'scsi_mod',
+  'virtio_scsi',
+  'sd_mod',
   // virtio-9p shared directory (kataShared)
   'netfs',
   'fscache',

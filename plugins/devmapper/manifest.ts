@@ -11,7 +11,7 @@ export const MANIFEST = Object.freeze({
   name: PLUGIN_NAME,
   version: '1.0.0',
   runtime: '^1.0.0',
-  description: 'block-device container rootfs (devmapper snapshotter), hot-plugged as virtio-blk',
+  description: 'block-device container rootfs (devmapper snapshotter), hot-plugged as virtio-blk or virtio-scsi',
   provides: ['block-rootfs'],
   requires: ['hypervisor'],
   activation: { when: [{ key: 'hypervisor.*.disable_block_device_use', in: [false], default: false }] },

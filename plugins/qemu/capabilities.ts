@@ -2,7 +2,7 @@
  * What a QEMU VM can do for a given configuration (Kata's `qemuAmd64.capabilities`, made finer).
  */
 import { RENDER_ACCESS_PLATFORM, renderDeviceCapability, renderTeeCapability, type CapabilityView, type KataConfig } from '../../core/plugin-api.js';
-import { SUPPORTED_MACHINE, qemuSection } from './config.js';
+import { SCSI_MAX_DISKS, SUPPORTED_MACHINE, qemuSection } from './config.js';
 import { QEMU_DEVICE_KINDS } from './launch-spec.js';
 
 export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void {
@@ -10,9 +10,15 @@ export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void
   if (!hv.disable_block_device_use) {
     caps.add('block-device', `block_device_driver = "${hv.block_device_driver}"`);
     if (hv.block_device_driver === 'virtio-blk') caps.add('virtio-blk', 'block devices are virtio-blk-pci devices');
+    if (hv.block_device_driver === 'virtio-scsi') caps.add('virtio-scsi', 'block devices are scsi-hd disks on a virtio-scsi-pci controller');
     const why = blockHotplugMissing(cfg);
     if (why === undefined) {
-      caps.add('block-device-hotplug', `virtio-blk-pci hot-plugged into one of ${hv.hotplug_root_ports} reserved pcie-root-ports`);
+      caps.add(
+        'block-device-hotplug',
+        hv.block_device_driver === 'virtio-scsi'
+          ? `scsi-hd hot-plugged onto the virtio-scsi-pci controller planned at boot (up to ${SCSI_MAX_DISKS} disks)`
+          : `virtio-blk-pci hot-plugged into one of ${hv.hotplug_root_ports} reserved pcie-root-ports`,
+      );
     }
   }
   caps.add('multi-queue');
@@ -31,18 +37,22 @@ export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void
   caps.add(RENDER_ACCESS_PLATFORM, 'iommu_platform=on on every virtio-pci device, hot-plugged ones included');
 }
 
+/** The block_device_driver values whose disks the plugin hot-plugs. */
+export const HOTPLUG_BLOCK_DRIVERS: readonly string[] = Object.freeze(['virtio-blk', 'virtio-scsi']);
+
 /**
  * Why this configuration offers no block-device hot-plug, or undefined when it does. The plugin's
- * driver hot-plugs exactly one kind of device: virtio-blk-pci into a pcie-root-port, which exists
- * on q35 only (pcie.0 itself is not hot-pluggable).
+ * driver hot-plugs two kinds of device: virtio-blk-pci into a pcie-root-port, which exists on q35
+ * only (pcie.0 itself is not hot-pluggable), and scsi-hd onto the virtio-scsi-pci controller the
+ * VM boots with (no root port needed).
  */
 export function blockHotplugMissing(cfg: KataConfig): string | undefined {
   const hv = qemuSection(cfg);
   if (hv.disable_block_device_use) return 'disable_block_device_use = true';
   if (hv.machine_type !== SUPPORTED_MACHINE) return `machine_type = "${hv.machine_type}": hot-plug into a pcie-root-port needs q35`;
-  if (hv.block_device_driver !== 'virtio-blk') {
-    return `block_device_driver = "${hv.block_device_driver}": the qemu plugin hot-plugs virtio-blk only`;
+  if (!HOTPLUG_BLOCK_DRIVERS.includes(hv.block_device_driver)) {
+    return `block_device_driver = "${hv.block_device_driver}": the qemu plugin hot-plugs virtio-blk and virtio-scsi disks only`;
   }
-  if (hv.hotplug_root_ports === 0) return 'hotplug_root_ports = 0: no pcie-root-port is reserved for hot-plug';
+  if (hv.block_device_driver === 'virtio-blk' && hv.hotplug_root_ports === 0) return 'hotplug_root_ports = 0: no pcie-root-port is reserved for hot-plug';
   return undefined;
 }

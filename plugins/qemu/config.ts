@@ -80,7 +80,16 @@ export const QEMU_IDS = Object.freeze({
   ramBackend: 'guest-ram',
   /** Prefix of the hot-plug root ports: rp0, rp1, … */
   hotplugPortPrefix: 'rp',
+  /** The virtio-scsi controller hot-plugged SCSI disks go on (its bus is `scsi0.0`). */
+  scsiController: 'scsi0',
 });
+
+/**
+ * Hot-plugged SCSI disks per VM. Kata numbers SCSI disks by index, id = index / 256 and
+ * lun = index % 256 (virtcontainers' GetSCSIIdLun); this plugin keeps Kata's numbering and bounds
+ * the index (Kata allows 65535), so that a runaway caller hits a coded error, not QEMU's limits.
+ */
+export const SCSI_MAX_DISKS = 1024;
 
 /** The accelerator `auto` resolves to in a plan (the real choice is made when the VM starts). */
 export const PLAN_ACCELERATOR: 'kvm' = 'kvm';

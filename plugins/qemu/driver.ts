@@ -132,7 +132,7 @@ export class QemuVm implements VmHandle {
     return this.#accelerator;
   }
 
-  /** The disks hot-plugged and not (fully) unplugged, in port order. */
+  /** The disks hot-plugged and not (fully) unplugged, in slot order (root port, or SCSI address). */
   get disks(): readonly HotpluggedBlock[] {
     return this.#hotplug?.disks ?? [];
   }
@@ -147,6 +147,7 @@ export class QemuVm implements VmHandle {
     return this.#starting;
   }
 
+  /** Hot-plugs a disk: virtio-blk-pci into a root port (`{ id, pciPath }`), or scsi-hd onto the virtio-scsi controller (`{ id, scsiAddr }`). */
   async hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock> {
     return this.#running('hot-plug a disk').plug(dev);
   }

@@ -1,9 +1,12 @@
 /**
- * Block hot-plug into a running QEMU: a raw block node (`blockdev-add`) and a `virtio-blk-pci`
- * device on it (`device_add`) in one of the spec's reserved pcie-root-ports, and the reverse.
+ * Block hot-plug into a running QEMU: a raw block node (`blockdev-add`) and a device on it
+ * (`device_add`), and the reverse. The device is a `virtio-blk-pci` in one of the spec's reserved
+ * pcie-root-ports, or, when the spec has a virtio-scsi controller (block_device_driver =
+ * "virtio-scsi"), a `scsi-hd` on that controller's bus at a SCSI id/LUN numbered as Kata does.
+ * Either way a disk holds one *slot* (a port, or a SCSI index) until QEMU confirms it gone.
  *
  * Every device-changing QMP command goes through one promise queue, so concurrent callers never
- * pick the same port and QEMU never sees two half-done hot-plugs interleaved. Waiting for the guest
+ * pick the same slot and QEMU never sees two half-done hot-plugs interleaved. Waiting for the guest
  * to release a disk (`DEVICE_DELETED`) happens outside the queue, since it needs the guest's
  * cooperation: other disks can come and go meanwhile, while the port stays taken.
  *
@@ -14,7 +17,7 @@ import { stat } from 'node:fs/promises';
 import { KataError, type BlockDeviceSpec, type HotpluggedBlock, type Logger } from '../../core/plugin-api.js';
 import type { QemuLaunchSpec } from './launch-spec.js';
 import { effectiveDevice, hotplugPortSlot } from './argv.js';
-import { PLUGIN_NAME } from './config.js';
+import { PLUGIN_NAME, SCSI_MAX_DISKS } from './config.js';
 import { QmpError, type QmpClient } from './qmp.js';
 
 export const HOTPLUG_DEFAULTS = Object.freeze({
@@ -39,11 +42,24 @@ export function hotplugPciPath(index: number): string {
   return [hotplugPortSlot(index), DEVICE_SLOT].map((n) => n.toString(16).padStart(2, '0')).join('/');
 }
 
+/** Kata's SCSI id and LUN of the disk with index `index` (virtcontainers' GetSCSIIdLun): 256 LUNs per id. */
+export function scsiIdLun(index: number): { readonly scsiId: number; readonly lun: number } {
+  return { scsiId: Math.floor(index / 256), lun: index % 256 };
+}
+
+/** The `scsi` Storage source the agent finds the disk with index `index` by: `<scsi id>:<lun>`. */
+export function scsiAddress(index: number): string {
+  const { scsiId, lun } = scsiIdLun(index);
+  return `${scsiId}:${lun}`;
+}
+
 interface PluggedDisk {
   readonly id: string;
   readonly path: string;
+  /** The slot it holds: a port index (virtio-blk) or a SCSI index (virtio-scsi). */
   readonly port: number;
-  readonly pciPath: string;
+  /** Where the guest finds it: a PCI path or a SCSI address. */
+  readonly where: HotpluggedBlock;
   /** QEMU reported the device gone (or never had it); only the block node may remain. */
   deviceGone: boolean;
   unplugging: Promise<void> | undefined;
@@ -56,22 +72,25 @@ export interface BlockHotplugOptions {
 export class BlockHotplug {
   readonly #qmp: QmpClient;
   readonly #ports: readonly string[];
+  /** The virtio-scsi controller disks go on, or undefined for virtio-blk into `#ports`. */
+  readonly #scsiController: string | undefined;
   readonly #virtioIommuPlatform: boolean;
   readonly #log: Logger;
   readonly #unplugTimeoutMs: number;
-  /** Port index → id of the disk holding it. */
+  /** Slot (port index, or SCSI index) → id of the disk holding it. */
   readonly #portOwner: (string | undefined)[];
   readonly #disks = new Map<string, PluggedDisk>();
   readonly #unsubscribe: () => void;
   #queue: Promise<unknown> = Promise.resolve();
 
-  constructor(qmp: QmpClient, spec: Pick<QemuLaunchSpec, 'hotplugPorts' | 'virtioIommuPlatform'>, log: Logger, opts: BlockHotplugOptions = {}) {
+  constructor(qmp: QmpClient, spec: Pick<QemuLaunchSpec, 'hotplugPorts' | 'virtioIommuPlatform' | 'scsiController'>, log: Logger, opts: BlockHotplugOptions = {}) {
     this.#qmp = qmp;
     this.#ports = [...spec.hotplugPorts];
+    this.#scsiController = spec.scsiController;
     this.#virtioIommuPlatform = spec.virtioIommuPlatform;
     this.#log = log;
     this.#unplugTimeoutMs = opts.unplugTimeoutMs ?? HOTPLUG_DEFAULTS.unplugTimeoutMs;
-    this.#portOwner = this.#ports.map(() => undefined);
+    this.#portOwner = Array.from({ length: this.#scsiController !== undefined ? SCSI_MAX_DISKS : this.#ports.length }, () => undefined);
     // A DEVICE_DELETED that comes after an unplug timed out still counts: a retried unplug then
     // only has the block node left to delete.
     this.#unsubscribe = qmp.onEvent((e) => {
@@ -81,9 +100,9 @@ export class BlockHotplug {
     });
   }
 
-  /** The disks currently attached (or not fully detached), in port order. */
+  /** The disks currently attached (or not fully detached), in slot order. */
   get disks(): readonly HotpluggedBlock[] {
-    return [...this.#disks.values()].sort((a, b) => a.port - b.port).map(({ id, pciPath }) => ({ id, pciPath }));
+    return [...this.#disks.values()].sort((a, b) => a.port - b.port).map(({ where }) => ({ ...where }));
   }
 
   /** Stops listening for events; the VM is going away. */
@@ -105,9 +124,10 @@ export class BlockHotplug {
       if (this.#disks.has(dev.id)) throw hotplugError(`a disk with id "${dev.id}" is already hot-plugged`, { fix: 'Give each disk of a sandbox its own id.' });
       const port = this.#portOwner.findIndex((owner) => owner === undefined);
       if (port < 0) {
-        throw new KataError('KATA_ERR_HOTPLUG_NO_SLOT', `no free hot-plug port for disk "${dev.id}": all ${this.#ports.length} reserved pcie-root-ports are in use`, { plugin: PLUGIN_NAME });
+        const all = this.#scsiController !== undefined ? `all ${this.#portOwner.length} SCSI addresses of controller ${this.#scsiController} are in use` : `all ${this.#ports.length} reserved pcie-root-ports are in use`;
+        throw new KataError('KATA_ERR_HOTPLUG_NO_SLOT', `no free hot-plug slot for disk "${dev.id}": ${all}`, { plugin: PLUGIN_NAME });
       }
-      const bus = this.#ports[port] as string;
+      const { device, bus, where } = this.#deviceFor(dev, port);
       const readOnly = dev.readonly === true;
       try {
         await this.#qmp.execute('blockdev-add', {
@@ -119,19 +139,30 @@ export class BlockHotplug {
       } catch (e) {
         throw hotplugError(`disk "${dev.id}" (${dev.path}): blockdev-add failed: ${reason(e)}`, { cause: e });
       }
-      const device = effectiveDevice({ type: 'virtio-blk-pci', id: dev.id, props: { drive: dev.id, bus, addr: String(DEVICE_SLOT) } }, { virtioIommuPlatform: this.#virtioIommuPlatform });
       try {
         await this.#qmp.execute('device_add', { driver: device.type, id: dev.id, ...device.props });
       } catch (e) {
         await this.#rollback(dev, port, e);
         throw hotplugError(`disk "${dev.id}" (${dev.path}): device_add on ${bus} failed: ${reason(e)}; its block node was removed again`, { cause: e });
       }
-      const pciPath = hotplugPciPath(port);
       this.#portOwner[port] = dev.id;
-      this.#disks.set(dev.id, { id: dev.id, path: dev.path, port, pciPath, deviceGone: false, unplugging: undefined });
-      this.#log.info({ id: dev.id, path: dev.path, driver: fileDriver, bus, pciPath, readOnly }, 'disk hot-plugged');
-      return { id: dev.id, pciPath };
+      this.#disks.set(dev.id, { id: dev.id, path: dev.path, port, where, deviceGone: false, unplugging: undefined });
+      this.#log.info({ path: dev.path, driver: fileDriver, device: device.type, bus, ...where, readOnly }, 'disk hot-plugged');
+      return { ...where };
     });
+  }
+
+  /** The device for disk `dev` in slot `slot`: its QEMU form, the bus it goes on, and where the guest finds it. */
+  #deviceFor(dev: BlockDeviceSpec, slot: number): { device: { type: string; props: Record<string, string | number | boolean> }; bus: string; where: HotpluggedBlock } {
+    if (this.#scsiController !== undefined) {
+      // scsi-hd is not a virtio device: the controller carries iommu_platform under TDX.
+      const { scsiId, lun } = scsiIdLun(slot);
+      const bus = `${this.#scsiController}.0`;
+      return { device: { type: 'scsi-hd', props: { drive: dev.id, bus, 'scsi-id': scsiId, lun } }, bus, where: { id: dev.id, scsiAddr: scsiAddress(slot) } };
+    }
+    const bus = this.#ports[slot] as string;
+    const device = effectiveDevice({ type: 'virtio-blk-pci', id: dev.id, props: { drive: dev.id, bus, addr: String(DEVICE_SLOT) } }, { virtioIommuPlatform: this.#virtioIommuPlatform });
+    return { device, bus, where: { id: dev.id, pciPath: hotplugPciPath(slot) } };
   }
 
   /** Detaches a disk: device_del, DEVICE_DELETED from the guest, blockdev-del. Concurrent calls for one id share the work. */
@@ -163,7 +194,7 @@ export class BlockHotplug {
           await this.#qmp.waitForEvent('DEVICE_DELETED', (e) => e.data.device === disk.id, timeoutMs, { since });
         } catch (e) {
           if (e instanceof KataError && e.code === 'KATA_ERR_QMP_TIMEOUT') {
-            throw new KataError('KATA_ERR_UNPLUG_TIMEOUT', `the guest did not release disk "${disk.id}" (PCI ${disk.pciPath}) within ${timeoutMs} ms; its port stays taken`, {
+            throw new KataError('KATA_ERR_UNPLUG_TIMEOUT', `the guest did not release disk "${disk.id}" (${describeWhere(disk.where)}) within ${timeoutMs} ms; its slot stays taken`, {
               plugin: PLUGIN_NAME,
               cause: e,
             });
@@ -184,11 +215,11 @@ export class BlockHotplug {
       }
       this.#disks.delete(disk.id);
       this.#portOwner[disk.port] = undefined;
-      this.#log.info({ id: disk.id, pciPath: disk.pciPath }, 'disk unplugged');
+      this.#log.info({ ...disk.where }, 'disk unplugged');
     });
   }
 
-  /** After a failed device_add: delete the block node; if even that fails, keep the port and id taken. */
+  /** After a failed device_add: delete the block node; if even that fails, keep the slot and id taken. */
   async #rollback(dev: BlockDeviceSpec, port: number, failure: unknown): Promise<void> {
     try {
       await this.#qmp.execute('blockdev-del', { 'node-name': dev.id });
@@ -196,7 +227,7 @@ export class BlockHotplug {
       // Only a QMP error reply proves the device was never created; after a timeout it may exist.
       const deviceGone = failure instanceof QmpError;
       this.#portOwner[port] = dev.id;
-      this.#disks.set(dev.id, { id: dev.id, path: dev.path, port, pciPath: hotplugPciPath(port), deviceGone, unplugging: undefined });
+      this.#disks.set(dev.id, { id: dev.id, path: dev.path, port, where: this.#deviceFor(dev, port).where, deviceGone, unplugging: undefined });
       this.#log.error({ err: e, id: dev.id }, 'hot-plug rollback failed; the disk stays recorded until unplugBlock succeeds');
       throw hotplugError(`disk "${dev.id}": device_add failed (${reason(failure)}) and removing its block node failed too (${reason(e)}); unplugBlock("${dev.id}") retries`, {
         cause: failure,
@@ -223,6 +254,10 @@ async function backingDriver(path: string): Promise<'file' | 'host_device'> {
   if (st.isBlockDevice()) return 'host_device';
   if (st.isFile()) return 'file';
   throw hotplugError(`disk ${path} is neither a regular file nor a block device`);
+}
+
+function describeWhere(w: HotpluggedBlock): string {
+  return w.scsiAddr !== undefined ? `SCSI ${w.scsiAddr}` : `PCI ${w.pciPath}`;
 }
 
 function hotplugError(message: string, opts: { cause?: unknown; fix?: string } = {}): KataError {

@@ -67,6 +67,11 @@ export interface QemuLaunchSpec {
   fsdevs: QemuOption[];
   /** Ids of the pcie-root-ports reserved for hot-plug, in order. */
   hotplugPorts: string[];
+  /**
+   * The virtio-scsi controller disks are hot-plugged onto as scsi-hd (block_device_driver =
+   * "virtio-scsi"); absent when disks are hot-plugged as virtio-blk-pci into `hotplugPorts`.
+   */
+  scsiController?: string;
   /** Set virtio `iommu_platform=on` on every virtio-pci device, including hot-plugged ones (TDX). */
   virtioIommuPlatform: boolean;
   /** Extra raw arguments appended last. */
@@ -81,7 +86,7 @@ export function isQemuSpec(native: unknown): native is QemuLaunchSpec {
 }
 
 /** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
-export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng'] as const);
+export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller'] as const);
 
 export interface HostResources {
   readonly cpus: number;
@@ -151,6 +156,8 @@ export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host
   ];
   if (nonEmpty(hv.entropy_source)) devices.push({ kind: 'rng', source: hv.entropy_source });
   if (hv.shared_fs === 'virtio-9p') devices.push({ kind: '9p', path: SANDBOX_PATHS.sharedDir, tag: SHARED_MOUNT_TAG });
+  // Kata's virtio-scsi: one controller from boot; disks come and go on it as scsi-hd.
+  if (caps.has('block-device-hotplug') && hv.block_device_driver === 'virtio-scsi') devices.push({ kind: 'scsi-controller', id: QEMU_IDS.scsiController });
   const vm: VmDescription = {
     hypervisor: 'qemu',
     binary: hv.path as string,
@@ -203,7 +210,8 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
     chardevs: [],
     devices: [],
     fsdevs: [],
-    hotplugPorts: caps.has('block-device-hotplug') ? hotplugPortIds(hv.hotplug_root_ports) : [],
+    // Root ports serve virtio-blk hot-plug only; SCSI disks go on the controller.
+    hotplugPorts: caps.has('block-device-hotplug') && hv.block_device_driver === 'virtio-blk' ? hotplugPortIds(hv.hotplug_root_ports) : [],
     virtioIommuPlatform: hv.enable_iommu_platform || vm.confidential?.accessPlatform === true,
     extraArgs: [],
   };
@@ -239,6 +247,12 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
     // The spec has no block-node list, so the node behind the disk is a raw -blockdev.
     spec.extraArgs.push('-blockdev', rawBlockdev(`${d.id}-node`, d.path, d.readonly));
     spec.devices.push({ type: 'virtio-blk-pci', id: d.id, props: { drive: `${d.id}-node` } });
+  }
+
+  // The first controller takes the hot-plugged SCSI disks; iommu_platform comes with effectiveDevice under TDX.
+  for (const c of of('scsi-controller')) {
+    spec.devices.push({ type: 'virtio-scsi-pci', id: c.id, props: {} });
+    spec.scsiController ??= c.id;
   }
 
   for (const [i, share] of of('9p').entries()) {

@@ -47,7 +47,7 @@ export function qemuValueRules(cfg: KataConfig, caps: ReadonlyCapabilities): Rul
       'block_device_driver',
       hv.block_device_driver,
       `a QEMU q35 machine has no ${bus}, so block devices cannot be attached with this driver`,
-      'set block_device_driver = "virtio-blk" (the driver the qemu plugin hot-plugs), or disable_block_device_use = true',
+      'set block_device_driver = "virtio-scsi" or "virtio-blk" (the drivers the qemu plugin hot-plugs), or disable_block_device_use = true',
     );
   }
 
@@ -84,7 +84,7 @@ export function qemuValueRules(cfg: KataConfig, caps: ReadonlyCapabilities): Rul
     const why = blockHotplugMissing(cfg) ?? 'another plugin removed the capability';
     warnings.push({
       key: hvKey(cfg, 'block_device_driver'),
-      message: `block devices are enabled but cannot be hot-plugged (${why}); a block-device container rootfs needs block_device_driver = "virtio-blk" on q35 with hotplug_root_ports > 0`,
+      message: `block devices are enabled but cannot be hot-plugged (${why}); a block-device container rootfs needs block_device_driver = "virtio-scsi" on q35, or "virtio-blk" on q35 with hotplug_root_ports > 0`,
     });
   }
   return { vetoes, warnings };

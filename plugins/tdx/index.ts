@@ -6,7 +6,7 @@
  * refuses any virtio device without VIRTIO_F_ACCESS_PLATFORM
  * ("virtiofs virtio2: device must provide VIRTIO_F_ACCESS_PLATFORM"). virtiofsd does not offer it,
  * so this plugin vetoes virtio-fs during the validated config phase, before any VM starts, and
- * requires block-device hot-plug so the devmapper rootfs can reach the guest as virtio-blk.
+ * requires block-device hot-plug so the devmapper rootfs can reach the guest (virtio-blk, or virtio-scsi on QEMU).
  *
  * It writes intents only: the plan's `vm.confidential` (TEE, firmware, access-platform on every
  * device) and a VM without hot-plug or balloon. Each hypervisor plugin renders them in its own
@@ -80,13 +80,13 @@ export default definePlugin({
           key: hvKey(cfg, 'block_device_driver'),
           value: hv.block_device_driver,
           reason: 'confidential guests must not use virtio-mmio, which is not hardened for confidential computing',
-          fix: 'set block_device_driver = "virtio-blk"',
+          fix: 'set block_device_driver = "virtio-blk" (or "virtio-scsi" with QEMU)',
         });
       }
       if (!hv.disable_block_device_use) {
-        verdict.require('block-device-hotplug', 'the container rootfs reaches a TDX guest only as a hot-plugged virtio-blk device (devmapper snapshotter)', {
+        verdict.require('block-device-hotplug', 'the container rootfs reaches a TDX guest only as a hot-plugged block device (devmapper snapshotter)', {
           key: hvKey(cfg, 'block_device_driver'),
-          fix: 'set block_device_driver = "virtio-blk"',
+          fix: 'set block_device_driver = "virtio-blk" (or "virtio-scsi" with QEMU)',
         });
         if (cfg.hypervisorName === 'clh') {
           verdict.require('virtio-blk', 'Cloud Hypervisor hot-plugs block devices only as virtio-blk', {

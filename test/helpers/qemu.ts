@@ -42,7 +42,7 @@ export function fakeGuest(dir: string): { kernel: string; initrd: string } {
 }
 
 /** A `[hypervisor.qemu]` configuration with block hot-plug (virtio-blk) and no shared fs. */
-export function qemuConfigText(opts: { binary: string; kernel: string; initrd: string; extra?: string }): string {
+export function qemuConfigText(opts: { binary: string; kernel: string; initrd: string; extra?: string; blockDriver?: string }): string {
   return `[hypervisor.qemu]
 path = "${opts.binary}"
 kernel = "${opts.kernel}"
@@ -51,7 +51,7 @@ default_memory = 512
 default_maxvcpus = 1
 shared_fs = "none"
 disable_block_device_use = false
-block_device_driver = "virtio-blk"
+block_device_driver = "${opts.blockDriver ?? 'virtio-blk'}"
 ${opts.extra ?? ''}
 `;
 }

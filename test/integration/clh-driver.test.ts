@@ -124,7 +124,7 @@ describe('Cloud Hypervisor driver against the API simulator @integration', funct
           });
           const [disk] = vm.disks;
           assert.ok(disk, 'the rootfs is hot-plugged');
-          pciPaths.push(disk.pciPath);
+          pciPaths.push(disk.pciPath ?? '');
           const out = text(c.stdout);
           await c.start();
           c.stdin.end();

@@ -235,7 +235,7 @@ describe('guest agent in a TCG guest @integration', function () {
     assert.equal(v.grpcVersion, '0.0.1');
     const d = await c.getGuestDetails({ memBlockSize: true, memHotplugProbe: true });
     assert.ok(d.memBlockSizeBytes > 0n, `memory block size ${d.memBlockSizeBytes}`);
-    assert.deepEqual(d.agentDetails?.storageHandlers, ['blk', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local']);
+    assert.deepEqual(d.agentDetails?.storageHandlers, ['blk', 'scsi', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local']);
     assert.equal(d.agentDetails?.initDaemon, false, 'PID 1 is /agent/start, the agent its child');
   });
 

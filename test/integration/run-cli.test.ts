@@ -190,6 +190,18 @@ describe('kata-runtime run @integration', function () {
     assert.doesNotMatch(r.stderr, STACK_FRAME);
   });
 
+  it('runs a container on a block rootfs hot-plugged over virtio-scsi (block_device_driver = "virtio-scsi"), mounted from the SCSI disk', () => {
+    const scsiConfig = tmp.file('configuration-scsi.toml', readFileSync(config, 'utf8').replace('block_device_driver = "virtio-blk"', 'block_device_driver = "virtio-scsi"'));
+    assert.match(readFileSync(scsiConfig, 'utf8'), /block_device_driver = "virtio-scsi"/);
+    const script = 'dev=$(awk \'$2=="/"{print $1}\' /proc/self/mounts); echo $dev; readlink -f /sys/class/block/${dev#/dev/}';
+    const r = spawnSync(process.execPath, [BIN, '--config', scsiConfig, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', script], { encoding: 'utf8', env: env() });
+    assert.equal(r.status, 0, r.stderr);
+    const [dev, sysfs] = r.stdout.trim().split('\n');
+    assert.match(dev ?? '', /^\/dev\/sd[a-z]$/);
+    // Host, channel 0, target 0, LUN 0: the first SCSI address, on the virtio-scsi controller.
+    assert.match(sysfs ?? '', new RegExp(`/virtio\\d+/host\\d+/target\\d+:0:0/\\d+:0:0:0/block/${(dev ?? '').slice('/dev/'.length)}$`));
+  });
+
   /** A guest cache of its own: the built guest files linked in, the busybox rootfs copied (it is mounted read-write). */
   function guestCache(name: string): string {
     const cache = path.join(tmp.path, name);

@@ -282,6 +282,16 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     await c().ctr(['container', 'rm', id]);
   };
 
+  it("runs a container under Kata 2.4.0's QEMU block settings (block devices on, virtio-scsi): the guest has the virtio-scsi controller", async () => {
+    const kata240 = configAt('configuration-kata240-block.toml', (t) =>
+      t.replace(/^disable_block_device_use = .*$/m, 'disable_block_device_use = false').replace(/^block_device_driver = .*$/m, 'block_device_driver = "virtio-scsi"').replace(/^hotplug_root_ports = .*$/m, ''),
+    );
+    assert.match(readFileSync(kata240, 'utf8'), /^block_device_driver = "virtio-scsi"$/m);
+    const r = await c().run('scsi-240', ['sh', '-c', 'cat /sys/class/scsi_host/*/proc_name'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', kata240] });
+    assert.equal(r.code, 0, why(r));
+    assert.deepEqual(r.stdout.trim().split('\n'), ['virtio_scsi'], why(r));
+  });
+
   it("takes its configuration from ctr --runtime-config-path, then the config_path annotation where that configuration enables it (Kata's precedence, restricted)", async () => {
     const byOption = await c().run('cfg-option', ['cat', '/proc/cmdline'], { runtime: RUNTIME, timeoutMs: 120_000, flags: ['--runtime-config-path', configAt('configuration-option.toml', withMarker('option'))] });
     assert.match(byOption.stdout, /kata_ts_marker=option/, why(byOption));

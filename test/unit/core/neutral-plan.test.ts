@@ -181,6 +181,38 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
   });
 });
 
+describe('the scsi-controller intent', () => {
+  let tmp: TempDir;
+  beforeEach(() => (tmp = new TempDir()));
+  afterEach(() => tmp.cleanup());
+
+  /** A device plugin that asks for a SCSI controller in whatever VM it is in. */
+  const scsiPlugin = () =>
+    tmp.file(
+      'scsi.mjs',
+      `export default { manifest: { name: 'scsi', version: '1.0.0', runtime: '^1.0.0', requires: ['hypervisor'] }, apply({ hooks }) {
+        hooks.plan.tap('scsi', (plan) => { plan.vm.devices.push({ kind: 'scsi-controller', id: 'extra0' }); return plan; });
+      } };`,
+    );
+  const text = (hv: 'qemu' | 'clh', plugin: string) => `[hypervisor.${hv}]\nkernel = "/k"\ninitrd = "/i"\nshared_fs = "none"\ndisable_block_device_use = true\n[runtime]\nplugins = ["${plugin}"]\n`;
+
+  it('is rendered by qemu as a virtio-scsi-pci controller', async () => {
+    const j = await judgeConfig({ text: text('qemu', scsiPlugin()) });
+    assert.equal(j.valid, true, JSON.stringify(j.problems));
+    assert.ok((j.plan?.vm.launch as string[]).includes('virtio-scsi-pci,id=extra0'));
+  });
+
+  it('is refused in the validated config phase under clh, which does not declare render:device:scsi-controller', async () => {
+    const j = await judgeConfig({ text: text('clh', scsiPlugin()) });
+    assert.equal(j.valid, false);
+    assert.deepEqual(
+      j.problems.map((p) => ({ code: p.code, hook: p.hook })),
+      [{ code: 'KATA_ERR_CAPABILITY_MISSING', hook: 'plan' }],
+    );
+    assert.match(j.problems[0]?.reason ?? '', /"render:device:scsi-controller"/);
+  });
+});
+
 describe('the plan hook guard', () => {
   let tmp: TempDir;
   beforeEach(() => (tmp = new TempDir()));

@@ -8,9 +8,9 @@ import { STORAGE_DRIVERS, checkGuestPath, mountArgs, planStorage } from '../../.
 const hasCode = (code: number) => (e: unknown) => e instanceof TtrpcError && e.code === code;
 const storage = (s: Partial<Storage>): Storage => ({ driver: '', driverOptions: [], source: '', fstype: '', options: [], mountPoint: '/run/m', shared: false, ...s });
 const devices: string[] = [];
-const device = async (pci: string) => {
-  devices.push(pci);
-  return '/dev/vda';
+const device = async (driver: 'blk' | 'scsi', source: string) => {
+  devices.push(`${driver} ${source}`);
+  return driver === 'scsi' ? '/dev/sda' : '/dev/vda';
 };
 
 describe('guest agent: storages', () => {
@@ -18,9 +18,24 @@ describe('guest agent: storages', () => {
 
   it('mounts a blk storage from the device its PCI path names', async () => {
     const plan = await planStorage(storage({ driver: 'blk', source: '05/00', fstype: 'ext4', options: ['ro'], mountPoint: '/run/kata-containers/shared/containers/c1/' }), device);
-    assert.deepEqual(devices, ['05/00']);
+    assert.deepEqual(devices, ['blk 05/00']);
     assert.deepEqual(plan, { kind: 'mount', source: '/dev/vda', target: '/run/kata-containers/shared/containers/c1', fstype: 'ext4', options: ['ro'] });
     assert.deepEqual(mountArgs(plan as Extract<typeof plan, { kind: 'mount' }>), ['-t', 'ext4', '-o', 'ro', '/dev/vda', '/run/kata-containers/shared/containers/c1']);
+  });
+
+  it('mounts a scsi storage from the disk its "<id>:<lun>" address names', async () => {
+    const plan = await planStorage(storage({ driver: 'scsi', source: '0:3', fstype: 'ext4', mountPoint: '/run/kata-containers/containers/c1/rootfs' }), device);
+    assert.deepEqual(devices, ['scsi 0:3']);
+    assert.deepEqual(plan, { kind: 'mount', source: '/dev/sda', target: '/run/kata-containers/containers/c1/rootfs', fstype: 'ext4', options: [] });
+  });
+
+  it('refuses a bad SCSI address, or no fstype, before waiting for any device', async () => {
+    for (const source of ['', '0', '0:', ':1', '0:1:2', '256:0', '0:16384', '-1:0', '0x1:0', '0:1 ', '../0:1']) {
+      await assert.rejects(planStorage(storage({ driver: 'scsi', source, fstype: 'ext4' }), device), hasCode(GrpcCode.INVALID_ARGUMENT), source);
+    }
+    await assert.rejects(planStorage(storage({ driver: 'scsi', source: '0:1' }), device), hasCode(GrpcCode.INVALID_ARGUMENT), 'no fstype');
+    await assert.rejects(planStorage(storage({ driver: 'scsi', source: '0:1', fstype: 'ext4,exec' }), device), hasCode(GrpcCode.INVALID_ARGUMENT));
+    assert.deepEqual(devices, []);
   });
 
   it('refuses a bad PCI path before waiting for any device', async () => {
@@ -44,7 +59,7 @@ describe('guest agent: storages', () => {
   });
 
   it('refuses unknown drivers and relative or climbing mount points', async () => {
-    await assert.rejects(planStorage(storage({ driver: 'scsi', source: '0:0' }), device), (e: unknown) => hasCode(GrpcCode.INVALID_ARGUMENT)(e) && /unknown driver "scsi"/.test((e as Error).message));
+    await assert.rejects(planStorage(storage({ driver: 'nvdimm', source: '/dev/pmem1' }), device), (e: unknown) => hasCode(GrpcCode.INVALID_ARGUMENT)(e) && /unknown driver "nvdimm"/.test((e as Error).message));
     await assert.rejects(planStorage(storage({ driver: 'ephemeral', mountPoint: 'run/m' }), device), hasCode(GrpcCode.INVALID_ARGUMENT));
     assert.throws(() => checkGuestPath('/run/../etc', 'x'), hasCode(GrpcCode.INVALID_ARGUMENT));
     assert.equal(checkGuestPath('/run//a/./b/', 'x'), '/run/a/b');
@@ -62,6 +77,6 @@ describe('guest agent: storages', () => {
   });
 
   it('lists the drivers it handles, with kata-agent names', () => {
-    assert.deepEqual([...STORAGE_DRIVERS], ['blk', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local']);
+    assert.deepEqual([...STORAGE_DRIVERS], ['blk', 'scsi', 'mmioblk', '9p', 'virtio-fs', 'ephemeral', 'local']);
   });
 });

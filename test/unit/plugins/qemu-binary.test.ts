@@ -174,4 +174,14 @@ describe('qemu-system-x86_64 with the rendered argv @integration', function () {
     const image = (block?.return as { qdev?: string; inserted?: { ro: boolean } }[]).find((b) => b.qdev?.includes('image-disk'));
     assert.equal(image?.inserted?.ro, true);
   });
+
+  it('builds the virtio-scsi controller for block_device_driver = "virtio-scsi", on the IOMMU platform when asked', async () => {
+    const spec = await specOf(`initrd = "${tmp.path}/initrd"\ndisable_block_device_use = false\nblock_device_driver = "virtio-scsi"\nenable_iommu_platform = true\nshared_fs = "none"`);
+    const [iommu, type] = await runPaused(substituteTokens(spec, { sandboxDir: sandbox }), sandbox, [
+      { execute: 'qom-get', arguments: { path: '/machine/peripheral/scsi0', property: 'iommu_platform' } },
+      { execute: 'qom-get', arguments: { path: '/machine/peripheral/scsi0', property: 'type' } },
+    ]);
+    assert.equal(iommu?.return, true);
+    assert.equal(type?.return, 'virtio-scsi-pci');
+  });
 });

@@ -90,6 +90,7 @@ describe('renderQemuLaunchSpec', () => {
     'agent-channel': 'virtserialport',
     console: 'isa-serial',
     rng: 'virtio-rng-pci',
+    'scsi-controller': 'virtio-scsi-pci',
   };
 
   it('renders a device for every intent kind it declares it can render', async () => {
@@ -99,6 +100,7 @@ describe('renderQemuLaunchSpec', () => {
       { kind: 'disk', id: 'data', path: '/srv/data.img', readonly: false },
       { kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 },
       { kind: '9p', path: '/srv/shared', tag: 'nine' },
+      { kind: 'scsi-controller', id: 'scsi0' },
     );
     const spec = renderQemuLaunchSpec(vm, cfg, caps());
     assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...QEMU_DEVICE_KINDS].sort());

@@ -127,12 +127,27 @@ describe('qemu plugin', () => {
       for (const c of ['block-device', 'block-device-hotplug', 'virtio-blk']) assert.ok(!names.includes(c), c);
     });
 
-    it('offers block devices but no hot-plug with Kata\'s default virtio-scsi, and warns why', async () => {
-      const j = await judgeConfig({ text: toml({ disable_block_device_use: false }) });
+    it('offers virtio-scsi block-device hot-plug with Kata\'s default block_device_driver, without needing root ports', async () => {
+      for (const ports of [undefined, 0]) {
+        const j = await judgeConfig({ text: toml({ disable_block_device_use: false, hotplug_root_ports: ports }) });
+        assert.equal(j.valid, true, JSON.stringify(j.problems));
+        const names = capNames(j);
+        for (const c of ['block-device', 'block-device-hotplug', 'virtio-scsi']) assert.ok(names.includes(c), c);
+        assert.ok(!names.includes('virtio-blk'));
+        assert.equal(j.capabilities.find((r) => r.name === 'block-device-hotplug')?.by, 'qemu');
+        assert.ok(!j.warnings.some((w) => w.key === 'hypervisor.qemu.block_device_driver'), JSON.stringify(j.warnings));
+      }
+    });
+
+    it('offers block devices but no hot-plug for nvdimm, and refuses the block rootfs naming the drivers that work', async () => {
+      const j = await judgeConfig({ text: toml({ disable_block_device_use: false, block_device_driver: 'nvdimm' }) });
       const names = capNames(j);
       assert.ok(names.includes('block-device'));
-      for (const c of ['block-device-hotplug', 'virtio-blk']) assert.ok(!names.includes(c), c);
+      for (const c of ['block-device-hotplug', 'virtio-blk', 'virtio-scsi']) assert.ok(!names.includes(c), c);
       assert.ok(j.warnings.some((w) => w.plugin === 'qemu' && w.key === 'hypervisor.qemu.block_device_driver'));
+      const p = j.problems.find((x) => x.code === 'KATA_ERR_CAPABILITY_MISSING');
+      assert.deepEqual([p?.plugin, p?.key], ['devmapper', 'hypervisor.qemu.block_device_driver']);
+      assert.match(p?.fix ?? '', /"virtio-scsi"/);
     });
 
     it('offers virtio-blk block-device hot-plug on q35', async () => {
@@ -194,7 +209,10 @@ describe('qemu plugin', () => {
     it('vetoes block drivers a q35 machine has no bus for, when block devices are used', async () => {
       for (const driver of ['virtio-mmio', 'virtio-blk-ccw']) {
         const j = await judgeConfig({ text: toml({ disable_block_device_use: false, block_device_driver: driver }) });
-        assert.ok(j.problems.some((p) => p.code === 'KATA_ERR_CONFIG_VALUE' && p.plugin === 'qemu' && p.key === 'hypervisor.qemu.block_device_driver'), driver);
+        const p = j.problems.find((x) => x.code === 'KATA_ERR_CONFIG_VALUE' && x.plugin === 'qemu' && x.key === 'hypervisor.qemu.block_device_driver');
+        assert.ok(p, driver);
+        assert.equal(p.value, driver);
+        assert.match(p.fix, /"virtio-scsi" or "virtio-blk"/, driver);
       }
       assert.deepEqual(await problemsOf({ block_device_driver: 'virtio-mmio' }), []);
     });
@@ -224,6 +242,32 @@ describe('qemu plugin', () => {
   });
 
   describe('plan', () => {
+    it('plans a scsi-controller intent for virtio-scsi block devices, rendered as one virtio-scsi-pci the hot-plug goes onto', async () => {
+      const { plan, vm, argv } = await planOf({ disable_block_device_use: false, block_device_driver: 'virtio-scsi' });
+      assert.deepEqual(plan.vm.devices.filter((d) => d.kind === 'scsi-controller'), [{ kind: 'scsi-controller', id: 'scsi0' }]);
+      assert.equal(plan.blockDriver, 'virtio-scsi');
+      assert.deepEqual(plan.rootfs, ['block-hotplug']);
+      assert.equal(vm.scsiController, 'scsi0');
+      assert.deepEqual(valuesOf(argv, '-device').filter((d) => d.startsWith('virtio-scsi-pci')), ['virtio-scsi-pci,id=scsi0']);
+      // Root ports serve virtio-blk hot-plug only.
+      assert.deepEqual(vm.hotplugPorts, []);
+      assert.ok(!argv.some((a) => a.startsWith('pcie-root-port')));
+    });
+
+    it('plans no SCSI controller for virtio-blk, nor when block devices are off', async () => {
+      for (const keys of [BLOCK, {}]) {
+        const { plan, vm, argv } = await planOf(keys);
+        assert.ok(!plan.vm.devices.some((d) => d.kind === 'scsi-controller'));
+        assert.equal(vm.scsiController, undefined);
+        assert.ok(!argv.some((a) => a.startsWith('virtio-scsi-pci')));
+      }
+    });
+
+    it('gives the SCSI controller iommu_platform when every virtio device must offer it', async () => {
+      const { argv } = await planOf({ disable_block_device_use: false, block_device_driver: 'virtio-scsi', enable_iommu_platform: true });
+      assert.deepEqual(valuesOf(argv, '-device').filter((d) => d.startsWith('virtio-scsi-pci')), ['virtio-scsi-pci,id=scsi0,iommu_platform=on,disable-legacy=on']);
+    });
+
     it('launches the configured binary on q35 with no defaults and no display', async () => {
       const { argv, vm } = await planOf({ path: '/opt/qemu/bin/qemu-system-x86_64' });
       assert.equal(argv[0], '/opt/qemu/bin/qemu-system-x86_64');
