@@ -37,6 +37,7 @@ const OPTIONS = {
   // run
   rootfs: { type: 'string' },
   interactive: { type: 'boolean', short: 'i' },
+  tty: { type: 'boolean', short: 't' },
   timings: { type: 'boolean' },
   // cleanup
   'dry-run': { type: 'boolean' },
@@ -47,6 +48,7 @@ export type CliFlags = {
   json: boolean;
   rootfs?: string | undefined;
   interactive: boolean;
+  tty: boolean;
   timings: boolean;
   dryRun: boolean;
 };
@@ -68,7 +70,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
   env: { summary: 'show the configuration, runtime, hypervisor, agent and host [--json]', load: async () => (await import('./env.js')).envCommand },
   check: { summary: 'check that this host can run the configuration [--json]', load: async () => (await import('./check.js')).checkCommand },
   run: {
-    summary: 'run CMD in a container in a new VM: run [--rootfs PATH] [-i] [--timings] -- CMD [ARG...]',
+    summary: 'run CMD in a container in a new VM: run [--rootfs PATH] [-i] [-t] [--timings] -- CMD [ARG...]',
     load: async () => {
       const { runCommand } = await import('./run.js');
       return (ctx) => runCommand(ctx, ctx.flags);
@@ -162,6 +164,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
     json: v.json ?? false,
     rootfs: v.rootfs,
     interactive: v.interactive ?? false,
+    tty: v.tty ?? false,
     timings: v.timings ?? false,
     dryRun: v['dry-run'] ?? false,
   };

@@ -1,8 +1,10 @@
 /**
- * `kata-runtime [--config F] run [--rootfs PATH] [-i] [--timings] -- CMD [ARG...]` (ours; Kata 2.x
+ * `kata-runtime [--config F] run [--rootfs PATH] [-i] [-t] [--timings] -- CMD [ARG...]` (ours; Kata 2.x
  * has no such command): boots a sandbox, runs one container process with its stdin, stdout and
  * stderr connected to ours, exits with the process's exit status (128+signal when killed), and
  * tears everything down, also on Ctrl-C. Operators use it to try a configuration without containerd.
+ * With -t the process runs on a terminal in the guest: ours is in raw mode meanwhile (see tty.ts),
+ * our input goes to it (-t implies -i) and our window size follows it.
  *
  * The rootfs: a block device or a filesystem image file is hot-plugged as a disk of the configured
  * block_device_driver, virtio-blk or virtio-scsi (the devmapper / TDX data path); a directory is
@@ -13,6 +15,7 @@ import os from 'node:os';
 import { setTimeout as delay } from 'node:timers/promises';
 import { existsSync, openSync, readSync, closeSync, statSync } from 'node:fs';
 import path from 'node:path';
+import type { ReadStream, WriteStream } from 'node:tty';
 import { KataError, toKataError } from '../core/errors.js';
 import { readConfigFile } from '../core/config/parse.js';
 import type { RawConfig } from '../core/config/types.js';
@@ -23,6 +26,7 @@ import { Sandbox } from '../core/sandbox.js';
 import type { RootfsSource } from '../core/vm.js';
 import { DEFAULT_RUN_ROOT } from '../core/vm-lifecycle.js';
 import { describeError } from './io.js';
+import { LocalTerminal } from './tty.js';
 import { RUN_EXIT, usageError, type CommandContext } from './main.js';
 
 /** The configuration the project ships for QEMU: used when no other is found. */
@@ -57,6 +61,8 @@ export function rootfsFrom(p: string): RootfsSource {
 export interface RunFlags {
   readonly rootfs?: string | undefined;
   readonly interactive: boolean;
+  /** Run on a terminal (-t): needs one on our stdin and stdout. */
+  readonly tty?: boolean;
   readonly timings: boolean;
   readonly runRoot?: string | undefined;
 }
@@ -107,7 +113,12 @@ export function execFailureStatus(e: unknown): number | undefined {
 }
 
 export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<number> {
-  if (ctx.args.length === 0) throw usageError('run needs a command: kata-runtime run [--rootfs PATH] [-i] -- CMD [ARG...]');
+  if (ctx.args.length === 0) throw usageError('run needs a command: kata-runtime run [--rootfs PATH] [-i] [-t] -- CMD [ARG...]');
+  if (flags.tty && !(process.stdin.isTTY && process.stdout.isTTY)) {
+    throw usageError('run -t needs a terminal on stdin and stdout (they are redirected); run without -t, with -i to pass stdin');
+  }
+  const local = flags.tty ? new LocalTerminal(process.stdin as ReadStream, process.stdout as WriteStream) : undefined;
+  let stopResizes: (() => void) | undefined;
   const t0 = performance.now();
   const marks: [string, number][] = [];
   const mark = (what: string) => marks.push([what, performance.now()]);
@@ -160,7 +171,7 @@ export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<
 
     let container;
     try {
-      container = await sandbox.createContainer({ id: 'run', rootfs, process: { args: ctx.args, cwd: '/' } });
+      container = await sandbox.createContainer({ id: 'run', rootfs, process: { args: ctx.args, cwd: '/', ...(local ? { terminal: local.size() } : {}) } });
     } catch (e) {
       const status = interrupted ? undefined : execFailureStatus(e);
       if (status === undefined) throw e;
@@ -180,7 +191,13 @@ export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<
     const errDone = pipeTo(container.stderr, process.stderr).catch(() => undefined);
     await container.start();
     if (interrupted) return interruptStatus();
-    if (flags.interactive) process.stdin.pipe(container.stdin);
+    if (local) {
+      local.enterRaw();
+      // A size that changed since the create, then every change.
+      stopResizes = local.onResize((size) => void c.resize(size).catch(() => undefined));
+      void c.resize(local.size()).catch(() => undefined);
+    }
+    if (flags.interactive || local) process.stdin.pipe(container.stdin);
     else container.stdin.end();
     try {
       const status = await container.wait();
@@ -196,6 +213,8 @@ export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<
     if (interrupted) return interruptStatus();
     throw await vmFailureOr(sandbox, e);
   } finally {
+    stopResizes?.();
+    local?.restore();
     try {
       if (sandbox) {
         await sandbox.stop();

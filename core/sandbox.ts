@@ -36,6 +36,17 @@ export interface ProcessSpec {
   readonly cwd?: string;
   readonly uid?: number;
   readonly gid?: number;
+  /**
+   * Run on a pseudo-terminal in the guest of this initial size (0: the agent's default, 24x80):
+   * its stdout is the terminal's output, stderr is empty, stdin is the terminal's input.
+   */
+  readonly terminal?: TerminalSize;
+}
+
+/** A terminal window's size in character cells. */
+export interface TerminalSize {
+  readonly rows: number;
+  readonly cols: number;
 }
 
 /** An OCI mount of the container (destination in the container; source on the host for binds). */
@@ -101,6 +112,11 @@ export class GuestProcess {
 
   signal(signal: number): Promise<void> {
     return this.agent.signalProcess({ containerId: this.containerId, execId: this.execId, signal });
+  }
+
+  /** Sets the window size of the process's terminal (the agent refuses a process without one). */
+  resize(size: TerminalSize): Promise<void> {
+    return this.agent.ttyWinResize({ containerId: this.containerId, execId: this.execId, row: size.rows, column: size.cols });
   }
 
   /**
@@ -422,7 +438,8 @@ async function removeUnlessMounted(dir: string): Promise<void> {
 
 function ociProcess(p: ProcessSpec) {
   return {
-    Terminal: false,
+    Terminal: p.terminal !== undefined,
+    ...(p.terminal ? { ConsoleSize: { Height: p.terminal.rows, Width: p.terminal.cols } } : {}),
     Args: [...p.args],
     Env: [...(p.env ?? ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'])],
     Cwd: p.cwd ?? '/',

@@ -60,9 +60,20 @@ export function parseProcess(raw: unknown, where: string): { process: ProcessSpe
   const user = obj(p.user) ?? {};
   const uid = uint(user.uid, where, 'process.user.uid');
   const gid = uint(user.gid, where, 'process.user.gid');
+  const terminal = p.terminal === true;
+  const box = obj(p.consoleSize);
+  const rows = uint(box?.height, where, 'process.consoleSize.height') ?? 0;
+  const cols = uint(box?.width, where, 'process.consoleSize.width') ?? 0;
   return {
-    process: { args, ...(env ? { env } : {}), ...(p.cwd ? { cwd: p.cwd as string } : {}), ...(uid !== undefined ? { uid } : {}), ...(gid !== undefined ? { gid } : {}) },
-    terminal: p.terminal === true,
+    process: {
+      args,
+      ...(env ? { env } : {}),
+      ...(p.cwd ? { cwd: p.cwd as string } : {}),
+      ...(uid !== undefined ? { uid } : {}),
+      ...(gid !== undefined ? { gid } : {}),
+      ...(terminal ? { terminal: { rows: Math.min(rows, 0xffff), cols: Math.min(cols, 0xffff) } } : {}),
+    },
+    terminal,
   };
 }
 

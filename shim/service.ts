@@ -16,7 +16,7 @@ import { KataError, toKataError, type ErrorCode } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { CONFIG_PATH_ANNOTATION, configFromAnnotation, locateConfig, type LocatedConfig } from '../core/config/locate.js';
 import { loadValidatedConfig } from '../core/runtime.js';
-import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec } from '../core/sandbox.js';
+import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec, type TerminalSize } from '../core/sandbox.js';
 import type { RootfsMount, RootfsSource, VmExit, VmHandle } from '../core/vm.js';
 import { GrpcCode, TtrpcError, type ServiceImpl } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
@@ -54,7 +54,7 @@ const OUTPUT_DRAIN_MS = 60_000;
 const STDIN_CLOSE_GRACE_MS = 2_000;
 
 /** The part of a guest process the service uses (core/sandbox.ts GuestProcess). */
-export type ShimProcess = Pick<GuestProcess, 'stdout' | 'stderr' | 'stdin' | 'wait' | 'signal'>;
+export type ShimProcess = Pick<GuestProcess, 'stdout' | 'stderr' | 'stdin' | 'wait' | 'signal'> & Partial<Pick<GuestProcess, 'resize'>>;
 
 /** The part of a container the service uses (core/sandbox.ts Container). */
 export interface ShimContainer extends ShimProcess {
@@ -119,6 +119,8 @@ class TaskProcess {
   guestExited = false;
   /** CloseIO came: stdin ends once what the client wrote has been passed on. */
   stdinClosed = false;
+  /** A ResizePty that came before the process started: applied once it runs. */
+  pendingSize: TerminalSize | undefined;
   readonly exited: Promise<void>;
   #resolveExited!: () => void;
 
@@ -157,6 +159,12 @@ class ShimTask {
     readonly rootfs: PreparedRootfs,
     readonly init: TaskProcess,
   ) {}
+}
+
+/** The process as the guest runs it: with a terminal (of the spec's consoleSize, or the agent's default) when asked for. */
+function withTerminal(process: ProcessSpec, terminal: boolean): ProcessSpec {
+  const { terminal: size, ...rest } = process;
+  return terminal ? { ...rest, terminal: size ?? { rows: 0, cols: 0 } } : rest;
 }
 
 function fail(code: ErrorCode, message: string, fix?: string): KataError {
@@ -222,9 +230,7 @@ export class TaskService {
       Resume: wrap('Resume', this.resume),
       Connect: wrap('Connect', this.connect),
       Shutdown: wrap('Shutdown', this.shutdown),
-      ResizePty: wrap('ResizePty', async () => {
-        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'terminals (tty) are not built: there is no pty to resize');
-      }),
+      ResizePty: wrap('ResizePty', this.resizePty),
       Update: wrap('Update', async () => {
         throw fail('KATA_ERR_NOT_IMPLEMENTED', 'resource updates are not built: the guest agent applies no cgroup limits');
       }),
@@ -269,7 +275,7 @@ export class TaskService {
     // "" would read config.json from the shim's working directory and boot a VM before failing.
     if (!path.isAbsolute(req.bundle)) throw fail('KATA_ERR_OCI_SPEC', `container "${req.id}": the bundle ${JSON.stringify(req.bundle)} is not an absolute path`, 'give the absolute path of the bundle directory (containerd always does)');
     const spec = await readBundleSpec(req.bundle, req.id);
-    if (req.terminal || spec.terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `container "${req.id}" asks for a terminal (tty), which is not built`, 'run it without -t (ctr) or tty: true (Kubernetes)');
+    const terminal = req.terminal || spec.terminal;
     const log = this.opts.log.child({ container: req.id });
 
     let startedSandbox = false;
@@ -295,12 +301,12 @@ export class TaskService {
       const container = await sandbox.createContainer({
         id: req.id,
         rootfs: rootfs.source,
-        process: spec.process,
+        process: withTerminal(spec.process, terminal),
         ...(spec.mounts.length > 0 ? { mounts: spec.mounts } : {}),
         ...(spec.hostname ? { hostname: spec.hostname } : {}),
       });
       undo.push(() => container.delete());
-      const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
+      const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal };
       const io = await TaskIo.open(stdio);
       const task = new ShimTask(req.id, req.bundle, container, rootfs, new TaskProcess(req.id, '', stdio, io, undefined));
       this.#tasks.set(req.id, task);
@@ -422,6 +428,11 @@ export class TaskService {
     if (proc.io.stdin) proc.io.stdin.pipe(guest.stdin);
     else guest.stdin.end();
     if (proc.stdinClosed) this.#closeStdin(proc);
+    if (proc.pendingSize && guest.resize) {
+      const size = proc.pendingSize;
+      proc.pendingSize = undefined;
+      guest.resize(size).catch((e: unknown) => this.opts.log.warn({ err: toKataError(e).message, container: task.id, exec: proc.execId || undefined }, 'resizing the terminal failed'));
+    }
     void guest.wait().then(
       async (status) => {
         proc.guestExited = true;
@@ -462,7 +473,7 @@ export class TaskService {
       stdin: p.stdio.stdin,
       stdout: p.stdio.stdout,
       stderr: p.stdio.stderr,
-      terminal: false,
+      terminal: p.stdio.terminal,
       exitStatus: p.exitStatus,
       ...(p.exitedAt ? { exitedAt: timestamp(p.exitedAt) } : {}),
       execId: req.execId,
@@ -534,12 +545,30 @@ export class TaskService {
     if (!req.execId) throw fail('KATA_ERR_OCI_SPEC', 'an exec needs an exec id');
     if (task.execs.has(req.execId)) throw new TtrpcError(GrpcCode.ALREADY_EXISTS, `exec "${req.execId}" already exists in container "${req.id}"`);
     if (task.init.status !== Status.RUNNING || task.init.guestExited) throw fail('KATA_ERR_TASK_STATE', `cannot exec in container "${req.id}": it is ${task.init.guestExited ? 'exiting' : statusName(task.init.status)}`);
-    const { process: spec, terminal } = parseExecSpec(req.spec?.value, req.execId);
-    if (req.terminal || terminal) throw fail('KATA_ERR_NOT_IMPLEMENTED', `exec "${req.execId}" asks for a terminal (tty), which is not built`, 'run it without -t');
-    const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: false };
+    const parsed = parseExecSpec(req.spec?.value, req.execId);
+    const terminal = req.terminal || parsed.terminal;
+    const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal };
     const io = await TaskIo.open(stdio);
-    task.execs.set(req.execId, new TaskProcess(req.id, req.execId, stdio, io, spec));
+    task.execs.set(req.execId, new TaskProcess(req.id, req.execId, stdio, io, withTerminal(parsed.process, terminal)));
     this.opts.events.publish(TOPICS.execAdded, TaskExecAdded, { containerId: req.id, execId: req.execId });
+    return {};
+  }
+
+  /**
+   * The window size of a process's terminal (ctr and CRI send it at start and on every change).
+   * Before the process runs it is kept for its start; after it has exited it is ignored, as
+   * runc's shim does, since a resize racing the exit is no error.
+   */
+  async resizePty(req: { id: string; execId: string; width: number; height: number }): Promise<object> {
+    const p = this.#process(req.id, req.execId);
+    if (!p.stdio.terminal) throw fail('KATA_ERR_TASK_STATE', `${describe(p)} has no terminal to resize`, 'ResizePty applies to processes created with a terminal (ctr -t, tty: true)');
+    const size = { rows: Math.min(req.height, 0xffff), cols: Math.min(req.width, 0xffff) };
+    if (p.status === Status.STOPPED || p.guestExited) return {};
+    if (!p.guest?.resize) {
+      p.pendingSize = size;
+      return {};
+    }
+    await p.guest.resize(size);
     return {};
   }
 

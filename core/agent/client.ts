@@ -24,6 +24,7 @@ import {
   type RemoveContainerRequest,
   type SignalProcessRequest,
   type StartContainerRequest,
+  type TtyWinResizeRequest,
   type VersionCheckResponse,
   type WaitProcessRequest,
   type WriteStreamRequest,
@@ -198,6 +199,11 @@ export class AgentClient {
 
   async closeStdin(req: MessageInit<CloseStdinRequest>, opts: AgentCallOptions = {}): Promise<void> {
     await this.run('CloseStdin', this.defaultTimeoutMs, opts, (o) => this.agent.CloseStdin(req, o));
+  }
+
+  /** Sets the window size (rows, columns) of a process's terminal. */
+  async ttyWinResize(req: MessageInit<TtyWinResizeRequest>, opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('TtyWinResize', this.defaultTimeoutMs, opts, (o) => this.agent.TtyWinResize(req, o));
   }
 
   /**

@@ -137,10 +137,15 @@ export function resolveUser(user: User | undefined, stringUser: StringUser | und
 // ---------------------------------------------------------------------------------------------
 // Environment and executable
 
-/** The OCI env with entries that are not `NAME=value` dropped, and HOME added (as runc does) when absent. */
-export function buildEnv(env: readonly string[], home: string | undefined): string[] {
+/**
+ * The OCI env with entries that are not `NAME=value` dropped, and HOME added (as runc does) when
+ * absent; a process with a terminal gets TERM=xterm unless the spec sets TERM (containerd's
+ * WithTTY and CRI set it; a bare OCI spec may not).
+ */
+export function buildEnv(env: readonly string[], home: string | undefined, terminal = false): string[] {
   const out = env.filter((e) => e.indexOf('=') > 0);
   if (!out.some((e) => e.startsWith('HOME='))) out.push(`HOME=${home ?? '/'}`);
+  if (terminal && !out.some((e) => e.startsWith('TERM='))) out.push('TERM=xterm');
   return out;
 }
 

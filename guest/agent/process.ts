@@ -9,7 +9,8 @@ import type net from 'node:net';
 import { failedPrecondition, internal } from './errors.js';
 import { OutputBuffer, makeStdioPipes } from './io.js';
 import { exitStatus } from './oci.js';
-import { HELPER_ENV, sleep } from './sys.js';
+import { PtyMaster } from './pty.js';
+import { BUSYBOX, HELPER_ENV, sleep } from './sys.js';
 
 /** The children of `pid` (needs CONFIG_PROC_CHILDREN; falls back to scanning /proc). */
 export function childrenOf(pid: number, procRoot = '/proc'): number[] {
@@ -37,6 +38,15 @@ export function childrenOf(pid: number, procRoot = '/proc'): number[] {
 export interface SpawnOptions {
   /** Pass a socket as fd 3 (the container init's control channel). */
   readonly control?: boolean;
+  /** Give the process a pseudo-terminal of this size (rows, cols; 0 = default) instead of pipes. */
+  readonly terminal?: { readonly rows: number; readonly cols: number };
+}
+
+/** Where a process's input goes: a pipe's socket, or a terminal's master. */
+interface StdinSink {
+  write(data: Uint8Array, cb: (err?: Error | null) => void): unknown;
+  end(cb?: () => void): unknown;
+  destroy(): unknown;
 }
 
 export class GuestProcess {
@@ -52,9 +62,11 @@ export class GuestProcess {
     readonly containerId: string,
     readonly execId: string,
     private readonly child: ChildProcess,
-    private readonly stdin: net.Socket,
+    private readonly stdin: StdinSink,
     /** fd 3 of the helper, for the container init. */
     readonly control: net.Socket | undefined,
+    /** The process's terminal, when it has one (its output is all on stdout). */
+    readonly pty?: PtyMaster,
   ) {
     this.exited = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
@@ -62,12 +74,11 @@ export class GuestProcess {
         resolve(this.exitStatus);
       });
     });
-    // A write to a pipe nobody reads any more must not take the agent down.
-    stdin.on('error', () => undefined);
   }
 
-  /** Starts `argv` with fresh pipes for its stdio. */
+  /** Starts `argv` with fresh pipes for its stdio, or a terminal when `opts.terminal` says so. */
   static async spawn(containerId: string, execId: string, argv: readonly string[], opts: SpawnOptions = {}): Promise<GuestProcess> {
+    if (opts.terminal) return GuestProcess.spawnWithTerminal(containerId, execId, argv, opts, opts.terminal);
     const pipes = await makeStdioPipes();
     let child: ChildProcess;
     try {
@@ -89,10 +100,57 @@ export class GuestProcess {
     child.on('error', () => undefined);
     const control = opts.control ? (child.stdio[3] as net.Socket) : undefined;
     control?.on('error', () => undefined);
+    // A write to a pipe nobody reads any more must not take the agent down.
+    pipes.stdin.on('error', () => undefined);
     const p = new GuestProcess(containerId, execId, child, pipes.stdin, control);
     p.stdout.attach(pipes.stdout);
     p.stderr.attach(pipes.stderr);
     return p;
+  }
+
+  /**
+   * Starts `argv` on the slave of a new pty (fds 0-2). `busybox setsid -c` in front makes the
+   * helper chain a new session whose controlling terminal is that slave; it execs (the agent's
+   * child is no process group leader, so setsid does not fork), so the chain keeps its shape and
+   * the container process, further down, inherits session, terminal and foreground group.
+   */
+  private static async spawnWithTerminal(containerId: string, execId: string, argv: readonly string[], opts: SpawnOptions, size: { rows: number; cols: number }): Promise<GuestProcess> {
+    let pty: PtyMaster;
+    try {
+      pty = PtyMaster.open(size.rows, size.cols);
+    } catch (e) {
+      throw internal(`cannot open a terminal: ${(e as Error).message}`, e);
+    }
+    const slave = pty.slave as number;
+    let child: ChildProcess;
+    try {
+      child = spawn(BUSYBOX, ['setsid', '-c', ...argv], {
+        stdio: [slave, slave, slave, ...(opts.control ? (['pipe'] as const) : [])],
+        env: HELPER_ENV,
+        cwd: '/',
+      });
+    } finally {
+      pty.closeSlave();
+    }
+    if (child.pid === undefined) {
+      const err = await new Promise<Error>((resolve) => child.once('error', resolve));
+      pty.destroy();
+      throw internal(`cannot start ${BUSYBOX}: ${err.message}`, err);
+    }
+    child.on('error', () => undefined);
+    const control = opts.control ? (child.stdio[3] as net.Socket) : undefined;
+    control?.on('error', () => undefined);
+    const p = new GuestProcess(containerId, execId, child, pty, control, pty);
+    p.stdout.attach(pty.output);
+    // One output stream: stderr is the terminal too, so ReadStderr answers end of file at once.
+    p.stderr.end();
+    return p;
+  }
+
+  /** Sets the terminal's window size (the kernel sends SIGWINCH to its foreground group). */
+  resize(rows: number, cols: number): void {
+    if (!this.pty) throw failedPrecondition(`${this.describe()} has no terminal`);
+    this.pty.resize(rows, cols);
   }
 
   /** The container process's pid once {@link pid} has found it. */
@@ -159,6 +217,8 @@ export class GuestProcess {
   closeStdin(): void {
     if (!this.stdinOpen) return;
     this.stdinOpen = false;
+    // As runc: a terminal stays open when its input ends (closing the master would hang it up).
+    if (this.pty) return;
     this.stdin.end(() => this.stdin.destroy());
   }
 

@@ -6,6 +6,7 @@ import { readdirSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, readdir, readlink, realpath, stat, writeFile } from 'node:fs/promises';
 import type {
   CloseStdinRequest,
+  TtyWinResizeRequest,
   CreateContainerRequest,
   CreateSandboxRequest,
   ExecProcessRequest,
@@ -217,7 +218,7 @@ export class Sandbox {
         devices,
         targets: await mountTargets(realRoot, spec.Mounts, devices),
       });
-      init = await GuestProcess.spawn(id, req.execId || id, argv, { control: true });
+      init = await GuestProcess.spawn(id, req.execId || id, argv, { control: true, terminal: terminalOf(proc) });
       await this.waitReady(init, id);
       await this.setOomScore(init, proc);
     } catch (e) {
@@ -301,7 +302,7 @@ export class Sandbox {
     const pid = await c.init.pid();
     if (pid === undefined) throw failedPrecondition(`container ${c.id} is not running`);
     const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root, true);
-    const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid));
+    const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid), { terminal: terminalOf(req.process) });
     c.processes.set(req.execId, p);
     void p.exited.then((status) => {
       this.sawExit();
@@ -352,6 +353,14 @@ export class Sandbox {
   closeStdin(req: CloseStdinRequest): void {
     const c = this.container(req.containerId);
     this.process(c, req.execId).closeStdin();
+  }
+
+  /** kata-agent's TtyWinResize: the window size of a process's terminal. */
+  ttyWinResize(req: TtyWinResizeRequest): void {
+    const c = this.container(req.containerId);
+    const p = this.process(c, req.execId);
+    if (p.hasExited) return;
+    p.resize(req.row, req.column);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -445,7 +454,7 @@ export class Sandbox {
     const start = Date.now();
     const check = (): void => {
       if (c.processes.get(p.execId) !== p) return;
-      if ((p.stdout.drained && p.stderr.drained) || Date.now() - start > this.opts.execRetentionMs) {
+      if ((p.stdout.drained && (p.stderr.drained || p.pty !== undefined)) || Date.now() - start > this.opts.execRetentionMs) {
         c.processes.delete(p.execId);
         p.dispose();
         return;
@@ -463,7 +472,7 @@ export class Sandbox {
     };
     const files: UserFiles = { passwd: await read('/etc/passwd'), group: await read('/etc/group') };
     const user = resolveUser(proc.User, stringUser, files);
-    const env = buildEnv(proc.Env, user.home);
+    const env = buildEnv(proc.Env, user.home, proc.Terminal);
     const cwd = checkGuestPath(proc.Cwd || '/', 'process cwd');
     if (checkCwd) {
       const dir = await resolveInRoot(rootInAgent, cwd);
@@ -514,7 +523,11 @@ export class Sandbox {
 function checkProcess(p: Process, what: string): void {
   if (!p.Args.length || !p.Args[0]) throw invalidArgument(`${what}: the process has no args`);
   if (p.OOMScoreAdj < -1000n || p.OOMScoreAdj > 1000n) throw invalidArgument(`${what}: oom_score_adj ${p.OOMScoreAdj} is not from -1000 to 1000`);
-  if (p.Terminal) throw invalidArgument(`${what}: terminals are not supported by this agent (process.terminal = true); use pipes`);
+}
+
+/** The terminal a process asks for (process.terminal, of process.consoleSize), or none. */
+function terminalOf(p: Process): { rows: number; cols: number } | undefined {
+  return p.Terminal ? { rows: p.ConsoleSize?.Height ?? 0, cols: p.ConsoleSize?.Width ?? 0 } : undefined;
 }
 
 /** Every pid that shares the pid namespace of `pid` (not `pid` itself). */

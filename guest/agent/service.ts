@@ -40,6 +40,7 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     ReadStderr: (req, ctx) => handle(ctx, async () => ({ data: await sandbox.readStream(req, 'stderr', ctx.signal) })),
     WriteStdin: (req, ctx) => handle(ctx, async () => ({ len: await sandbox.writeStdin(req) })),
     CloseStdin: (req, ctx) => handle(ctx, () => (sandbox.closeStdin(req), {})),
+    TtyWinResize: (req, ctx) => handle(ctx, () => (sandbox.ttyWinResize(req), {})),
     GetOOMEvent: (_req, ctx) => handle(ctx, async () => ({ containerId: await sandbox.oomEvents.next(ctx.signal) })),
   });
   server.register(Health, {

@@ -9,10 +9,14 @@
  *   /agent/node          the builder's own node (process.execPath, or --node), `strip`ped when binutils is there
  *   /agent/agent.mjs     guest/agent/main.ts bundled by esbuild (with wire/ttrpc and the generated protocol)
  *   /agent/start         guest/agent/start: PID 1 from /init's exec, runs node, reaps orphans
+ *   /agent/node_modules/node-pty/…  node-pty's package.json, licence and native addon (build/Release/pty.node,
+ *                        built by `npm install` for this very node): the agent's pseudo-terminals (guest/agent/pty.ts);
+ *                        esbuild cannot bundle a native addon, so it ships as files
  *   /lib…, /lib64/…      every library `ldd node` lists, and the dynamic loader, at the paths ldd prints
  */
 import { createHash } from 'node:crypto';
 import { copyFile, readFile, realpath, stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KataError } from '../../core/errors.js';
@@ -39,6 +43,8 @@ export interface AgentInputs {
   readonly startSha256: string;
   readonly node: { readonly path: string; readonly version: string; readonly sha256: string; readonly bytes: number };
   readonly libraries: readonly LibraryFile[];
+  /** node-pty's files (guestPath relative to the archive root). */
+  readonly addons: readonly LibraryFile[];
   /** Whether `strip` is there to shrink node (recorded: it changes the image). */
   readonly strip: boolean;
   /** sha256 over all of the above and this module's code: equal means the same agent archive. */
@@ -54,6 +60,7 @@ export interface AgentManifest {
   /** `sha256` is the binary's as found (before `strip`); `bytes` is the size shipped. */
   readonly node: { readonly path: string; readonly version: string; readonly sha256: string; readonly stripped: boolean; readonly bytes: number };
   readonly libraries: readonly { readonly path: string; readonly sha256: string }[];
+  readonly addons: readonly { readonly path: string; readonly sha256: string }[];
   /** The uncompressed agent archive appended to the initramfs. */
   readonly archiveBytes: number;
 }
@@ -98,6 +105,36 @@ export async function bundleAgent(): Promise<Buffer> {
   }
 }
 
+/** Where the agent finds node-pty in the guest: next to agent.mjs, as node's resolution from /agent looks. */
+export const GUEST_NODE_PTY_DIR = 'agent/node_modules/node-pty';
+/** node-pty's files the agent needs (it loads the addon directly, not node-pty's JavaScript). */
+export const NODE_PTY_FILES = ['package.json', 'LICENSE', 'build/Release/pty.node'] as const;
+
+/** node-pty's files, as installed with kata-ts (`npm install` builds the addon for the node that runs it). */
+export async function nodePtyFiles(): Promise<LibraryFile[]> {
+  let dir: string;
+  try {
+    dir = path.dirname(createRequire(path.join(PACKAGE_ROOT, 'package.json')).resolve('node-pty/package.json'));
+  } catch (cause) {
+    throw new KataError('KATA_ERR_GUEST_IMAGE', 'node-pty is not installed, so the guest agent would have no terminals', {
+      cause,
+      fix: 'Run `npm install` in the kata-ts checkout (node-pty is a dependency; its install script builds build/Release/pty.node with node-gyp: python3, make and g++).',
+    });
+  }
+  const out: LibraryFile[] = [];
+  for (const f of NODE_PTY_FILES) {
+    const hostPath = path.join(dir, f);
+    const hash = await sha256File(hostPath).catch((cause: unknown) => {
+      throw new KataError('KATA_ERR_GUEST_IMAGE', `node-pty is incomplete: ${hostPath} is missing`, {
+        cause,
+        fix: 'Rebuild it: `npm rebuild node-pty` (needs python3, make and g++); npm 11 runs its install script only as package.json\'s allowScripts allows.',
+      });
+    });
+    out.push({ guestPath: `${GUEST_NODE_PTY_DIR}/${f}`, hostPath, sha256: hash });
+  }
+  return out;
+}
+
 /**
  * The libraries the dynamic loader maps for `binary`, loader included, from `ldd` output; none
  * for a static binary. A library ldd cannot find is an error.
@@ -138,11 +175,20 @@ export async function agentInputs(nodePath: string = process.execPath): Promise<
     const hostPath = await realpath(guestPath);
     libraries.push({ guestPath, hostPath, sha256: await sha256File(hostPath) });
   }
+  const addons = await nodePtyFiles();
+  // The addon's own libraries (libstdc++ and libc today, which node links too): any it adds.
+  for (const a of addons.filter((f) => f.hostPath.endsWith('.node'))) {
+    for (const guestPath of parseLdd((await run(ldd, [a.hostPath])).stdout)) {
+      if (libraries.some((l) => l.guestPath === guestPath)) continue;
+      const hostPath = await realpath(guestPath);
+      libraries.push({ guestPath, hostPath, sha256: await sha256File(hostPath) });
+    }
+  }
   const strip = findTool('strip') !== undefined;
   const here = path.dirname(fileURLToPath(import.meta.url));
   const code = await readFile(path.join(here, 'agent-payload.js')).catch(() => Buffer.alloc(0));
   const all = createHash('sha256');
-  for (const part of [sha256(code), sha256(bundle), sha256(start), nodeSha, String(strip), ...libraries.map((l) => `${l.guestPath}=${l.sha256}`)]) all.update(`${part}\0`);
+  for (const part of [sha256(code), sha256(bundle), sha256(start), nodeSha, String(strip), ...libraries.map((l) => `${l.guestPath}=${l.sha256}`), ...addons.map((a) => `${a.guestPath}=${a.sha256}`)]) all.update(`${part}\0`);
   return {
     bundle,
     bundleSha256: sha256(bundle),
@@ -150,6 +196,7 @@ export async function agentInputs(nodePath: string = process.execPath): Promise<
     startSha256: sha256(start),
     node: { path: node, version, sha256: nodeSha, bytes: nodeStat.size },
     libraries,
+    addons,
     strip,
     sha256: all.digest('hex'),
   };
@@ -182,6 +229,7 @@ export async function writeAgentArchive(inputs: AgentInputs, out: string, work: 
   addFile('agent/start', 0o755, inputs.start);
   // The loader must be executable (the kernel opens it like a program); the others may as well be.
   for (const l of inputs.libraries) addFile(l.guestPath, 0o755, l.hostPath);
+  for (const a of inputs.addons) addFile(a.guestPath, a.guestPath.endsWith('.node') ? 0o755 : 0o644, a.hostPath);
   // /agent/start last: if the kernel runs out of memory while unpacking (it then stops), /init
   // finds no /agent/start and says so, rather than starting a node whose libraries are missing.
   const entries: CpioEntry[] = [...[...dirs].map((d) => ({ kind: 'dir' as const, path: d, mode: 0o755 })), ...files.values()]
@@ -197,6 +245,7 @@ export async function writeAgentArchive(inputs: AgentInputs, out: string, work: 
     startSha256: inputs.startSha256,
     node: { ...inputs.node, stripped, bytes: (await stat(nodeFile)).size },
     libraries: inputs.libraries.map((l) => ({ path: l.guestPath, sha256: l.sha256 })),
+    addons: inputs.addons.map((a) => ({ path: a.guestPath, sha256: a.sha256 })),
     archiveBytes: (await stat(out)).size,
   };
 }

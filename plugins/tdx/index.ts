@@ -75,6 +75,14 @@ export default definePlugin({
           fix: 'set firmware, e.g. "/usr/share/ovmf/OVMF.inteltdx.fd" (QEMU) or "/usr/share/td-shim/td-shim.bin" (Cloud Hypervisor)',
         });
       }
+      if (cfg.agent.debug_console_enabled) {
+        verdict.veto({
+          key: 'agent.kata.debug_console_enabled',
+          value: true,
+          reason: "the debug console is a root shell in the guest that the host can reach, which breaks the TD's trust boundary (the host could read and change everything the TD protects)",
+          fix: 'set debug_console_enabled = false in [agent.kata]; debug a TD through its logs, or debug the workload in a non-confidential sandbox',
+        });
+      }
       if (hv.block_device_driver === 'virtio-mmio') {
         verdict.veto({
           key: hvKey(cfg, 'block_device_driver'),

@@ -90,6 +90,8 @@ export class FakeProcess implements ShimProcess {
   /** Resolves when the process's stdin is closed (CloseStdin). */
   readonly stdinEnd = deferred<void>();
   readonly signals: number[] = [];
+  /** resize() calls (TtyWinResize), in order. */
+  readonly resizes: { rows: number; cols: number }[] = [];
   /** wait() calls the service made. */
   waitCalls = 0;
   /** SIGKILL/SIGTERM/SIGINT end the process with 128 + signal, as in the guest. */
@@ -172,6 +174,11 @@ export class FakeProcess implements ShimProcess {
       return Promise.reject(e);
     }
     return this.#exit.promise;
+  }
+
+  async resize(size: { rows: number; cols: number }): Promise<void> {
+    this.agent.check('TtyWinResize');
+    this.resizes.push({ rows: size.rows, cols: size.cols });
   }
 
   async signal(signal: number): Promise<void> {

@@ -333,6 +333,42 @@ describe('guest agent in a TCG guest @integration', function () {
     console.log(`      SIGTERM sent ${sent} time(s)`);
   });
 
+  it('gives terminal processes a pty: the slave on 0-2 and as controlling tty, the asked size, TtyWinResize, echo, one output stream, the exit code', async () => {
+    const c = client as AgentClient;
+    // tty_nr (field 7 of /proc/self/stat) is the controlling terminal's device number, 0 without one.
+    const probe = 'readlink /proc/self/fd/0; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo fds=tty; echo ctty=$(cut -d" " -f7 /proc/self/stat); stty size';
+    const oci = spec(blkRoot, ['sh', '-c', `${probe}; read -r line; stty size; echo "term=$TERM line=$line"; exit 5`]);
+    await c.createContainer({ containerId: 'ct', execId: 'ct', storages: [blkStorage], OCI: { ...oci, Process: { ...oci.Process, Terminal: true, ConsoleSize: { Height: 33, Width: 91 } } } });
+    await c.startContainer({ containerId: 'ct' });
+    let out = '';
+    const reading = (async () => {
+      for (;;) {
+        const data = await c.readStdout({ containerId: 'ct', execId: 'ct', len: 65536 });
+        if (data.length === 0) return;
+        out += Buffer.from(data).toString('utf8');
+      }
+    })();
+    const until = async (re: RegExp) => {
+      for (let i = 0; i < 600 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+      assert.match(out, re);
+    };
+    await until(/33 91\r\n/);
+    // An exec with its own terminal while the init waits for its line.
+    const exec = { Args: ['sh', '-c', `${probe}; echo "term=$TERM"; exit 7`], Env: ['PATH=/bin', 'TERM=vt100'], Cwd: '/', User: { UID: 0, GID: 0 }, Terminal: true, ConsoleSize: { Height: 20, Width: 60 } };
+    await c.execProcess({ containerId: 'ct', execId: 'et', process: exec });
+    const [eout, eerr, estatus] = await Promise.all([readToEnd(c, 'stdout', 'ct', 'et'), readToEnd(c, 'stderr', 'ct', 'et'), c.waitProcess({ containerId: 'ct', execId: 'et' })]);
+    assert.equal(estatus, 7, eout);
+    assert.match(eout, /^\/dev\/pts\/\d+\r\nfds=tty\r\nctty=[1-9]\d*\r\n20 60\r\nterm=vt100\r\n$/);
+    assert.equal(eerr, '', 'a terminal has no separate stderr');
+    await c.ttyWinResize({ containerId: 'ct', execId: 'ct', row: 50, column: 132 });
+    assert.equal(await c.writeStdin({ containerId: 'ct', execId: 'ct', data: Buffer.from('hello\n') }), 6);
+    assert.equal(await c.waitProcess({ containerId: 'ct', execId: 'ct' }), 5);
+    await reading;
+    assert.match(out, /^\/dev\/pts\/\d+\r\nfds=tty\r\nctty=[1-9]\d*\r\n33 91\r\nhello\r\n50 132\r\nterm=xterm line=hello\r\n$/);
+    assert.equal(await readToEnd(c, 'stderr', 'ct'), '');
+    await c.removeContainer({ containerId: 'ct' });
+  });
+
   it('runs a container whose rootfs is a directory on the 9p share', async () => {
     const c = client as AgentClient;
     await c.createContainer({ containerId: 'c9p', execId: 'c9p', storages: [], OCI: spec(`${SHARED}/c9p/rootfs`, ['sh', '-c', 'cat /kata-ts-rootfs; hostname']) });

@@ -240,6 +240,90 @@ describe('kata-runtime run @integration', function () {
     assert.doesNotMatch(r.stdout + r.stderr, /\x1b/);
   });
 
+  describe('run -t, through a real pty (tmux)', () => {
+    let tmux: string;
+    /** A tmux session of 91x33 running kata-runtime run -t, then `EXIT=<status>` and the line discipline's icanon/echo flags. */
+    const session = (name: string, args: string[]) => {
+      const after = 'echo "EXIT=$?"; echo "modes=$(stty -a | tr " ;" "\\n\\n" | grep -x -e icanon -e -icanon -e echo -e -echo | tr "\\n" " ")"; sleep 600';
+      const argv = [process.execPath, BIN, '--config', config, 'run', '-t', '--rootfs', rootfs(), '--', ...args];
+      const r = spawnSync('tmux', ['-S', tmux, 'new-session', '-d', '-s', name, '-x', '91', '-y', '33', 'sh', '-c', `"$@"; ${after}`, 'sh', ...argv], { encoding: 'utf8', env: env() });
+      assert.equal(r.status, 0, r.stderr);
+    };
+    const tmuxOut = (...args: string[]) => spawnSync('tmux', ['-S', tmux, ...args], { encoding: 'utf8' }).stdout;
+    const screen = (name: string) => tmuxOut('capture-pane', '-p', '-J', '-t', name);
+    const waitFor = async (name: string, re: RegExp, ms: number) => {
+      const deadline = Date.now() + ms;
+      while (!re.test(screen(name)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+      assert.match(screen(name), re);
+    };
+    /** The local line discipline's modes on the session's pty, seen from outside. */
+    const localModes = (name: string) => spawnSync('stty', ['-a', '-F', tmuxOut('display', '-p', '-t', name, '#{pane_tty}').trim()], { encoding: 'utf8' }).stdout;
+    const waitSize = (rows: number, cols: number) => `i=0; while [ "$(stty size)" != "${rows} ${cols}" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done`;
+
+    before(function () {
+      if (spawnSync('tmux', ['-V']).error) this.skip();
+      tmux = path.join(tmp.path, 'tmux.sock');
+    });
+    after(() => {
+      spawnSync('tmux', ['-S', tmux, 'kill-server']);
+    });
+
+    it('runs the process on a guest terminal of our size, forwards a window change, keys go through raw, and restores our terminal', async () => {
+      const script = `echo "pts=$(readlink /proc/self/fd/0)"; ${waitSize(33, 91)}; echo "size1=$(stty size)"; read -r line; echo "got=$line"; ${waitSize(50, 132)}; echo "size2=$(stty size)"; exit 7`;
+      session('t1', ['sh', '-c', script]);
+      await waitFor('t1', /size1=/, 120_000);
+      assert.match(localModes('t1'), /(^|\s)-icanon(\s|$)/, 'our terminal is in raw mode while the process runs');
+      assert.equal(spawnSync('tmux', ['-S', tmux, 'send-keys', '-t', 't1', 'typed', 'Enter']).status, 0);
+      await waitFor('t1', /got=typed/, 30_000);
+      assert.equal(spawnSync('tmux', ['-S', tmux, 'resize-window', '-t', 't1', '-x', '132', '-y', '50']).status, 0);
+      await waitFor('t1', /EXIT=/, 60_000);
+      const out = screen('t1');
+      assert.match(out, /^pts=\/dev\/pts\/\d+$/m, out);
+      assert.match(out, /^size1=33 91$/m, out);
+      assert.match(out, /^typed$/m, `the guest terminal echoes: ${out}`);
+      assert.match(out, /^size2=50 132$/m, out);
+      assert.match(out, /^EXIT=7$/m, out);
+      assert.match(out, /^modes=icanon echo $/m, `our terminal is restored: ${out}`);
+      assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+    });
+
+    it('restores our terminal when it is stopped by SIGTERM (143)', async () => {
+      session('t2', ['sh', '-c', 'echo started; sleep 1000']);
+      await waitFor('t2', /started/, 120_000);
+      assert.match(localModes('t2'), /(^|\s)-icanon(\s|$)/);
+      const shell = tmuxOut('display', '-p', '-t', 't2', '#{pane_pid}').trim();
+      const runPid = spawnSync('pgrep', ['-P', shell], { encoding: 'utf8' }).stdout.trim().split('\n')[0] as string;
+      assert.match(runPid, /^\d+$/);
+      process.kill(Number(runPid), 'SIGTERM');
+      await waitFor('t2', /modes=/, 60_000);
+      const out = screen('t2');
+      assert.match(out, /^EXIT=143$/m, out);
+      assert.match(out, /^modes=icanon echo $/m, out);
+      assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+    });
+
+    it('restores our terminal when the VM is killed under it (125, KATA_ERR_VM_EXITED)', async () => {
+      session('t3', ['sh', '-c', 'echo started; sleep 1000']);
+      await waitFor('t3', /started/, 120_000);
+      assert.match(localModes('t3'), /(^|\s)-icanon(\s|$)/);
+      const dirs = readdirSync(runRoot()).filter((e) => e.startsWith('run-'));
+      assert.equal(dirs.length, 1, dirs.join(', '));
+      process.kill(Number(readFileSync(path.join(runRoot(), dirs[0] as string, 'qemu.pid'), 'utf8')), 'SIGKILL');
+      await waitFor('t3', /modes=/, 60_000);
+      const out = screen('t3');
+      assert.match(out, /KATA_ERR_VM_EXITED/, out);
+      assert.match(out, /^EXIT=125$/m, out);
+      assert.match(out, /^modes=icanon echo $/m, out);
+    });
+
+    it('refuses -t when stdin is not a terminal, with a usage error', () => {
+      const r = run(['-t', '--', 'true']);
+      assert.equal(r.status, 2, r.stderr);
+      assert.match(r.stderr, /KATA_ERR_USAGE/);
+      assert.match(r.stderr, /run -t needs a terminal/);
+    });
+  });
+
   it('gives a coded error, no stack trace, for a missing rootfs', () => {
     const r = spawnSync(process.execPath, [BIN, '--config', config, 'run', '--rootfs', '/nonexistent.img', '--', 'true'], { encoding: 'utf8', env: env() });
     assert.equal(r.status, 2);

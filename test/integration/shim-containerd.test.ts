@@ -78,6 +78,69 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     assert.equal(r.stdout, 'got:piped-in\n', why(r));
   });
 
+  describe('terminals, through a real pty (tmux)', () => {
+    let tmux: string;
+    /** A detached tmux session of `cols`x`rows` running `argv`, then `EXIT=<status>`; its own server socket. */
+    const session = (name: string, cols: number, rows: number, argv: string[]) => {
+      const r = spawnSync('tmux', ['-S', tmux, 'new-session', '-d', '-s', name, '-x', String(cols), '-y', String(rows), 'sh', '-c', '"$@"; echo "EXIT=$?"; sleep 600', 'sh', ...argv], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+    };
+    const screen = (name: string) => spawnSync('tmux', ['-S', tmux, 'capture-pane', '-p', '-t', name], { encoding: 'utf8' }).stdout;
+    const ctrArgs = (args: string[]) => ['ctr', '-a', c().socket, '-n', c().namespace, ...args];
+    // Sizes as the process sees them, once the client's has arrived (ResizePty comes right after Start).
+    const waitSize = (rows: number, cols: number) => `i=0; while [ "$(stty size)" != "${rows} ${cols}" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done`;
+    const probe = 'echo "pts=$(readlink /proc/self/fd/0)"; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo fds=tty; echo "term=$TERM"';
+
+    before(function () {
+      if (spawnSync('tmux', ['-V']).error) this.skip();
+      tmux = path.join(tmp.path, 'tmux.sock');
+    });
+    after(() => {
+      spawnSync('tmux', ['-S', tmux, 'kill-server']);
+    });
+
+    it('ctr run -t: the process is on /dev/pts/N with TERM, its size follows the client\'s and its changes, the exit code comes back', async () => {
+      const script = `${probe}; ${waitSize(33, 91)}; echo "size1=$(stty size)"; ${waitSize(50, 132)}; echo "size2=$(stty size)"; exit 7`;
+      session('run', 91, 33, ctrArgs(['run', '-t', '--rm', '--fifo-dir', c().fifoDir, '--runtime', RUNTIME, BUSYBOX_IMAGE, 'tty1', 'sh', '-c', script]));
+      await until('the first size', () => /size1=/.test(screen('run')), 120_000);
+      assert.match(screen('run'), /size1=33 91/, screen('run'));
+      assert.equal(spawnSync('tmux', ['-S', tmux, 'resize-window', '-t', 'run', '-x', '132', '-y', '50']).status, 0);
+      await until('the exit', () => /EXIT=/.test(screen('run')), 60_000);
+      const out = screen('run');
+      assert.match(out, /^pts=\/dev\/pts\/\d+$/m, out);
+      assert.match(out, /^fds=tty$/m, out);
+      assert.match(out, /^term=xterm$/m, out);
+      assert.match(out, /^size2=50 132$/m, out);
+      assert.match(out, /^EXIT=7$/m, out);
+      await until('the VM to go', () => processesUnder(sandboxDir('tty1')).length === 0, 30_000);
+    });
+
+    it('ctr task exec -t: a terminal of the client\'s size in a running container, input echoed and read, the exit code', async () => {
+      const id = 'ttyexec';
+      const r = await c().ctr(['run', '-d', '--runtime', RUNTIME, BUSYBOX_IMAGE, id, 'sleep', '1000'], { timeoutMs: 120_000 });
+      assert.equal(r.code, 0, why(r));
+      try {
+        const script = `${probe}; ${waitSize(20, 70)}; echo "size=$(stty size)"; read -r line; echo "got=$line"; exit 5`;
+        session('exec', 70, 20, ctrArgs(['task', 'exec', '-t', '--fifo-dir', c().fifoDir, '--exec-id', 'te1', id, 'sh', '-c', script]));
+        await until('the size', () => /size=/.test(screen('exec')), 60_000);
+        assert.equal(spawnSync('tmux', ['-S', tmux, 'send-keys', '-t', 'exec', 'typed-in', 'Enter']).status, 0);
+        await until('the exit', () => /EXIT=/.test(screen('exec')), 60_000);
+        const out = screen('exec');
+        assert.match(out, /^pts=\/dev\/pts\/\d+$/m, out);
+        assert.match(out, /^fds=tty$/m, out);
+        assert.match(out, /^size=20 70$/m, out);
+        assert.match(out, /^typed-in$/m, `the terminal echoes the input: ${out}`);
+        assert.match(out, /^got=typed-in$/m, out);
+        assert.match(out, /^EXIT=5$/m, out);
+      } finally {
+        await c().ctr(['task', 'kill', '-s', 'SIGKILL', id]);
+        await until('the task to stop', async () => !new RegExp(`^${id}\\s+\\d+\\s+RUNNING`, 'm').test((await c().ctr(['task', 'ls'])).stdout));
+        await c().ctr(['task', 'rm', id]);
+        await c().ctr(['container', 'rm', id]);
+      }
+    });
+  });
+
   it('publishes TaskOOM when the guest OOM-kills a container process, and the task exits with 137', async () => {
     const events = spawn('ctr', ['-a', c().socket, 'events'], { stdio: ['ignore', 'pipe', 'ignore'] });
     let seen = '';

@@ -28,6 +28,24 @@ describe('the kata-runtime bin (bundled)', () => {
     assert.doesNotMatch(r.stderr, /^\s+at /m);
   });
 
+  it('validate --json shows the tdx veto of the agent debug console, with reason and fix', () => {
+    const tmp = new TempDir();
+    try {
+      const example = readFileSync(path.join(PACKAGE_ROOT, 'examples', 'configuration-clh-tdx.toml'), 'utf8');
+      assert.match(example, /^\[agent\.kata\]$/m);
+      const cfg = tmp.file('configuration.toml', example.replace(/^\[agent\.kata\]$/m, '[agent.kata]\ndebug_console_enabled = true'));
+      const r = run('--config', cfg, 'validate', '--json');
+      assert.equal(r.status, 1, r.stderr);
+      const report = JSON.parse(r.stdout) as { valid: boolean; problems: { code: string; key: string; plugin?: string; reason: string; fix: string }[] };
+      assert.equal(report.valid, false);
+      const veto = report.problems.find((p) => p.key === 'agent.kata.debug_console_enabled');
+      assert.deepEqual(veto && { code: veto.code, plugin: veto.plugin }, { code: 'KATA_ERR_CONFIG_VETO', plugin: 'tdx' });
+      assert.ok(veto && veto.reason.length > 0 && veto.fix.length > 0, JSON.stringify(veto));
+    } finally {
+      tmp.cleanup();
+    }
+  });
+
   it('runs as `kata-runtime` from a symlink on PATH, as the README installs it, and lists the Kata aliases in --help', () => {
     const tmp = new TempDir();
     try {

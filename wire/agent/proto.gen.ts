@@ -608,6 +608,60 @@ export const CloseStdinRequest: MessageCodec<CloseStdinRequest> = {
   },
 };
 
+/** grpc.TtyWinResizeRequest */
+export interface TtyWinResizeRequest {
+  containerId: string;
+  execId: string;
+  row: number;
+  column: number;
+}
+
+function encTtyWinResizeRequest(m: MessageInit<TtyWinResizeRequest>, w: Writer): Writer {
+  if (m.containerId) w.uint32(10).string(m.containerId);
+  if (m.execId) w.uint32(18).string(m.execId);
+  if (m.row) w.uint32(24).uint32(m.row);
+  if (m.column) w.uint32(32).uint32(m.column);
+  return w;
+}
+
+function decTtyWinResizeRequest(r: Reader, end: number): TtyWinResizeRequest {
+  const m: TtyWinResizeRequest = { containerId: '', execId: '', row: 0, column: 0 };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.containerId = r.string();
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.execId = r.string();
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.row = r.uint32();
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.column = r.uint32();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const TtyWinResizeRequest: MessageCodec<TtyWinResizeRequest> = {
+  typeName: 'grpc.TtyWinResizeRequest',
+  encode: (m) => encTtyWinResizeRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decTtyWinResizeRequest(r, r.len);
+  },
+};
+
 /** grpc.KernelModule */
 export interface KernelModule {
   name: string;
@@ -2162,6 +2216,8 @@ export const AgentService = service('grpc.AgentService', {
   ReadStdout: method('ReadStdout', ReadStreamRequest, ReadStreamResponse),
   ReadStderr: method('ReadStderr', ReadStreamRequest, ReadStreamResponse),
   CloseStdin: method('CloseStdin', CloseStdinRequest, Empty),
+  /** Sets the window size of a process's terminal (process.terminal = true). */
+  TtyWinResize: method('TtyWinResize', TtyWinResizeRequest, Empty),
   CreateSandbox: method('CreateSandbox', CreateSandboxRequest, Empty),
   DestroySandbox: method('DestroySandbox', DestroySandboxRequest, Empty),
   GetGuestDetails: method('GetGuestDetails', GuestDetailsRequest, GuestDetailsResponse),

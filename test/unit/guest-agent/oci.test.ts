@@ -122,6 +122,12 @@ describe('guest agent: OCI process to command line', () => {
       assert.deepEqual(buildEnv([], undefined), ['HOME=/']);
     });
 
+    it('adds TERM=xterm for a process with a terminal unless the spec sets TERM', () => {
+      assert.deepEqual(buildEnv(['A=1'], '/root', true), ['A=1', 'HOME=/root', 'TERM=xterm']);
+      assert.deepEqual(buildEnv(['TERM=vt100'], '/root', true), ['TERM=vt100', 'HOME=/root']);
+      assert.deepEqual(buildEnv(['A=1'], '/root', false), ['A=1', 'HOME=/root']);
+    });
+
     it('looks the program up in the container PATH, as execvp will, and answers its full path', async () => {
       const there = new Set(['/usr/bin/env', '/bin/sh', '/work/run.sh', '/opt/tool']);
       const executable = async (p: string) => there.has(p);

@@ -64,8 +64,11 @@ describe('shim: OCI specs', () => {
   });
 
   it('reads an exec process from the JSON in the request', () => {
-    const json = new TextEncoder().encode(JSON.stringify({ args: ['ls'], cwd: '/', terminal: true }));
-    assert.deepEqual(parseExecSpec(json, 'e1'), { process: { args: ['ls'], cwd: '/' }, terminal: true });
+    const json = new TextEncoder().encode(JSON.stringify({ args: ['ls'], cwd: '/', terminal: true, consoleSize: { height: 40, width: 120 } }));
+    assert.deepEqual(parseExecSpec(json, 'e1'), { process: { args: ['ls'], cwd: '/', terminal: { rows: 40, cols: 120 } }, terminal: true });
+    const noSize = new TextEncoder().encode(JSON.stringify({ args: ['ls'], terminal: true }));
+    assert.deepEqual(parseExecSpec(noSize, 'e1'), { process: { args: ['ls'], terminal: { rows: 0, cols: 0 } }, terminal: true });
+    assert.throws(() => parseExecSpec(new TextEncoder().encode(JSON.stringify({ args: ['ls'], terminal: true, consoleSize: { height: -1 } })), 'e1'), isSpecError(/consoleSize\.height/));
     assert.throws(() => parseExecSpec(undefined, 'e1'), isSpecError(/exec e1: the request carries no process spec/));
     assert.throws(() => parseExecSpec(new TextEncoder().encode('{'), 'e1'), isSpecError(/not valid JSON/));
   });

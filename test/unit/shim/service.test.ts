@@ -698,12 +698,10 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       await rejectsWith(h.task.State({ id: 'c1' }), GrpcCode.NOT_FOUND);
     });
 
-    it('Exec with a terminal: UNIMPLEMENTED; into a stopped container: FAILED_PRECONDITION; into an unknown one: NOT_FOUND', async () => {
+    it('Exec into a stopped container: FAILED_PRECONDITION; into an unknown one: NOT_FOUND', async () => {
       await harness();
       await h.create('c1');
       await h.task.Start({ id: 'c1' });
-      await rejectsWith(h.exec('c1', 't1', { terminal: true }), GrpcCode.UNIMPLEMENTED, /KATA_ERR_NOT_IMPLEMENTED/);
-      await rejectsWith(h.exec('c1', 't2', { specTerminal: true }), GrpcCode.UNIMPLEMENTED, /KATA_ERR_NOT_IMPLEMENTED/);
       await rejectsWith(h.task.State({ id: 'c1', execId: 't1' }), GrpcCode.NOT_FOUND);
       await rejectsWith(h.exec('nope', 'e1'), GrpcCode.NOT_FOUND);
       h.container('c1').exit(0);
@@ -712,6 +710,61 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       assert.equal(h.container('c1').execs.size, 0);
       const evs = await h.flushEvents();
       assert.equal(count(evs, TOPICS.execAdded), 0, evs.map(brief).join(', '));
+    });
+  });
+
+  describe('terminals', () => {
+    it('Create with a terminal (spec or request) runs the init on one, of the spec\'s consoleSize or the default; State says terminal', async () => {
+      await harness();
+      const io = h.io('t1', { stdout: true });
+      await h.create('t1', { terminal: true, io });
+      assert.deepEqual(h.container('t1').spec.process.terminal, { rows: 0, cols: 0 });
+      assert.equal((await h.task.State({ id: 't1' })).terminal, true);
+      const pod = { 'io.kubernetes.cri.container-type': 'container', 'io.kubernetes.cri.sandbox-id': 't1' };
+      await h.create('t2', { req: { terminal: true }, annotations: pod });
+      assert.deepEqual(h.container('t2').spec.process.terminal, { rows: 0, cols: 0 });
+      await h.create('t3', { annotations: pod });
+      assert.equal(h.container('t3').spec.process.terminal, undefined);
+      assert.equal((await h.task.State({ id: 't3' })).terminal, false);
+      // The terminal's output is stdout; there is no stderr FIFO.
+      await h.task.Start({ id: 't1' });
+      h.container('t1').out('hi\r\n');
+      h.container('t1').exit(4);
+      assert.equal((await within(h.task.Wait({ id: 't1' }), 'Wait')).exitStatus, 4);
+      await io.stdout!.waitForEof();
+      assert.equal(io.stdout!.text, 'hi\r\n');
+    });
+
+    it('ResizePty before Start is kept for the start, later ones go to the process at once; none after the exit', async () => {
+      await harness();
+      await h.create('c1', { terminal: true });
+      await h.task.ResizePty({ id: 'c1', execId: '', width: 100, height: 30 });
+      assert.deepEqual(h.container('c1').resizes, []);
+      await h.task.Start({ id: 'c1' });
+      await until('the kept size applied', () => h.container('c1').resizes.length === 1);
+      await h.task.ResizePty({ id: 'c1', execId: '', width: 132, height: 50 });
+      assert.deepEqual(h.container('c1').resizes, [{ rows: 30, cols: 100 }, { rows: 50, cols: 132 }]);
+      h.container('c1').exit(0);
+      await within(h.task.Wait({ id: 'c1' }), 'Wait');
+      await h.task.ResizePty({ id: 'c1', execId: '', width: 10, height: 10 });
+      assert.equal(h.container('c1').resizes.length, 2);
+    });
+
+    it('Exec with a terminal runs on one and resizes; ResizePty on a process without one: FAILED_PRECONDITION (KATA_ERR_TASK_STATE)', async () => {
+      await harness();
+      await h.create('c1');
+      await h.task.Start({ id: 'c1' });
+      await rejectsWith(h.task.ResizePty({ id: 'c1', execId: '', width: 80, height: 24 }), GrpcCode.FAILED_PRECONDITION, /KATA_ERR_TASK_STATE/);
+      await h.exec('c1', 't1', { terminal: true });
+      await h.exec('c1', 't2', { specTerminal: true });
+      await h.exec('c1', 'p1');
+      for (const id of ['t1', 't2', 'p1']) await h.task.Start({ id: 'c1', execId: id });
+      const specs = h.container('c1').execSpecs;
+      assert.deepEqual(specs.map((s) => s.terminal), [{ rows: 0, cols: 0 }, { rows: 0, cols: 0 }, undefined]);
+      await h.task.ResizePty({ id: 'c1', execId: 't1', width: 90, height: 40 });
+      assert.deepEqual(h.container('c1').execs.get('t1')!.resizes, [{ rows: 40, cols: 90 }]);
+      await rejectsWith(h.task.ResizePty({ id: 'c1', execId: 'p1', width: 90, height: 40 }), GrpcCode.FAILED_PRECONDITION, /KATA_ERR_TASK_STATE/);
+      await rejectsWith(h.task.ResizePty({ id: 'c1', execId: 'nope', width: 90, height: 40 }), GrpcCode.NOT_FOUND);
     });
   });
 
@@ -742,16 +795,6 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
   });
 
   describe('Create refusals', () => {
-    it('a terminal (in the spec or the request): UNIMPLEMENTED, no sandbox started, no event', async () => {
-      await harness();
-      await rejectsWith(h.create('t1', { terminal: true }), GrpcCode.UNIMPLEMENTED, /KATA_ERR_NOT_IMPLEMENTED/);
-      await rejectsWith(h.create('t2', { req: { terminal: true } }), GrpcCode.UNIMPLEMENTED, /KATA_ERR_NOT_IMPLEMENTED/);
-      assert.equal(h.factory.requests.length, 0);
-      await rejectsWith(h.task.State({ id: 't1' }), GrpcCode.NOT_FOUND);
-      const evs = await h.flushEvents();
-      assert.deepEqual(evs, []);
-    });
-
     it('a bundle that is empty or relative: INVALID_ARGUMENT (KATA_ERR_OCI_SPEC) before any sandbox starts', async () => {
       await harness();
       await rejectsWith(h.create('b1', { req: { bundle: '' } }), GrpcCode.INVALID_ARGUMENT, /KATA_ERR_OCI_SPEC/);
