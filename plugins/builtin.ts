@@ -12,4 +12,5 @@ export const BUILTIN_PLUGINS: readonly PluginSource[] = Object.freeze([
   { name: 'virtiofs', load: () => import('./virtiofs/index.js') },
   { name: 'devmapper', load: () => import('./devmapper/index.js') },
   { name: 'tdx', load: () => import('./tdx/index.js') },
+  { name: 'network', load: () => import('./network/index.js') },
 ]);
