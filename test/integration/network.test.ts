@@ -5,7 +5,7 @@
  * only between them, never to the host's own interfaces. Everything is removed in after().
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { copyFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
 import { text } from 'node:stream/consumers';
@@ -15,12 +15,7 @@ import { Sandbox } from '../../core/sandbox.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
-
-const POD = `kts-pod-${process.pid}`;
-const PEER = `kts-peer-${process.pid}`;
-const POD_PATH = `/var/run/netns/${POD}`;
-const ip = (...args: string[]) => execFileSync('ip', args, { encoding: 'utf8' });
-const tc = (...args: string[]) => execFileSync('tc', args, { encoding: 'utf8' });
+import { createPodAndPeer, fromPeer, ip, peerServer, removeNetns, tc, type PodAndPeer } from '../helpers/netns.js';
 
 function config(image: GuestImage): string {
   return `[hypervisor.qemu]
@@ -38,38 +33,13 @@ dial_timeout = 120
 `;
 }
 
-/** A TCP server in the peer namespace (node, run with `ip netns exec`): greets, then echoes what it reads back prefixed. */
-function peerServer(): Promise<ChildProcess> {
-  const code = `const net=require('net');net.createServer((s)=>{s.write('hello from the peer\\n');s.on('data',(d)=>s.end('peer got '+d));}).listen(8080,'192.0.2.1',()=>console.log('listening'));`;
-  const child = spawn('ip', ['netns', 'exec', PEER, process.execPath, '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
-  return new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (c) => reject(new Error(`the peer server exited (${c})`)));
-    child.stdout.once('data', () => resolve(child));
-  });
-}
-
-/** Connects from the peer namespace to `host:port` and answers what the server sent; bounded retries while the server starts. */
-async function fromPeer(host: string, port: number): Promise<string> {
-  const code = `const s=require('net').connect(${port},'${host}');let b='';s.on('data',(d)=>b+=d);s.on('end',()=>{process.stdout.write(b);process.exit(0)});s.on('error',(e)=>{console.error(e.message);process.exit(1)});setTimeout(()=>process.exit(2),5000);`;
-  let last = '';
-  for (let i = 0; i < 40; i++) {
-    try {
-      return execFileSync('ip', ['netns', 'exec', PEER, process.execPath, '-e', code], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-    } catch (e) {
-      last = String((e as { stderr?: string }).stderr ?? e);
-      await new Promise((r) => setTimeout(r, 250));
-    }
-  }
-  throw new Error(`no answer from ${host}:${port}: ${last}`);
-}
-
 describe('pod networking @integration', function () {
   this.timeout(600_000);
   let image: GuestImage;
   let tmp: TempDir;
   let server: ChildProcess | undefined;
   let sandbox: Sandbox | undefined;
+  let ns: PodAndPeer | undefined;
   const runRoot = () => path.join(tmp.path, 'run');
 
   before(async function () {
@@ -77,30 +47,14 @@ describe('pod networking @integration', function () {
     image = await ensureGuestImage();
     if (!image.busyboxRootfs) this.skip();
     tmp = new TempDir('kata-net-');
-    ip('netns', 'add', POD);
-    ip('netns', 'add', PEER);
-    ip('-n', POD, 'link', 'add', 'eth0', 'type', 'veth', 'peer', 'name', 'peer0', 'netns', PEER);
-    ip('-n', POD, 'addr', 'add', '192.0.2.2/24', 'dev', 'eth0');
-    ip('-n', POD, 'addr', 'add', '2001:db8::2/64', 'dev', 'eth0', 'nodad');
-    ip('-n', POD, 'link', 'set', 'eth0', 'up');
-    ip('-n', POD, 'route', 'add', 'default', 'via', '192.0.2.1');
-    ip('-n', PEER, 'addr', 'add', '192.0.2.1/24', 'dev', 'peer0');
-    ip('-n', PEER, 'addr', 'add', '2001:db8::1/64', 'dev', 'peer0', 'nodad');
-    ip('-n', PEER, 'link', 'set', 'peer0', 'up');
-    ip('-n', PEER, 'link', 'set', 'lo', 'up');
-    server = await peerServer();
+    ns = createPodAndPeer('kts');
+    server = await peerServer(ns.peer);
   });
 
   after(async () => {
     await sandbox?.stop().catch(() => undefined);
     if (server?.pid !== undefined && server.exitCode === null) server.kill('SIGKILL');
-    for (const ns of [POD, PEER]) {
-      try {
-        ip('netns', 'del', ns);
-      } catch {
-        // not created
-      }
-    }
+    if (ns) removeNetns([ns.pod, ns.peer]);
     tmp?.cleanup();
   });
 
@@ -120,9 +74,10 @@ describe('pod networking @integration', function () {
 
   it("gives the container the pod interface's address and routes, and TCP works out to the peer and in from it", async () => {
     const validated = await loadValidatedConfig({ text: config(image) });
-    sandbox = await Sandbox.create(validated, { sandboxId: 'net-pod', runRoot: runRoot(), netns: POD_PATH });
-    assert.match(ip('-n', POD, 'link', 'show', 'tap0_kata'), /tap0_kata/);
-    assert.match(tc('-n', POD, 'filter', 'show', 'dev', 'eth0', 'ingress'), /mirred/);
+    const { pod, peer, podPath } = ns!;
+    sandbox = await Sandbox.create(validated, { sandboxId: 'net-pod', runRoot: runRoot(), netns: podPath });
+    assert.match(ip('-n', pod, 'link', 'show', 'tap0_kata'), /tap0_kata/);
+    assert.match(tc('-n', pod, 'filter', 'show', 'dev', 'eth0', 'ingress'), /mirred/);
 
     const script = [
       'ip -o addr show dev eth0',
@@ -137,7 +92,7 @@ describe('pod networking @integration', function () {
     const err = text(c.stderr);
     await c.start();
     c.stdin.end();
-    const inbound = await fromPeer('192.0.2.2', 8081);
+    const inbound = await fromPeer(peer, '192.0.2.2', 8081);
     const status = await c.wait();
     const stdout = await out;
     assert.equal(status, 0, `${stdout}\n${await err}`);
@@ -150,8 +105,8 @@ describe('pod networking @integration', function () {
 
     await sandbox.stop();
     sandbox = undefined;
-    assert.doesNotMatch(ip('-n', POD, 'link', 'show'), /tap0_kata/, 'the tap is removed');
-    assert.doesNotMatch(tc('-n', POD, 'qdisc', 'show', 'dev', 'eth0'), /ingress/, 'the ingress qdisc is removed');
+    assert.doesNotMatch(ip('-n', pod, 'link', 'show'), /tap0_kata/, 'the tap is removed');
+    assert.doesNotMatch(tc('-n', pod, 'qdisc', 'show', 'dev', 'eth0'), /ingress/, 'the ingress qdisc is removed');
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });
 });
