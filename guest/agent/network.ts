@@ -112,6 +112,8 @@ export function parseRouteLines(text: string, family: 'v4' | 'v6'): Route[] {
 }
 
 export class GuestNetwork {
+  #renamed = 0;
+
   constructor(
     private readonly ip: IpRunner = runIp,
     private readonly sysNet = '/sys/class/net',
@@ -156,7 +158,17 @@ export class GuestNetwork {
         throw internal(`interface ${name}: ${e.message}`, e);
       });
     await step(['link', 'set', 'dev', current, 'down']);
-    if (current !== name) await step(['link', 'set', 'dev', current, 'name', name]);
+    if (current !== name) {
+      // The name may be held by another device of the pod (the guest names them eth0, eth1, … in
+      // probe order, not in the pod's order): that one moves aside, and takes its own name when
+      // its UpdateInterface comes.
+      const holder = (await this.links()).get(name);
+      if (holder !== undefined && holder !== mac) {
+        await step(['link', 'set', 'dev', name, 'down']);
+        await step(['link', 'set', 'dev', name, 'name', `kata_tmp${++this.#renamed}`]);
+      }
+      await step(['link', 'set', 'dev', current, 'name', name]);
+    }
     if (mtu !== 0) await step(['link', 'set', 'dev', name, 'mtu', String(mtu)]);
     await step(['addr', 'flush', 'dev', name]);
     for (const a of addresses) await step(['addr', 'add', a, 'dev', name]);

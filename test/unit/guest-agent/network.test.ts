@@ -104,6 +104,20 @@ describe('guest network', () => {
       ]);
     });
 
+    it('moves aside another device that holds the name, so that two pod interfaces can swap names', async () => {
+      mkdirSync(path.join(sys, 'eth0'));
+      writeFileSync(path.join(sys, 'eth0', 'address'), '02:42:c0:00:02:03\n');
+      const ran: string[][] = [];
+      const net = new GuestNetwork(async (args) => (ran.push([...args]), ''), sys);
+      await net.updateInterface(iface());
+      assert.deepEqual(ran.slice(0, 4), [
+        ['link', 'set', 'dev', 'eth1', 'down'],
+        ['link', 'set', 'dev', 'eth0', 'down'],
+        ['link', 'set', 'dev', 'eth0', 'name', 'kata_tmp1'],
+        ['link', 'set', 'dev', 'eth1', 'name', 'eth0'],
+      ]);
+    });
+
     it('refuses a bad request before running anything', async () => {
       const ran: string[][] = [];
       const net = new GuestNetwork(async (args) => (ran.push([...args]), ''), sys);
