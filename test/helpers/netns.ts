@@ -44,9 +44,9 @@ export function removeNetns(names: readonly string[]): void {
   }
 }
 
-/** A TCP server on 192.0.2.1:8080 in the peer namespace (node): greets, then answers what it reads, prefixed. */
+/** A TCP server on port 8080 of the peer namespace (node; IPv4 and IPv6): greets, then answers what it reads, prefixed. */
 export function peerServer(peer: string): Promise<ChildProcess> {
-  const code = `const net=require('net');net.createServer((s)=>{s.write('hello from the peer\\n');s.on('data',(d)=>s.end('peer got '+d));}).listen(8080,'192.0.2.1',()=>console.log('listening'));`;
+  const code = `const net=require('net');net.createServer((s)=>{s.write('hello from the peer\\n');s.on('data',(d)=>s.end('peer got '+d));}).listen(8080,'::',()=>console.log('listening'));`;
   const child = spawn('ip', ['netns', 'exec', peer, process.execPath, '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((resolve, reject) => {
     child.once('error', reject);

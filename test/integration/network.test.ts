@@ -72,7 +72,7 @@ describe('pod networking @integration', function () {
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });
 
-  it("gives the container the pod interface's address and routes, and TCP works out to the peer and in from it", async () => {
+  it("gives the container the pod interface's IPv4 and IPv6 addresses and routes, and TCP works out to the peer (both families) and in from it", async () => {
     const validated = await loadValidatedConfig({ text: config(image) });
     const { pod, peer, podPath } = ns!;
     sandbox = await Sandbox.create(validated, { sandboxId: 'net-pod', runRoot: runRoot(), netns: podPath });
@@ -84,6 +84,8 @@ describe('pod networking @integration', function () {
       'ip route show',
       // out: to the peer's server
       'echo guest | nc -w 5 192.0.2.1 8080',
+      // out over IPv6, once the guest's address has passed duplicate address detection (bounded)
+      'for i in 1 2 3 4 5 6 7 8 9 10; do echo v6 | nc -w 3 2001:db8::1 8080 && break; sleep 1; done',
       // in: a server in the container, which the peer connects to
       'echo hello from the guest | nc -l -p 8081',
     ].join('; ');
@@ -100,6 +102,7 @@ describe('pod networking @integration', function () {
     assert.match(stdout, /inet6 2001:db8::2\/64/);
     assert.match(stdout, /default via 192\.0\.2\.1 dev eth0/);
     assert.match(stdout, /hello from the peer\npeer got guest/);
+    assert.match(stdout, /hello from the peer\npeer got v6/);
     assert.equal(inbound, 'hello from the guest\n');
     await c.delete();
 
