@@ -72,6 +72,22 @@ describe('pod networking @integration', function () {
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });
 
+  it('fails with KATA_ERR_NETWORK naming the interface when its tap cannot be made, leaving its filters out and the other tap alone', async () => {
+    const { pod, podPath } = ns!;
+    // Someone else's tap holds the name this sandbox would use.
+    ip('-n', pod, 'tuntap', 'add', 'dev', 'tap0_kata', 'mode', 'tap');
+    try {
+      const validated = await loadValidatedConfig({ text: config(image) });
+      await assert.rejects(Sandbox.create(validated, { sandboxId: 'net-busy', runRoot: runRoot(), netns: podPath }), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
+      assert.equal(existsSync(path.join(runRoot(), 'net-busy')), false);
+      assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+      assert.doesNotMatch(tc('-n', pod, 'qdisc', 'show', 'dev', 'eth0'), /ingress/);
+      assert.match(ip('-n', pod, 'link', 'show', 'tap0_kata'), /tap0_kata/, 'the tap it did not make is left alone');
+    } finally {
+      ip('-n', pod, 'link', 'del', 'tap0_kata');
+    }
+  });
+
   it("gives the container the pod interface's IPv4 and IPv6 addresses and routes, and TCP works out to the peer (both families) and in from it", async () => {
     const validated = await loadValidatedConfig({ text: config(image) });
     const { pod, peer, podPath } = ns!;
