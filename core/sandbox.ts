@@ -13,6 +13,7 @@
 import { execFile } from 'node:child_process';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { connectAgent, type AgentClient } from './agent/client.js';
@@ -176,6 +177,15 @@ export class Container extends GuestProcess {
  * once every interface exists, as Kata does).
  */
 async function configureNetwork(agent: AgentClient, network: SandboxNetwork): Promise<void> {
+  const t0 = performance.now();
+  try {
+    await updateNetwork(agent, network);
+  } finally {
+    network.timings.guest = performance.now() - t0;
+  }
+}
+
+async function updateNetwork(agent: AgentClient, network: SandboxNetwork): Promise<void> {
   const family = (f: 'v4' | 'v6') => (f === 'v6' ? IPFamily.v6 : IPFamily.v4);
   for (const i of network.interfaces) {
     await agent.updateInterface({

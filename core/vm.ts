@@ -48,6 +48,11 @@ export interface SandboxNetwork {
   readonly devices: NetIntent[];
   readonly interfaces: GuestInterface[];
   readonly routes: GuestRoute[];
+  /**
+   * Milliseconds spent: `host` by the plugin that wired the network (scan, taps, filters), `guest`
+   * by the core's agent calls (UpdateInterface, UpdateRoutes). For the sandbox benchmark.
+   */
+  readonly timings: { host: number; guest: number };
 }
 
 /** What `createVm` handlers receive. */

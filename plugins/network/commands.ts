@@ -9,6 +9,8 @@ import { IFNAME } from './scan.js';
 export interface Command {
   readonly binary: string;
   readonly args: string[];
+  /** Written to the command's stdin (a `-batch -` list: one command per line, names already checked). */
+  readonly input?: string;
 }
 
 function name(n: string): string {
@@ -43,15 +45,25 @@ export function tapCommands(netns: string, tap: string, mtu: number): Command[] 
 
 /**
  * Ingress qdiscs on both devices, and a filter on each that sends every frame out of the other:
- * what arrives on the pod interface leaves through the tap into the VM, and the reverse.
+ * what arrives on the pod interface leaves through the tap into the VM, and the reverse. As tc
+ * argument vectors, one per line of the batch.
  */
-export function redirectCommands(netns: string, iface: string, tap: string): Command[] {
-  const out: Command[] = [];
+export function redirectArgs(iface: string, tap: string): string[][] {
+  const out: string[][] = [];
   for (const [from, to] of [[iface, tap], [tap, iface]] as const) {
-    out.push(inPodNetns(netns, 'tc', ['qdisc', 'add', 'dev', name(from), 'handle', 'ffff:', 'ingress']));
-    out.push(inPodNetns(netns, 'tc', ['filter', 'add', 'dev', name(from), 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', name(to)]));
+    out.push(['qdisc', 'add', 'dev', name(from), 'handle', 'ffff:', 'ingress']);
+    out.push(['filter', 'add', 'dev', name(from), 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', name(to)]);
   }
   return out;
+}
+
+/**
+ * {@link redirectArgs} as one `tc -batch -` run (one process instead of four: each costs a fork
+ * and exec of nsenter and tc). Every word is a checked interface name or a constant, so no line
+ * can carry a second command.
+ */
+export function redirectCommand(netns: string, iface: string, tap: string): Command {
+  return { ...inPodNetns(netns, 'tc', ['-batch', '-']), input: redirectArgs(iface, tap).map((a) => a.join(' ')).join('\n') + '\n' };
 }
 
 /** Undoes one interface's set-up: the tap goes (its qdisc and filter with it), the pod interface's ingress qdisc goes. */

@@ -16,7 +16,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { KataError, definePlugin, errorText, renderDeviceCapability, type VmContext } from '../../core/plugin-api.js';
-import { redirectCommands, scanCommands, tapCommands, tapName, teardownCommands, type Command } from './commands.js';
+import { redirectCommand, scanCommands, tapCommands, tapName, teardownCommands, type Command } from './commands.js';
 import { parseInterfaces, parseRoutes, type PodNetwork } from './scan.js';
 
 export const PLUGIN_NAME = 'network';
@@ -32,7 +32,11 @@ const execFileP = promisify(execFile);
 export type CommandRunner = (cmd: Command) => Promise<string>;
 
 export const runCommand: CommandRunner = async (cmd) => {
-  const { stdout } = await execFileP(cmd.binary, cmd.args, { timeout: COMMAND_TIMEOUT_MS, maxBuffer: 4 * 1024 * 1024, env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' } });
+  const child = execFileP(cmd.binary, cmd.args, { timeout: COMMAND_TIMEOUT_MS, maxBuffer: 4 * 1024 * 1024, env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' } });
+  // A command that exits without reading its stdin (any but a batch) must not fail the write.
+  child.child.stdin?.on('error', () => undefined);
+  child.child.stdin?.end(cmd.input ?? '');
+  const { stdout } = await child;
   return stdout;
 };
 
@@ -110,7 +114,7 @@ export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRun
         await run(add);
         w.pairs.push({ iface: iface.name, tap });
         await run(up);
-        for (const c of redirectCommands(netns, iface.name, tap)) await run(c);
+        await run(redirectCommand(netns, iface.name, tap));
       } catch (e) {
         if (e instanceof KataError) throw e;
         throw new KataError('KATA_ERR_NETWORK', `interface ${iface.name} of network namespace ${netns}: cannot make and wire its tap ${tap}: ${commandError(e)}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e });
@@ -126,7 +130,8 @@ export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRun
     if (left.length > 0) ctx.log.warn({ plugin: PLUGIN_NAME, failures: left }, 'could not remove everything made for the network');
     throw e;
   }
-  ctx.log.info({ plugin: PLUGIN_NAME, netns, interfaces: pod.interfaces.map((i) => i.name), routes: pod.routes.length, ms: Math.round(performance.now() - t0) }, 'pod network wired to the VM');
+  ctx.network.timings.host = performance.now() - t0;
+  ctx.log.info({ plugin: PLUGIN_NAME, netns, interfaces: pod.interfaces.map((i) => i.name), routes: pod.routes.length, ms: Math.round(ctx.network.timings.host) }, 'pod network wired to the VM');
   return w;
 }
 

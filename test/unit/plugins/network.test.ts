@@ -6,7 +6,7 @@ import { loadValidatedConfig } from '../../../core/runtime.js';
 import { silentLogger } from '../../../core/logger.js';
 import type { KataError } from '../../../core/errors.js';
 import type { VmContext } from '../../../core/vm.js';
-import { redirectCommands, scanCommands, tapCommands, teardownCommands, type Command } from '../../../plugins/network/commands.js';
+import { redirectCommand, redirectArgs, scanCommands, tapCommands, teardownCommands, type Command } from '../../../plugins/network/commands.js';
 import { checkNetns, wireSandbox, type CommandRunner } from '../../../plugins/network/index.js';
 import { parseInterfaces, parseRoutes } from '../../../plugins/network/scan.js';
 
@@ -94,16 +94,19 @@ describe('network plugin', () => {
     });
 
     it('redirects both ways with an ingress qdisc and a mirred filter on each side', () => {
-      const filter = (from: string, to: string) => ['tc', 'filter', 'add', 'dev', from, 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', to];
-      assert.deepEqual(
-        redirectCommands(NETNS, 'eth0', 'tap0_kata').map((c) => c.args.slice(2)),
-        [
-          ['tc', 'qdisc', 'add', 'dev', 'eth0', 'handle', 'ffff:', 'ingress'],
-          filter('eth0', 'tap0_kata'),
-          ['tc', 'qdisc', 'add', 'dev', 'tap0_kata', 'handle', 'ffff:', 'ingress'],
-          filter('tap0_kata', 'eth0'),
-        ],
-      );
+      const filter = (from: string, to: string) => ['filter', 'add', 'dev', from, 'parent', 'ffff:', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0', 'action', 'mirred', 'egress', 'redirect', 'dev', to];
+      assert.deepEqual(redirectArgs('eth0', 'tap0_kata'), [
+        ['qdisc', 'add', 'dev', 'eth0', 'handle', 'ffff:', 'ingress'],
+        filter('eth0', 'tap0_kata'),
+        ['qdisc', 'add', 'dev', 'tap0_kata', 'handle', 'ffff:', 'ingress'],
+        filter('tap0_kata', 'eth0'),
+      ]);
+    });
+
+    it('runs the four tc commands as one tc -batch in the namespace, one line each', () => {
+      const c = redirectCommand(NETNS, 'eth0', 'tap0_kata');
+      assert.deepEqual(c.args, [`--net=${NETNS}`, '--', 'tc', '-batch', '-']);
+      assert.deepEqual(c.input?.split('\n'), [...redirectArgs('eth0', 'tap0_kata').map((a) => a.join(' ')), '']);
     });
 
     it('undoes the pod side qdisc and deletes the tap', () => {
@@ -140,7 +143,7 @@ describe('network plugin', () => {
   });
 
   describe('wireSandbox', () => {
-    const ctx = (): VmContext => ({ sandboxId: 's', runDir: '/tmp/x', plan: {} as VmContext['plan'], config: {} as VmContext['config'], log: silentLogger(), network: { devices: [], interfaces: [], routes: [] } });
+    const ctx = (): VmContext => ({ sandboxId: 's', runDir: '/tmp/x', plan: {} as VmContext['plan'], config: {} as VmContext['config'], log: silentLogger(), network: { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } } });
     /** A stand-in for ip and tc: scan answers from the fixtures, `fail` makes the matching command fail. */
     const runner = (fail?: (c: Command) => boolean) => {
       const ran: string[][] = [];
@@ -167,7 +170,7 @@ describe('network plugin', () => {
 
     it('fails with a coded error naming the interface when its tap cannot be made, and leaves nothing', async () => {
       const c = ctx();
-      const { run, ran } = runner((cmd) => cmd.args.includes('filter'));
+      const { run, ran } = runner((cmd) => cmd.args.includes('-batch'));
       await assert.rejects(wireSandbox(c, '/proc/self/ns/net', run), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
       assert.deepEqual(ran.slice(-2), [
         ['tc', 'qdisc', 'del', 'dev', 'eth0', 'ingress'],
