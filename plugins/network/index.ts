@@ -11,7 +11,7 @@
  * its own gets no network device.
  */
 import { execFile } from 'node:child_process';
-import { statfs } from 'node:fs/promises';
+import { stat, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
@@ -60,6 +60,19 @@ export async function checkNetns(netns: string): Promise<void> {
       fix: 'give the path of a network namespace: /var/run/netns/<name> or /proc/<pid>/ns/net',
     });
   }
+  // The host's own namespace (init's, or the runtime's): wiring it would redirect all of the
+  // host's traffic on its interfaces into the VM.
+  const target = await stat(netns);
+  for (const host of ['/proc/1/ns/net', '/proc/self/ns/net']) {
+    const h = await stat(host).catch(() => undefined);
+    if (h && h.dev === target.dev && h.ino === target.ino) {
+      throw new KataError('KATA_ERR_NETWORK', `${netns} is the host's network namespace (the same as ${host}): its interfaces are not mirrored into a VM`, {
+        value: netns,
+        plugin: PLUGIN_NAME,
+        fix: 'give the pod a network namespace of its own; host networking is not supported',
+      });
+    }
+  }
 }
 
 /** Reads the namespace: interfaces to mirror and the routes through them. */
@@ -101,9 +114,9 @@ export async function unwire(w: Wiring, run: CommandRunner = runCommand): Promis
  * Makes a tap per interface and wires it to its interface, filling `ctx.network`. On a failure,
  * what was made is removed and the error names the interface.
  */
-export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRunner = runCommand): Promise<Wiring> {
+export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRunner = runCommand, check: (netns: string) => Promise<void> = checkNetns): Promise<Wiring> {
   const t0 = performance.now();
-  await checkNetns(netns);
+  await check(netns);
   const pod = await scanNetns(netns, run);
   const w: Wiring = { netns, pairs: [] };
   try {

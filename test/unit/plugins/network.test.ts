@@ -137,8 +137,10 @@ describe('network plugin', () => {
       await assert.rejects(checkNetns('/etc/hostname'), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && /not a network namespace/.test(e.message));
     });
 
-    it('accepts this process network namespace', async () => {
-      await checkNetns('/proc/self/ns/net');
+    it("refuses the host's own network namespace: its traffic would be redirected into the VM", async () => {
+      for (const host of ['/proc/self/ns/net']) {
+        await assert.rejects(checkNetns(host), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === host && /host's network namespace/.test(e.message));
+      }
     });
   });
 
@@ -162,7 +164,7 @@ describe('network plugin', () => {
     it('adds a net intent, the interface and its routes for the guest', async () => {
       const c = ctx();
       const { run } = runner();
-      await wireSandbox(c, '/proc/self/ns/net', run);
+      await wireSandbox(c, NETNS, run, async () => undefined);
       assert.deepEqual(c.network.devices, [{ kind: 'net', id: 'net0', tap: 'tap0_kata', mac: 'd2:b6:47:44:96:b5', mtu: 1500 }]);
       assert.deepEqual(c.network.interfaces.map((i) => i.name), ['eth0']);
       assert.deepEqual(c.network.routes.map((r) => r.dest), ['192.0.2.0/24', '', '2001:db8::/64']);
@@ -171,7 +173,7 @@ describe('network plugin', () => {
     it('fails with a coded error naming the interface when its tap cannot be made, and leaves nothing', async () => {
       const c = ctx();
       const { run, ran } = runner((cmd) => cmd.args.includes('-batch'));
-      await assert.rejects(wireSandbox(c, '/proc/self/ns/net', run), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
+      await assert.rejects(wireSandbox(c, NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
       assert.deepEqual(ran.slice(-2), [
         ['tc', 'qdisc', 'del', 'dev', 'eth0', 'ingress'],
         ['ip', 'link', 'del', 'dev', 'tap0_kata'],
