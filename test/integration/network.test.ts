@@ -122,6 +122,14 @@ describe('pod networking @integration', function () {
     assert.equal(inbound, 'hello from the guest\n');
     await c.delete();
 
+    // The agent reports what it configured (ListInterfaces, ListRoutes).
+    const podMac = (JSON.parse(ip('-n', pod, '-json', 'link', 'show', 'eth0')) as { address: string }[])[0]?.address;
+    const eth0 = (await sandbox.agent.listInterfaces()).find((i) => i.name === 'eth0');
+    assert.equal(eth0?.hwAddr, podMac);
+    assert.equal(eth0?.mtu, 1500n);
+    assert.ok(eth0?.IPAddresses.some((a) => a.address === '192.0.2.2' && a.mask === '24'), JSON.stringify(eth0, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v)));
+    assert.ok((await sandbox.agent.listRoutes()).some((r) => r.dest === '' && r.gateway === '192.0.2.1' && r.device === 'eth0'));
+
     await sandbox.stop();
     sandbox = undefined;
     assert.doesNotMatch(ip('-n', pod, 'link', 'show'), /tap0_kata/, 'the tap is removed');
