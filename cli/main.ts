@@ -39,6 +39,7 @@ const OPTIONS = {
   interactive: { type: 'boolean', short: 'i' },
   tty: { type: 'boolean', short: 't' },
   timings: { type: 'boolean' },
+  netns: { type: 'string' },
   // cleanup
   'dry-run': { type: 'boolean' },
 } satisfies ParseArgsConfig['options'];
@@ -50,6 +51,7 @@ export type CliFlags = {
   interactive: boolean;
   tty: boolean;
   timings: boolean;
+  netns?: string | undefined;
   dryRun: boolean;
 };
 
@@ -70,7 +72,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
   env: { summary: 'show the configuration, runtime, hypervisor, agent and host [--json]', load: async () => (await import('./env.js')).envCommand },
   check: { summary: 'check that this host can run the configuration [--json]', load: async () => (await import('./check.js')).checkCommand },
   run: {
-    summary: 'run CMD in a container in a new VM: run [--rootfs PATH] [-i] [-t] [--timings] -- CMD [ARG...]',
+    summary: 'run CMD in a container in a new VM: run [--rootfs PATH] [--netns PATH] [-i] [-t] [--timings] -- CMD [ARG...]',
     load: async () => {
       const { runCommand } = await import('./run.js');
       return (ctx) => runCommand(ctx, ctx.flags);
@@ -110,6 +112,7 @@ Global options:
   --json                          machine-readable output (validate, env, check, cleanup)
   --rootfs PATH, -i, --timings    run: the container rootfs (block device, image file or directory),
                                   connect stdin, print the time of each phase
+  --netns PATH                    run: the network namespace whose interfaces the VM mirrors
   --dry-run                       cleanup: list what would be removed, remove nothing
   -v, --version                   print the version
   -h, --help                      print this help
@@ -166,6 +169,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
     interactive: v.interactive ?? false,
     tty: v.tty ?? false,
     timings: v.timings ?? false,
+    netns: v.netns,
     dryRun: v['dry-run'] ?? false,
   };
   let configPath: string | null = null;

@@ -1,5 +1,5 @@
 /**
- * `kata-runtime [--config F] run [--rootfs PATH] [-i] [-t] [--timings] -- CMD [ARG...]` (ours; Kata 2.x
+ * `kata-runtime [--config F] run [--rootfs PATH] [--netns PATH] [-i] [-t] [--timings] -- CMD [ARG...]` (ours; Kata 2.x
  * has no such command): boots a sandbox, runs one container process with its stdin, stdout and
  * stderr connected to ours, exits with the process's exit status (128+signal when killed), and
  * tears everything down, also on Ctrl-C. Operators use it to try a configuration without containerd.
@@ -64,6 +64,8 @@ export interface RunFlags {
   /** Run on a terminal (-t): needs one on our stdin and stdout. */
   readonly tty?: boolean;
   readonly timings: boolean;
+  /** A network namespace (path) whose interfaces the VM mirrors. */
+  readonly netns?: string | undefined;
   readonly runRoot?: string | undefined;
 }
 
@@ -162,7 +164,8 @@ export async function runCommand(ctx: CommandContext, flags: RunFlags): Promise<
     // What runs killed with SIGKILL left (their directories; their VMs died with them).
     await reapStaleRunDirs(runRoot, { log: ctx.log }).catch((err: unknown) => ctx.log.warn({ err }, 'could not look for stale run directories'));
     const sandboxId = `run-${randomBytes(6).toString('hex')}`;
-    sandbox = await Sandbox.create(validated, { sandboxId, runRoot, log: ctx.log, signal: abort.signal });
+    const netns = flags.netns ? path.resolve(flags.netns) : undefined;
+    sandbox = await Sandbox.create(validated, { sandboxId, runRoot, log: ctx.log, signal: abort.signal, ...(netns ? { netns } : {}) });
     mark('VM started, agent ready');
     const sb = sandbox;
     force = () => void sb.stop();

@@ -217,6 +217,14 @@ export const ERROR_CODES = Object.freeze({
     meaning: "A container's bind mount (a volume: Kubernetes volumes, /etc/hosts, `ctr run --mount type=bind`) cannot reach the guest: its source is missing, or the sandbox has no shared filesystem (a confidential sandbox has none by design).",
     fix: 'Check that the mount source exists on the host; for a confidential sandbox, put the data in the image instead of a host volume.',
   },
+  KATA_ERR_NETWORK: {
+    meaning: "The pod's network could not be mirrored into the VM: its network namespace is missing or not a namespace, an interface's tap device or tc filter could not be made, or the guest could not configure an interface or route. The error names the interface.",
+    fix: 'Check that the network namespace given in the OCI spec (linux.namespaces, `ctr run --with-ns network:<path>`) exists while the sandbox starts, that /dev/net/tun exists, and that no other tap of that name is in the namespace.',
+  },
+  KATA_ERR_NETWORK_MODEL: {
+    meaning: 'The configuration asks for a way of connecting the pod network to the VM (internetworking_model) that this runtime does not build.',
+    fix: 'Set internetworking_model = "tcfilter" (the default), or "none" for a VM without a network.',
+  },
   KATA_ERR_RUN_DIR: {
     meaning: 'The sandbox run directory cannot be created under the run root (/run/kata-ts, or KATA_TS_RUN_ROOT): as a non-root user, permission is denied.',
     fix: 'Run as root (running a sandbox needs it: bind mounts, hot-plug, /run/kata-ts), or point KATA_TS_RUN_ROOT at a directory you can write.',

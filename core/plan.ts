@@ -178,11 +178,29 @@ export interface ScsiControllerIntent {
 }
 
 /**
- * A device the VM gets at boot. The next kinds (network interfaces: `{ kind: 'net', ... }`) are
- * added to this union; a hypervisor plugin declares `render:device:<kind>` for each kind it can
- * render, and the core refuses a plan holding a kind its hypervisor plugin did not declare.
+ * A network interface: a tap device on the host (in the pod's network namespace, where the
+ * hypervisor runs) that the guest sees as a virtio-net device with the pod interface's MAC.
+ * The network plugin adds these at sandbox start ({@link SandboxNetwork}), once it has read the
+ * pod's namespace; a hypervisor plugin renders them the same way whether they come from there or
+ * from the plan.
  */
-export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent | ScsiControllerIntent;
+export interface NetIntent {
+  readonly kind: 'net';
+  /** Stable name, unique in the VM. */
+  id: string;
+  /** The tap device's name in the hypervisor's network namespace. */
+  tap: string;
+  /** The guest interface's MAC address (the pod interface's). */
+  mac: string;
+  mtu: number;
+}
+
+/**
+ * A device the VM gets at boot. A new kind is added to this union; a hypervisor plugin declares
+ * `render:device:<kind>` for each kind it can render, and the core refuses a plan holding a kind
+ * its hypervisor plugin did not declare.
+ */
+export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent | ScsiControllerIntent | NetIntent;
 
 export type DeviceKind = DeviceIntent['kind'];
 

@@ -13,6 +13,7 @@
 import { execFile } from 'node:child_process';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { Readable, Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { connectAgent, type AgentClient } from './agent/client.js';
@@ -23,7 +24,8 @@ import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js'
 import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
 import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
-import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmExit } from './vm.js';
+import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit } from './vm.js';
+import { IPFamily } from '../wire/agent/proto.gen.js';
 
 const run = promisify(execFile);
 
@@ -186,6 +188,38 @@ export class Container extends GuestProcess {
   }
 }
 
+/**
+ * Gives the guest the pod's interfaces and routes (kata-agent's UpdateInterface, then UpdateRoutes
+ * once every interface exists, as Kata does).
+ */
+async function configureNetwork(agent: AgentClient, network: SandboxNetwork): Promise<void> {
+  const t0 = performance.now();
+  try {
+    await updateNetwork(agent, network);
+  } finally {
+    network.timings.guest = performance.now() - t0;
+  }
+}
+
+async function updateNetwork(agent: AgentClient, network: SandboxNetwork): Promise<void> {
+  const family = (f: 'v4' | 'v6') => (f === 'v6' ? IPFamily.v6 : IPFamily.v4);
+  for (const i of network.interfaces) {
+    await agent.updateInterface({
+      name: i.name,
+      device: i.name,
+      hwAddr: i.mac,
+      mtu: BigInt(i.mtu),
+      IPAddresses: i.addresses.map((a) => ({ family: family(a.family), address: a.address, mask: String(a.prefixLength) })),
+    }).catch((e: unknown) => {
+      throw new KataError('KATA_ERR_NETWORK', `the guest could not configure interface ${i.name} (${i.mac}): ${e instanceof Error ? e.message : String(e)}`, { value: i.name, cause: e });
+    });
+  }
+  if (network.routes.length === 0) return;
+  await agent.updateRoutes(network.routes.map((r) => ({ family: family(r.family), dest: r.dest, gateway: r.gateway, device: r.device, source: r.source, scope: r.scope }))).catch((e: unknown) => {
+    throw new KataError('KATA_ERR_NETWORK', `the guest could not install the pod's routes: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  });
+}
+
 /** Called with the container's id when the guest's OOM killer has killed one of its processes. */
 export type OomListener = (containerId: string) => void;
 
@@ -240,6 +274,12 @@ export class Sandbox {
       const storages = plan.sharedFsMount ? [{ ...plan.sharedFsMount, mountPoint: GUEST_SHARED_DIR }] : [];
       try {
         await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
+      } catch (e) {
+        agent.close();
+        throw e;
+      }
+      try {
+        await untilAborted(configureNetwork(agent, running.ctx.network), opts.signal, opts.sandboxId);
       } catch (e) {
         agent.close();
         throw e;

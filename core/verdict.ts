@@ -8,7 +8,7 @@ import type { CapabilityName } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 
 /** Codes a plugin may raise through the verdict. */
-export type VetoCode = Extract<ErrorCode, 'KATA_ERR_CONFIG_VETO' | 'KATA_ERR_CONFIG_VALUE' | 'KATA_ERR_TEE_UNSUPPORTED'>;
+export type VetoCode = Extract<ErrorCode, 'KATA_ERR_CONFIG_VETO' | 'KATA_ERR_CONFIG_VALUE' | 'KATA_ERR_TEE_UNSUPPORTED' | 'KATA_ERR_NETWORK_MODEL'>;
 
 export interface Veto {
   /** Dotted key path, e.g. `hypervisor.clh.shared_fs`. */

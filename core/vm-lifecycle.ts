@@ -35,6 +35,8 @@ export interface LaunchOptions {
    * directory removed, and the launch rejects with KATA_ERR_INTERRUPTED.
    */
   readonly signal?: AbortSignal;
+  /** The pod's network namespace path (see VmContext.netns). */
+  readonly netns?: string;
 }
 
 export interface RunningVm {
@@ -66,7 +68,8 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
   await mkdir(runDir, { recursive: true, mode: 0o700 }).catch((e: NodeJS.ErrnoException) => {
     throw runRootError(runDir, e);
   });
-  const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log });
+  const network = { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } };
+  const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log, network, ...(opts.netns ? { netns: opts.netns } : {}) });
   const { hooks } = validated;
 
   let vm: VmHandle | undefined;

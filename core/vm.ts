@@ -7,8 +7,53 @@
 import type { KataConfig } from './config/types.js';
 import type { KataError } from './errors.js';
 import type { Logger } from './logger.js';
-import type { SandboxPlan } from './plan.js';
+import type { NetIntent, SandboxPlan } from './plan.js';
 import type { ProcessExit } from './supervised.js';
+
+/** An address of a guest interface. */
+export interface GuestIpAddress {
+  readonly family: 'v4' | 'v6';
+  readonly address: string;
+  readonly prefixLength: number;
+}
+
+/** An interface the guest agent configures (kata-agent's `types.Interface`), found by its MAC. */
+export interface GuestInterface {
+  /** The name the guest gives it (the pod interface's, e.g. eth0). */
+  readonly name: string;
+  readonly mac: string;
+  readonly mtu: number;
+  readonly addresses: readonly GuestIpAddress[];
+}
+
+/** A route the guest agent installs (kata-agent's `types.Route`). */
+export interface GuestRoute {
+  readonly family: 'v4' | 'v6';
+  /** A prefix, or '' for the default route. */
+  readonly dest: string;
+  readonly gateway: string;
+  /** The guest interface name. */
+  readonly device: string;
+  readonly source: string;
+  /** 0 universe, 253 link, 254 host (rtnetlink scopes). */
+  readonly scope: number;
+}
+
+/**
+ * The sandbox's network, filled at sandbox start by the plugin that reads the pod's network
+ * namespace (in `beforeVmStart`): the devices the hypervisor adds to the VM, and what the core
+ * asks the guest agent to configure once it answers (UpdateInterface, UpdateRoutes).
+ */
+export interface SandboxNetwork {
+  readonly devices: NetIntent[];
+  readonly interfaces: GuestInterface[];
+  readonly routes: GuestRoute[];
+  /**
+   * Milliseconds spent: `host` by the plugin that wired the network (scan, taps, filters), `guest`
+   * by the core's agent calls (UpdateInterface, UpdateRoutes). For the sandbox benchmark.
+   */
+  readonly timings: { host: number; guest: number };
+}
 
 /** What `createVm` handlers receive. */
 export interface VmContext {
@@ -19,6 +64,14 @@ export interface VmContext {
   readonly plan: SandboxPlan;
   readonly config: KataConfig;
   readonly log: Logger;
+  /**
+   * The pod's network namespace (a path: `/var/run/netns/x`, `/proc/<pid>/ns/net`), from the OCI
+   * spec's `linux.namespaces`; absent when the sandbox has none of its own. The hypervisor runs
+   * inside it (its control sockets stay on the host filesystem).
+   */
+  readonly netns?: string;
+  /** Filled in `beforeVmStart`; empty without a network. */
+  readonly network: SandboxNetwork;
 }
 
 /** A disk to hot-plug: a regular file (raw image) or a block device node. */

@@ -7,6 +7,7 @@
 import type { PluginSource } from '../core/plugin-api.js';
 import { MANIFEST as CLH } from './clh/manifest.js';
 import { MANIFEST as DEVMAPPER } from './devmapper/manifest.js';
+import { MANIFEST as NETWORK } from './network/manifest.js';
 import { MANIFEST as QEMU } from './qemu/manifest.js';
 import { MANIFEST as TDX } from './tdx/manifest.js';
 import { MANIFEST as VIRTIOFS } from './virtiofs/manifest.js';
@@ -17,4 +18,5 @@ export const BUILTIN_PLUGINS: readonly PluginSource[] = Object.freeze([
   { name: 'virtiofs', manifest: VIRTIOFS, load: () => import('./virtiofs/index.js') },
   { name: 'devmapper', manifest: DEVMAPPER, load: () => import('./devmapper/index.js') },
   { name: 'tdx', manifest: TDX, load: () => import('./tdx/index.js') },
+  { name: 'network', manifest: NETWORK, load: () => import('./network/index.js') },
 ]);

@@ -25,6 +25,11 @@ export interface BundleSpec {
   readonly joinsSandbox: boolean;
   /** The spec's mounts; bind mounts of host paths are volumes the sandbox shares with the guest. */
   readonly mounts: readonly MountSpec[];
+  /**
+   * The network namespace to join (`linux.namespaces` entry of type `network` with a path, as
+   * `ctr run --with-ns network:<path>` and CRI set it); undefined for none or a new one.
+   */
+  readonly netns: string | undefined;
 }
 
 type Json = Record<string, unknown>;
@@ -104,6 +109,7 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
   return {
     process,
     terminal,
+    netns: networkNamespace(spec.linux, file),
     mounts: parseMounts(spec.mounts, file),
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,
@@ -111,6 +117,17 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
     sandboxId: joinsSandbox ? annotations[SANDBOX_ID_ANNOTATION]! : containerId,
     joinsSandbox,
   };
+}
+
+/** The path of the `network` entry of `linux.namespaces`; it must be absolute. */
+export function networkNamespace(raw: unknown, where: string): string | undefined {
+  const namespaces = obj(raw)?.namespaces;
+  if (namespaces === undefined || namespaces === null) return undefined;
+  if (!Array.isArray(namespaces)) throw specError(where, 'linux.namespaces must be an array');
+  const net = namespaces.map(obj).find((n) => n?.type === 'network');
+  if (!net || net.path === undefined || net.path === '') return undefined;
+  if (typeof net.path !== 'string' || !path.isAbsolute(net.path) || net.path.includes('\0')) throw specError(where, 'the network namespace path (linux.namespaces) must be an absolute path');
+  return path.normalize(net.path);
 }
 
 function parseMounts(raw: unknown, where: string): MountSpec[] {

@@ -18,6 +18,10 @@ import {
   type CreateSandboxRequest,
   type ExecProcessRequest,
   type GuestDetailsRequest,
+  type Interface,
+  type Interfaces,
+  type Route,
+  type Routes,
   type GuestDetailsResponse,
   type HealthCheckResponse,
   type ReadStreamRequest,
@@ -213,6 +217,27 @@ export class AgentClient {
    * given up through `signal` still takes the next event there: abort only when giving up on
    * OOM events altogether.
    */
+  /** Configures the guest interface whose MAC is `iface.hwAddr`; answers it as configured. */
+  updateInterface(iface: MessageInit<Interface>, opts: AgentCallOptions = {}): Promise<Interface> {
+    return this.run('UpdateInterface', this.defaultTimeoutMs, opts, (o) => this.agent.UpdateInterface({ interface: iface }, o));
+  }
+
+  /** Replaces the guest's routes with `routes`; answers the guest's routes afterwards. */
+  async updateRoutes(routes: MessageInit<Route>[], opts: AgentCallOptions = {}): Promise<Route[]> {
+    const res = await this.run('UpdateRoutes', this.defaultTimeoutMs, opts, (o) => this.agent.UpdateRoutes({ routes: { Routes: routes } }, o));
+    return res.Routes;
+  }
+
+  async listInterfaces(opts: AgentCallOptions = {}): Promise<Interface[]> {
+    const res: Interfaces = await this.run('ListInterfaces', this.defaultTimeoutMs, opts, (o) => this.agent.ListInterfaces({}, o));
+    return res.Interfaces;
+  }
+
+  async listRoutes(opts: AgentCallOptions = {}): Promise<Route[]> {
+    const res: Routes = await this.run('ListRoutes', this.defaultTimeoutMs, opts, (o) => this.agent.ListRoutes({}, o));
+    return res.Routes;
+  }
+
   async getOOMEvent(opts: AgentCallOptions = {}): Promise<string> {
     return (await this.run('GetOOMEvent', 0, opts, (o) => this.agent.GetOOMEvent({}, o))).containerId;
   }

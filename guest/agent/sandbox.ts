@@ -22,6 +22,7 @@ import type {
   WriteStreamRequest,
 } from '../../wire/agent/proto.gen.js';
 import type { MessageInit } from '../../wire/ttrpc/codec.js';
+import { GuestNetwork } from './network.js';
 import { alreadyExists, cancelled, deadlineExceeded, failedPrecondition, internal, invalidArgument, notFound } from './errors.js';
 import { log } from './log.js';
 import {
@@ -88,6 +89,8 @@ export class Sandbox {
   private readonly sandboxStorages: string[] = [];
   private readonly containers = new Map<string, Container>();
   private readonly storage: StorageManager;
+  /** The guest's interfaces and routes (UpdateInterface, UpdateRoutes, ListInterfaces, ListRoutes). */
+  readonly network = new GuestNetwork();
   /** OOM kills of container processes, for GetOOMEvent. */
   readonly oomEvents = new OomEvents();
   private oomWatcher: OomWatcher | undefined;
@@ -115,6 +118,8 @@ export class Sandbox {
         throw internal(`cannot load kernel module ${m.name}: ${e.message}`, e);
       });
     }
+    // Every sandbox has loopback, with or without a pod network.
+    await this.network.loopbackUp();
     if (req.hostname) {
       await busyboxOk('hostname', [req.hostname]).catch((e: Error) => {
         throw internal(`cannot set the hostname: ${e.message}`, e);

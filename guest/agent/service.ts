@@ -6,7 +6,7 @@
 import { AgentService, Health, HealthCheckResponse_ServingStatus } from '../../wire/agent/proto.gen.js';
 import type { CallContext, TtrpcServer } from '../../wire/ttrpc/server.js';
 import { GrpcCode } from '../../wire/ttrpc/codes.js';
-import { isEndOfFile, toStatus } from './errors.js';
+import { invalidArgument, isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
 import type { Sandbox } from './sandbox.js';
 import { API_VERSION, AGENT_VERSION } from './version.js';
@@ -42,6 +42,14 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     CloseStdin: (req, ctx) => handle(ctx, () => (sandbox.closeStdin(req), {})),
     TtyWinResize: (req, ctx) => handle(ctx, () => (sandbox.ttyWinResize(req), {})),
     GetOOMEvent: (_req, ctx) => handle(ctx, async () => ({ containerId: await sandbox.oomEvents.next(ctx.signal) })),
+    UpdateInterface: (req, ctx) =>
+      handle(ctx, () => {
+        if (!req.interface) throw invalidArgument('UpdateInterface without an interface');
+        return sandbox.network.updateInterface(req.interface, ctx.signal);
+      }),
+    UpdateRoutes: (req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.updateRoutes(req.routes?.Routes ?? []) })),
+    ListInterfaces: (_req, ctx) => handle(ctx, async () => ({ Interfaces: await sandbox.network.listInterfaces() })),
+    ListRoutes: (_req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.listRoutes() })),
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

@@ -48,6 +48,10 @@ export const GUEST_MODULES: readonly string[] = Object.freeze([
   'jbd2',
   'crc32c_generic',
   'ext4',
+  // the pod's interfaces (virtio-net-pci on a tap); virtio_net needs net_failover, which needs failover
+  'failover',
+  'net_failover',
+  'virtio_net',
   // ACPI power button as an input event (QMP system_powerdown), read by busybox acpid
   'evdev',
   'button',

@@ -20,6 +20,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import {
   KataError,
   SupervisedProcess,
+  inNetns,
   describeExit,
   fillSandboxDir,
   type BlockDeviceSpec,
@@ -31,7 +32,7 @@ import {
   type VmHandle,
 } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
-import { isClhSpec, type ClhDiskConfig, type ClhLaunchSpec, type ClhVmConfig } from './vm-config.js';
+import { isClhSpec, renderClhNets, type ClhDiskConfig, type ClhLaunchSpec, type ClhVmConfig } from './vm-config.js';
 import { PLUGIN_NAME } from './manifest.js';
 
 export { PLUGIN_NAME };
@@ -121,6 +122,9 @@ export class ClhVm implements VmHandle {
     this.#opts = { ...CLH_VM_DEFAULTS, ...Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) };
     this.#api = new ClhApiClient({ socketPath: path.join(ctx.runDir, CLH_FILES.apiSocket), timeoutMs: this.#spec.apiTimeoutMs, plugin: PLUGIN_NAME });
     this.#vmConfig = fillVmConfig(this.#spec.vmConfig, ctx.runDir);
+    // Interfaces found in the pod's namespace at sandbox start.
+    const nets = renderClhNets(ctx.network?.devices ?? [], this.#vmConfig.iommu === true);
+    if (nets.length > 0) this.#vmConfig = { ...this.#vmConfig, net: [...(this.#vmConfig.net ?? []), ...nets] };
     this.exited = new Promise((resolve) => (this.#resolveExited = resolve));
   }
 
@@ -230,12 +234,13 @@ export class ClhVm implements VmHandle {
   }
 
   async #spawn(): Promise<void> {
-    const args = [...this.#spec.args, '--api-socket', `path=${this.#api.socketPath}`];
-    this.#log.debug({ binary: this.#spec.binary, args }, 'spawning Cloud Hypervisor');
+    // In the pod's network namespace, so that it opens the taps there by name.
+    const { binary, args } = inNetns(this.#ctx.netns, this.#spec.binary, [...this.#spec.args, '--api-socket', `path=${this.#api.socketPath}`]);
+    this.#log.debug({ binary, args }, 'spawning Cloud Hypervisor');
     // Tied to this process: a runtime that dies takes its VMM with it. A `Tty` serial port or console writes the guest's output on stdout.
     const proc = SupervisedProcess.start({
       name: 'Cloud Hypervisor',
-      binary: this.#spec.binary,
+      binary,
       args,
       cwd: this.#ctx.runDir,
       log: this.#log,

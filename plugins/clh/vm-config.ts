@@ -17,6 +17,7 @@ import {
   type DeviceIntent,
   type HypervisorSection,
   type KataConfig,
+  type NetIntent,
   type ReadonlyCapabilities,
   type VmDescription,
 } from '../../core/plugin-api.js';
@@ -49,12 +50,20 @@ export interface ClhFsConfig {
   id?: string;
   pci_segment?: number;
 }
+export interface ClhNetConfig {
+  tap: string;
+  mac: string;
+  mtu?: number;
+  iommu?: boolean;
+  id?: string;
+}
 export interface ClhVmConfig {
   payload: ClhPayloadConfig;
   cpus?: { boot_vcpus: number; max_vcpus: number };
   memory?: { size: number; hotplug_size?: number; shared?: boolean; hugepages?: boolean; hotplug_method?: 'Acpi' | 'VirtioMem' };
   disks?: ClhDiskConfig[];
   fs?: ClhFsConfig[];
+  net?: ClhNetConfig[];
   pmem?: { file: string; discard_writes?: boolean }[];
   rng?: { src: string; iommu?: boolean };
   serial?: { mode: 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null'; file?: string; socket?: string };
@@ -85,7 +94,7 @@ export function isClhSpec(native: unknown): native is ClhLaunchSpec {
 }
 
 /** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
-export const CLH_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', 'agent-channel', 'console', 'rng', 'balloon'] as const);
+export const CLH_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', 'agent-channel', 'console', 'rng', 'balloon', 'net'] as const);
 
 /** The `[hypervisor.clh]` section after the shape check: the common keys plus those of clh.schema.json. */
 export type ClhSection = HypervisorSection & Readonly<GeneratedClhSection>;
@@ -285,8 +294,18 @@ export function renderVmConfig(vm: VmDescription, cfg: Pick<KataConfig, 'hypervi
   if (shares.length > 0) {
     vmConfig.fs = shares.map((f, i) => ({ tag: f.tag, socket: f.socket, num_queues: f.queues, queue_size: f.queueSize, id: i === 0 ? SHARED_FS_ID : `${SHARED_FS_ID}${i}` }));
   }
+  const nets = renderClhNets(of('net'), iommu);
+  if (nets.length > 0) vmConfig.net = nets;
   if (vm.confidential?.tee === 'tdx') vmConfig.platform = { tdx: true };
   return vmConfig;
+}
+
+/**
+ * `net` entries (NetConfig): the tap Cloud Hypervisor opens by name in its network namespace, the
+ * pod interface's MAC and MTU. The driver adds those found at sandbox start the same way.
+ */
+export function renderClhNets(nets: readonly NetIntent[], iommu: boolean): ClhNetConfig[] {
+  return nets.map((n) => ({ tap: n.tap, mac: n.mac, ...(n.mtu >= 68 ? { mtu: n.mtu } : {}), id: n.id, ...(iommu ? { iommu: true } : {}) }));
 }
 
 /**

@@ -24,6 +24,7 @@ import {
   type StopStep,
   chooseAccelerator,
   detectHost,
+  inNetns,
   errorText,
   type Accelerator,
   type BlockDeviceSpec,
@@ -37,7 +38,7 @@ import {
 import { renderQemuArgv, substituteTokens } from './argv.js';
 import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
-import { isQemuSpec, type QemuLaunchSpec } from './launch-spec.js';
+import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
 
 /** The pid file the driver writes in the run directory. */
@@ -183,6 +184,8 @@ export class QemuVm implements VmHandle {
       this.#accelerator = chooseAccelerator(this.#opts.host ?? detectHost(), planned.accelerator);
       this.#log.info({ accelerator: this.#accelerator.accelerator, requested: planned.accelerator, reason: this.#accelerator.reason }, `QEMU accelerator: ${this.#accelerator.accelerator}`);
       const spec = substituteTokens(planned, { sandboxDir: this.#ctx.runDir, imageSizeBytes: await this.#imageSize(planned) });
+      // Interfaces found in the pod's namespace at sandbox start.
+      renderNetDevices(spec, this.#ctx.network?.devices ?? []);
       await this.#prepareRunDir(spec);
       const argv = renderQemuArgv(spec, { accelerator: this.#accelerator.accelerator });
       const qmpSocket = chardevPath(spec, QEMU_IDS.qmpChardev);
@@ -211,8 +214,10 @@ export class QemuVm implements VmHandle {
   }
 
   async #spawn(argv: string[]): Promise<void> {
-    const [binary, ...args] = argv as [string, ...string[]];
-    this.#log.debug({ argv }, 'spawning QEMU');
+    const [qemu, ...qemuArgs] = argv as [string, ...string[]];
+    // In the pod's network namespace, so that QEMU opens the taps there by name.
+    const { binary, args } = inNetns(this.#ctx.netns, qemu, qemuArgs);
+    this.#log.debug({ argv, netns: this.#ctx.netns }, 'spawning QEMU');
     // Tied to this process: a runtime that dies takes its VM with it.
     const proc = SupervisedProcess.start({ name: 'QEMU', binary, args, cwd: this.#ctx.runDir, log: this.#log, what: 'the hypervisor binary', tailLines: this.#opts.stderrLines });
     this.#proc = proc;

@@ -17,6 +17,7 @@ import {
   type ConsoleIntent,
   type DeviceIntent,
   type KataConfig,
+  type NetIntent,
   type ReadonlyCapabilities,
   type VmDescription,
 } from '../../core/plugin-api.js';
@@ -86,7 +87,7 @@ export function isQemuSpec(native: unknown): native is QemuLaunchSpec {
 }
 
 /** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
-export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller'] as const);
+export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller', 'net'] as const);
 
 export interface HostResources {
   readonly cpus: number;
@@ -268,7 +269,32 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
     spec.chardevs.push({ type: 'socket', id: chardev, props: { path: fs.socket } });
     spec.devices.push({ type: 'vhost-user-fs-pci', id: `${QEMU_IDS.virtiofsDevicePrefix}${i}`, props: { chardev, tag: fs.tag, 'queue-size': fs.queueSize } });
   }
+  renderNetDevices(spec, of('net'));
   return spec;
+}
+
+const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
+// Linux interface names: at most 15 bytes, no '/', ':', whitespace, and never an option.
+const TAP_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
+
+/**
+ * Adds one `-netdev tap` + `virtio-net-pci` per interface: the tap is opened by name in QEMU's
+ * network namespace (no scripts: the network plugin made and wired it), the device carries the
+ * pod interface's MAC and MTU. Plain tap: this host has no vhost-net. Under TDX the device gets
+ * `iommu_platform=on` like every virtio-pci device (effectiveDevice). The driver calls this too,
+ * for the interfaces found at sandbox start.
+ */
+export function renderNetDevices(spec: QemuLaunchSpec, nets: readonly NetIntent[]): void {
+  for (const n of nets) {
+    if (!TAP_NAME.test(n.tap)) throw new KataError('KATA_ERR_INTERNAL', `network device ${n.id}: "${n.tap}" is not a tap device name`, { plugin: PLUGIN_NAME });
+    if (!MAC.test(n.mac)) throw new KataError('KATA_ERR_INTERNAL', `network device ${n.id}: "${n.mac}" is not a MAC address`, { plugin: PLUGIN_NAME });
+    const netdev = `${n.id}-tap`;
+    spec.extraArgs.push('-netdev', `tap,id=${netdev},ifname=${n.tap},script=no,downscript=no`);
+    const props: Record<string, QemuPropValue> = { netdev, mac: n.mac };
+    // QEMU's virtio-net takes host_mtu only from 68; 0 means "unknown" (leave the default).
+    if (n.mtu >= 68) props.host_mtu = n.mtu;
+    spec.devices.push({ type: 'virtio-net-pci', id: n.id, props });
+  }
 }
 
 function renderConsole(spec: QemuLaunchSpec, c: ConsoleIntent): void {

@@ -28,7 +28,7 @@ export class TempDir {
 /**
  * A minimal third-party hypervisor plugin for core tests that must not depend on the built-in
  * hypervisor plugins: it serves `[hypervisor.<name>]`, declares that it renders vhost-user-fs
- * shares, and renders a trivial launch description from the core's VM description.
+ * shares and net devices, and renders a trivial launch description from the core's VM description.
  */
 export function fakeHypervisorSource(name: string, extra = ''): string {
   return `
@@ -39,6 +39,7 @@ export default {
       if (!cfg.hypervisor.disable_block_device_use) { caps.add('block-device'); caps.add('block-device-hotplug'); caps.add('virtio-blk'); }
       if (cfg.hypervisor.shared_fs !== 'none') { caps.add('fs-sharing'); caps.add('fs-sharing:' + cfg.hypervisor.shared_fs); }
       if (cfg.hypervisor.shared_fs === 'virtio-fs') caps.add('render:device:vhost-user-fs');
+      caps.add('render:device:net');
       caps.add('cpu-hotplug');
     });
     hooks.plan.tap({ stage: 1000 }, (plan) => { plan.vm.launch = ['${name}', '--kernel', plan.vm.kernel]; return plan; });

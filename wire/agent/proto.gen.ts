@@ -18,6 +18,12 @@ export const FSGroupChangePolicy = Object.freeze({
   OnRootMismatch: 1,
 } as const);
 
+/** types.IPFamily (an open enum: a field may hold a number not listed). */
+export const IPFamily = Object.freeze({
+  v4: 0,
+  v6: 1,
+} as const);
+
 /** grpc.CreateContainerRequest */
 export interface CreateContainerRequest {
   containerId: string;
@@ -804,6 +810,284 @@ export const DestroySandboxRequest: MessageCodec<DestroySandboxRequest> = {
   decode: (bytes) => {
     const r = Reader.create(bytes);
     return decDestroySandboxRequest(r, r.len);
+  },
+};
+
+/** grpc.Interfaces */
+export interface Interfaces {
+  Interfaces: Interface[];
+}
+
+function encInterfaces(m: MessageInit<Interfaces>, w: Writer): Writer {
+  if (m.Interfaces) for (const v of m.Interfaces) encInterface(v, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decInterfaces(r: Reader, end: number): Interfaces {
+  const m: Interfaces = { Interfaces: [] };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Interfaces.push(decInterface(r, subEnd(r, end)));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const Interfaces: MessageCodec<Interfaces> = {
+  typeName: 'grpc.Interfaces',
+  encode: (m) => encInterfaces(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decInterfaces(r, r.len);
+  },
+};
+
+/** grpc.Routes */
+export interface Routes {
+  Routes: Route[];
+}
+
+function encRoutes(m: MessageInit<Routes>, w: Writer): Writer {
+  if (m.Routes) for (const v of m.Routes) encRoute(v, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decRoutes(r: Reader, end: number): Routes {
+  const m: Routes = { Routes: [] };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Routes.push(decRoute(r, subEnd(r, end)));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const Routes: MessageCodec<Routes> = {
+  typeName: 'grpc.Routes',
+  encode: (m) => encRoutes(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decRoutes(r, r.len);
+  },
+};
+
+/** grpc.UpdateInterfaceRequest */
+export interface UpdateInterfaceRequest {
+  interface?: Interface;
+}
+
+function encUpdateInterfaceRequest(m: MessageInit<UpdateInterfaceRequest>, w: Writer): Writer {
+  if (m.interface) encInterface(m.interface, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decUpdateInterfaceRequest(r: Reader, end: number): UpdateInterfaceRequest {
+  const m: UpdateInterfaceRequest = { interface: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.interface = decInterface(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const UpdateInterfaceRequest: MessageCodec<UpdateInterfaceRequest> = {
+  typeName: 'grpc.UpdateInterfaceRequest',
+  encode: (m) => encUpdateInterfaceRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decUpdateInterfaceRequest(r, r.len);
+  },
+};
+
+/**
+ * Replaces every route of the guest with these.
+ *
+ * grpc.UpdateRoutesRequest
+ */
+export interface UpdateRoutesRequest {
+  routes?: Routes;
+}
+
+function encUpdateRoutesRequest(m: MessageInit<UpdateRoutesRequest>, w: Writer): Writer {
+  if (m.routes) encRoutes(m.routes, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decUpdateRoutesRequest(r: Reader, end: number): UpdateRoutesRequest {
+  const m: UpdateRoutesRequest = { routes: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.routes = decRoutes(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const UpdateRoutesRequest: MessageCodec<UpdateRoutesRequest> = {
+  typeName: 'grpc.UpdateRoutesRequest',
+  encode: (m) => encUpdateRoutesRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decUpdateRoutesRequest(r, r.len);
+  },
+};
+
+/** grpc.ListInterfacesRequest */
+export interface ListInterfacesRequest {}
+
+function encListInterfacesRequest(_m: MessageInit<ListInterfacesRequest>, w: Writer): Writer {
+  return w;
+}
+
+function decListInterfacesRequest(r: Reader, end: number): ListInterfacesRequest {
+  const m: ListInterfacesRequest = {  };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ListInterfacesRequest: MessageCodec<ListInterfacesRequest> = {
+  typeName: 'grpc.ListInterfacesRequest',
+  encode: (m) => encListInterfacesRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decListInterfacesRequest(r, r.len);
+  },
+};
+
+/** grpc.ListRoutesRequest */
+export interface ListRoutesRequest {}
+
+function encListRoutesRequest(_m: MessageInit<ListRoutesRequest>, w: Writer): Writer {
+  return w;
+}
+
+function decListRoutesRequest(r: Reader, end: number): ListRoutesRequest {
+  const m: ListRoutesRequest = {  };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ListRoutesRequest: MessageCodec<ListRoutesRequest> = {
+  typeName: 'grpc.ListRoutesRequest',
+  encode: (m) => encListRoutesRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decListRoutesRequest(r, r.len);
+  },
+};
+
+/** grpc.ARPNeighbors */
+export interface ARPNeighbors {
+  ARPNeighbors: ARPNeighbor[];
+}
+
+function encARPNeighbors(m: MessageInit<ARPNeighbors>, w: Writer): Writer {
+  if (m.ARPNeighbors) for (const v of m.ARPNeighbors) encARPNeighbor(v, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decARPNeighbors(r: Reader, end: number): ARPNeighbors {
+  const m: ARPNeighbors = { ARPNeighbors: [] };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.ARPNeighbors.push(decARPNeighbor(r, subEnd(r, end)));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ARPNeighbors: MessageCodec<ARPNeighbors> = {
+  typeName: 'grpc.ARPNeighbors',
+  encode: (m) => encARPNeighbors(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decARPNeighbors(r, r.len);
+  },
+};
+
+/** grpc.AddARPNeighborsRequest */
+export interface AddARPNeighborsRequest {
+  neighbors?: ARPNeighbors;
+}
+
+function encAddARPNeighborsRequest(m: MessageInit<AddARPNeighborsRequest>, w: Writer): Writer {
+  if (m.neighbors) encARPNeighbors(m.neighbors, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decAddARPNeighborsRequest(r: Reader, end: number): AddARPNeighborsRequest {
+  const m: AddARPNeighborsRequest = { neighbors: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.neighbors = decARPNeighbors(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const AddARPNeighborsRequest: MessageCodec<AddARPNeighborsRequest> = {
+  typeName: 'grpc.AddARPNeighborsRequest',
+  encode: (m) => encAddARPNeighborsRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decAddARPNeighborsRequest(r, r.len);
   },
 };
 
@@ -2203,6 +2487,272 @@ export const Empty: MessageCodec<Empty> = {
   },
 };
 
+/** types.IPAddress */
+export interface IPAddress {
+  /** A {@link IPFamily} value. */
+  family: number;
+  address: string;
+  /** The prefix length, as a decimal string ("24"). */
+  mask: string;
+}
+
+function encIPAddress(m: MessageInit<IPAddress>, w: Writer): Writer {
+  if (m.family) w.uint32(8).int32(m.family);
+  if (m.address) w.uint32(18).string(m.address);
+  if (m.mask) w.uint32(26).string(m.mask);
+  return w;
+}
+
+function decIPAddress(r: Reader, end: number): IPAddress {
+  const m: IPAddress = { family: 0, address: '', mask: '' };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.family = r.int32();
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.address = r.string();
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.mask = r.string();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const IPAddress: MessageCodec<IPAddress> = {
+  typeName: 'types.IPAddress',
+  encode: (m) => encIPAddress(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decIPAddress(r, r.len);
+  },
+};
+
+/**
+ * A network interface of the guest, found by its MAC address (hwAddr) and renamed to `name`.
+ *
+ * types.Interface
+ */
+export interface Interface {
+  device: string;
+  name: string;
+  IPAddresses: IPAddress[];
+  mtu: bigint;
+  hwAddr: string;
+  devicePath: string;
+  type: string;
+  rawFlags: number;
+}
+
+function encInterface(m: MessageInit<Interface>, w: Writer): Writer {
+  if (m.device) w.uint32(10).string(m.device);
+  if (m.name) w.uint32(18).string(m.name);
+  if (m.IPAddresses) for (const v of m.IPAddresses) encIPAddress(v, w.uint32(26).fork()).ldelim();
+  if (m.mtu) w.uint32(32).uint64(toLong(m.mtu));
+  if (m.hwAddr) w.uint32(42).string(m.hwAddr);
+  if (m.devicePath) w.uint32(50).string(m.devicePath);
+  if (m.type) w.uint32(58).string(m.type);
+  if (m.rawFlags) w.uint32(64).uint32(m.rawFlags);
+  return w;
+}
+
+function decInterface(r: Reader, end: number): Interface {
+  const m: Interface = { device: '', name: '', IPAddresses: [], mtu: 0n, hwAddr: '', devicePath: '', type: '', rawFlags: 0 };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.device = r.string();
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.name = r.string();
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.IPAddresses.push(decIPAddress(r, subEnd(r, end)));
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.mtu = fromLong(r.uint64(), true);
+        break;
+      case 5:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.hwAddr = r.string();
+        break;
+      case 6:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.devicePath = r.string();
+        break;
+      case 7:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.type = r.string();
+        break;
+      case 8:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.rawFlags = r.uint32();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const Interface: MessageCodec<Interface> = {
+  typeName: 'types.Interface',
+  encode: (m) => encInterface(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decInterface(r, r.len);
+  },
+};
+
+/** types.Route */
+export interface Route {
+  /** A prefix ("192.0.2.0/24"); empty means the default route. */
+  dest: string;
+  gateway: string;
+  device: string;
+  source: string;
+  scope: number;
+  /** A {@link IPFamily} value. */
+  family: number;
+  flags: number;
+}
+
+function encRoute(m: MessageInit<Route>, w: Writer): Writer {
+  if (m.dest) w.uint32(10).string(m.dest);
+  if (m.gateway) w.uint32(18).string(m.gateway);
+  if (m.device) w.uint32(26).string(m.device);
+  if (m.source) w.uint32(34).string(m.source);
+  if (m.scope) w.uint32(40).uint32(m.scope);
+  if (m.family) w.uint32(48).int32(m.family);
+  if (m.flags) w.uint32(56).uint32(m.flags);
+  return w;
+}
+
+function decRoute(r: Reader, end: number): Route {
+  const m: Route = { dest: '', gateway: '', device: '', source: '', scope: 0, family: 0, flags: 0 };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.dest = r.string();
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.gateway = r.string();
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.device = r.string();
+        break;
+      case 4:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.source = r.string();
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.scope = r.uint32();
+        break;
+      case 6:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.family = r.int32();
+        break;
+      case 7:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.flags = r.uint32();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const Route: MessageCodec<Route> = {
+  typeName: 'types.Route',
+  encode: (m) => encRoute(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decRoute(r, r.len);
+  },
+};
+
+/** types.ARPNeighbor */
+export interface ARPNeighbor {
+  toIPAddress?: IPAddress;
+  device: string;
+  lladdr: string;
+  state: number;
+  flags: number;
+}
+
+function encARPNeighbor(m: MessageInit<ARPNeighbor>, w: Writer): Writer {
+  if (m.toIPAddress) encIPAddress(m.toIPAddress, w.uint32(10).fork()).ldelim();
+  if (m.device) w.uint32(18).string(m.device);
+  if (m.lladdr) w.uint32(26).string(m.lladdr);
+  if (m.state) w.uint32(32).int32(m.state);
+  if (m.flags) w.uint32(40).int32(m.flags);
+  return w;
+}
+
+function decARPNeighbor(r: Reader, end: number): ARPNeighbor {
+  const m: ARPNeighbor = { toIPAddress: undefined, device: '', lladdr: '', state: 0, flags: 0 };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.toIPAddress = decIPAddress(r, subEnd(r, end));
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.device = r.string();
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.lladdr = r.string();
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.state = r.int32();
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.flags = r.int32();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ARPNeighbor: MessageCodec<ARPNeighbor> = {
+  typeName: 'types.ARPNeighbor',
+  encode: (m) => encARPNeighbor(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decARPNeighbor(r, r.len);
+  },
+};
+
 /** The ttrpc service grpc.AgentService. */
 export const AgentService = service('grpc.AgentService', {
   CreateContainer: method('CreateContainer', CreateContainerRequest, Empty),
@@ -2226,6 +2776,11 @@ export const AgentService = service('grpc.AgentService', {
    * container (a long poll: the runtime keeps one call pending for the sandbox's lifetime).
    */
   GetOOMEvent: method('GetOOMEvent', GetOOMEventRequest, OOMEvent),
+  UpdateInterface: method('UpdateInterface', UpdateInterfaceRequest, Interface),
+  UpdateRoutes: method('UpdateRoutes', UpdateRoutesRequest, Routes),
+  ListInterfaces: method('ListInterfaces', ListInterfacesRequest, Interfaces),
+  ListRoutes: method('ListRoutes', ListRoutesRequest, Routes),
+  AddARPNeighbors: method('AddARPNeighbors', AddARPNeighborsRequest, Empty),
 });
 
 /** The ttrpc service grpc.Health. */

@@ -19,6 +19,7 @@ const EVERY_RENDER_CAPABILITY = [
   'render:device:agent-channel',
   'render:tee:tdx',
   'render:access-platform',
+  'render:device:net',
 ];
 
 /**
@@ -92,7 +93,7 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
   it('receives the TDX settings and the virtio-fs device as intents, as the built-in hypervisors do', async () => {
     const j = await judgeConfig({ text: recorderConfig(VIRTIO_FS_OPT_IN) });
     assert.equal(j.valid, true, JSON.stringify(j.problems));
-    assert.deepEqual(j.plugins.map((p) => p.name).sort(), ['devmapper', 'recorder', 'tdx', 'virtiofs']);
+    assert.deepEqual(j.plugins.map((p) => p.name).sort(), ['devmapper', 'network', 'recorder', 'tdx', 'virtiofs']);
     const seen = j.plan?.vm.launch as Omit<VmDescription, 'launch' | 'native'>;
     assert.deepEqual(seen.confidential, { tee: 'tdx', firmware: FIRMWARE, accessPlatform: true });
     assert.equal(seen.firmware, FIRMWARE);
@@ -163,8 +164,10 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
         hooks.plan.tap('net', (plan) => { plan.vm.devices.push({ kind: 'net', tap: 'tap0' }); return plan; });
       } };`,
     );
-    const text = (plugin: string) => `[hypervisor.recorder]\nkernel = "/k"\nimage = "/img"\nshared_fs = "none"\ndisable_block_device_use = true\n[runtime]\nplugins = ["${plugin}", "${net}"]\n`;
-    const j = await judgeConfig({ text: text(recorder) });
+    // Without the network plugin, whose own requirement would report the missing capability first.
+    const text = (plugin: string) => `[hypervisor.recorder]\nkernel = "/k"\nimage = "/img"\nshared_fs = "none"\ndisable_block_device_use = true\n[runtime]\ninternetworking_model = "none"\nplugins = ["${plugin}", "${net}"]\n`;
+    const noNet = tmp.file('recorder-no-net.mjs', recorderSource(EVERY_RENDER_CAPABILITY.filter((c) => c !== 'render:device:net')));
+    const j = await judgeConfig({ text: text(noNet) });
     assert.equal(j.valid, false);
     assert.equal(j.plan, undefined);
     assert.deepEqual(
@@ -174,8 +177,7 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
     assert.match(j.problems[0]?.reason ?? '', /"render:device:net"/);
 
     // Declared, the same intent reaches the hypervisor plugin.
-    const withNet = tmp.file('recorder-net.mjs', recorderSource([...EVERY_RENDER_CAPABILITY, 'render:device:net']));
-    const ok = await judgeConfig({ text: text(withNet) });
+    const ok = await judgeConfig({ text: text(recorder) });
     assert.equal(ok.valid, true, JSON.stringify(ok.problems));
     assert.deepEqual((ok.plan?.vm.launch as VmDescription).devices, [{ kind: 'net', tap: 'tap0' }]);
   });

@@ -28,7 +28,7 @@ describe('plugin loader', () => {
   it('loads a third-party hypervisor plugin by absolute path', async () => {
     const j = await judgeWith([]);
     assert.equal(j.valid, true, JSON.stringify(j.problems));
-    assert.deepEqual(j.plugins.map((p) => [p.name, p.builtin]), [['fakevmm', false]]);
+    assert.deepEqual(j.plugins.map((p) => [p.name, p.builtin]), [['fakevmm', false], ['network', true]]);
     assert.deepEqual(j.plan?.vm.launch, ['fakevmm', '--kernel', '/k']);
   });
 

@@ -6,6 +6,7 @@ import { isClhSpec, type ClhLaunchSpec, type ClhVmConfig } from '../../../plugin
 import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
 import type { KataConfig } from '../../../core/config/types.js';
 import clh, { buildVmConfig, CLH_DEVICE_KINDS, describeClhVm, hotplugDriverError, IMAGE_DISK_ID, renderClhLaunchSpec, renderVmConfig } from '../../../plugins/clh/index.js';
+import { renderClhNets } from '../../../plugins/clh/vm-config.js';
 import { CLH_API_SUBSET, CLH_OPENAPI, compileComponent, referenceFile, type OpenApiValidator } from '../../helpers/openapi.js';
 
 const IMAGE = '/usr/share/kata-containers/kata-containers.img';
@@ -320,6 +321,7 @@ describe('clh plugin', () => {
       console: (b) => b.serial?.mode === 'Tty',
       rng: (b) => b.rng?.src === '/dev/urandom',
       balloon: (b) => (b.balloon as { free_page_reporting?: boolean } | undefined)?.free_page_reporting === true,
+      net: (b) => b.net?.[0]?.tap === 'tap0_kata' && b.net[0].mac === '02:42:c0:00:02:02' && b.net[0].mtu === 1400,
     };
 
     it('renders every intent kind it declares it can render', () => {
@@ -327,6 +329,7 @@ describe('clh plugin', () => {
       vm.devices.push(
         { kind: 'disk', id: 'data', path: '/srv/data.img', readonly: false },
         { kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 },
+        { kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1400 },
       );
       const body = renderVmConfig(vm, cfg(), host);
       assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...CLH_DEVICE_KINDS].sort());
@@ -398,6 +401,13 @@ describe('clh plugin', () => {
 
       it('accepts the body of a TDX guest', async () => {
         check((await planOf(toml('confidential_guest = true\nfirmware = "/usr/share/td-shim/td-shim.bin"', 'shared_fs = "none"\ndisable_block_device_use = false'))).body);
+      });
+
+      it('accepts net entries for the interfaces of a pod network, with IOMMU', async () => {
+        const planned = (await planOf(toml('enable_iommu = true'))).body;
+        const body = { ...planned, net: renderClhNets([{ kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1500 }, { kind: 'net', id: 'net1', tap: 'tap1_kata', mac: '02:42:c0:00:02:03', mtu: 9000 }], true) };
+        check(body);
+        assert.equal(validate({ ...body, net: [{ tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtus: 1500 }] }), false);
       });
 
       it('refuses a body with a misspelt field', () => {

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { loadValidatedConfig } from '../../../core/runtime.js';
 import type { ReadonlyCapabilities } from '../../../core/capabilities.js';
 import type { KataConfig } from '../../../core/config/types.js';
+import type { KataError } from '../../../core/errors.js';
 import { renderQemuArgv } from '../../../plugins/qemu/argv.js';
 import { buildQemuLaunchSpec, describeQemuVm, hotplugPortIds, parseMachineAccelerators, QEMU_DEVICE_KINDS, renderQemuLaunchSpec } from '../../../plugins/qemu/launch-spec.js';
 
@@ -91,6 +92,7 @@ describe('renderQemuLaunchSpec', () => {
     console: 'isa-serial',
     rng: 'virtio-rng-pci',
     'scsi-controller': 'virtio-scsi-pci',
+    net: 'virtio-net-pci',
   };
 
   it('renders a device for every intent kind it declares it can render', async () => {
@@ -101,6 +103,7 @@ describe('renderQemuLaunchSpec', () => {
       { kind: 'vhost-user-fs', socket: '/run/fs.sock', tag: 'share', queues: 1, queueSize: 256, cacheSizeMiB: 0 },
       { kind: '9p', path: '/srv/shared', tag: 'nine' },
       { kind: 'scsi-controller', id: 'scsi0' },
+      { kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1500 },
     );
     const spec = renderQemuLaunchSpec(vm, cfg, caps());
     assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...QEMU_DEVICE_KINDS].sort());
@@ -108,6 +111,32 @@ describe('renderQemuLaunchSpec', () => {
     assert.deepEqual(spec.devices.find((d) => d.id === 'data')?.props, { drive: 'data-node' });
     assert.ok(spec.extraArgs.includes('driver=raw,node-name=data-node,file.driver=file,file.filename=/srv/data.img'));
     assert.deepEqual(spec.devices.find((d) => d.type === 'virtio-9p-pci')?.props, { fsdev: 'fs-kataShared', mount_tag: 'nine' });
+  });
+
+  it('renders a net intent as a tap netdev without scripts and a virtio-net-pci device with its MAC and MTU', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.devices.push({ kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1400 });
+    const argv = renderQemuArgv(renderQemuLaunchSpec(vm, cfg, caps()), { accelerator: 'tcg' });
+    const netdev = argv.indexOf('-netdev');
+    assert.equal(argv[netdev + 1], 'tap,id=net0-tap,ifname=tap0_kata,script=no,downscript=no');
+    assert.ok(argv.includes('virtio-net-pci,id=net0,netdev=net0-tap,mac=02:42:c0:00:02:02,host_mtu=1400'), argv.join(' '));
+  });
+
+  it('gives a net device iommu_platform=on under the confidential intent', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.confidential = { tee: 'tdx', firmware: '/fw/tdvf.fd', accessPlatform: true };
+    vm.devices.push({ kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1500 });
+    const argv = renderQemuArgv(renderQemuLaunchSpec(vm, cfg, caps()), { accelerator: 'kvm' });
+    assert.ok(argv.some((a) => a.startsWith('virtio-net-pci,') && a.includes('iommu_platform=on') && a.includes('disable-legacy=on')), argv.join(' '));
+  });
+
+  it('refuses a net intent whose tap name could be read as an option', async () => {
+    const cfg = await configOf();
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.devices.push({ kind: 'net', id: 'net0', tap: 'x,script=/tmp/evil', mac: '02:42:c0:00:02:02', mtu: 1500 });
+    assert.throws(() => renderQemuLaunchSpec(vm, cfg, caps()), (e: KataError) => e.code === 'KATA_ERR_INTERNAL');
   });
 
   it('gives a vhost-user-fs share shared guest RAM when the intent asks for it', async () => {

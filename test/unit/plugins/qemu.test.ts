@@ -200,10 +200,10 @@ describe('qemu plugin', () => {
       assert.deepEqual(await problemsOf({ shared_fs: 'virtio-9p', msize_9p: 512 * 1024 }), []);
     });
 
-    it('accepts virtio-9p without any daemon, loading no other plugin', async () => {
+    it('accepts virtio-9p without any daemon, loading no other shared-fs plugin', async () => {
       const j = await judgeConfig({ text: toml({ shared_fs: 'virtio-9p', virtio_fs_daemon: undefined }) });
       assert.equal(j.valid, true);
-      assert.deepEqual(j.plugins.map((p) => p.name), ['qemu']);
+      assert.deepEqual(j.plugins.map((p) => p.name), ['qemu', 'network']);
     });
 
     it('vetoes block drivers a q35 machine has no bus for, when block devices are used', async () => {

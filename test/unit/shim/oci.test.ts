@@ -31,6 +31,14 @@ describe('shim: OCI specs', () => {
     assert.equal(s.joinsSandbox, false);
   });
 
+  it('takes the network namespace path from linux.namespaces, and none for a new or absent one', async () => {
+    const withNs = (namespaces: unknown) => readBundleSpec(bundle({ process: { args: ['sh'] }, linux: { namespaces } }), 'c1');
+    assert.equal((await withNs([{ type: 'pid' }, { type: 'network', path: '/var/run/netns/pod' }])).netns, '/var/run/netns/pod');
+    assert.equal((await withNs([{ type: 'network' }])).netns, undefined);
+    assert.equal((await readBundleSpec(bundle({ process: { args: ['sh'] } }), 'c1')).netns, undefined);
+    await assert.rejects(withNs([{ type: 'network', path: 'netns/pod' }]), isSpecError(/network namespace path/));
+  });
+
   it('tells a pod container from a pod sandbox by the CRI annotations', async () => {
     const ann = (type: string) => ({ 'io.kubernetes.cri.container-type': type, 'io.kubernetes.cri.sandbox-id': 'pod1' });
     const sandbox = await readBundleSpec(bundle({ process: { args: ['/pause'] }, annotations: ann('sandbox') }), 'pod1');
