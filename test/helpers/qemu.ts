@@ -143,3 +143,22 @@ export async function startPausedQemu(binary: string, dir: string): Promise<Paus
     },
   };
 }
+
+/** The guest's `name:sectors` block list (as the guest's /init reports it) as a record. */
+export function blockList(text: string): Record<string, number> {
+  return Object.fromEntries(
+    text
+      .trim()
+      .split(/\s+/)
+      .filter(Boolean)
+      .map((e) => {
+        const [name, size] = e.split(':');
+        return [name as string, Number(size)];
+      }),
+  );
+}
+
+/** Loop devices can be made here (root, /dev/loop-control, losetup). */
+export function losetupAvailable(): boolean {
+  return process.getuid?.() === 0 && existsSync('/dev/loop-control') && spawnSync('losetup', ['--version']).status === 0;
+}

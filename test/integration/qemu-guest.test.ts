@@ -11,7 +11,7 @@
  * one for the graceful stop.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { existsSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -25,7 +25,7 @@ import { SANDBOX_PATHS } from '../../plugins/qemu/config.js';
 import { QemuVm, type QemuVmExit } from '../../plugins/qemu/driver.js';
 import type { QmpEvent } from '../../plugins/qemu/qmp.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { killQemuMentioning, qemuBinary, qemuConfigText, qemuLeftBehind, qemuProcessesMentioning, waitForConsole } from '../helpers/qemu.js';
+import { blockList, killQemuMentioning, losetupAvailable, qemuBinary, qemuConfigText, qemuLeftBehind, qemuProcessesMentioning, waitForConsole } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const BOOT_TIMEOUT_MS = 90_000;
@@ -45,23 +45,6 @@ interface LogLine {
 }
 
 /** `vda:2048 vdb:8192` → { vda: 2048, vdb: 8192 } */
-function blockList(text: string): Record<string, number> {
-  return Object.fromEntries(
-    text
-      .trim()
-      .split(/\s+/)
-      .filter(Boolean)
-      .map((e) => {
-        const [name, size] = e.split(':');
-        return [name as string, Number(size)];
-      }),
-  );
-}
-
-function losetupAvailable(): boolean {
-  return process.getuid?.() === 0 && existsSync('/dev/loop-control') && spawnSync('losetup', ['--version']).status === 0;
-}
-
 describe('QEMU driver with a booted guest (TCG) @integration', function () {
   this.timeout(BOOT_TIMEOUT_MS + 60_000);
   let binary: string | undefined;

@@ -9,8 +9,8 @@
  * the released address handed out again.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { KataError } from '../../core/errors.js';
 import { createLogger } from '../../core/logger.js';
@@ -21,7 +21,7 @@ import { QEMU_IDS, SANDBOX_PATHS } from '../../plugins/qemu/config.js';
 import { QemuVm } from '../../plugins/qemu/driver.js';
 import { QmpError } from '../../plugins/qemu/qmp.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { killQemuMentioning, qemuBinary, qemuConfigText, qemuLeftBehind, waitForConsole } from '../helpers/qemu.js';
+import { blockList, killQemuMentioning, losetupAvailable, qemuBinary, qemuConfigText, qemuLeftBehind, waitForConsole } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const BOOT_TIMEOUT_MS = 90_000;
@@ -36,23 +36,6 @@ interface PciDevice {
 }
 
 /** `sda:2048 sdb:8192` → { sda: 2048, sdb: 8192 } */
-function blockList(text: string): Record<string, number> {
-  return Object.fromEntries(
-    text
-      .trim()
-      .split(/\s+/)
-      .filter(Boolean)
-      .map((e) => {
-        const [name, size] = e.split(':');
-        return [name as string, Number(size)];
-      }),
-  );
-}
-
-function losetupAvailable(): boolean {
-  return process.getuid?.() === 0 && existsSync('/dev/loop-control') && spawnSync('losetup', ['--version']).status === 0;
-}
-
 describe('QEMU virtio-scsi block hot-plug with a booted guest (TCG) @integration', function () {
   this.timeout(BOOT_TIMEOUT_MS + 60_000);
   let binary: string | undefined;
