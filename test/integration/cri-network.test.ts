@@ -6,11 +6,13 @@
  * CNI bridge (ktsbr0, 10.244.250.0/24, no masquerade) and the veths' host ends exist only there;
  * the host's own interfaces are never touched. The pods' namespaces are removed by CRI; the
  * after() hook removes any this test's pods left (bounded, by the paths their specs named).
+ * host-local keeps its leases in the temp dir (dataDir); libcni's result cache is containerd's
+ * default, /var/lib/cni/results, whose entries CNI DEL removes.
  * Also: the pod's hostname and CRI's DNS config reach the containers' /etc/hostname, hostname and
  * /etc/resolv.conf (CRI writes the files and passes them as bind mounts; the shim shares them).
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { BUSYBOX_IMAGE, CRI_NAMESPACE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { CriClient } from '../helpers/cri.js';
@@ -62,7 +64,7 @@ describe("pod networking under containerd's CRI plugin with CNI (bridge, host-lo
             cniVersion: '0.4.0',
             name: 'kata-ts-test',
             plugins: [
-              { type: 'bridge', bridge: BRIDGE, isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: SUBNET }]], routes: [{ dst: '0.0.0.0/0' }] } },
+              { type: 'bridge', bridge: BRIDGE, isGateway: true, ipMasq: false, ipam: { type: 'host-local', ranges: [[{ subnet: SUBNET }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: path.join(tmp.path, 'cni-ipam') } },
               { type: 'loopback' },
             ],
           },
@@ -159,6 +161,8 @@ describe("pod networking under containerd's CRI plugin with CNI (bridge, host-lo
       assert.equal(existsSync(netns), false, `${netns} is gone`);
     }
     assert.equal(ip('-n', hostNs, '-o', 'link', 'show', 'type', 'veth').trim(), '', 'no veth left');
+    const cached = existsSync('/var/lib/cni/results') ? readdirSync('/var/lib/cni/results').filter((f) => f.startsWith('kata-ts-test-')) : [];
+    assert.deepEqual(cached, [], 'no CNI result left in the cache');
     assert.deepEqual(await ctrd!.stop(), NO_LEFTOVERS, log());
   });
 });
