@@ -74,6 +74,11 @@ export interface ContainerSpec {
 export interface SandboxOptions extends LaunchOptions {
   /** How long the agent gets to answer after the VM starts; default: [agent.kata] dial_timeout. */
   readonly agentDialTimeoutMs?: number;
+  /**
+   * The guest's hostname, which the pod's containers share: the sandbox container's `hostname`
+   * (CRI puts PodSandboxConfig.hostname there), as Kata does; default: the sandbox id's first 63 characters.
+   */
+  readonly hostname?: string;
 }
 
 /** Exit status as runtimes report it: the exit code, or 128 + signal number. */
@@ -273,7 +278,7 @@ export class Sandbox {
       });
       const storages = plan.sharedFsMount ? [{ ...plan.sharedFsMount, mountPoint: GUEST_SHARED_DIR }] : [];
       try {
-        await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
+        await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.hostname || opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
       } catch (e) {
         agent.close();
         throw e;

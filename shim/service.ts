@@ -85,6 +85,8 @@ export interface SandboxRequest {
   readonly options: Uint8Array | undefined;
   /** The pod's network namespace path from the OCI spec, when it has one. */
   readonly netns?: string;
+  /** The hostname in the spec of the container that starts the sandbox (the guest's hostname). */
+  readonly hostname?: string;
   readonly log: Logger;
 }
 
@@ -285,7 +287,7 @@ export class TaskService {
       if (spec.joinsSandbox && spec.sandboxId !== req.id) {
         throw fail('KATA_ERR_SANDBOX', `container "${req.id}" belongs to pod sandbox "${spec.sandboxId}", which this shim does not run`);
       }
-      const request = { sandboxId: spec.sandboxId, annotations: spec.annotations, options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}) };
+      const request = { sandboxId: spec.sandboxId, annotations: spec.annotations, options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}), ...(spec.hostname ? { hostname: spec.hostname } : {}) };
       const sandbox = await (this.opts.createSandbox ?? ((r: SandboxRequest) => this.#startSandbox(r)))(request);
       this.#watchSandbox(sandbox, log);
       this.#sandbox = sandbox;
@@ -329,7 +331,7 @@ export class TaskService {
     }
   }
 
-  async #startSandbox({ sandboxId, annotations, options, netns, log }: SandboxRequest): Promise<ShimSandbox> {
+  async #startSandbox({ sandboxId, annotations, options, netns, hostname, log }: SandboxRequest): Promise<ShimSandbox> {
     let shimConfigPath: string | undefined;
     if (options && options.length > 0) {
       try {
@@ -353,7 +355,7 @@ export class TaskService {
     // Pod annotations may override the configuration only as far as it allows (enable_annotations, valid_*_paths).
     const validated = await loadValidatedConfig({ file, log, annotations, annotationOptions: { pathExists: existsSync, hostCpus: availableParallelism() } });
     log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');
-    return Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log, ...(netns ? { netns } : {}) });
+    return Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log, ...(netns ? { netns } : {}), ...(hostname ? { hostname } : {}) });
   }
 
   #watchSandbox(sandbox: ShimSandbox, log: Logger): void {

@@ -35,12 +35,20 @@ export const scanCommands = (netns: string) => ({
   routes6: inPodNetns(netns, 'ip', ['-6', '-json', 'route', 'show']),
 });
 
-/** Creates tap `tap` and brings it up with `mtu`. */
-export function tapCommands(netns: string, tap: string, mtu: number): Command[] {
+/** Creates tap `tap` and brings it up with `mtu`: `ip` argument vectors, one per line of {@link tapCommand}. */
+export function tapArgs(tap: string, mtu: number): string[][] {
   return [
-    inPodNetns(netns, 'ip', ['tuntap', 'add', 'dev', name(tap), 'mode', 'tap']),
-    inPodNetns(netns, 'ip', ['link', 'set', 'dev', name(tap), 'mtu', String(mtu), 'up']),
+    ['tuntap', 'add', 'dev', name(tap), 'mode', 'tap'],
+    ['link', 'set', 'dev', name(tap), 'mtu', String(mtu), 'up'],
   ];
+}
+
+/**
+ * {@link tapArgs} as one `ip -batch -` run (one process instead of two). ip stops at the first
+ * failing line and says which (`Command failed -:<line>`), so a caller knows whether the tap was made.
+ */
+export function tapCommand(netns: string, tap: string, mtu: number): Command {
+  return { ...inPodNetns(netns, 'ip', ['-batch', '-']), input: tapArgs(tap, mtu).map((a) => a.join(' ')).join('\n') + '\n' };
 }
 
 /**

@@ -16,7 +16,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { KataError, definePlugin, errorText, renderDeviceCapability, type VmContext } from '../../core/plugin-api.js';
-import { redirectCommand, scanCommands, tapCommands, tapName, teardownCommands, type Command } from './commands.js';
+import { redirectCommand, scanCommands, tapCommand, tapName, teardownCommands, type Command } from './commands.js';
 import { parseInterfaces, parseRoutes, type PodNetwork } from './scan.js';
 import { MANIFEST, PLUGIN_NAME } from './manifest.js';
 
@@ -124,10 +124,13 @@ export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRun
     for (const [i, iface] of pod.interfaces.entries()) {
       const tap = tapName(i);
       try {
-        const [add, up] = tapCommands(netns, tap, iface.mtu) as [Command, Command];
-        await run(add);
+        await run(tapCommand(netns, tap, iface.mtu)).catch((e: unknown) => {
+          // Only a failure of the second line (bringing it up) means the tap is ours to remove:
+          // one that failed to be added may be someone else's of the same name.
+          if (/Command failed -:2\b/.test(commandError(e))) w.pairs.push({ iface: iface.name, tap });
+          throw e;
+        });
         w.pairs.push({ iface: iface.name, tap });
-        await run(up);
         await run(redirectCommand(netns, iface.name, tap));
       } catch (e) {
         if (e instanceof KataError) throw e;

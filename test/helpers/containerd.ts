@@ -21,8 +21,9 @@
  *
  * By default containerd runs without its CRI plugin. With `cri: { runtimes: { kata: 'io.containerd.kata.v2' } }`
  * the plugin serves CRI's gRPC API (runtime.v1 and v1alpha2) on {@link TestContainerd.socket}, with
- * those runtime handlers, {@link PAUSE_IMAGE} as the sandbox image, no registry and no CNI plugin
- * (pods must use the host network), and both images imported into CRI's namespace `k8s.io`. Its
+ * those runtime handlers, {@link PAUSE_IMAGE} as the sandbox image, no registry, no CNI network
+ * unless `cri.cni` gives one (else pods must use the host network; with one, pass `netns` too so the
+ * CNI bridge is made in the test's namespace), and both images imported into CRI's namespace `k8s.io`. Its
  * streaming server (exec, attach, port-forward) listens on a free port of 127.0.0.1.
  *
  * Usage, for the kata shim (put the directory holding `containerd-shim-kata-v2` first on PATH):
@@ -94,6 +95,11 @@ export interface ContainerdOptions {
   readyTimeoutMs?: number;
   /** Enable the CRI plugin (it is disabled by default); see the top of this file. */
   cri?: CriOptions;
+  /**
+   * Run containerd (and so the CNI plugins and shims it starts) in this named network namespace,
+   * which the caller created and removes: a CNI bridge is then made there, not on the host.
+   */
+  netns?: string;
 }
 
 export interface CriOptions {
@@ -101,6 +107,12 @@ export interface CriOptions {
   runtimes: Record<string, string>;
   /** Per handler: CRI's `pod_annotations` (which pod annotations reach the runtime) and the runtime options' `ConfigPath`. */
   handlers?: Record<string, { podAnnotations?: string[]; configPath?: string }>;
+  /**
+   * A CNI network for pods that do not use the host network: the plugins' directory (e.g.
+   * Debian's /usr/lib/cni) and a network configuration list, written to `<temp dir>/cni/net.d`.
+   * Without it CRI has no CNI configuration and pods must use the host network.
+   */
+  cni?: { binDir: string; conflist: Record<string, unknown> };
 }
 
 export interface CtrOptions {
@@ -225,10 +237,14 @@ async function launch(tmp: TempDir, containerd: string, ctrBin: string, imageTar
       '',
     ].join('\n'),
   );
+  if (opts.cri?.cni) tmp.file('cni/net.d/10-test.conflist', JSON.stringify(opts.cri.cni.conflist, null, 2));
 
   const log = new LineRing(500);
   const env = { ...process.env, ...opts.env, PATH: [...(opts.pathPrefix ?? []), process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin'].join(':'), [MARKER]: dir };
-  const daemon = spawn(containerd, ['--config', config], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  // nsenter execs containerd in place (the pid stays the daemon's) and, unlike `ip netns exec`,
+  // keeps the host's mount namespace: the pod namespaces CRI mounts under /var/run/netns stay visible.
+  const argv = opts.netns ? ['nsenter', `--net=/var/run/netns/${opts.netns}`, containerd, '--config', config] : [containerd, '--config', config];
+  const daemon = spawn(argv[0]!, argv.slice(1), { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
   daemon.stdout.setEncoding('utf8').on('data', (d: string) => log.push(d));
   daemon.stderr.setEncoding('utf8').on('data', (d: string) => log.push(d));
   let spawnError: Error | undefined;
@@ -302,8 +318,8 @@ function criConfig(cri: CriOptions, dir: string): string[] {
     // VM's containers do not use host profiles, and the tests must not change the host's.
     '  disable_apparmor = true',
     `  [plugins."io.containerd.grpc.v1.cri".cni]`,
-    // No CNI plugin: pods use the host network. These only keep CRI away from the host's CNI set-up.
-    `    bin_dir = ${JSON.stringify(path.join(dir, 'cni', 'bin'))}`,
+    // Without cri.cni pods use the host network; either way CRI stays away from the host's CNI set-up.
+    `    bin_dir = ${JSON.stringify(cri.cni?.binDir ?? path.join(dir, 'cni', 'bin'))}`,
     `    conf_dir = ${JSON.stringify(path.join(dir, 'cni', 'net.d'))}`,
     `  [plugins."io.containerd.grpc.v1.cri".containerd]`,
     '    default_runtime_name = "runc"',

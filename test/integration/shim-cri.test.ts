@@ -4,7 +4,8 @@
  * type io.containerd.kata.v2, so that CRI starts our shim for a pod and puts the pod's containers
  * in it. containerd, the shim and the guest are the same as in shim-containerd.test.ts; the images
  * are imported into CRI's namespace (k8s.io) without a registry, and the pod uses the host network,
- * since no CNI plugin is installed. What this does not cover: the kubelet itself, CNI networking.
+ * with no CNI network configured. What this does not cover: the kubelet itself; CNI networking is
+ * cri-network.test.ts.
  */
 import assert from 'node:assert/strict';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';

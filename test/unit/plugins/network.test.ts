@@ -6,7 +6,7 @@ import { loadValidatedConfig } from '../../../core/runtime.js';
 import { silentLogger } from '../../../core/logger.js';
 import type { KataError } from '../../../core/errors.js';
 import type { VmContext } from '../../../core/vm.js';
-import { redirectCommand, redirectArgs, scanCommands, tapCommands, teardownCommands, type Command } from '../../../plugins/network/commands.js';
+import { redirectCommand, redirectArgs, scanCommands, tapArgs, tapCommand, teardownCommands, type Command } from '../../../plugins/network/commands.js';
 import { checkNetns, wireSandbox, type CommandRunner } from '../../../plugins/network/index.js';
 import { parseInterfaces, parseRoutes } from '../../../plugins/network/scan.js';
 
@@ -83,14 +83,14 @@ describe('network plugin', () => {
       assert.deepEqual(scanCommands(NETNS).addresses, { binary: 'nsenter', args: [`--net=${NETNS}`, '--', 'ip', '-d', '-json', 'addr', 'show'] });
     });
 
-    it('makes the tap and brings it up with the interface MTU', () => {
-      assert.deepEqual(
-        tapCommands(NETNS, 'tap0_kata', 1400).map((c) => c.args.slice(2)),
-        [
-          ['ip', 'tuntap', 'add', 'dev', 'tap0_kata', 'mode', 'tap'],
-          ['ip', 'link', 'set', 'dev', 'tap0_kata', 'mtu', '1400', 'up'],
-        ],
-      );
+    it('makes the tap and brings it up with the interface MTU, as one ip -batch in the namespace', () => {
+      assert.deepEqual(tapArgs('tap0_kata', 1400), [
+        ['tuntap', 'add', 'dev', 'tap0_kata', 'mode', 'tap'],
+        ['link', 'set', 'dev', 'tap0_kata', 'mtu', '1400', 'up'],
+      ]);
+      const c = tapCommand(NETNS, 'tap0_kata', 1400);
+      assert.deepEqual(c.args, [`--net=${NETNS}`, '--', 'ip', '-batch', '-']);
+      assert.deepEqual(c.input?.split('\n'), ['tuntap add dev tap0_kata mode tap', 'link set dev tap0_kata mtu 1400 up', '']);
     });
 
     it('redirects both ways with an ingress qdisc and a mirred filter on each side', () => {
@@ -120,7 +120,7 @@ describe('network plugin', () => {
     });
 
     it('refuses a name that is not an interface name', () => {
-      assert.throws(() => tapCommands(NETNS, '--help', 1500), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === '--help');
+      assert.throws(() => tapCommand(NETNS, '--help', 1500), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === '--help');
     });
   });
 
@@ -147,11 +147,11 @@ describe('network plugin', () => {
   describe('wireSandbox', () => {
     const ctx = (): VmContext => ({ sandboxId: 's', runDir: '/tmp/x', plan: {} as VmContext['plan'], config: {} as VmContext['config'], log: silentLogger(), network: { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } } });
     /** A stand-in for ip and tc: scan answers from the fixtures, `fail` makes the matching command fail. */
-    const runner = (fail?: (c: Command) => boolean) => {
+    const runner = (fail?: (c: Command) => boolean, stderr = 'RTNETLINK answers: File exists') => {
       const ran: string[][] = [];
       const run: CommandRunner = async (c) => {
         ran.push(c.args.slice(2));
-        if (fail?.(c)) throw Object.assign(new Error('command failed'), { stderr: 'RTNETLINK answers: File exists' });
+        if (fail?.(c)) throw Object.assign(new Error('command failed'), { stderr });
         const a = c.args.join(' ');
         if (a.includes('addr show')) return fixture('addr-veth.json');
         if (a.includes('-4 -json route')) return fixture('route4.json');
@@ -170,15 +170,44 @@ describe('network plugin', () => {
       assert.deepEqual(c.network.routes.map((r) => r.dest), ['192.0.2.0/24', '', '2001:db8::/64']);
     });
 
-    it('fails with a coded error naming the interface when its tap cannot be made, and leaves nothing', async () => {
+    it('fails with a coded error naming the interface when its tap cannot be wired, and leaves nothing', async () => {
       const c = ctx();
-      const { run, ran } = runner((cmd) => cmd.args.includes('-batch'));
+      const { run, ran } = runner((cmd) => cmd.args.includes('tc') && cmd.args.includes('-batch'));
       await assert.rejects(wireSandbox(c, NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
       assert.deepEqual(ran.slice(-2), [
         ['tc', 'qdisc', 'del', 'dev', 'eth0', 'ingress'],
         ['ip', 'link', 'del', 'dev', 'tap0_kata'],
       ]);
       assert.deepEqual(c.network.devices, []);
+    });
+  });
+
+  describe('wireSandbox, a tap that fails in its ip -batch', () => {
+    const ctx = (): VmContext => ({ sandboxId: 's', runDir: '/tmp/x', plan: {} as VmContext['plan'], config: {} as VmContext['config'], log: silentLogger(), network: { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } } });
+    const wireFailing = async (stderr: string) => {
+      const ran: string[][] = [];
+      const run: CommandRunner = async (c) => {
+        ran.push(c.args.slice(2));
+        if (c.args.includes('ip') && c.args.includes('-batch')) throw Object.assign(new Error('command failed'), { stderr });
+        const a = c.args.join(' ');
+        if (a.includes('addr show')) return fixture('addr-veth.json');
+        if (a.includes('-4 -json route')) return fixture('route4.json');
+        if (a.includes('-6 -json route')) return fixture('route6.json');
+        return '';
+      };
+      await assert.rejects(wireSandbox(ctx(), NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
+      return ran.filter((a) => a.includes('del'));
+    };
+
+    it('does not delete a tap it could not add (one of that name may be another sandbox\'s)', async () => {
+      assert.deepEqual(await wireFailing('ioctl(TUNSETIFF): Device or resource busy\nCommand failed -:1'), []);
+    });
+
+    it('deletes the tap it added when bringing it up fails', async () => {
+      assert.deepEqual(await wireFailing('Error: mtu greater than device maximum.\nCommand failed -:2'), [
+        ['tc', 'qdisc', 'del', 'dev', 'eth0', 'ingress'],
+        ['ip', 'link', 'del', 'dev', 'tap0_kata'],
+      ]);
     });
   });
 

@@ -488,6 +488,13 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
   });
 
   describe('pods', () => {
+    it("the sandbox gets the pod sandbox container's hostname (the guest's, shared by the pod), not a later container's", async () => {
+      await harness();
+      await h.create('pod1', { annotations: POD_ANNOTATIONS('sandbox', 'pod1'), args: ['/pause'] });
+      await h.create('app1', { annotations: POD_ANNOTATIONS('container', 'pod1'), args: ['app'] });
+      assert.deepEqual(h.factory.requests.map((r) => r.hostname), ['pod1']);
+    });
+
     it('deleting the pod sandbox container while another runs: the other ends (or Delete is refused), nothing hangs, Shutdown lets the shim exit', async () => {
       await harness();
       await h.create('pod1', { annotations: POD_ANNOTATIONS('sandbox', 'pod1'), args: ['/pause'] });
