@@ -15,6 +15,7 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
+import { KataError } from '../core/errors.js';
 import { checkIdentifier } from './identifiers.js';
 
 /** Kata's directory of per-sandbox shim sockets; KATA_TS_SBS_ROOT overrides it (tests). */
@@ -37,6 +38,17 @@ export function shimMonitorSocket(sandboxId: string, env: NodeJS.ProcessEnv = pr
 export interface MonitorSource {
   /** The host end of the guest debug console now, or undefined (no sandbox yet, or the console is off). */
   debugConsoleSocket(): string | undefined;
+}
+
+function answers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(socketPath);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }
 
 function refuse(socket: Duplex, status: number, reason: string, message: string): void {
@@ -70,6 +82,10 @@ export class ShimMonitor {
     await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
     // A directory left by an earlier shim keeps its mode through mkdir: set it.
     chmodSync(path.dirname(socketPath), 0o700);
+    // Kata's path has no namespace: the same sandbox id in another containerd namespace must not take a live shim's socket.
+    if (await answers(socketPath)) {
+      throw new KataError('KATA_ERR_DEBUG_CONSOLE', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, { key: 'sandbox-id', value: sandboxId });
+    }
     await rm(socketPath, { force: true });
     const m = new ShimMonitor(socketPath, source);
     await new Promise<void>((resolve, reject) => {

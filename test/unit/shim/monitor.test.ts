@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { attachDebugConsole } from '../../../cli/exec.js';
@@ -56,6 +56,19 @@ describe('ShimMonitor (shim-monitor.sock)', () => {
     assert.equal(statSync(path.dirname(m.socketPath)).mode & 0o777, 0o700);
     await m.close();
     assert.equal(existsSync(path.dirname(m.socketPath)), false);
+  });
+
+  it('does not take the socket of a live shim serving the same sandbox id, and replaces a dead one', async () => {
+    const first = await ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env);
+    await assert.rejects(ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env), (e: { code: string }) => e.code === 'KATA_ERR_DEBUG_CONSOLE');
+    assert.ok(existsSync(first.socketPath));
+    // What a killed shim leaves (a path nobody listens on) is replaced.
+    await first.close();
+    mkdirSync(path.dirname(first.socketPath), { recursive: true });
+    writeFileSync(first.socketPath, '');
+    const second = await ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env);
+    closers.push(() => second.close());
+    assert.equal(statSync(second.socketPath).isSocket(), true);
   });
 
   it('refuses the debug console with KATA_ERR_DEBUG_CONSOLE when the sandbox is unknown or its console is off', async () => {
