@@ -78,6 +78,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
       return (ctx) => runCommand(ctx, ctx.flags);
     },
   },
+  exec: { summary: "attach to the sandbox's guest debug console (debug_console_enabled): exec <sandbox-id>; Ctrl-] detaches", load: async () => (await import('./exec.js')).execCommand },
   cleanup: { summary: 'remove the run directories of runs and shims that were killed (never a live one) [--dry-run] [--json]', load: async () => (await import('./cleanup.js')).cleanupCommand },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };

@@ -27,6 +27,7 @@ export const KNOWN_CAPABILITIES = Object.freeze({
   'render:device:9p': 'The hypervisor plugin renders virtio-9p shares it serves itself.',
   'render:device:agent-channel': 'The hypervisor plugin renders the agent channel it chose.',
   'render:device:console': 'The hypervisor plugin renders the guest console.',
+  'render:device:debug-console': 'The hypervisor plugin renders the guest debug console channel (a second virtio-serial port).',
   'render:device:rng': 'The hypervisor plugin renders a virtio-rng device.',
   'render:device:balloon': 'The hypervisor plugin renders a memory balloon.',
   'render:tee:tdx': 'The hypervisor plugin launches Intel TDX trust domains (firmware, TD settings).',

@@ -29,6 +29,12 @@ export const GUEST_CONTAINERS_DIR = '/run/kata-containers/containers';
 /** The name of the virtio-serial port the Kata agent looks for. */
 export const AGENT_CHANNEL_NAME = 'agent.channel.0';
 
+/** The name of the virtio-serial port the guest agent serves its debug console on (`agent.debug_console`). */
+export const DEBUG_CONSOLE_CHANNEL_NAME = 'debug.console.0';
+
+/** The kernel parameter that tells the guest agent to serve its debug console (Kata's name). */
+export const DEBUG_CONSOLE_KERNEL_PARAM = 'agent.debug_console';
+
 /** The vsock port the Kata agent listens on. */
 export const AGENT_VSOCK_PORT = 1024;
 
@@ -153,6 +159,18 @@ export interface ConsoleIntent {
   logFile?: string;
 }
 
+/**
+ * The guest debug console (`[agent.kata] debug_console_enabled`): a byte channel to a root shell the
+ * guest agent serves in the guest (not in a container). A virtio-serial port the guest finds by
+ * `name`, whose host end is a unix socket the shim's management socket relays to.
+ */
+export interface DebugConsoleIntent {
+  readonly kind: 'debug-console';
+  readonly transport: 'virtio-serial';
+  socket: string;
+  name: string;
+}
+
 /** A virtio-rng device fed from a host entropy source. */
 export interface RngIntent {
   readonly kind: 'rng';
@@ -200,7 +218,7 @@ export interface NetIntent {
  * `render:device:<kind>` for each kind it can render, and the core refuses a plan holding a kind
  * its hypervisor plugin did not declare.
  */
-export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent | ScsiControllerIntent | NetIntent;
+export type DeviceIntent = DiskIntent | VhostUserFsIntent | NinePShareIntent | AgentChannelIntent | ConsoleIntent | RngIntent | BalloonIntent | ScsiControllerIntent | NetIntent | DebugConsoleIntent;
 
 export type DeviceKind = DeviceIntent['kind'];
 

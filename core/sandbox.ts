@@ -254,6 +254,15 @@ export class Sandbox {
     return this.running.ctx.sandboxId;
   }
 
+  /**
+   * The host end of the guest debug console (a unix socket carrying the shell's terminal bytes),
+   * or undefined when the plan has none (`debug_console_enabled` off).
+   */
+  get debugConsoleSocket(): string | undefined {
+    const d = this.validated.plan.vm.devices.find((x) => x.kind === 'debug-console');
+    return d && d.kind === 'debug-console' ? fillSandboxDir(d.socket, this.running.ctx.runDir) : undefined;
+  }
+
   /** Set when the VM ended without being asked to: the sandbox is then unusable. */
   get failure(): KataError | undefined {
     return this.#failure;

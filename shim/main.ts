@@ -39,6 +39,7 @@ import { timestamp } from './time.js';
 import { SHIPPED_QEMU_CONFIG } from '../core/paths.js';
 import type { PluginSource } from '../core/plugin-api.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
+import { ShimMonitor, shimMonitorSocket } from './monitor.js';
 
 /** The runtime type containerd knows this shim by. */
 export const RUNTIME_NAME = 'io.containerd.kata.v2';
@@ -225,6 +226,7 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
     runRoot: runRootOf(io.env, flags.namespace),
     fallbackConfig: SHIPPED_QEMU_CONFIG,
     onShutdown: () => exit(0),
+    startMonitor: (sandboxId, source) => ShimMonitor.start(sandboxId, source, io.env),
   });
   const server = new TtrpcServer({
     onHandlerError: (err, ctx) => log.error({ err, method: ctx.method }, 'task handler failed'),
@@ -301,6 +303,8 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
     // Mounts the dead shim left under the run directory (shared rootfs and volumes), deepest first.
     for (const m of await mountsUnder(runDir)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
+    // The dead shim's management socket (shim/monitor.ts); the id was checked as an identifier.
+    await rm(path.dirname(shimMonitorSocket(sandboxId, io.env)), { recursive: true, force: true }).catch(() => undefined);
     await removeShimSocket(sock, socketDir);
   }
   io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));

@@ -24,6 +24,7 @@ import { TOPICS, type EventPublisher } from './events.js';
 import { parseExecSpec, readBundleSpec } from './oci.js';
 import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
 import { TaskIo } from './stdio.js';
+import type { MonitorSource } from './monitor.js';
 import { timestamp } from './time.js';
 import {
   Options,
@@ -72,6 +73,8 @@ export interface ShimSandbox {
   /** Whether a plugin takes a rootfs's mounts as they are (a block device); see Sandbox.classifyRootfs. */
   classifyRootfs(mounts: readonly RootfsMount[]): RootfsSource | undefined;
   stop(): Promise<unknown>;
+  /** The host end of the guest debug console, when the sandbox has one (debug_console_enabled). */
+  readonly debugConsoleSocket?: string | undefined;
   /** OOM kills in the guest, by container id (absent: the sandbox reports none). */
   onOOM?(listener: (containerId: string) => void): unknown;
 }
@@ -102,6 +105,11 @@ export interface TaskServiceOptions {
   readonly fallbackConfig?: string;
   /** Called once Shutdown has been answered and nothing is left to serve. */
   readonly onShutdown: () => void;
+  /**
+   * Opens the sandbox's management socket (shim/monitor.ts) once its sandbox exists; closed with
+   * the sandbox. Absent: none (unit tests).
+   */
+  readonly startMonitor?: (sandboxId: string, source: MonitorSource) => Promise<{ close(): Promise<void> }>;
 }
 
 interface Stdio {
@@ -200,6 +208,7 @@ export class TaskService {
   #sandboxId: string | undefined;
   #creating: Promise<unknown> = Promise.resolve();
   #shutdown = false;
+  #monitor: { close(): Promise<void> } | undefined;
 
   constructor(private readonly opts: TaskServiceOptions) {}
 
@@ -293,6 +302,13 @@ export class TaskService {
       this.#sandbox = sandbox;
       this.#sandboxId = spec.sandboxId;
       startedSandbox = true;
+      if (this.opts.startMonitor) {
+        // Without its management socket the sandbox still runs; only kata-runtime exec cannot reach it.
+        this.#monitor = await this.opts.startMonitor(spec.sandboxId, { debugConsoleSocket: () => this.#sandbox?.debugConsoleSocket }).catch((err: unknown) => {
+          log.warn({ err }, 'cannot open the management socket (shim-monitor.sock)');
+          return undefined;
+        });
+      }
     } else if (!spec.joinsSandbox || spec.sandboxId !== this.#sandboxId) {
       throw fail('KATA_ERR_SANDBOX', `this shim runs sandbox "${this.#sandboxId}"; container "${req.id}" does not belong to it (annotation io.kubernetes.cri.sandbox-id)`);
     }
@@ -374,6 +390,9 @@ export class TaskService {
   }
 
   async #stopSandbox(): Promise<void> {
+    const monitor = this.#monitor;
+    this.#monitor = undefined;
+    await monitor?.close().catch((err: unknown) => this.opts.log.warn({ err }, 'cannot close the management socket'));
     const sandbox = this.#sandbox;
     if (!sandbox) return;
     this.#sandbox = undefined;

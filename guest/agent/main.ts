@@ -5,12 +5,15 @@
  * stays PID 1 to reap orphans. guest/README.md describes what it does and does not do.
  *
  * Kernel command line: `agent.log=debug` logs every RPC; `agent.hotplug_timeout=<s>` (kata's
- * name) bounds the wait for a hot-plugged block device (default 60 s: TCG is slow).
+ * name) bounds the wait for a hot-plugged block device (default 60 s: TCG is slow);
+ * `agent.debug_console` (kata's name) serves a root shell on the virtio-serial port
+ * `debug.console.0` (debug-console.ts).
  */
 import { readFileSync } from 'node:fs';
 import { TtrpcServer } from '../../wire/ttrpc/server.js';
 import { BlockReporter } from './block-report.js';
 import { AGENT_PORT_NAME, servePort, waitForVirtioPort } from './channel.js';
+import { serveDebugConsole } from './debug-console.js';
 import { log, setDebug } from './log.js';
 import { DEFAULT_SANDBOX_OPTIONS, Sandbox } from './sandbox.js';
 import { registerServices } from './service.js';
@@ -53,6 +56,9 @@ async function main(): Promise<void> {
   sandbox.watchOomKills();
 
   new BlockReporter((line) => process.stderr.write(`${line}\n`)).start();
+
+  // Off unless the runtime asked for it (debug_console_enabled); a failure here leaves the agent serving.
+  if (cmdline.split(/\s+/).includes('agent.debug_console')) void serveDebugConsole().catch((err: unknown) => log(`debug console: ${(err as Error).message}`));
 
   const port = await waitForVirtioPort(AGENT_PORT_NAME, 30_000);
   log(`listening on /dev/${port} (${AGENT_PORT_NAME}) uptime=${uptime().toFixed(2)}`);

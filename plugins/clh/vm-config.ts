@@ -14,6 +14,7 @@ import {
   AGENT_VSOCK_PORT,
   KataError,
   SANDBOX_DIR,
+  DEBUG_CONSOLE_CHANNEL_NAME,
   type DeviceIntent,
   type HypervisorSection,
   type KataConfig,
@@ -192,7 +193,7 @@ export function buildVmConfig(cfg: Pick<KataConfig, 'hypervisor'>, caps: Readonl
  * memory shared whenever a filesystem is shared. No firmware: Kata's Cloud Hypervisor driver boots
  * one only for a TD, which the confidential intent carries.
  */
-export function describeClhVm(cfg: Pick<KataConfig, 'hypervisor'>, caps: ReadonlyCapabilities, host: Pick<HostInfo, 'cpus'> = currentHost()): VmDescription {
+export function describeClhVm(cfg: Pick<KataConfig, 'hypervisor'> & { agent?: Pick<KataConfig['agent'], 'debug_console_enabled'> }, caps: ReadonlyCapabilities, host: Pick<HostInfo, 'cpus'> = currentHost()): VmDescription {
   const hv = cfg.hypervisor as ClhSection;
   const { boot_vcpus, max_vcpus } = vcpuCounts(hv, caps, host);
   const memHotplug = caps.has('memory-hotplug');
@@ -204,6 +205,8 @@ export function describeClhVm(cfg: Pick<KataConfig, 'hypervisor'>, caps: Readonl
   if (hv.enable_debug) devices.push({ kind: 'console' });
   devices.push({ kind: 'agent-channel', transport: 'hybrid-vsock', socket: VSOCK_SOCKET, cid: GUEST_VSOCK_CID, port: AGENT_VSOCK_PORT });
   devices.push({ kind: 'rng', source: hv.entropy_source });
+  // Not rendered here yet (it would be a hybrid-vsock port): asking for it fails the validated config phase instead of being ignored.
+  if (cfg.agent?.debug_console_enabled) devices.push({ kind: 'debug-console', transport: 'virtio-serial', socket: `${SANDBOX_DIR}/debug-console.sock`, name: DEBUG_CONSOLE_CHANNEL_NAME });
   // Free-page reporting returns memory the guest freed to the host (Kata: a zero-sized balloon).
   if (hv.reclaim_guest_freed_memory && caps.has('balloon')) devices.push({ kind: 'balloon', freePageReporting: true });
   const extra = hv.kernel_params.trim();

@@ -46,6 +46,8 @@ export const SANDBOX_PATHS = Object.freeze({
   qmpSocket: `${SANDBOX_DIR}/qmp.sock`,
   consoleSocket: `${SANDBOX_DIR}/console.sock`,
   consoleLog: `${SANDBOX_DIR}/console.log`,
+  /** The host end of the debug console's virtio-serial port (only with debug_console_enabled). */
+  debugConsoleSocket: `${SANDBOX_DIR}/debug-console.sock`,
   /** The host directory served over virtio-9p; the driver creates it before starting QEMU. */
   sharedDir: SANDBOX_SHARED_DIR,
 });
@@ -60,6 +62,8 @@ export const IMAGE_SIZE = '{image_size}';
 export const QEMU_IDS = Object.freeze({
   agentChardev: 'agent',
   agentPort: 'agent-port',
+  debugConsoleChardev: 'debug-console',
+  debugConsolePort: 'debug-console-port',
   virtioSerial: 'virtio-serial0',
   qmpChardev: 'qmp',
   consoleChardev: 'console',

@@ -12,6 +12,9 @@
 import os from 'node:os';
 import {
   AGENT_CHANNEL_NAME,
+  DEBUG_CONSOLE_CHANNEL_NAME,
+  DEBUG_CONSOLE_KERNEL_PARAM,
+  type DebugConsoleIntent,
   KataError,
   type AgentChannelIntent,
   type ConsoleIntent,
@@ -87,7 +90,7 @@ export function isQemuSpec(native: unknown): native is QemuLaunchSpec {
 }
 
 /** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
-export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller', 'net'] as const);
+export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller', 'net', 'debug-console'] as const);
 
 export interface HostResources {
   readonly cpus: number;
@@ -156,6 +159,8 @@ export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host
     { kind: 'agent-channel', transport: 'virtio-serial', socket: SANDBOX_PATHS.agentSocket, name: AGENT_CHANNEL_NAME },
   ];
   if (nonEmpty(hv.entropy_source)) devices.push({ kind: 'rng', source: hv.entropy_source });
+  // Kata: agent.debug_console on the kernel command line; here a second port on the agent's virtio-serial bus.
+  if (cfg.agent.debug_console_enabled) devices.push({ kind: 'debug-console', transport: 'virtio-serial', socket: SANDBOX_PATHS.debugConsoleSocket, name: DEBUG_CONSOLE_CHANNEL_NAME });
   if (hv.shared_fs === 'virtio-9p') devices.push({ kind: '9p', path: SANDBOX_PATHS.sharedDir, tag: SHARED_MOUNT_TAG });
   // Kata's virtio-scsi: one controller from boot; disks come and go on it as scsi-hd.
   if (caps.has('block-device-hotplug') && hv.block_device_driver === 'virtio-scsi') devices.push({ kind: 'scsi-controller', id: QEMU_IDS.scsiController });
@@ -169,6 +174,7 @@ export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host
     confidential: null,
     devices,
   };
+  if (cfg.agent.debug_console_enabled) vm.kernelParams.push(DEBUG_CONSOLE_KERNEL_PARAM);
   if (hv.kernel !== undefined) vm.kernel = hv.kernel;
   if (nonEmpty(hv.initrd)) vm.initrd = hv.initrd;
   if (nonEmpty(hv.image)) vm.image = { path: hv.image, fstype: hv.rootfs_type };
@@ -230,6 +236,7 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
   // and a log file that keeps everything from the first byte, connected or not.
   for (const c of of('console').slice(0, 1)) renderConsole(spec, c);
   for (const a of of('agent-channel').slice(0, 1)) renderAgentChannel(spec, a);
+  for (const d of of('debug-console').slice(0, 1)) renderDebugConsole(spec, d);
   for (const [i, r] of of('rng').entries()) {
     const suffix = i === 0 ? '' : String(i);
     spec.objects.push({ type: 'rng-random', id: `${QEMU_IDS.rngObject}${suffix}`, props: { filename: r.source } });
@@ -301,6 +308,13 @@ function renderConsole(spec: QemuLaunchSpec, c: ConsoleIntent): void {
   const extra: Record<string, QemuPropValue> = c.logFile !== undefined ? { logfile: c.logFile } : {};
   spec.chardevs.push(unixServer(QEMU_IDS.consoleChardev, c.socket ?? SANDBOX_PATHS.consoleSocket, extra));
   spec.devices.push({ type: 'isa-serial', id: QEMU_IDS.consoleSerial, props: { chardev: QEMU_IDS.consoleChardev } });
+}
+
+function renderDebugConsole(spec: QemuLaunchSpec, d: DebugConsoleIntent): void {
+  // A second port on the agent's virtio-serial bus (one guest reader each, no multiplexing).
+  if (!spec.devices.some((x) => x.id === QEMU_IDS.virtioSerial)) spec.devices.push({ type: 'virtio-serial-pci', id: QEMU_IDS.virtioSerial, props: {} });
+  spec.chardevs.push(unixServer(QEMU_IDS.debugConsoleChardev, d.socket));
+  spec.devices.push({ type: 'virtserialport', id: QEMU_IDS.debugConsolePort, props: { bus: `${QEMU_IDS.virtioSerial}.0`, chardev: QEMU_IDS.debugConsoleChardev, name: d.name } });
 }
 
 function renderAgentChannel(spec: QemuLaunchSpec, a: AgentChannelIntent): void {

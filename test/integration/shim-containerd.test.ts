@@ -46,7 +46,7 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     config = shimConfig(tmp, image);
     // The standard configuration directories a pod's config_path annotation may choose from, relocated.
     sysroot = path.join(tmp.path, 'sysroot');
-    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SYSROOT: sysroot } });
+    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SYSROOT: sysroot, KATA_TS_SBS_ROOT: path.join(tmp.path, 'sbs') } });
   });
 
   after(async () => {
@@ -76,6 +76,25 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     const r = await c().run('stdin', ['sh', '-c', 'read line; echo "got:$line"'], { runtime: RUNTIME, input: 'piped-in\n', timeoutMs: 120_000 });
     assert.equal(r.code, 0, why(r));
     assert.equal(r.stdout, 'got:piped-in\n', why(r));
+  });
+
+  it('refuses kata-runtime exec with KATA_ERR_DEBUG_CONSOLE when the debug console is off (the default)', async () => {
+    const id = 'noconsole';
+    const r = await c().ctr(['run', '-d', '--runtime', RUNTIME, BUSYBOX_IMAGE, id, 'sleep', '1000'], { timeoutMs: 120_000 });
+    assert.equal(r.code, 0, why(r));
+    try {
+      const bin = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+      const exec = spawnSync(process.execPath, [bin, 'exec', id], { encoding: 'utf8', input: '', env: { ...process.env, KATA_TS_SBS_ROOT: path.join(tmp.path, 'sbs') } });
+      assert.equal(exec.status, 1, exec.stderr);
+      assert.match(exec.stderr, /the debug console is off/);
+      assert.match(exec.stderr, /code: KATA_ERR_DEBUG_CONSOLE/);
+    } finally {
+      await c().ctr(['task', 'kill', '-s', 'SIGKILL', id]);
+      await until('the task to stop', async () => !new RegExp(`^${id}\\s+\\d+\\s+RUNNING`, 'm').test((await c().ctr(['task', 'ls'])).stdout));
+      await c().ctr(['task', 'rm', id]);
+      await c().ctr(['container', 'rm', id]);
+    }
+    await until('the management socket to go', () => !existsSync(path.join(tmp.path, 'sbs', id)), 30_000);
   });
 
   describe('terminals, through a real pty (tmux)', () => {

@@ -57,6 +57,18 @@ describe('clh plugin', () => {
     });
   });
 
+  describe('debug console', () => {
+    it('refuses debug_console_enabled in the validated config phase (no console channel rendered yet) instead of ignoring it', async () => {
+      const text = `[hypervisor.clh]\nkernel = "/k"\ninitrd = "/i"\nshared_fs = "none"\n\n[agent.kata]\ndebug_console_enabled = true\n`;
+      const j = await judgeConfig({ text });
+      assert.deepEqual(
+        j.problems.map((p) => [p.code, p.key]),
+        [['KATA_ERR_CAPABILITY_MISSING', 'hypervisor.clh']],
+      );
+      assert.equal((await judgeConfig({ text: text.replace('= true', '= false') })).valid, true);
+    });
+  });
+
   describe('capabilities', () => {
     it('offers CPU and memory hot-plug but no block devices or sharing when both are off', async () => {
       const j = await judgeConfig({ text: toml() });

@@ -93,6 +93,7 @@ describe('renderQemuLaunchSpec', () => {
     rng: 'virtio-rng-pci',
     'scsi-controller': 'virtio-scsi-pci',
     net: 'virtio-net-pci',
+    'debug-console': 'virtserialport',
   };
 
   it('renders a device for every intent kind it declares it can render', async () => {
@@ -111,6 +112,17 @@ describe('renderQemuLaunchSpec', () => {
     assert.deepEqual(spec.devices.find((d) => d.id === 'data')?.props, { drive: 'data-node' });
     assert.ok(spec.extraArgs.includes('driver=raw,node-name=data-node,file.driver=file,file.filename=/srv/data.img'));
     assert.deepEqual(spec.devices.find((d) => d.type === 'virtio-9p-pci')?.props, { fsdev: 'fs-kataShared', mount_tag: 'nine' });
+  });
+
+  it('renders the debug console as a second virtio-serial port and tells the agent on the kernel command line, only when enabled', async () => {
+    const on = await configOf('image = "/img"\n[agent.kata]\ndebug_console_enabled = true');
+    const argv = renderQemuArgv(buildQemuLaunchSpec(on, caps(), HOST).spec, { accelerator: 'tcg' });
+    assert.ok(argv.includes('socket,id=debug-console,path={sandbox_dir}/debug-console.sock,server=on,wait=off'), argv.join(' '));
+    assert.ok(argv.includes('virtserialport,id=debug-console-port,bus=virtio-serial0.0,chardev=debug-console,name=debug.console.0'), argv.join(' '));
+    assert.equal(argv.filter((a) => a.startsWith('virtio-serial-pci')).length, 1);
+    assert.match(argv[argv.indexOf('-append') + 1] as string, /(^| )agent\.debug_console( |$)/);
+    const off = renderQemuArgv(buildQemuLaunchSpec(await configOf(), caps(), HOST).spec, { accelerator: 'tcg' });
+    assert.ok(!off.some((a) => a.includes('debug')), off.join(' '));
   });
 
   it('renders a net intent as a tap netdev without scripts and a virtio-net-pci device with its MAC and MTU', async () => {

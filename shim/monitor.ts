@@ -1,0 +1,143 @@
+/**
+ * The shim's per-sandbox management socket, Kata's `shim-monitor.sock` at Kata's path
+ * `/run/vc/sbs/<sandbox-id>/shim-monitor.sock` (directory 0700, socket 0600: root only). Like
+ * Kata's, it speaks HTTP, so that other endpoints (metrics) can be added to it.
+ *
+ * `GET /debug-console` with `Upgrade: kata-debug-console` attaches to the guest debug console:
+ * the answer is `101 Switching Protocols`, after which the connection carries the console's
+ * terminal bytes both ways (the shim relays them to the QEMU chardev socket of the console's
+ * virtio-serial port). One attach at a time: the port has one host end. Refusals are JSON
+ * `{ code, message }` bodies with a 4xx status (KATA_ERR_DEBUG_CONSOLE).
+ */
+import { mkdir, rm } from 'node:fs/promises';
+import { chmodSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import type { Duplex } from 'node:stream';
+import { KataError } from '../core/errors.js';
+import { checkIdentifier } from './identifiers.js';
+
+/** Kata's directory of per-sandbox shim sockets; KATA_TS_SBS_ROOT overrides it (tests). */
+export const DEFAULT_SBS_ROOT = '/run/vc/sbs';
+
+/** The upgrade protocol name of a debug-console attach. */
+export const DEBUG_CONSOLE_PROTOCOL = 'kata-debug-console';
+
+export function sbsRoot(env: NodeJS.ProcessEnv = process.env): string {
+  return env.KATA_TS_SBS_ROOT || DEFAULT_SBS_ROOT;
+}
+
+/** The management socket of `sandboxId`; the id is checked as a containerd identifier first. */
+export function shimMonitorSocket(sandboxId: string, env: NodeJS.ProcessEnv = process.env): string {
+  checkIdentifier('sandbox-id', sandboxId);
+  return path.join(sbsRoot(env), sandboxId, 'shim-monitor.sock');
+}
+
+/** What the monitor asks of the shim. */
+export interface MonitorSource {
+  /** The host end of the guest debug console now, or undefined (no sandbox yet, or the console is off). */
+  debugConsoleSocket(): string | undefined;
+}
+
+function answers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(socketPath);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+function refuse(socket: Duplex, status: number, reason: string, message: string): void {
+  const body = JSON.stringify({ code: 'KATA_ERR_DEBUG_CONSOLE', message });
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+export class ShimMonitor {
+  readonly #server: http.Server;
+  readonly #open = new Set<Duplex>();
+  #attached = false;
+
+  private constructor(
+    readonly socketPath: string,
+    private readonly source: MonitorSource,
+  ) {
+    this.#server = http.createServer((req, res) => {
+      // Plain requests: nothing but the upgrade is served yet.
+      res.writeHead(404, { 'Content-Type': 'application/json' }).end(JSON.stringify({ code: 'KATA_ERR_DEBUG_CONSOLE', message: `no endpoint ${req.method} ${req.url}` }));
+    });
+    this.#server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => this.#attach(req, socket, head));
+    this.#server.on('connection', (s: net.Socket) => {
+      this.#open.add(s);
+      s.once('close', () => this.#open.delete(s));
+    });
+  }
+
+  /** Creates the directory and listens; a stale socket of a dead shim of the same id is replaced. */
+  static async start(sandboxId: string, source: MonitorSource, env: NodeJS.ProcessEnv = process.env): Promise<ShimMonitor> {
+    const socketPath = shimMonitorSocket(sandboxId, env);
+    await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
+    // A directory left by an earlier shim keeps its mode through mkdir: set it.
+    chmodSync(path.dirname(socketPath), 0o700);
+    // Kata's path has no namespace: the same sandbox id in another containerd namespace must not take a live shim's socket.
+    if (await answers(socketPath)) {
+      throw new KataError('KATA_ERR_DEBUG_CONSOLE', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, { key: 'sandbox-id', value: sandboxId });
+    }
+    await rm(socketPath, { force: true });
+    const m = new ShimMonitor(socketPath, source);
+    await new Promise<void>((resolve, reject) => {
+      m.#server.once('error', reject);
+      m.#server.listen(socketPath, () => resolve());
+    });
+    chmodSync(socketPath, 0o600);
+    return m;
+  }
+
+  #attach(req: http.IncomingMessage, client: Duplex, head: Buffer): void {
+    client.on('error', () => undefined);
+    if (req.method !== 'GET' || req.url !== '/debug-console' || req.headers.upgrade !== DEBUG_CONSOLE_PROTOCOL) {
+      refuse(client, 404, 'Not Found', `no endpoint ${req.method} ${req.url}`);
+      return;
+    }
+    const target = this.source.debugConsoleSocket();
+    if (!target) {
+      refuse(client, 409, 'Conflict', 'the debug console is off in this sandbox: set debug_console_enabled = true in [agent.kata] and start the sandbox again');
+      return;
+    }
+    if (this.#attached) {
+      refuse(client, 409, 'Conflict', 'another kata-runtime exec is attached to this debug console');
+      return;
+    }
+    this.#attached = true;
+    const guest = net.connect(target);
+    const done = () => {
+      this.#attached = false;
+      guest.destroy();
+      client.destroy();
+    };
+    guest.once('error', (err) => {
+      if (!client.destroyed) refuse(client, 502, 'Bad Gateway', `cannot reach the guest debug console: ${err.message}`);
+      this.#attached = false;
+    });
+    guest.once('connect', () => {
+      guest.removeAllListeners('error');
+      guest.on('error', done);
+      client.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${DEBUG_CONSOLE_PROTOCOL}\r\nConnection: Upgrade\r\n\r\n`);
+      if (head.length) guest.write(head);
+      client.pipe(guest);
+      guest.pipe(client);
+      client.once('close', done);
+      guest.once('close', done);
+    });
+  }
+
+  /** Stops listening, ends every attach and removes the socket and its directory. */
+  async close(): Promise<void> {
+    for (const s of this.#open) s.destroy();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    await rm(path.dirname(this.socketPath), { recursive: true, force: true });
+  }
+}
