@@ -1,7 +1,7 @@
 /**
  * Plugin loading. Built-in plugins are handed to the runtime by the executables (a list of
- * {@link PluginSource}, `plugins/builtin.ts`); third-party plugins are imported by absolute path or
- * package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
+ * {@link PluginSource}, `plugins/builtin.ts`); third-party plugins are imported by absolute path, path relative to the
+ * configuration file, or package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
  * before its apply() runs (as fastify-plugin does):
  *
  *   0. running as root, the module's file (its real path) and every directory above it are owned by
@@ -117,16 +117,24 @@ function shortKey(key: string): string {
   return key.startsWith('hypervisor.*.') ? key.slice('hypervisor.*.'.length) : key;
 }
 
-/** `spec` is an absolute path to an ES module or an installed package name. */
-export async function importThirdParty(spec: string, reason: string): Promise<LoadedPlugin> {
+/**
+ * `spec` is an absolute path to an ES module, a path starting with `./` or `../` (resolved against
+ * `configDir`, the directory of the configuration file that lists it, never the working directory),
+ * or the name of a package the runtime can import (resolved from the runtime's own location). The
+ * trust check applies to the resolved file either way.
+ */
+export async function importThirdParty(spec: string, reason: string, configDir?: string): Promise<LoadedPlugin> {
   let target: string;
   if (path.isAbsolute(spec)) target = pathToFileURL(spec).href;
-  else if (spec.startsWith('.') || spec.includes(path.sep + path.sep)) {
-    throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" is a relative path`, {
-      key: 'runtime.plugins',
-      value: spec,
-      fix: 'Name a plugin by absolute path, or by the name of a package installed next to the runtime.',
-    });
+  else if (isRelativeSpec(spec)) {
+    if (configDir === undefined) {
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" is a relative path, and the configuration was not read from a file to resolve it against`, {
+        key: 'runtime.plugins',
+        value: spec,
+        fix: 'Name the plugin by absolute path or by package name, or read the configuration from a file (relative plugin paths resolve against its directory).',
+      });
+    }
+    target = pathToFileURL(path.resolve(configDir, spec)).href;
   } else target = spec;
   // Before import() runs a line of the module: as root, only a file nobody else can write.
   const opened = trustedTarget(target);
@@ -170,6 +178,11 @@ async function importModule(target: string, spec: string): Promise<unknown> {
     }
     throw new KataError('KATA_ERR_PLUGIN_IMPORT', `plugin "${spec}" failed to import: ${err.message ?? String(e)}`, { key: 'runtime.plugins', value: spec, cause: e });
   }
+}
+
+/** `./x.mjs`, `../x.mjs` (either separator): a path, not a package name. */
+function isRelativeSpec(spec: string): boolean {
+  return /^\.\.?(\/|\\)/.test(spec) || spec === '.' || spec === '..';
 }
 
 function mentions(message: string, spec: string, target: string): boolean {

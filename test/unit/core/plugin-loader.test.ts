@@ -36,7 +36,17 @@ describe('plugin loader', () => {
 
   it('reports a package that is not installed', () => rejectsWith(judgeWith(['kata-ts-no-such-plugin']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
 
-  it('refuses a relative path', () => rejectsWith(judgeWith(['./rel.mjs']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+  it('refuses a relative path when the configuration was not read from a file', () => rejectsWith(judgeWith(['./rel.mjs']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+
+  it("resolves a relative path against the configuration file's directory", async () => {
+    tmp.file('rel.mjs', fakeHypervisorSource('fakevmm'));
+    const file = tmp.file('conf/c.toml', fakeConfig('fakevmm', '../rel.mjs'));
+    const j = await judgeConfig({ file });
+    assert.equal(j.valid, true, JSON.stringify(j.problems));
+    assert.deepEqual(j.plugins.map((p) => [p.name, p.specifier]), [['fakevmm', '../rel.mjs'], ['network', 'network']]);
+  });
+
+  it('reports a relative path that names no file as not found', () => rejectsWith(judgeConfig({ file: tmp.file('c.toml', fakeConfig('fakevmm', './missing.mjs')) }), 'KATA_ERR_PLUGIN_NOT_FOUND'));
 
   it('reports a module that throws while importing', () => rejectsWith(judgeWith([tmp.file('throws.mjs', 'throw new Error("kaput");')]), 'KATA_ERR_PLUGIN_IMPORT'));
 
