@@ -128,7 +128,8 @@ export async function importThirdParty(spec: string, reason: string, configDir?:
   if (path.isAbsolute(spec)) target = pathToFileURL(spec).href;
   else if (isRelativeSpec(spec)) {
     if (configDir === undefined) {
-      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" is a relative path, and the configuration was not read from a file to resolve it against`, {
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `is a relative path, and the configuration was not read from a file to resolve it against`, {
+        plugin: spec,
         key: 'runtime.plugins',
         value: spec,
         fix: 'Name the plugin by absolute path or by package name, or read the configuration from a file (relative plugin paths resolve against its directory).',
@@ -174,9 +175,9 @@ async function importModule(target: string, spec: string): Promise<unknown> {
     const notFound = err.code === 'ERR_MODULE_NOT_FOUND' || err.code === 'ERR_UNSUPPORTED_DIR_IMPORT' || err.code === 'ERR_PACKAGE_PATH_NOT_EXPORTED';
     // A missing module *inside* the plugin is the plugin's bug, not a missing plugin.
     if (notFound && mentions(err.message, spec, target)) {
-      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" cannot be found`, { key: 'runtime.plugins', value: spec, cause: e });
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `cannot be found${target.startsWith('file:') && target !== pathToFileURL(spec).href ? ` (looked for ${fileURLToPath(target)})` : ''}`, { plugin: spec, key: 'runtime.plugins', value: spec, cause: e });
     }
-    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `plugin "${spec}" failed to import: ${err.message ?? String(e)}`, { key: 'runtime.plugins', value: spec, cause: e });
+    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `failed to import: ${err.message ?? String(e)}`, { plugin: spec, key: 'runtime.plugins', value: spec, cause: e });
   }
 }
 
@@ -193,14 +194,15 @@ function mentions(message: string, spec: string, target: string): boolean {
 async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'manifest'>): Promise<LoadedPlugin> {
   const plugin = (mod as { default?: unknown }).default;
   if (plugin === undefined || plugin === null) {
-    throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `plugin module "${meta.specifier}" has no default export`, { value: meta.specifier });
+    throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `the module has no default export`, { plugin: meta.specifier, value: meta.specifier });
   }
   // Built-in manifests are checked by a unit test (test/unit/core/plugin-activation.test.ts), not at every start.
   const problems = meta.builtin ? [] : await manifestProblems(plugin);
   const named = (plugin as { manifest?: { name?: unknown } }).manifest?.name;
-  const who = typeof named === 'string' ? named : meta.specifier;
+  // A name the manifest check refuses is not one to file the error under: the specifier is.
+  const who = typeof named === 'string' && /^[a-z0-9][a-z0-9._-]*$/.test(named) ? named : meta.specifier;
   if (problems.length > 0) {
-    throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `plugin "${who}" has a bad manifest: ${problems.join('; ')}`, { value: meta.specifier });
+    throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `has a bad manifest: ${problems.join('; ')}`, { plugin: who, value: meta.specifier });
   }
   const p = plugin as KataPlugin;
   if (!satisfies(PLUGIN_API_VERSION, p.manifest.runtime)) {
