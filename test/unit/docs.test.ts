@@ -10,6 +10,7 @@ import { ERROR_CODES } from '../../core/errors.js';
 import { judgeConfig } from '../../core/runtime.js';
 import { createHooks } from '../../core/hooks.js';
 import { generateConfigurationDoc, generateErrorTable, spliceReadme, CONFIG_DOC } from '../../scripts/gen-docs.js';
+import { PLUGIN_API_DOC, generatePluginApiDoc } from '../../scripts/gen-plugin-api-doc.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const readme = () => readFile(path.join(PACKAGE_ROOT, 'README.md'), 'utf8');
@@ -23,6 +24,15 @@ describe('documentation', () => {
 
   it('lists every configuration key in docs/configuration.md (run `npm run gen` after changing a schema)', async () => {
     assert.equal(await readFile(path.join(PACKAGE_ROOT, CONFIG_DOC), 'utf8'), await generateConfigurationDoc());
+  });
+
+  it('matches the plugin API page to the source (run `npm run gen` after changing the plugin API)', async () => {
+    assert.equal(await readFile(path.join(PACKAGE_ROOT, PLUGIN_API_DOC), 'utf8'), await generatePluginApiDoc());
+  });
+
+  it('documents every hook, with its tapable kind, on the plugin API page', async () => {
+    const page = await generatePluginApiDoc();
+    for (const [name, hook] of Object.entries(createHooks())) assert.ok(page.includes(`| \`${name}\` | \`${hook.constructor.name}\` |`), name);
   });
 
   it('documents every hook in the README hook table', async () => {
