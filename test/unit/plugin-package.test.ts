@@ -20,14 +20,14 @@ function validate(site: string, config: string): { status: number | null; report
   return { status: r.status, report: JSON.parse(r.stdout) };
 }
 
-const config = (plugin: string) => `[hypervisor.qemu]
+const config = (plugin: string, debug = true) => `[hypervisor.qemu]
 kernel = "/k"
 image = "/i"
 shared_fs = "none"
 disable_block_device_use = true
 
 [agent.kata]
-debug_console_enabled = true
+debug_console_enabled = ${debug}
 
 [runtime]
 plugins = [${JSON.stringify(plugin)}]
@@ -107,6 +107,13 @@ describe('the kata-ts package as a plugin author installs it', function () {
   it('loads the plugin by absolute path through the installed runtime', () => {
     const r = validate(site, tmp.file('by-path.toml', config(pluginFile)));
     assert.deepEqual(r.report.problems.map((p) => [p.code, p.plugin, p.key]), VETO);
+  });
+
+  it('stays quiet when the debug console is off', () => {
+    const r = validate(site, tmp.file('quiet.toml', config(pluginFile, false)));
+    assert.equal(r.status, 0, JSON.stringify(r.report.problems));
+    assert.equal(r.report.valid, true);
+    assert.ok(r.report.plugins.some((p) => p.name === 'no-debug-console' && !p.builtin));
   });
 
   it("loads the plugin by a path relative to the configuration file's directory, whatever the working directory", () => {
