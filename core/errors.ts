@@ -83,7 +83,7 @@ export const ERROR_CODES = Object.freeze({
   },
   KATA_ERR_PLUGIN_NOT_FOUND: {
     meaning: 'A plugin named in the configuration cannot be imported (no such file or package).',
-    fix: 'Give an absolute path to an ES module, or the name of an installed package, in [runtime] plugins.',
+    fix: "Give an absolute path to an ES module, a path starting with ./ or ../ (resolved against the configuration file's directory), or the name of a package installed next to kata-ts, in [runtime] plugins.",
   },
   KATA_ERR_PLUGIN_IMPORT: {
     meaning: 'A plugin module was found but threw while being imported.',

@@ -175,7 +175,15 @@ async function importModule(target: string, spec: string): Promise<unknown> {
     const notFound = err.code === 'ERR_MODULE_NOT_FOUND' || err.code === 'ERR_UNSUPPORTED_DIR_IMPORT' || err.code === 'ERR_PACKAGE_PATH_NOT_EXPORTED';
     // A missing module *inside* the plugin is the plugin's bug, not a missing plugin.
     if (notFound && mentions(err.message, spec, target)) {
-      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `cannot be found${target.startsWith('file:') && target !== pathToFileURL(spec).href ? ` (looked for ${fileURLToPath(target)})` : ''}`, { plugin: spec, key: 'runtime.plugins', value: spec, cause: e });
+      // `plugins/x.mjs` is a package subpath to import(); the author most likely meant a file.
+      const meantFile = !target.startsWith('file:') && /\.[cm]?js$/.test(spec);
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `cannot be found${target.startsWith('file:') && target !== pathToFileURL(spec).href ? ` (looked for ${fileURLToPath(target)})` : ''}${meantFile ? ' as a package' : ''}`, {
+        plugin: spec,
+        key: 'runtime.plugins',
+        value: spec,
+        cause: e,
+        ...(meantFile ? { fix: `A name without ./ or / in front is a package name; for a file, write "./${spec}" (resolved against the configuration file's directory) or an absolute path.` } : {}),
+      });
     }
     throw new KataError('KATA_ERR_PLUGIN_IMPORT', `failed to import: ${err.message ?? String(e)}`, { plugin: spec, key: 'runtime.plugins', value: spec, cause: e });
   }
@@ -188,7 +196,9 @@ function isRelativeSpec(spec: string): boolean {
 
 function mentions(message: string, spec: string, target: string): boolean {
   const file = target.startsWith('file:') ? decodeURIComponent(new URL(target).pathname) : target;
-  return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`);
+  // `a/b.mjs` or `@s/p/x.js` as a bare specifier: Node names only the package (`a`, `@s/p`) it could not find.
+  const pkg = target.startsWith('file:') ? spec : spec.split('/').slice(0, spec.startsWith('@') ? 2 : 1).join('/');
+  return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`) || message.includes(`package '${pkg}'`);
 }
 
 async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'manifest'>): Promise<LoadedPlugin> {
