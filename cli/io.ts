@@ -2,6 +2,7 @@
  * The CLI's view of the outside world, injectable so tests can run commands in-process and capture
  * what they print.
  */
+import path from 'node:path';
 import { writeSync } from 'node:fs';
 import { formatProblem, isKataError, ConfigInvalidError, type KataError, type Problem } from '../core/errors.js';
 
@@ -35,6 +36,29 @@ export function describeError(e: KataError): string {
     return [head, ...e.problems.map((p) => `  - ${formatProblem(p)}`)].join('\n') + '\n';
   }
   return `kata-runtime: ${e.message}\n  fix: ${e.fix}\n  code: ${e.code}\n`;
+}
+
+/**
+ * With --debug: what a plugin's error was caused by, with the stack frames in the plugin's own files
+ * (its file and line); frames of the runtime and of Node itself are left out, they only tell where
+ * the runtime called the plugin.
+ */
+export function describeCause(e: KataError, runtimeRoot: string): string {
+  const out: string[] = [];
+  let cause: unknown = e.cause;
+  for (let depth = 0; cause !== undefined && cause !== null && depth < 4; depth++) {
+    const c = cause as { name?: unknown; message?: unknown; stack?: unknown; cause?: unknown };
+    out.push(`  cause: ${typeof c.name === 'string' ? `${c.name}: ` : ''}${typeof c.message === 'string' ? c.message : String(cause)}`);
+    const frames = typeof c.stack === 'string' ? c.stack.split('\n').filter((l) => /^\s+at /.test(l)) : [];
+    for (const f of frames) if (!isRuntimeFrame(f, runtimeRoot)) out.push(`    ${f.trim()}`);
+    cause = c.cause;
+  }
+  return out.length === 0 ? '' : out.join('\n') + '\n';
+}
+
+function isRuntimeFrame(frame: string, runtimeRoot: string): boolean {
+  const own = [path.join(runtimeRoot, 'dist') + path.sep, path.join(runtimeRoot, 'node_modules') + path.sep];
+  return /\(?node:/.test(frame) || own.some((dir) => frame.includes(dir));
 }
 
 export { isKataError };

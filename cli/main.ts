@@ -12,7 +12,8 @@ import { defaultConfigPaths, locateConfig, type LocatedConfig } from '../core/co
 import { runtimeVersion } from '../core/version.js';
 import type { PluginSource } from '../core/plugin-api.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
-import { describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
+import { PACKAGE_ROOT } from '../core/paths.js';
+import { describeCause, describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
 
@@ -195,6 +196,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
     const canonical = ALIASES[name] ?? name;
     if (flags.json && canonical in JSON_ERROR_REPORT) io.out(toJson({ valid: false, configPath, ...JSON_ERROR_REPORT[canonical], problems: problemsOf(err) }) + '\n');
     io.err(describeError(err));
+    if (level === 'debug' || level === 'trace') io.err(describeCause(err, PACKAGE_ROOT));
     if (err.code === 'KATA_ERR_USAGE') return EXIT.USAGE;
     return canonical === 'run' ? RUN_EXIT.RUNTIME_FAILED : EXIT.FAILED;
   }

@@ -83,11 +83,11 @@ export const ERROR_CODES = Object.freeze({
   },
   KATA_ERR_PLUGIN_NOT_FOUND: {
     meaning: 'A plugin named in the configuration cannot be imported (no such file or package).',
-    fix: 'Give an absolute path to an ES module, or the name of an installed package, in [runtime] plugins.',
+    fix: "Give an absolute path to an ES module, a path starting with ./ or ../ (resolved against the configuration file's directory), or the name of a package installed next to kata-ts, in [runtime] plugins.",
   },
   KATA_ERR_PLUGIN_IMPORT: {
     meaning: 'A plugin module was found but threw while being imported.',
-    fix: 'Fix the plugin module; the cause is attached.',
+    fix: 'Fix the plugin module; run with --debug to see the cause with its file and line.',
   },
   KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT: {
     meaning: 'A plugin module has no default export.',
@@ -115,7 +115,11 @@ export const ERROR_CODES = Object.freeze({
   },
   KATA_ERR_PLUGIN_HOOK: {
     meaning: 'A plugin threw inside one of its hook handlers.',
-    fix: 'Fix the plugin (the error names the plugin and hook); the cause is attached.',
+    fix: "Fix the plugin (the error names the plugin and hook); run with --debug to see the cause with the plugin's own stack frames.",
+  },
+  KATA_ERR_PLUGIN_BAD_VETO: {
+    meaning: 'A plugin vetoed a configuration without saying which key, why, or what to change (a veto needs `key`, `reason` and `fix`, each a non-empty string).',
+    fix: 'Fix the plugin (the error names the plugin, the hook and what the veto lacks): pass verdict.veto({ key, value, reason, fix }).',
   },
   KATA_ERR_PLUGIN_TAP: {
     meaning: 'A plugin tried to tap a hook under another name, or a hook that does not exist.',

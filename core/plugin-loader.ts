@@ -1,7 +1,7 @@
 /**
  * Plugin loading. Built-in plugins are handed to the runtime by the executables (a list of
- * {@link PluginSource}, `plugins/builtin.ts`); third-party plugins are imported by absolute path or
- * package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
+ * {@link PluginSource}, `plugins/builtin.ts`); third-party plugins are imported by absolute path, path relative to the
+ * configuration file, or package name from `[runtime] plugins`. Which of them apply is each manifest's `activation`. Each is checked in a fixed order
  * before its apply() runs (as fastify-plugin does):
  *
  *   0. running as root, the module's file (its real path) and every directory above it are owned by
@@ -117,16 +117,25 @@ function shortKey(key: string): string {
   return key.startsWith('hypervisor.*.') ? key.slice('hypervisor.*.'.length) : key;
 }
 
-/** `spec` is an absolute path to an ES module or an installed package name. */
-export async function importThirdParty(spec: string, reason: string): Promise<LoadedPlugin> {
+/**
+ * `spec` is an absolute path to an ES module, a path starting with `./` or `../` (resolved against
+ * `configDir`, the directory of the configuration file that lists it, never the working directory),
+ * or the name of a package the runtime can import (resolved from the runtime's own location). The
+ * trust check applies to the resolved file either way.
+ */
+export async function importThirdParty(spec: string, reason: string, configDir?: string): Promise<LoadedPlugin> {
   let target: string;
   if (path.isAbsolute(spec)) target = pathToFileURL(spec).href;
-  else if (spec.startsWith('.') || spec.includes(path.sep + path.sep)) {
-    throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" is a relative path`, {
-      key: 'runtime.plugins',
-      value: spec,
-      fix: 'Name a plugin by absolute path, or by the name of a package installed next to the runtime.',
-    });
+  else if (isRelativeSpec(spec)) {
+    if (configDir === undefined) {
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `is a relative path, and the configuration was not read from a file to resolve it against`, {
+        plugin: spec,
+        key: 'runtime.plugins',
+        value: spec,
+        fix: 'Name the plugin by absolute path or by package name, or read the configuration from a file (relative plugin paths resolve against its directory).',
+      });
+    }
+    target = pathToFileURL(path.resolve(configDir, spec)).href;
   } else target = spec;
   // Before import() runs a line of the module: as root, only a file nobody else can write.
   const opened = trustedTarget(target);
@@ -166,28 +175,44 @@ async function importModule(target: string, spec: string): Promise<unknown> {
     const notFound = err.code === 'ERR_MODULE_NOT_FOUND' || err.code === 'ERR_UNSUPPORTED_DIR_IMPORT' || err.code === 'ERR_PACKAGE_PATH_NOT_EXPORTED';
     // A missing module *inside* the plugin is the plugin's bug, not a missing plugin.
     if (notFound && mentions(err.message, spec, target)) {
-      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `plugin "${spec}" cannot be found`, { key: 'runtime.plugins', value: spec, cause: e });
+      // `plugins/x.mjs` is a package subpath to import(); the author most likely meant a file.
+      const meantFile = !target.startsWith('file:') && /\.[cm]?js$/.test(spec);
+      throw new KataError('KATA_ERR_PLUGIN_NOT_FOUND', `cannot be found${target.startsWith('file:') && target !== pathToFileURL(spec).href ? ` (looked for ${fileURLToPath(target)})` : ''}${meantFile ? ' as a package' : ''}`, {
+        plugin: spec,
+        key: 'runtime.plugins',
+        value: spec,
+        cause: e,
+        ...(meantFile ? { fix: `A name without ./ or / in front is a package name; for a file, write "./${spec}" (resolved against the configuration file's directory) or an absolute path.` } : {}),
+      });
     }
-    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `plugin "${spec}" failed to import: ${err.message ?? String(e)}`, { key: 'runtime.plugins', value: spec, cause: e });
+    throw new KataError('KATA_ERR_PLUGIN_IMPORT', `failed to import: ${err.message ?? String(e)}`, { plugin: spec, key: 'runtime.plugins', value: spec, cause: e });
   }
+}
+
+/** `./x.mjs`, `../x.mjs` (either separator): a path, not a package name. */
+function isRelativeSpec(spec: string): boolean {
+  return /^\.\.?(\/|\\)/.test(spec) || spec === '.' || spec === '..';
 }
 
 function mentions(message: string, spec: string, target: string): boolean {
   const file = target.startsWith('file:') ? decodeURIComponent(new URL(target).pathname) : target;
-  return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`);
+  // `a/b.mjs` or `@s/p/x.js` as a bare specifier: Node names only the package (`a`, `@s/p`) it could not find.
+  const pkg = target.startsWith('file:') ? spec : spec.split('/').slice(0, spec.startsWith('@') ? 2 : 1).join('/');
+  return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`) || message.includes(`package '${pkg}'`);
 }
 
 async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'manifest'>): Promise<LoadedPlugin> {
   const plugin = (mod as { default?: unknown }).default;
   if (plugin === undefined || plugin === null) {
-    throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `plugin module "${meta.specifier}" has no default export`, { value: meta.specifier });
+    throw new KataError('KATA_ERR_PLUGIN_NO_DEFAULT_EXPORT', `the module has no default export`, { plugin: meta.specifier, value: meta.specifier });
   }
   // Built-in manifests are checked by a unit test (test/unit/core/plugin-activation.test.ts), not at every start.
   const problems = meta.builtin ? [] : await manifestProblems(plugin);
   const named = (plugin as { manifest?: { name?: unknown } }).manifest?.name;
-  const who = typeof named === 'string' ? named : meta.specifier;
+  // A name the manifest check refuses is not one to file the error under: the specifier is.
+  const who = typeof named === 'string' && /^[a-z0-9][a-z0-9._-]*$/.test(named) ? named : meta.specifier;
   if (problems.length > 0) {
-    throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `plugin "${who}" has a bad manifest: ${problems.join('; ')}`, { value: meta.specifier });
+    throw new KataError('KATA_ERR_PLUGIN_BAD_MANIFEST', `has a bad manifest: ${problems.join('; ')}`, { plugin: who, value: meta.specifier });
   }
   const p = plugin as KataPlugin;
   if (!satisfies(PLUGIN_API_VERSION, p.manifest.runtime)) {

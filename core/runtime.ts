@@ -9,6 +9,7 @@
  * every problem at once. Errors before that (unreadable file, no hypervisor section, a plugin that
  * will not load) stop the phase immediately, since nothing after them can be judged.
  */
+import path from 'node:path';
 import { applyAnnotations, type AppliedAnnotation, type ApplyAnnotationsOptions } from './annotations.js';
 import { CapabilitySet, type CapabilityRecord, type CapabilityView, type RemovedCapability } from './capabilities.js';
 import { checkShape, builtinSchema, isPlainObject, pluginSchema, type TableSchema } from './config/schema.js';
@@ -136,7 +137,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   );
   const thirdParty: LoadedPlugin[] = [];
   for (const spec of thirdPartySpecs(parsed)) {
-    const p = await importThirdParty(spec, 'listed in runtime.plugins');
+    const p = await importThirdParty(spec, 'listed in runtime.plugins', configPath ? path.dirname(path.resolve(configPath)) : undefined);
     const act = activationOf(p.manifest.activation, parsed, hypervisorName);
     if (act.active) thirdParty.push(act.reason ? { ...p, reason: `listed in runtime.plugins; ${act.reason}` } : p);
     else log.info({ plugin: p.manifest.name, why: act.reason }, `plugin ${p.manifest.name} does not apply to this configuration`);

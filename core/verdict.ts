@@ -3,7 +3,7 @@
  * stamps every veto, requirement and warning with the plugin's name and the hook, so a plugin can
  * neither forget its name nor claim another's.
  */
-import { dropUndefined, type ErrorCode, type Problem } from './errors.js';
+import { KataError, dropUndefined, type ErrorCode, type Problem } from './errors.js';
 import type { CapabilityName } from './capabilities.js';
 import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 
@@ -71,7 +71,14 @@ export class Verdict {
 
   [SCOPE_FOR_PLUGIN](plugin: string, hook: string): VerdictView {
     return {
-      veto: (v) => this.veto(v, plugin, hook),
+      veto: (v) => {
+        // A veto the user cannot act on is the plugin's bug, not the user's: refuse it as such.
+        const lacking = (['key', 'reason', 'fix'] as const).filter((f) => typeof v?.[f] !== 'string' || v[f].trim() === '');
+        if (lacking.length > 0) {
+          throw new KataError('KATA_ERR_PLUGIN_BAD_VETO', `vetoed ${typeof v?.key === 'string' && v.key ? v.key : 'a configuration'} without ${lacking.map((f) => `a ${f}`).join(' or ')}`, { plugin, hook });
+        }
+        this.veto(v, plugin, hook);
+      },
       require: (c, why, opts) => this.require(c, why, plugin, opts),
       warn: (key, message) => this.warn(key, message, plugin),
     };

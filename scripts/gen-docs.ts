@@ -3,12 +3,14 @@
  * - docs/configuration.md: every supported configuration key, from schemas/ (the source of truth);
  * - the error-code table in README.md, between `<!-- errors:start -->` and `<!-- errors:end -->`,
  *   from ERROR_CODES in core/errors.ts.
- * `npm run gen` rewrites both; a unit test fails when the committed files differ.
+ * - docs/plugin-api.md, from the plugin API's source (scripts/gen-plugin-api-doc.ts).
+ * `npm run gen` rewrites them; a unit test fails when the committed files differ.
  */
 import { readFile, readdir, writeFile, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { ERROR_CODES } from '../core/errors.js';
+import { PLUGIN_API_DOC, generatePluginApiDoc } from './gen-plugin-api-doc.js';
 
 interface Prop {
   type?: string | string[];
@@ -99,7 +101,8 @@ export const CONFIG_DOC = 'docs/configuration.md';
 if (import.meta.url === `file://${process.argv[1]}`) {
   await mkdir(path.join(PACKAGE_ROOT, 'docs'), { recursive: true });
   await writeFile(path.join(PACKAGE_ROOT, CONFIG_DOC), await generateConfigurationDoc());
+  await writeFile(path.join(PACKAGE_ROOT, PLUGIN_API_DOC), await generatePluginApiDoc());
   const readmePath = path.join(PACKAGE_ROOT, 'README.md');
   await writeFile(readmePath, spliceReadme(await readFile(readmePath, 'utf8'), generateErrorTable()));
-  process.stdout.write(`wrote ${CONFIG_DOC} and the README error table (${(await readdir(path.join(PACKAGE_ROOT, 'schemas'))).length} schemas)\n`);
+  process.stdout.write(`wrote ${CONFIG_DOC}, ${PLUGIN_API_DOC} and the README error table (${(await readdir(path.join(PACKAGE_ROOT, 'schemas'))).length} schemas)\n`);
 }

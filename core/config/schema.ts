@@ -135,7 +135,9 @@ export function checkShape(data: Record<string, unknown>, schemas: readonly Tabl
       unknownKeys.push(child);
     }
   }
-  return { problems: dedupe(problems), unknownKeys: unknownKeys.sort() };
+  // A key a schema refuses is reported once, as that problem, never also as an ignored key.
+  const refused = new Set(problems.map((p) => p.key));
+  return { problems: dedupe(problems), unknownKeys: unknownKeys.filter((k) => !refused.has(k)).sort() };
 }
 
 function resolveTables(pattern: string, data: Record<string, unknown>, hypervisorTable: string): string[] {
@@ -185,8 +187,28 @@ function toProblem(err: ErrorObject, table: string, target: unknown, owner: stri
       reason = `must be one of ${allowed.map((a) => formatValue(a)).join(', ')}`;
       break;
     }
-    case 'type':
-      if (typeof value === 'bigint') reason = `${reason} (the value is too large)`;
+    case 'type': {
+      const what = typeWords((err.params as { type: string | string[] }).type);
+      reason = typeof value === 'bigint' ? `must be ${what} (the value is too large)` : `must be ${what}`;
+      break;
+    }
+    case 'additionalProperties': {
+      const extra = (err.params as { additionalProperty: string }).additionalProperty;
+      key = joinKey(key, extra);
+      value = isPlainObjectValue(value) ? value[extra] : undefined;
+      reason = owner === 'core' ? 'is not a key of this table' : `is not a key plugin ${owner} knows`;
+      break;
+    }
+    case 'minimum':
+    case 'exclusiveMinimum':
+    case 'maximum':
+    case 'exclusiveMaximum': {
+      const limit = (err.params as { limit: number }).limit;
+      reason = `must be ${BOUND_WORDS[err.keyword]} ${limit}`;
+      break;
+    }
+    case 'pattern':
+      reason = `must match the pattern ${(err.params as { pattern: string }).pattern}`;
       break;
     default:
       break;
@@ -195,17 +217,47 @@ function toProblem(err: ErrorObject, table: string, target: unknown, owner: stri
     code: 'KATA_ERR_CONFIG_SCHEMA',
     key,
     reason,
-    fix: fixFor(err, reason),
+    fix: fixFor(err, reason, typeof value === 'bigint'),
     ...(value === undefined ? {} : { value }),
     ...(owner === 'core' ? {} : { plugin: owner }),
   };
   return problem;
 }
 
-function fixFor(err: ErrorObject, reason: string): string {
-  if (err.keyword === 'type') return `give a value that ${reason.replace(/ \(the value is too large\)$/, '')}`;
-  if (err.keyword === 'enum') return `use one of the allowed values`;
-  return `give a value that ${reason}`;
+const BOUND_FIX: Record<string, string> = { minimum: 'of at least', exclusiveMinimum: 'greater than', maximum: 'of at most', exclusiveMaximum: 'less than' };
+const BOUND_WORDS: Record<string, string> = { minimum: 'at least', exclusiveMinimum: 'more than', maximum: 'at most', exclusiveMaximum: 'less than' };
+
+/** JSON Schema type names as words, TOML's: `integer` → "an integer", `object` → "a table". */
+function typeWords(type: string | string[]): string {
+  const one = (t: string) => ({ integer: 'an integer', number: 'a number', string: 'a string', boolean: 'a boolean (true or false)', array: 'an array', object: 'a table', null: 'absent' })[t] ?? t;
+  return (Array.isArray(type) ? type : type.split(',')).map(one).join(' or ');
+}
+
+function isPlainObjectValue(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+/** An instruction ("give an integer"), never the reason restated. */
+function fixFor(err: ErrorObject, reason: string, tooLarge: boolean): string {
+  switch (err.keyword) {
+    case 'type':
+      return tooLarge ? 'give a smaller integer' : `give ${typeWords((err.params as { type: string | string[] }).type)}`;
+    case 'enum':
+      return 'use one of the allowed values';
+    case 'required':
+      return 'add this key';
+    case 'additionalProperties':
+      return 'remove this key, or correct its spelling';
+    case 'minimum':
+    case 'exclusiveMinimum':
+    case 'maximum':
+    case 'exclusiveMaximum':
+      return `give a value ${BOUND_FIX[err.keyword]} ${(err.params as { limit: number }).limit}`;
+    case 'pattern':
+      return `give a value matching ${(err.params as { pattern: string }).pattern}`;
+    default:
+      return `change the value: it ${reason}`;
+  }
 }
 
 /** One problem per key: a value of the wrong type also fails its enum or range, which says nothing new. */

@@ -36,7 +36,26 @@ describe('plugin loader', () => {
 
   it('reports a package that is not installed', () => rejectsWith(judgeWith(['kata-ts-no-such-plugin']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
 
-  it('refuses a relative path', () => rejectsWith(judgeWith(['./rel.mjs']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+  it('refuses a relative path when the configuration was not read from a file', () => rejectsWith(judgeWith(['./rel.mjs']), 'KATA_ERR_PLUGIN_NOT_FOUND'));
+
+  it("resolves a relative path against the configuration file's directory", async () => {
+    tmp.file('rel.mjs', fakeHypervisorSource('fakevmm'));
+    const file = tmp.file('conf/c.toml', fakeConfig('fakevmm', '../rel.mjs'));
+    const j = await judgeConfig({ file });
+    assert.equal(j.valid, true, JSON.stringify(j.problems));
+    assert.deepEqual(j.plugins.map((p) => [p.name, p.specifier]), [['fakevmm', '../rel.mjs'], ['network', 'network']]);
+  });
+
+  it('tells an author who named a file without ./ how to write it', async () => {
+    tmp.file('sub/p.mjs', fakeHypervisorSource('fakevmm'));
+    await assert.rejects(judgeConfig({ file: tmp.file('c.toml', fakeConfig('fakevmm', 'sub/p.mjs')) }), (e: KataError) => {
+      assert.deepEqual([e.code, e.plugin, e.key], ['KATA_ERR_PLUGIN_NOT_FOUND', 'sub/p.mjs', 'runtime.plugins']);
+      assert.match(e.fix, /"\.\/sub\/p\.mjs"/);
+      return true;
+    });
+  });
+
+  it('reports a relative path that names no file as not found', () => rejectsWith(judgeConfig({ file: tmp.file('c.toml', fakeConfig('fakevmm', './missing.mjs')) }), 'KATA_ERR_PLUGIN_NOT_FOUND'));
 
   it('reports a module that throws while importing', () => rejectsWith(judgeWith([tmp.file('throws.mjs', 'throw new Error("kaput");')]), 'KATA_ERR_PLUGIN_IMPORT'));
 
