@@ -13,7 +13,7 @@ import { existsSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import type { ReadStream, WriteStream } from 'node:tty';
 import { KataError } from '../core/errors.js';
-import { DEBUG_CONSOLE_PROTOCOL, shimMonitorSocket } from '../shim/monitor.js';
+import { DEBUG_CONSOLE_PROTOCOL, shimMonitorSocket } from '../core/shim-monitor.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { LocalTerminal } from './tty.js';
 

@@ -16,23 +16,9 @@ import net from 'node:net';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
 import { KataError } from '../core/errors.js';
-import { checkIdentifier } from './identifiers.js';
+import { DEBUG_CONSOLE_PROTOCOL, shimMonitorSocket } from '../core/shim-monitor.js';
 
-/** Kata's directory of per-sandbox shim sockets; KATA_TS_SBS_ROOT overrides it (tests). */
-export const DEFAULT_SBS_ROOT = '/run/vc/sbs';
-
-/** The upgrade protocol name of a debug-console attach. */
-export const DEBUG_CONSOLE_PROTOCOL = 'kata-debug-console';
-
-export function sbsRoot(env: NodeJS.ProcessEnv = process.env): string {
-  return env.KATA_TS_SBS_ROOT || DEFAULT_SBS_ROOT;
-}
-
-/** The management socket of `sandboxId`; the id is checked as a containerd identifier first. */
-export function shimMonitorSocket(sandboxId: string, env: NodeJS.ProcessEnv = process.env): string {
-  checkIdentifier('sandbox-id', sandboxId);
-  return path.join(sbsRoot(env), sandboxId, 'shim-monitor.sock');
-}
+export { DEBUG_CONSOLE_PROTOCOL, DEFAULT_SBS_ROOT, sbsRoot, shimMonitorSocket } from '../core/shim-monitor.js';
 
 /** What the monitor asks of the shim. */
 export interface MonitorSource {
