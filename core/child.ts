@@ -36,10 +36,19 @@ export function findExecutable(name: string, env: NodeJS.ProcessEnv = process.en
  */
 export function spawnTied(binary: string, args: readonly string[], options: SpawnOptions, what = 'binary'): ChildProcess {
   setprivPath ??= findExecutable('setpriv') ?? null;
-  const found = findExecutable(binary);
-  const resolved = found === undefined ? undefined : assertTrustedPath(found, what);
+  const resolved = trustedProgram(binary, what);
   if (!setprivPath || !resolved) return spawn(resolved ?? binary, [...args], options);
   return spawn(setprivPath, ['--pdeathsig', 'KILL', '--', resolved, ...args], options);
+}
+
+/**
+ * The program to execute for `binary` (found on PATH when it has no slash): running as root, its
+ * real path once it has passed the StrictModes check (KATA_ERR_UNTRUSTED_PATH otherwise, before
+ * anything runs); undefined when it cannot be found, so that spawn reports its own ENOENT.
+ */
+function trustedProgram(binary: string, what: string, trust: { plugin?: string } = {}): string | undefined {
+  const found = findExecutable(binary);
+  return found === undefined ? undefined : assertTrustedPath(found, what, trust);
 }
 
 /** Process groups of probes still running: killed when this process exits or is interrupted first. */
@@ -82,9 +91,12 @@ export function killProcessGroup(pgid: number, signal: NodeJS.Signals = 'SIGKILL
  * Spawns a short-lived probe (`--version`, a VMM started only to be asked something) in a process
  * group of its own, so that whatever it forks can be killed with it: call the returned `kill()` on
  * timeout and when done. The group is also killed if this process exits, or is interrupted by
- * SIGINT, SIGTERM or SIGHUP (when nobody else handles those), before that.
+ * SIGINT, SIGTERM or SIGHUP (when nobody else handles those), before that. The binary passes the
+ * same trust check as {@link spawnTied}'s.
  */
-export function spawnProbe(binary: string, args: readonly string[], options: SpawnOptions): { child: ChildProcess; kill(): void } {
+export function spawnProbe(binary: string, args: readonly string[], options: SpawnOptions, what = 'binary', trust: { plugin?: string } = {}): { child: ChildProcess; kill(): void } {
+  // Throws KATA_ERR_UNTRUSTED_PATH before anything runs, as spawnTied does.
+  const program = trustedProgram(binary, what, trust) ?? binary;
   // Listening before the spawn: a signal that arrives while spawn() runs (the probe may already be
   // forking) is then delivered to the handler once this function has registered the group, instead
   // of killing this process by default with the group unknown.
@@ -92,7 +104,7 @@ export function spawnProbe(binary: string, args: readonly string[], options: Spa
   if (first) watchSignals();
   let child: ChildProcess;
   try {
-    child = spawn(binary, [...args], { ...options, detached: true });
+    child = spawn(program, [...args], { ...options, detached: true });
   } catch (e) {
     if (first) unwatchSignals();
     throw e;

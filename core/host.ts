@@ -13,7 +13,6 @@
  */
 import { closeSync, constants as fsConstants, openSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
-import { assertTrustedPath } from './trusted-path.js';
 import { spawnProbe } from './child.js';
 
 export interface HostDetectOptions {
@@ -174,15 +173,15 @@ export function parseHypervisorVersion(output: string): { product: HypervisorPro
  */
 export function hypervisorVersion(binary: string, opts: { timeoutMs?: number } = {}): Promise<HypervisorVersion> {
   const timeoutMs = opts.timeoutMs ?? VERSION_TIMEOUT_MS;
-  // Running as root, an untrusted binary is not run even to ask its version.
-  let run = binary;
+  let probe: ReturnType<typeof spawnProbe>;
   try {
-    run = assertTrustedPath(binary, 'the hypervisor binary');
+    // Running as root, an untrusted binary is not run even to ask its version.
+    probe = spawnProbe(binary, ['--version'], { stdio: ['ignore', 'pipe', 'pipe'], windowsHide: true }, 'the hypervisor binary');
   } catch (e) {
     return Promise.resolve({ version: null, product: null, output: '', reason: e instanceof Error ? e.message : String(e) });
   }
   return new Promise((resolve) => {
-    const { child, kill } = spawnProbe(run, ['--version'], { stdio: ['ignore', 'pipe', 'pipe'], windowsHide: true });
+    const { child, kill } = probe;
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let bytes = 0;

@@ -7,7 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { assertTrustedPath, KataError, errorText, productMismatch, spawnProbe, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
+import { KataError, errorText, productMismatch, spawnProbe, type HostCheck, type HostCheckContext } from '../../core/plugin-api.js';
 import { ClhApiClient, clhApiFailure, type VmmPing } from './api.js';
 import { PLUGIN_NAME, TDX_FEATURE } from './driver.js';
 
@@ -15,11 +15,18 @@ export const PROBE_TIMEOUT_MS = 5_000;
 
 /** Starts `binary`, pings it, stops it. Rejects with a coded error when it does not answer. */
 export async function probeVmm(binary: string, timeoutMs = PROBE_TIMEOUT_MS): Promise<VmmPing> {
-  const run = assertTrustedPath(binary, 'the hypervisor binary', { plugin: PLUGIN_NAME });
   const dir = await mkdtemp(path.join(os.tmpdir(), 'kata-clh-probe-'));
   const socketPath = path.join(dir, 'api.sock');
-  // Its own process group: what it forks is killed with it, also when this process is interrupted.
-  const { child, kill } = spawnProbe(run, ['--api-socket', `path=${socketPath}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let probe: ReturnType<typeof spawnProbe>;
+  try {
+    // Its own process group: what it forks is killed with it, also when this process is interrupted.
+    // Running as root, an untrusted binary is refused before it runs.
+    probe = spawnProbe(binary, ['--api-socket', `path=${socketPath}`], { stdio: ['ignore', 'ignore', 'pipe'] }, 'the hypervisor binary', { plugin: PLUGIN_NAME });
+  } catch (e) {
+    await rm(dir, { recursive: true, force: true });
+    throw e;
+  }
+  const { child, kill } = probe;
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-2000)));
   const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
