@@ -13,7 +13,9 @@
  */
 import { closeSync, constants as fsc, fstatSync, openSync, readSync } from 'node:fs';
 import { lstat, open, readdir, readFile, readlink, realpath, rename, unlink } from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
+import { processStartTime } from '../core/run-dirs.js';
 
 /** Where shim sockets live: containerd's own convention, whatever its state directory. */
 export const SOCKET_DIR = '/run/containerd/s';
@@ -102,13 +104,10 @@ async function bootTimeMs(): Promise<number | undefined> {
   return m ? Number(m[1]) * 1000 : undefined;
 }
 
-/** When a process started (epoch ms), from /proc/<pid>/stat; undefined when it is gone or a zombie. */
-async function processStartMs(pid: number, bootMs: number): Promise<number | undefined> {
-  const text = await readFile(`/proc/${pid}/stat`, 'latin1').catch(() => '');
-  // Fields after the command name (which may hold spaces and parentheses): state is field 3, starttime field 22.
-  const rest = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  if (rest.length < 20 || rest[0] === 'Z') return undefined;
-  return bootMs + (Number(rest[19]) * 1000) / USER_HZ;
+/** When a process started (epoch ms); undefined when it is gone or a zombie. */
+function processStartMs(pid: number, bootMs: number): number | undefined {
+  const ticks = processStartTime(pid);
+  return ticks === undefined ? undefined : bootMs + (Number(ticks) * 1000) / USER_HZ;
 }
 
 /** A pid file's pid, read without following a symlink, only from a small regular file. */
@@ -148,10 +147,22 @@ export async function sandboxProcesses(runDir: string): Promise<number[]> {
     if (!rec || rec.pid === process.pid) continue;
     const cwd = await readlink(`/proc/${rec.pid}/cwd`).catch(() => undefined);
     if (cwd !== real) continue;
-    const started = await processStartMs(rec.pid, bootMs);
+    const started = processStartMs(rec.pid, bootMs);
     // btime has whole seconds; a recycled pid started after the file was written, usually much later.
     if (started === undefined || started > rec.mtimeMs + 1000) continue;
     pids.push(rec.pid);
   }
   return pids;
+}
+
+/** Whether something accepts connections on the unix socket `sock` now (a live shim, a live monitor). */
+export function canConnect(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(sock);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }

@@ -19,7 +19,6 @@ import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, writeSync } from 'node:fs';
 import { chmod, mkdir, rm } from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { KataError, toKataError } from '../core/errors.js';
 import { closeSinks, logFifo, systemLog } from './log-sinks.js';
@@ -28,7 +27,7 @@ import { mountsUnder, unmount } from '../core/mounts.js';
 import { TtrpcServer } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
 import { DEFAULT_RUN_ROOT } from '../core/vm-lifecycle.js';
-import { inSocketDir, readAddressFile, removeShimSocket, sandboxProcesses, shimSocketDir, socketRefusal, writeAddressFile } from './cleanup.js';
+import { canConnect, inSocketDir, readAddressFile, removeShimSocket, sandboxProcesses, shimSocketDir, socketRefusal, writeAddressFile } from './cleanup.js';
 import { EventPublisher } from './events.js';
 import { parseShimFlags, type ShimFlags } from './flags.js';
 import { checkIdentifier, guardTaskIds } from './identifiers.js';
@@ -84,17 +83,6 @@ export function socketPath(env: NodeJS.ProcessEnv, address: string, namespace: s
  */
 export function runRootOf(env: NodeJS.ProcessEnv, namespace: string): string {
   return path.join(env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT, namespace);
-}
-
-function canConnect(sock: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(sock);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 export async function shimMain(io: ShimEnv): Promise<number> {

@@ -13,6 +13,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { chmodSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import { canConnect } from './cleanup.js';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
 import { KataError } from '../core/errors.js';
@@ -24,17 +25,6 @@ export { DEBUG_CONSOLE_PROTOCOL, DEFAULT_SBS_ROOT, sbsRoot, shimMonitorSocket } 
 export interface MonitorSource {
   /** The host end of the guest debug console now, or undefined (no sandbox yet, or the console is off). */
   debugConsoleSocket(): string | undefined;
-}
-
-function answers(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(socketPath);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 function refuse(socket: Duplex, status: number, reason: string, message: string): void {
@@ -69,7 +59,7 @@ export class ShimMonitor {
     // A directory left by an earlier shim keeps its mode through mkdir: set it.
     chmodSync(path.dirname(socketPath), 0o700);
     // Kata's path has no namespace: the same sandbox id in another containerd namespace must not take a live shim's socket.
-    if (await answers(socketPath)) {
+    if (await canConnect(socketPath)) {
       throw new KataError('KATA_ERR_DEBUG_CONSOLE', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, { key: 'sandbox-id', value: sandboxId });
     }
     await rm(socketPath, { force: true });
