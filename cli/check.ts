@@ -86,8 +86,8 @@ export async function checkCommand(ctx: CommandContext): Promise<number> {
   const located = ctx.locate();
   const { judgement: j, hooks } = await judgeConfigWithHooks({ file: located.path, log: ctx.log });
   const host = detectHost({ root: hostRoot(ctx.io.env) });
-  const core = j.config ? await hostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : [];
-  const checks = j.config ? mergeChecks(core, await pluginChecks(hooks, j, core, ctx)) : core;
+  const core = j.config ? await coreHostChecks({ hypervisor: j.hypervisor, section: j.config.hypervisor, plan: j.plan, host }) : undefined;
+  const checks = core ? mergeChecks(core.checks, await pluginChecks(hooks, j, core.checks, core.version, ctx)) : [];
   const failures = checks.filter((c) => c.status === 'FAIL');
   const capable = j.valid && failures.length === 0;
 
@@ -113,10 +113,10 @@ export async function checkCommand(ctx: CommandContext): Promise<number> {
 }
 
 /** The lines plugins add through the `hostChecks` hook, after the core's. */
-async function pluginChecks(hooks: Hooks, j: Judgement, core: readonly HostCheck[], ctx: CommandContext): Promise<HostCheck[]> {
+async function pluginChecks(hooks: Hooks, j: Judgement, core: readonly HostCheck[], version: HypervisorVersion | undefined, ctx: CommandContext): Promise<HostCheck[]> {
   const added: HostCheck[] = [];
   if (!j.config) return added;
-  await hooks.hostChecks.promise({ config: j.config, plan: j.plan, checks: core, add: (c) => void added.push(Object.freeze({ ...c })), version: versions.get(core), log: ctx.log });
+  await hooks.hostChecks.promise({ config: j.config, plan: j.plan, checks: core, add: (c) => void added.push(Object.freeze({ ...c })), version, log: ctx.log });
   return added;
 }
 
@@ -126,13 +126,16 @@ export function mergeChecks(core: readonly HostCheck[], fromPlugins: readonly Ho
   return [...refined, ...fromPlugins.filter((p) => !core.some((c) => c.id === p.id))];
 }
 
-/** The `--version` answer behind a list of core checks, for the plugins' `hostChecks` context. */
-const versions = new WeakMap<readonly HostCheck[], HypervisorVersion>();
-
 /** Runs every host check this configuration calls for, in a fixed order. */
 export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
+  return (await coreHostChecks(inputs)).checks;
+}
+
+/** {@link hostChecks}, with what the hypervisor binary said to `--version` (for the plugins' `hostChecks` context). */
+async function coreHostChecks(inputs: CheckInputs): Promise<{ checks: HostCheck[]; version: HypervisorVersion | undefined }> {
   const { hypervisor, section, plan, host } = inputs;
   const checks: HostCheck[] = [];
+  let version: HypervisorVersion | undefined;
   const confidential = section.confidential_guest === true;
 
   checks.push(kvmCheck(hypervisor, section, plan, host, confidential));
@@ -149,8 +152,7 @@ export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
   const binaryCheck = executableCheck('hypervisor-binary', 'hypervisor binary', binary, `${hypervisorTable(hypervisor)}.path`);
   checks.push(binaryCheck);
   if (binaryCheck.status === 'ok') {
-    const version = await hypervisorVersion(binary);
-    versions.set(checks, version);
+    version = await hypervisorVersion(binary);
     checks.push(versionCheck(version));
   }
 
@@ -168,7 +170,7 @@ export async function hostChecks(inputs: CheckInputs): Promise<HostCheck[]> {
         : { id: 'virtio-fs-daemon', status: 'FAIL', subject: 'virtio-fs daemon', message: `shared_fs = "${sharedFs}" needs virtio_fs_daemon (the virtiofsd binary), which is not set` },
     );
   }
-  return checks;
+  return { checks, version };
 }
 
 function kvmCheck(hypervisor: string, section: Readonly<Record<string, unknown>>, plan: SandboxPlan | undefined, host: HostInfo, confidential: boolean): HostCheck {
