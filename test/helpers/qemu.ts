@@ -4,7 +4,7 @@
  * left no QEMU process behind.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { processesMentioning } from './procs.js';
@@ -53,6 +53,26 @@ shared_fs = "none"
 disable_block_device_use = false
 block_device_driver = "${opts.blockDriver ?? 'virtio-blk'}"
 ${opts.extra ?? ''}
+`;
+}
+
+/**
+ * A whole sandbox's `[hypervisor.qemu]` configuration on the guest image (the installed QEMU, one
+ * vCPU, 512 MiB): `hypervisor` lines are added to that section, `agent` lines to `[agent.kata]`,
+ * whose dial timeout suits a guest booting under TCG.
+ */
+export function sandboxConfigText(image: { kernel: string; initrd: string }, hypervisor = '', agent = ''): string {
+  return `[hypervisor.qemu]
+path = "${qemuBinary() ?? '/usr/bin/qemu-system-x86_64'}"
+kernel = "${image.kernel}"
+initrd = "${image.initrd}"
+default_memory = 512
+default_vcpus = 1
+${hypervisor}
+
+[agent.kata]
+dial_timeout = 120
+${agent}
 `;
 }
 
@@ -161,4 +181,11 @@ export function blockList(text: string): Record<string, number> {
 /** Loop devices can be made here (root, /dev/loop-control, losetup). */
 export function losetupAvailable(): boolean {
   return process.getuid?.() === 0 && existsSync('/dev/loop-control') && spawnSync('losetup', ['--version']).status === 0;
+}
+
+/** A sparse file of `bytes` (a raw disk image for hot-plug). */
+export function sparseFile(file: string, bytes: number): string {
+  writeFileSync(file, '');
+  truncateSync(file, bytes);
+  return file;
 }

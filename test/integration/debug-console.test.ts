@@ -11,23 +11,9 @@ import { loadValidatedConfig } from '../../core/runtime.js';
 import { Sandbox } from '../../core/sandbox.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
-import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 
-function config(image: GuestImage, debugConsole: boolean): string {
-  return `[hypervisor.qemu]
-path = "${qemuBinary() ?? '/usr/bin/qemu-system-x86_64'}"
-kernel = "${image.kernel}"
-initrd = "${image.initrd}"
-default_memory = 512
-default_vcpus = 1
-shared_fs = "none"
-disable_block_device_use = true
-
-[agent.kata]
-dial_timeout = 120
-debug_console_enabled = ${debugConsole}
-`;
-}
+const NO_DISKS = 'shared_fs = "none"\ndisable_block_device_use = true';
 
 /** Sends `input` on a console connection and collects output until `until` matches it. */
 export async function converse(sock: net.Socket, input: string, until: RegExp, timeoutMs = 60_000): Promise<string> {
@@ -64,7 +50,7 @@ describe('guest debug console @integration', function () {
 
   it('serves a root shell in the guest on its own port when debug_console_enabled is set', async () => {
     const runRoot = path.join(tmp.path, 'run-on');
-    const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, true) }), { sandboxId: 'sb-console', runRoot });
+    const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, NO_DISKS, 'debug_console_enabled = true') }), { sandboxId: 'sb-console', runRoot });
     try {
       const socket = sandbox.debugConsoleSocket as string;
       assert.equal(socket, path.join(runRoot, 'sb-console', 'debug-console.sock'));
@@ -95,7 +81,7 @@ describe('guest debug console @integration', function () {
 
   it('has no console port when debug_console_enabled is off (the default)', async () => {
     const runRoot = path.join(tmp.path, 'run-off');
-    const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, false) }), { sandboxId: 'sb-noconsole', runRoot });
+    const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, NO_DISKS, 'debug_console_enabled = false') }), { sandboxId: 'sb-noconsole', runRoot });
     try {
       assert.equal(sandbox.debugConsoleSocket, undefined);
       assert.equal(existsSync(path.join(runRoot, 'sb-noconsole', 'debug-console.sock')), false);

@@ -13,25 +13,12 @@ import type { KataError } from '../../core/errors.js';
 import { loadValidatedConfig } from '../../core/runtime.js';
 import { Sandbox } from '../../core/sandbox.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
 import { createPodAndPeer, fromPeer, ip, peerServer, removeNetns, tc, type PodAndPeer } from '../helpers/netns.js';
 
-function config(image: GuestImage): string {
-  return `[hypervisor.qemu]
-path = "${qemuBinary() ?? '/usr/bin/qemu-system-x86_64'}"
-kernel = "${image.kernel}"
-initrd = "${image.initrd}"
-default_memory = 512
-default_vcpus = 1
-shared_fs = "none"
-disable_block_device_use = false
-block_device_driver = "virtio-blk"
 
-[agent.kata]
-dial_timeout = 120
-`;
-}
+const BLOCK = 'shared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"';
 
 describe('pod networking @integration', function () {
   this.timeout(600_000);
@@ -65,7 +52,7 @@ describe('pod networking @integration', function () {
   }
 
   it('fails with KATA_ERR_NETWORK naming the namespace when it does not exist, leaving nothing', async () => {
-    const validated = await loadValidatedConfig({ text: config(image) });
+    const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
     const missing = '/var/run/netns/kts-no-such-netns';
     await assert.rejects(Sandbox.create(validated, { sandboxId: 'net-missing', runRoot: runRoot(), netns: missing }), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === missing);
     assert.equal(existsSync(path.join(runRoot(), 'net-missing')), false);
@@ -77,7 +64,7 @@ describe('pod networking @integration', function () {
     // Someone else's tap holds the name this sandbox would use.
     ip('-n', pod, 'tuntap', 'add', 'dev', 'tap0_kata', 'mode', 'tap');
     try {
-      const validated = await loadValidatedConfig({ text: config(image) });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
       await assert.rejects(Sandbox.create(validated, { sandboxId: 'net-busy', runRoot: runRoot(), netns: podPath }), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network');
       assert.equal(existsSync(path.join(runRoot(), 'net-busy')), false);
       assert.deepEqual(await qemuLeftBehind(runRoot()), []);
@@ -89,7 +76,7 @@ describe('pod networking @integration', function () {
   });
 
   it("gives the container the pod interface's IPv4 and IPv6 addresses and routes, and TCP works out to the peer (both families) and in from it", async () => {
-    const validated = await loadValidatedConfig({ text: config(image) });
+    const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
     const { pod, peer, podPath } = ns!;
     sandbox = await Sandbox.create(validated, { sandboxId: 'net-pod', runRoot: runRoot(), netns: podPath });
     assert.match(ip('-n', pod, 'link', 'show', 'tap0_kata'), /tap0_kata/);

@@ -12,7 +12,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { KataError } from '../../core/errors.js';
@@ -25,7 +25,7 @@ import { SANDBOX_PATHS } from '../../plugins/qemu/config.js';
 import { QemuVm, type QemuVmExit } from '../../plugins/qemu/driver.js';
 import type { QmpEvent } from '../../plugins/qemu/qmp.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { blockList, killQemuMentioning, losetupAvailable, qemuBinary, qemuConfigText, qemuLeftBehind, qemuProcessesMentioning, waitForConsole } from '../helpers/qemu.js';
+import { blockList, killQemuMentioning, losetupAvailable, sparseFile, qemuBinary, qemuConfigText, qemuLeftBehind, qemuProcessesMentioning, waitForConsole } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const BOOT_TIMEOUT_MS = 90_000;
@@ -67,12 +67,7 @@ describe('QEMU driver with a booted guest (TCG) @integration', function () {
     assert.deepEqual(left, [], 'a QEMU process was left running');
   });
 
-  function disk(name: string, bytes: number): string {
-    const p = path.join(tmp.path, name);
-    writeFileSync(p, '');
-    truncateSync(p, bytes);
-    return p;
-  }
+  const disk = (name: string, bytes: number): string => sparseFile(path.join(tmp.path, name), bytes);
 
   async function boot(sandboxId: string, extra = '', logs: LogLine[] = []): Promise<{ running: RunningVm; vm: QemuVm; console: string; readyAt: number; kernel: string }> {
     const validated = await loadValidatedConfig({ text: qemuConfigText({ binary: binary as string, kernel: image.kernel, initrd: image.initrd, extra }) });

@@ -10,7 +10,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { KataError } from '../../core/errors.js';
 import { createLogger } from '../../core/logger.js';
@@ -21,7 +21,7 @@ import { QEMU_IDS, SANDBOX_PATHS } from '../../plugins/qemu/config.js';
 import { QemuVm } from '../../plugins/qemu/driver.js';
 import { QmpError } from '../../plugins/qemu/qmp.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { blockList, killQemuMentioning, losetupAvailable, qemuBinary, qemuConfigText, qemuLeftBehind, waitForConsole } from '../helpers/qemu.js';
+import { blockList, killQemuMentioning, losetupAvailable, sparseFile, qemuBinary, qemuConfigText, qemuLeftBehind, waitForConsole } from '../helpers/qemu.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const BOOT_TIMEOUT_MS = 90_000;
@@ -71,12 +71,7 @@ describe('QEMU virtio-scsi block hot-plug with a booted guest (TCG) @integration
     assert.deepEqual(left, [], 'a QEMU process was left running');
   });
 
-  function disk(name: string, bytes: number): string {
-    const p = path.join(tmp.path, name);
-    writeFileSync(p, '');
-    truncateSync(p, bytes);
-    return p;
-  }
+  const disk = (name: string, bytes: number): string => sparseFile(path.join(tmp.path, name), bytes);
 
   /** Waits for the guest's next block-device report that satisfies `want`. */
   async function guestBlocks(want: (devs: Record<string, number>) => boolean): Promise<Record<string, number>> {

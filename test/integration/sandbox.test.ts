@@ -13,23 +13,10 @@ import type { KataError } from '../../core/errors.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
-import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 import { text } from 'node:stream/consumers';
 
 
-function config(image: GuestImage, extra: string): string {
-  return `[hypervisor.qemu]
-path = "${qemuBinary() ?? '/usr/bin/qemu-system-x86_64'}"
-kernel = "${image.kernel}"
-initrd = "${image.initrd}"
-default_memory = 512
-default_vcpus = 1
-${extra}
-
-[agent.kata]
-dial_timeout = 120
-`;
-}
 
 const BLOCK = 'shared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"';
 const NINEP = 'shared_fs = "virtio-9p"\ndisable_block_device_use = true';
@@ -63,7 +50,7 @@ describe('sandbox lifecycle @integration', function () {
     let sandbox: Sandbox;
     const runRoot = () => path.join(tmp.path, 'run-block');
     before(async () => {
-      const validated = await loadValidatedConfig({ text: config(image, BLOCK) });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
       sandbox = await Sandbox.create(validated, { sandboxId: 'sb-block', runRoot: runRoot() });
     });
     after(async () => {
@@ -191,7 +178,7 @@ describe('sandbox lifecycle @integration', function () {
       execFileSync('mkdir', ['-p', mnt]);
       // Unpack the busybox image into a directory (debugfs needs no mount).
       execFileSync('debugfs', ['-R', `rdump / ${rootfsDir}`, image.busyboxRootfs as string], { stdio: 'ignore' });
-      const validated = await loadValidatedConfig({ text: config(image, NINEP) });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, NINEP) });
       sandbox = await Sandbox.create(validated, { sandboxId: 'sb-9p', runRoot: runRoot() });
     });
     after(async () => {
@@ -220,7 +207,7 @@ describe('sandbox lifecycle @integration', function () {
   describe('failures', () => {
     it('reports an unreachable agent clearly and tears the VM down', async () => {
       const runRoot = path.join(tmp.path, 'run-unreachable');
-      const validated = await loadValidatedConfig({ text: config(image, BLOCK) });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
       await assert.rejects(Sandbox.create(validated, { sandboxId: 'sb-noagent', runRoot, agentDialTimeoutMs: 200 }), (e: KataError) => e.code === 'KATA_ERR_AGENT_UNREACHABLE');
       assert.deepEqual(await qemuLeftBehind(runRoot), []);
       assert.equal(existsSync(path.join(runRoot, 'sb-noagent')), false);
@@ -228,7 +215,7 @@ describe('sandbox lifecycle @integration', function () {
 
     it('makes a waiting container fail, not hang, when the agent dies', async () => {
       const runRoot = path.join(tmp.path, 'run-agent-dies');
-      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, BLOCK) }), { sandboxId: 'sb-agent-dies', runRoot });
+      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) }), { sandboxId: 'sb-agent-dies', runRoot });
       try {
         const c = await sandbox.createContainer({ id: 'bystander', rootfs: { kind: 'block', path: freshImage('bystander'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
         await c.start();
@@ -249,7 +236,7 @@ describe('sandbox lifecycle @integration', function () {
 
     it('makes a waiting container fail, not hang, when the VM dies', async () => {
       const runRoot = path.join(tmp.path, 'run-die');
-      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: config(image, BLOCK) }), { sandboxId: 'sb-die', runRoot });
+      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) }), { sandboxId: 'sb-die', runRoot });
       try {
         const c = await sandbox.createContainer({ id: 'victim', rootfs: { kind: 'block', path: freshImage('victim'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
         await c.start();
