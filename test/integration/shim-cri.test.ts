@@ -11,11 +11,11 @@ import assert from 'node:assert/strict';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { BUSYBOX_IMAGE, CRI_NAMESPACE, NO_LEFTOVERS, PAUSE_IMAGE, startContainerd, type TestContainerd } from '../helpers/containerd.js';
-import { CriClient } from '../helpers/cri.js';
+import { CriClient, CriExecStream, exitCodeOf } from '../helpers/cri.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { processesMentioning } from '../helpers/procs.js';
 import { TempDir } from '../helpers/tmp.js';
-import { until as untilFast } from '../helpers/wait.js';
+import { until as untilFast, within } from '../helpers/wait.js';
 import { shimBinDir, shimConfig } from '../helpers/shim.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
@@ -198,6 +198,77 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
     it('ExecSync runs a command in the running container (the shim\'s Exec) with its output and exit code', async () => {
       const r = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['sh', '-c', 'echo out; echo err >&2; exit 4'], timeout: 30 });
       assert.deepEqual([Buffer.from(r.stdout as Uint8Array).toString(), Buffer.from(r.stderr as Uint8Array).toString(), r.exit_code], ['out\n', 'err\n', 4], log());
+      assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the container goes on');
+    });
+
+    // Exec streamed by containerd (tty: true), as kubelet uses it for `kubectl exec -it`: plain
+    // tests, not a nested suite, which mocha would run after this suite's StopContainer.
+    /** The script's own marker: finds its shell in `ps` afterwards. */
+    const marker = 'cri-tty-exec-marker';
+    const script = [
+      `: ${marker}`,
+      '[ -t 0 ] && [ -t 1 ] && echo "stdio: terminal"',
+      'echo "TERM=$TERM"',
+      'echo "size: $(stty size) got: start"',
+      'while read line; do [ "$line" = done ] && break; echo "size: $(stty size) got: $line"; done',
+      'exit 7',
+    ].join('; ');
+
+    it('runs the command on a terminal whose size follows resize messages, echoes input and sends the exit code on channel 3', async () => {
+      const r = await api().runtime('Exec', { container_id: containers.hello, cmd: ['sh', '-c', script], tty: true, stdin: true, stdout: true, stderr: false });
+      assert.match(r.url as string, /^http:\/\/127\.0\.0\.1:\d+\/exec\/\S+$/);
+      const stream = await CriExecStream.open(r.url as string);
+      try {
+        await stream.waitFor(/got: start/);
+        assert.match(stream.stdout, /^stdio: terminal\r$/m, 'stdin and stdout are a terminal');
+        assert.match(stream.stdout, /^TERM=xterm\r$/m);
+        // No resize message yet: the guest pty's default size.
+        assert.match(stream.stdout, /^size: 24 80 got: start\r$/m);
+        stream.resize(101, 33);
+        // The resize travels containerd → shim (ResizePty) → agent (TtyWinResize), stdin through
+        // a FIFO: ask again until the new size shows.
+        for (let i = 0; !/size: 33 101 got: probe/.test(stream.stdout); i++) {
+          assert.ok(i < 100, `the resize did not reach the process: ${JSON.stringify(stream.stdout)}`);
+          stream.write('probe\r');
+          await new Promise((res) => setTimeout(res, 300));
+        }
+        stream.write('typed by hand\r');
+        await stream.waitFor(/size: 33 101 got: typed by hand\r\n/);
+        // The terminal echoes what was typed before the process answers.
+        assert.match(stream.stdout, /typed by hand\r\nsize: 33 101 got: typed by hand/);
+        stream.write('done\r');
+        const status = await within(stream.status, 'the status on channel 3', 30_000);
+        assert.deepEqual([status.status, status.reason, exitCodeOf(status)], ['Failure', 'NonZeroExitCode', 7], JSON.stringify(status));
+        await within(stream.closed, 'the server closing the stream', 10_000);
+        assert.equal(stream.stderr, '', 'a terminal has one output stream');
+      } finally {
+        stream.close();
+      }
+    });
+
+    it('a tty exec ending at once delivers its last output before Success on channel 3', async () => {
+      // stdin too, as `kubectl exec -it`: without it containerd 1.6 hands its WebSocket path a stdin
+      // that is at end of file from the start, and for a tty it then closes the output at once
+      // (pkg/cri/io/exec_io.go), whatever the runtime.
+      const r = await api().runtime('Exec', { container_id: containers.hello, cmd: ['sh', '-c', `: ${marker}; echo "size: $(stty size)"; echo last words`], tty: true, stdin: true, stdout: true, stderr: false });
+      const stream = await CriExecStream.open(r.url as string);
+      try {
+        const status = await within(stream.status, 'the status on channel 3', 30_000);
+        assert.deepEqual([status.status, exitCodeOf(status)], ['Success', 0], JSON.stringify(status));
+        assert.equal(stream.stdout, 'size: 24 80\r\nlast words\r\n');
+      } finally {
+        stream.close();
+      }
+    });
+
+    it('leaves no exec process behind in the container; ExecSync still works after them', async () => {
+      await until('the streamed execs to be gone from the container', async () => {
+        const r = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['ps', '-o', 'pid,args'], timeout: 30 });
+        assert.equal(r.exit_code, 0);
+        const ps = Buffer.from(r.stdout as Uint8Array).toString();
+        assert.match(ps, /sleep 1000/, 'the container\'s own process is there');
+        return !ps.includes(marker);
+      }, 20_000);
       assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the container goes on');
     });
 
