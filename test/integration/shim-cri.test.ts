@@ -261,6 +261,32 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       }
     });
 
+    it('a client going away mid-session leaves the shim serving: the process ends when killed and a new tty exec works', async () => {
+      const r = await api().runtime('Exec', { container_id: containers.hello, cmd: ['sh', '-c', `: ${marker}; echo "pid: $$"; while read l; do echo "got: $l"; done`], tty: true, stdin: true, stdout: true, stderr: false });
+      const stream = await CriExecStream.open(r.url as string);
+      const pid = (await stream.waitFor(/pid: (\d+)\r\n/))[1]!;
+      stream.write('alive\r');
+      await stream.waitFor(/got: alive\r\n/);
+      // As kubectl killed: the connection drops without a word. containerd keeps a terminal
+      // process running when its client goes (as with runc); it must still see its end.
+      stream.close();
+      await within(stream.closed, 'the connection to close', 10_000);
+      const kill = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['kill', pid], timeout: 30 });
+      assert.equal(kill.exit_code, 0, Buffer.from(kill.stderr as Uint8Array).toString());
+      await until('the killed exec to be gone from the container', async () => {
+        const ps = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['ps', '-o', 'pid,args'], timeout: 30 });
+        return !Buffer.from(ps.stdout as Uint8Array).toString().includes(marker);
+      }, 20_000);
+      const again = await api().runtime('Exec', { container_id: containers.hello, cmd: ['sh', '-c', 'echo still served'], tty: true, stdin: true, stdout: true, stderr: false });
+      const next = await CriExecStream.open(again.url as string);
+      try {
+        assert.equal(exitCodeOf(await within(next.status, 'the status on channel 3', 30_000)), 0);
+        assert.equal(next.stdout, 'still served\r\n');
+      } finally {
+        next.close();
+      }
+    });
+
     it('leaves no exec process behind in the container; ExecSync still works after them', async () => {
       await until('the streamed execs to be gone from the container', async () => {
         const r = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['ps', '-o', 'pid,args'], timeout: 30 });
