@@ -304,6 +304,32 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       assert.equal((await status('hello')).state, 'CONTAINER_RUNNING', 'the container goes on');
     });
 
+    it('Attach streams a tty: true container\'s terminal: input, resize, its output in the log, Success on channel 3 when it exits', async () => {
+      await create('tty', 'echo started; while read l; do [ "$l" = done ] && exit 5; echo "size: $(stty size) got: $l"; done', { stdin: true, stdin_once: false, tty: true });
+      const r = await api().runtime('Attach', { container_id: containers.tty, stdin: true, tty: true, stdout: true, stderr: false });
+      const stream = await CriExecStream.open(r.url as string);
+      try {
+        stream.write('one\r');
+        await stream.waitFor(/size: 24 80 got: one\r\n/);
+        stream.resize(90, 20);
+        for (let i = 0; !/size: 20 90 got: probe/.test(stream.stdout); i++) {
+          assert.ok(i < 100, `the resize did not reach the container: ${JSON.stringify(stream.stdout)}`);
+          stream.write('probe\r');
+          await new Promise((res) => setTimeout(res, 300));
+        }
+        stream.write('done\r');
+        const status = await within(stream.status, 'the status on channel 3', 30_000);
+        assert.equal(status.status, 'Success', JSON.stringify(status));
+        const s = await exited('tty');
+        assert.equal(s.exit_code, 5, log());
+        // The log gets everything, a terminal's output all as "stdout".
+        const lines = logLines('tty');
+        for (const line of ['stdout F started', 'stdout F size: 24 80 got: one', 'stdout F size: 20 90 got: probe']) assert.ok(lines.includes(line), `${line} in ${JSON.stringify(lines)}`);
+      } finally {
+        stream.close();
+      }
+    });
+
     it('StopContainer delivers SIGTERM before the timeout; the container is EXITED with 143', async () => {
       const t0 = Date.now();
       await api().runtime('StopContainer', { container_id: containers.hello, timeout: 30 });
