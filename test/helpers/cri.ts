@@ -12,8 +12,8 @@
  * Requests and answers are plain objects with the .proto's snake_case field names; enums are their
  * names (`'CONTAINER_RUNNING'`), 64-bit integers are numbers, and absent fields have their defaults.
  *
- * Streamed calls (Exec) answer with a URL of containerd's streaming server; {@link CriExecStream}
- * connects to it as kubectl does through the kubelet.
+ * Streamed calls (Exec, Attach) answer with a URL of containerd's streaming server;
+ * {@link CriExecStream} connects to it as kubectl does through the kubelet.
  */
 import path from 'node:path';
 import { credentials, Client, type ServiceError } from '@grpc/grpc-js';
@@ -85,7 +85,7 @@ export const STREAM_PROTOCOL = 'v4.channel.k8s.io';
 export const StreamChannel = { Stdin: 0, Stdout: 1, Stderr: 2, Status: 3, Resize: 4 } as const;
 
 /**
- * A client of the exec streaming endpoint (the URL Exec answers), over WebSocket with the
+ * A client of an exec or attach streaming endpoint (the URL Exec or Attach answers), over WebSocket with the
  * `v4.channel.k8s.io` subprotocol as kubectl speaks it: stdin, a terminal's size (JSON
  * `{"Width","Height"}`) and output travel as binary frames whose first byte is the channel. The
  * endpoint's token is good for one connection.
