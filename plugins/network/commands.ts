@@ -38,6 +38,11 @@ export function scanCommand(netns: string): Command {
 export interface TapPair {
   readonly iface: string;
   readonly tap: string;
+  /**
+   * Whether the pod interface's ingress qdisc is ours to delete (we added it). False when the
+   * filter batch stopped before adding it: one already there is someone else's. Default: true.
+   */
+  ingress?: boolean;
 }
 
 /** Lines of the tap batch per interface ({@link tapArgs}); line `n` (1-based) of a failure says which interface failed, and whether its tap was made. */
@@ -88,14 +93,15 @@ export function redirectsCommand(netns: string, pairs: readonly TapPair[]): Comm
 }
 
 /**
- * Undoes the set-up of `pairs`: the pod interfaces' ingress qdiscs go, then the taps (their qdiscs
- * and filters with them). Two batches with `-force` (every line is tried; a failure still fails the run).
+ * Undoes the set-up of `pairs`: the pod interfaces' ingress qdiscs that are ours go, then the taps
+ * (their qdiscs and filters with them). Two batches with `-force` (every line is tried; a failure
+ * still fails the run).
  */
 export function teardownCommands(netns: string, pairs: readonly TapPair[]): Command[] {
-  if (pairs.length === 0) return [];
+  const qdiscs = pairs.filter((p) => p.ingress !== false);
   return [
-    { ...inPodNetns(netns, 'tc', ['-force', '-batch', '-']), input: batch(pairs.map((p) => ['qdisc', 'del', 'dev', name(p.iface), 'ingress'])) },
-    { ...inPodNetns(netns, 'ip', ['-force', '-batch', '-']), input: batch(pairs.map((p) => ['link', 'del', 'dev', name(p.tap)])) },
+    ...(qdiscs.length > 0 ? [{ ...inPodNetns(netns, 'tc', ['-force', '-batch', '-']), input: batch(qdiscs.map((p) => ['qdisc', 'del', 'dev', name(p.iface), 'ingress'])) }] : []),
+    ...(pairs.length > 0 ? [{ ...inPodNetns(netns, 'ip', ['-force', '-batch', '-']), input: batch(pairs.map((p) => ['link', 'del', 'dev', name(p.tap)])) }] : []),
   ];
 }
 

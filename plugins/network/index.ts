@@ -116,20 +116,19 @@ interface Wiring {
 }
 
 /** The error of a failed tap or filter batch, naming the interface whose line failed, with the fix. */
-async function wiringError(netns: string, iface: PodInterface, tap: string, step: string, e: unknown, check: (netns: string) => Promise<void>): Promise<KataError> {
+async function wiringError(netns: string, iface: PodInterface, tap: string, step: 'tap' | 'filters', e: unknown, check: (netns: string) => Promise<void>): Promise<KataError> {
   const why = commandError(e);
+  const doing = step === 'tap' ? 'make its tap' : 'redirect its traffic to the tap with tc';
   if (await vanished(netns, check)) {
-    return new KataError('KATA_ERR_NETWORK', `interface ${iface.name}: network namespace ${netns} vanished while ${step} (tap ${tap}): ${why}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e, fix: VANISHED_FIX });
+    return new KataError('KATA_ERR_NETWORK', `interface ${iface.name}: network namespace ${netns} vanished while trying to ${doing} (tap ${tap}): ${why}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e, fix: VANISHED_FIX });
   }
-  const busy = /busy|exists/i.test(why);
-  return new KataError('KATA_ERR_NETWORK', `interface ${iface.name} of network namespace ${netns}: cannot ${step} (tap ${tap}): ${why}`, {
-    value: iface.name,
-    plugin: PLUGIN_NAME,
-    cause: e,
-    fix: busy
-      ? `a device named ${tap} that this runtime did not make is in the pod's network namespace (tap<i>_kata names are the runtime's): remove it (ip link del ${tap} in that namespace) and start the pod again`
-      : "check that /dev/net/tun exists (modprobe tun), that the runtime has CAP_NET_ADMIN, and that tc's ingress qdisc and mirred action are available (sch_ingress, act_mirred)",
-  });
+  let fix = "check that /dev/net/tun exists (modprobe tun), that the runtime has CAP_NET_ADMIN, and that tc's ingress qdisc and mirred action are available (sch_ingress, act_mirred)";
+  if (step === 'tap' && /busy|exists/i.test(why)) {
+    fix = `a device named ${tap} that this runtime did not make is in the pod's network namespace (tap<i>_kata names are the runtime's): remove it (ip link del ${tap} in that namespace) and start the pod again`;
+  } else if (step === 'filters' && /exclusivity|exists/i.test(why)) {
+    fix = `${iface.name} already has an ingress qdisc that this runtime did not add (another tool redirects its traffic): remove it (tc qdisc del dev ${iface.name} ingress in that namespace) or use internetworking_model = "none"`;
+  }
+  return new KataError('KATA_ERR_NETWORK', `interface ${iface.name} of network namespace ${netns}: cannot ${doing} (tap ${tap}): ${why}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e, fix });
 }
 
 const wired = new WeakMap<VmContext, Wiring>();
@@ -162,15 +161,22 @@ export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRun
         // a tap up) means its tap was made too; a failing first line (adding it) means the name
         // may be someone else's tap, which is not ours to remove.
         const made = line === undefined ? 0 : Math.floor((line - 1) / TAP_LINES) + ((line - 1) % TAP_LINES === 0 ? 0 : 1);
-        w.pairs.push(...planned.slice(0, made).map((p) => ({ iface: p.iface.name, tap: p.tap })));
+        w.pairs.push(...planned.slice(0, made).map((p) => ({ iface: p.iface.name, tap: p.tap, ingress: false })));
         const failed = at(line, TAP_LINES);
-        throw await wiringError(netns, failed!.iface, failed!.tap, 'make its tap', e, check);
+        throw await wiringError(netns, failed!.iface, failed!.tap, 'tap', e, check);
       });
-      w.pairs.push(...planned.map((p) => ({ iface: p.iface.name, tap: p.tap })));
-      await run(redirectsCommand(netns, w.pairs)).catch(async (e: unknown) => {
-        const failed = at(failedLine(commandError(e)), REDIRECT_LINES);
-        throw await wiringError(netns, failed!.iface, failed!.tap, 'redirect its traffic to the tap with tc', e, check);
-      });
+      w.pairs.push(...planned.map((p) => ({ iface: p.iface.name, tap: p.tap, ingress: false })));
+      await run(redirectsCommand(netns, w.pairs)).then(
+        () => w.pairs.forEach((p) => (p.ingress = true)),
+        async (e: unknown) => {
+          const line = failedLine(commandError(e));
+          // A pair's first line adds the pod interface's ingress qdisc: ours when that line ran
+          // before the failing one. One that failed to be added may be someone else's.
+          if (line !== undefined) w.pairs.forEach((p, k) => (p.ingress = k * REDIRECT_LINES + 1 < line));
+          const failed = at(line, REDIRECT_LINES);
+          throw await wiringError(netns, failed!.iface, failed!.tap, 'filters', e, check);
+        },
+      );
     }
     for (const [i, { iface, tap }] of planned.entries()) {
       ctx.network.devices.push({ kind: 'net', id: `net${i}`, tap, mac: iface.mac, mtu: iface.mtu });

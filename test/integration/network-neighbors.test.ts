@@ -94,6 +94,20 @@ describe('pod networking: two interfaces, permanent neighbours, failures @integr
     }
   });
 
+  it("fails naming the second interface when it already has an ingress qdisc, leaving that qdisc and removing its own (real ip, tc, nsenter)", async () => {
+    const { pod, podPath } = ns!;
+    tc('-n', pod, 'qdisc', 'add', 'dev', 'eth1', 'handle', 'ffff:', 'ingress');
+    try {
+      const ctx: VmContext = { sandboxId: 'q', runDir: tmp.path, plan: {} as VmContext['plan'], config: {} as VmContext['config'], log: silentLogger(), network: { devices: [], interfaces: [], routes: [], neighbors: [], timings: { host: 0, guest: 0 } } };
+      await assert.rejects(wireSandbox(ctx, podPath), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth1' && /tc qdisc del dev eth1 ingress/.test(e.fix ?? ''));
+      assert.match(ingress(pod, 'eth1'), /ingress/, "the qdisc it did not add is left alone");
+      assert.doesNotMatch(ingress(pod, 'eth0'), /ingress/, 'its own qdisc is removed');
+      assert.doesNotMatch(links(pod), /tap\d_kata/, 'its taps are removed');
+    } finally {
+      tc('-n', pod, 'qdisc', 'del', 'dev', 'eth1', 'ingress');
+    }
+  });
+
   it("mirrors both interfaces, each reachable to and from its own peer, and gives the guest the namespace's permanent neighbours", async () => {
     const { pod, peer, podPath } = ns!;
     const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });

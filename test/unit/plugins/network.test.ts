@@ -167,6 +167,15 @@ describe('network plugin', () => {
       assert.deepEqual(c.input?.split('\n'), [...redirectArgs('eth0', 'tap0_kata'), ...redirectArgs('eth1', 'tap1_kata')].map((a) => a.join(' ')).concat(''));
     });
 
+    it('deletes only the ingress qdiscs that are ours', () => {
+      const cmds = teardownCommands(NETNS, [
+        { iface: 'eth0', tap: 'tap0_kata', ingress: true },
+        { iface: 'eth1', tap: 'tap1_kata', ingress: false },
+      ]);
+      assert.deepEqual(cmds.map((c) => c.input), ['qdisc del dev eth0 ingress\n', 'link del dev tap0_kata\nlink del dev tap1_kata\n']);
+      assert.deepEqual(teardownCommands(NETNS, [{ iface: 'eth0', tap: 'tap0_kata', ingress: false }]).map((c) => c.args[2]), ['ip']);
+    });
+
     it('undoes the pod side qdiscs and deletes the taps, one forced batch each', () => {
       const cmds = teardownCommands(NETNS, [
         { iface: 'eth0', tap: 'tap0_kata' },
@@ -257,7 +266,7 @@ describe('network plugin', () => {
 
     it('fails with a coded error naming the interface when its tap cannot be wired, and leaves nothing', async () => {
       const c = ctx();
-      const { run, ran } = runner((cmd) => cmd.args.includes('tc') && cmd.args.includes('-batch') && !cmd.args.includes('-force'));
+      const { run, ran } = runner((cmd) => cmd.args.includes('tc') && cmd.args.includes('-batch') && !cmd.args.includes('-force'), 'Error: Specified action not found.\nCommand failed -:2');
       await assert.rejects(wireSandbox(c, NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0' && e.plugin === 'network' && e.fix !== undefined);
       assert.deepEqual(ran.slice(-2), [
         ['tc', '-force', '-batch', '-', 'qdisc del dev eth0 ingress\n'],
@@ -267,11 +276,24 @@ describe('network plugin', () => {
       assert.deepEqual(c.network.neighbors, []);
     });
 
-    it('names the second interface when its filter line fails, and removes both taps', async () => {
+    it("names the second interface when its filter line fails, removes both taps and the first interface's ingress qdisc, and keeps the second's (not ours)", async () => {
       addr = twoInterfaces();
       const { run, ran } = runner((cmd) => cmd.args.includes('tc') && !cmd.args.includes('-force'), 'Error: Exclusivity flag on, cannot modify.\nCommand failed -:5');
-      await assert.rejects(wireSandbox(ctx(), NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth1');
-      assert.deepEqual(ran.at(-1), ['ip', '-force', '-batch', '-', 'link del dev tap0_kata\nlink del dev tap1_kata\n']);
+      await assert.rejects(
+        wireSandbox(ctx(), NETNS, run, async () => undefined),
+        (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth1' && /tc qdisc del dev eth1 ingress/.test(e.fix ?? ''),
+      );
+      assert.deepEqual(ran.slice(-2), [
+        ['tc', '-force', '-batch', '-', 'qdisc del dev eth0 ingress\n'],
+        ['ip', '-force', '-batch', '-', 'link del dev tap0_kata\nlink del dev tap1_kata\n'],
+      ]);
+    });
+
+    it('leaves an ingress qdisc it could not add (someone else\'s) on the pod interface', async () => {
+      const { run, ran } = runner((cmd) => cmd.args.includes('tc') && !cmd.args.includes('-force'), 'Error: Exclusivity flag on, cannot modify.\nCommand failed -:1');
+      await assert.rejects(wireSandbox(ctx(), NETNS, run, async () => undefined), (e: KataError) => e.code === 'KATA_ERR_NETWORK' && e.value === 'eth0');
+      assert.deepEqual(ran.slice(-1), [['ip', '-force', '-batch', '-', 'link del dev tap0_kata\n']]);
+      assert.ok(!ran.some((a) => a.at(-1)?.includes('qdisc del')));
     });
 
     it('says the namespace vanished, with the fix, when it is gone after a failed step', async () => {
@@ -305,11 +327,8 @@ describe('network plugin', () => {
       assert.match(error.fix ?? '', /ip link del tap0_kata/);
     });
 
-    it('deletes the tap it added when bringing it up fails', async () => {
-      assert.deepEqual((await wireFailing('Error: mtu greater than device maximum.\nCommand failed -:2')).deleted, [
-        ['tc', '-force', '-batch', '-', 'qdisc del dev eth0 ingress\n'],
-        ['ip', '-force', '-batch', '-', 'link del dev tap0_kata\n'],
-      ]);
+    it('deletes the tap it added when bringing it up fails, and no qdisc (none was added)', async () => {
+      assert.deepEqual((await wireFailing('Error: mtu greater than device maximum.\nCommand failed -:2')).deleted, [['ip', '-force', '-batch', '-', 'link del dev tap0_kata\n']]);
     });
   });
 
