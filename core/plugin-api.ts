@@ -126,7 +126,7 @@ export {
   renderDeviceCapability,
   renderTeeCapability,
 } from './plan.js';
-export type { VmContext, SandboxNetwork, GuestInterface, GuestIpAddress, GuestRoute, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, PciHotpluggedBlock, ScsiHotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
+export type { VmContext, SandboxNetwork, GuestInterface, GuestIpAddress, GuestNeighbor, GuestRoute, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, PciHotpluggedBlock, ScsiHotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
 export { guestBlockSource } from './vm.js';
 export { inNetns } from './netns.js';
 export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from './host.js';

@@ -194,8 +194,8 @@ export class Container extends GuestProcess {
 }
 
 /**
- * Gives the guest the pod's interfaces and routes (kata-agent's UpdateInterface, then UpdateRoutes
- * once every interface exists, as Kata does).
+ * Gives the guest the pod's interfaces, routes and permanent neighbours (kata-agent's
+ * UpdateInterface, then UpdateRoutes once every interface exists, then AddARPNeighbors, as Kata does).
  */
 async function configureNetwork(agent: AgentClient, network: SandboxNetwork): Promise<void> {
   const t0 = performance.now();
@@ -219,9 +219,16 @@ async function updateNetwork(agent: AgentClient, network: SandboxNetwork): Promi
       throw new KataError('KATA_ERR_NETWORK', `the guest could not configure interface ${i.name} (${i.mac}): ${e instanceof Error ? e.message : String(e)}`, { value: i.name, cause: e });
     });
   }
-  if (network.routes.length === 0) return;
-  await agent.updateRoutes(network.routes.map((r) => ({ family: family(r.family), dest: r.dest, gateway: r.gateway, device: r.device, source: r.source, scope: r.scope }))).catch((e: unknown) => {
-    throw new KataError('KATA_ERR_NETWORK', `the guest could not install the pod's routes: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  if (network.routes.length > 0) {
+    await agent.updateRoutes(network.routes.map((r) => ({ family: family(r.family), dest: r.dest, gateway: r.gateway, device: r.device, source: r.source, scope: r.scope }))).catch((e: unknown) => {
+      throw new KataError('KATA_ERR_NETWORK', `the guest could not install the pod's routes: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+    });
+  }
+  if (network.neighbors.length === 0) return;
+  // NUD_PERMANENT (0x80), and NTF_ROUTER (0x80) for a router: what Kata passes.
+  const neighbors = network.neighbors.map((n) => ({ toIPAddress: { family: family(n.family), address: n.address, mask: '' }, device: n.device, lladdr: n.mac, state: 0x80, flags: n.router ? 0x80 : 0 }));
+  await agent.addARPNeighbors(neighbors).catch((e: unknown) => {
+    throw new KataError('KATA_ERR_NETWORK', `the guest could not add the pod's permanent neighbours: ${e instanceof Error ? e.message : String(e)}`, { value: network.neighbors.map((n) => n.address).join(','), cause: e });
   });
 }
 

@@ -68,7 +68,7 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
   await mkdir(runDir, { recursive: true, mode: 0o700 }).catch((e: NodeJS.ErrnoException) => {
     throw runRootError(runDir, e);
   });
-  const network = { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } };
+  const network = { devices: [], interfaces: [], routes: [], neighbors: [], timings: { host: 0, guest: 0 } };
   const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log, network, ...(opts.netns ? { netns: opts.netns } : {}) });
   const { hooks } = validated;
 

@@ -39,18 +39,31 @@ export interface GuestRoute {
   readonly scope: number;
 }
 
+/** A permanent neighbour of the pod's namespace the guest agent adds (kata-agent's `types.ARPNeighbor`). */
+export interface GuestNeighbor {
+  readonly family: 'v4' | 'v6';
+  readonly address: string;
+  /** The guest interface name. */
+  readonly device: string;
+  readonly mac: string;
+  /** NTF_ROUTER (an IPv6 router), as Kata passes the neighbour's flags. */
+  readonly router: boolean;
+}
+
 /**
  * The sandbox's network, filled at sandbox start by the plugin that reads the pod's network
  * namespace (in `beforeVmStart`): the devices the hypervisor adds to the VM, and what the core
- * asks the guest agent to configure once it answers (UpdateInterface, UpdateRoutes).
+ * asks the guest agent to configure once it answers (UpdateInterface, UpdateRoutes, AddARPNeighbors).
  */
 export interface SandboxNetwork {
   readonly devices: NetIntent[];
   readonly interfaces: GuestInterface[];
   readonly routes: GuestRoute[];
+  /** The namespace's permanent neighbours on mirrored interfaces (Kata's AddARPNeighbors). */
+  readonly neighbors: GuestNeighbor[];
   /**
    * Milliseconds spent: `host` by the plugin that wired the network (scan, taps, filters), `guest`
-   * by the core's agent calls (UpdateInterface, UpdateRoutes). For the sandbox benchmark.
+   * by the core's agent calls (UpdateInterface, UpdateRoutes, AddARPNeighbors). For the sandbox benchmark.
    */
   readonly timings: { host: number; guest: number };
 }

@@ -18,6 +18,7 @@ import {
   type CreateSandboxRequest,
   type ExecProcessRequest,
   type GuestDetailsRequest,
+  type ARPNeighbor,
   type Interface,
   type Interfaces,
   type Route,
@@ -226,6 +227,11 @@ export class AgentClient {
   async updateRoutes(routes: MessageInit<Route>[], opts: AgentCallOptions = {}): Promise<Route[]> {
     const res = await this.run('UpdateRoutes', this.defaultTimeoutMs, opts, (o) => this.agent.UpdateRoutes({ routes: { Routes: routes } }, o));
     return res.Routes;
+  }
+
+  /** Adds (or replaces) neighbours in the guest: kata-agent's AddARPNeighbors. */
+  async addARPNeighbors(neighbors: MessageInit<ARPNeighbor>[], opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('AddARPNeighbors', this.defaultTimeoutMs, opts, (o) => this.agent.AddARPNeighbors({ neighbors: { ARPNeighbors: neighbors } }, o));
   }
 
   async listInterfaces(opts: AgentCallOptions = {}): Promise<Interface[]> {

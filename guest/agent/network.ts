@@ -1,18 +1,21 @@
 /**
- * The guest's network, as kata-agent's UpdateInterface, UpdateRoutes, ListInterfaces and
- * ListRoutes set and report it. Node has no netlink: busybox `ip` does the work, one argument
- * vector per change, with every name, address and prefix checked first (a value that starts with
- * `-` would be read as an option; nothing here passes through a shell).
+ * The guest's network, as kata-agent's UpdateInterface, UpdateRoutes, ListInterfaces, ListRoutes
+ * and AddARPNeighbors set and report it. Node has no netlink: busybox `ip` does the work, one
+ * argument vector per change, with every name, address and prefix checked first (a value that
+ * starts with `-` would be read as an option; nothing here passes through a shell). Neighbours
+ * need iproute2's `ip` (busybox's `ip neigh` only shows and flushes; its `arp -s` is IPv4 only),
+ * which the image ships at /agent/bin/ip.
  *
  * An interface is found by its MAC address (the host gave the virtio-net device the pod
  * interface's MAC) and takes the pod interface's name, MTU and addresses.
  */
 import { readFile, readdir } from 'node:fs/promises';
 import { isIP } from 'node:net';
-import { IPFamily, type IPAddress, type Interface, type Route } from '../../wire/agent/proto.gen.js';
+import { spawn } from 'node:child_process';
+import { IPFamily, type ARPNeighbor, type IPAddress, type Interface, type Route } from '../../wire/agent/proto.gen.js';
 import type { MessageInit } from '../../wire/ttrpc/codec.js';
-import { deadlineExceeded, internal, invalidArgument } from './errors.js';
-import { busyboxOk, sleep } from './sys.js';
+import { deadlineExceeded, internal, invalidArgument, notFound } from './errors.js';
+import { HELPER_ENV, busyboxOk, sleep } from './sys.js';
 
 const IFNAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$/;
 const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
@@ -24,6 +27,65 @@ const LINK_POLL_MS = 100;
 export type IpRunner = (args: readonly string[]) => Promise<string>;
 
 const runIp: IpRunner = async (args) => (await busyboxOk('ip', args)).stdout;
+
+/** iproute2's ip in the guest image (guest/image/agent-payload.ts GUEST_IPROUTE2). */
+export const IPROUTE2 = '/agent/bin/ip';
+/** At most this many neighbours per AddARPNeighbors: the work a request can cause is bounded. */
+export const MAX_NEIGHBORS = 1024;
+/** How long one `ip -batch` of neighbours may take. */
+const NEIGH_TIMEOUT_MS = 30_000;
+
+/** Runs iproute2's `ip -batch -` with `input` (one command per line); rejects with its stderr. */
+export type IpBatchRunner = (input: string) => Promise<void>;
+
+const runIproute2Batch: IpBatchRunner = (input) =>
+  new Promise((resolve, reject) => {
+    const child = spawn(IPROUTE2, ['-batch', '-'], { stdio: ['pipe', 'ignore', 'pipe'], env: HELPER_ENV, cwd: '/', timeout: NEIGH_TIMEOUT_MS });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.stdin.on('error', () => undefined);
+    child.stdin.end(input);
+    child.once('error', reject);
+    child.once('close', (code, signal) => {
+      if (code === 0) resolve();
+      else reject(new Error(stderr.trim().replace(/\s+/g, ' ') || (signal ? `killed by ${signal}` : `exit ${code}`)));
+    });
+  });
+
+/** rtnetlink neighbour states (NUD_*) a request may ask for, as iproute2's `nud` words; 0 means permanent (kata-agent's default). */
+const NUD_STATES: ReadonlyMap<number, string> = new Map([
+  [0, 'permanent'],
+  [0x80, 'permanent'],
+  [0x40, 'noarp'],
+  [0x02, 'reachable'],
+  [0x04, 'stale'],
+]);
+/** NTF_ROUTER: the neighbour is an IPv6 router. No other neighbour flag is accepted. */
+const NTF_ROUTER = 0x80;
+
+/**
+ * The `ip neigh replace` words of one neighbour, every value checked against a closed set of
+ * characters (no blank, quote, `#` or backslash can reach the batch line, so a line is exactly
+ * one command): the IP of the stated family (no zone, not unspecified), a MAC, an interface name,
+ * a known state, no flag but NTF_ROUTER.
+ */
+export function neighborArgs(n: MessageInit<ARPNeighbor>): string[] {
+  const to = n.toIPAddress;
+  if (!to) throw invalidArgument('ARP neighbour without toIPAddress');
+  const family = familyOf(to.family ?? 0);
+  const addr = to.address ?? '';
+  if (!/^[0-9A-Fa-f.:]{2,45}$/.test(addr) || isIP(addr) !== (family === 'v4' ? 4 : 6)) throw invalidArgument(`ARP neighbour address ${JSON.stringify(addr)} is not an IP${family} address`);
+  if (addr === '0.0.0.0' || /^[0:]+$/.test(addr)) throw invalidArgument(`ARP neighbour address ${addr} is unspecified`);
+  const device = checkIfname(n.device ?? '', 'ARP neighbour device');
+  const lladdr = (n.lladdr ?? '').toLowerCase();
+  if (!MAC.test(lladdr)) throw invalidArgument(`ARP neighbour ${addr}: lladdr ${JSON.stringify(n.lladdr ?? '')} is not a MAC address`);
+  const state = n.state ?? 0;
+  const nud = NUD_STATES.get(state);
+  if (nud === undefined) throw invalidArgument(`ARP neighbour ${addr}: state ${state} is not one of ${[...NUD_STATES.keys()].join(', ')} (NUD_PERMANENT, NOARP, REACHABLE, STALE)`);
+  const flags = n.flags ?? 0;
+  if (flags !== 0 && flags !== NTF_ROUTER) throw invalidArgument(`ARP neighbour ${addr}: flags ${flags} are not 0 or ${NTF_ROUTER} (NTF_ROUTER)`);
+  return ['neigh', 'replace', addr, 'lladdr', lladdr, 'dev', device, 'nud', nud, ...(flags === NTF_ROUTER ? ['router'] : [])];
+}
 
 export function checkIfname(name: string, what: string): string {
   if (!IFNAME.test(name)) throw invalidArgument(`${what} ${JSON.stringify(name)} is not an interface name (1 to 15 letters, digits, "_", "." or "-", not starting with "-" or ".")`);
@@ -117,6 +179,7 @@ export class GuestNetwork {
   constructor(
     private readonly ip: IpRunner = runIp,
     private readonly sysNet = '/sys/class/net',
+    private readonly ipBatch: IpBatchRunner = runIproute2Batch,
   ) {}
 
   /** `lo` up: every sandbox has loopback, with or without a pod network. */
@@ -192,6 +255,25 @@ export class GuestNetwork {
       });
     }
     return this.listRoutes();
+  }
+
+  /**
+   * kata-agent's AddARPNeighbors: each neighbour (the pod namespace's permanent ones, as Kata
+   * sends them) is added or replaced on its device. All are checked before any is applied; the
+   * devices must exist. One `ip -batch` run for all.
+   */
+  async addArpNeighbors(neighbors: readonly ARPNeighbor[]): Promise<void> {
+    if (neighbors.length > MAX_NEIGHBORS) throw invalidArgument(`${neighbors.length} ARP neighbours: at most ${MAX_NEIGHBORS} per request`);
+    const lines = neighbors.map(neighborArgs);
+    if (lines.length === 0) return;
+    const links = await this.links();
+    for (const l of lines) {
+      const device = l[l.indexOf('dev') + 1] as string;
+      if (!links.has(device)) throw notFound(`ARP neighbour ${l[2]}: no interface ${device} in the guest`);
+    }
+    await this.ipBatch(lines.map((l) => l.join(' ')).join('\n') + '\n').catch((e: Error) => {
+      throw internal(`cannot add ARP neighbours: ${e.message}`, e);
+    });
   }
 
   async listInterfaces(): Promise<Interface[]> {

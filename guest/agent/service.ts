@@ -50,6 +50,7 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     UpdateRoutes: (req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.updateRoutes(req.routes?.Routes ?? []) })),
     ListInterfaces: (_req, ctx) => handle(ctx, async () => ({ Interfaces: await sandbox.network.listInterfaces() })),
     ListRoutes: (_req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.listRoutes() })),
+    AddARPNeighbors: (req, ctx) => handle(ctx, async () => (await sandbox.network.addArpNeighbors(req.neighbors?.ARPNeighbors ?? []), {})),
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

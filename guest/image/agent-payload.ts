@@ -12,7 +12,10 @@
  *   /agent/node_modules/node-pty/…  node-pty's package.json, licence and native addon (build/Release/pty.node,
  *                        built by `npm install` for this very node): the agent's pseudo-terminals (guest/agent/pty.ts);
  *                        esbuild cannot bundle a native addon, so it ships as files
- *   /lib…, /lib64/…      every library `ldd node` lists, and the dynamic loader, at the paths ldd prints
+ *   /agent/bin/ip        iproute2's `ip` from the build host (Debian package iproute2): the agent adds neighbours
+ *                        (kata-agent's AddARPNeighbors) with it, which busybox `ip` cannot do
+ *   /lib…, /lib64/…      every library `ldd node` (or ldd of the addon, or of ip) lists, and the dynamic loader,
+ *                        at the paths ldd prints
  */
 import { createHash } from 'node:crypto';
 import { copyFile, readFile, realpath, stat } from 'node:fs/promises';
@@ -27,6 +30,8 @@ import { findTool, run } from './debian.js';
 export const AGENT_SOURCE_DIR = path.join(PACKAGE_ROOT, 'guest', 'agent');
 export const AGENT_ENTRY = path.join(AGENT_SOURCE_DIR, 'main.ts');
 export const AGENT_START_SCRIPT = path.join(AGENT_SOURCE_DIR, 'start');
+/** Where iproute2's `ip` goes in the guest (guest/agent/network.ts runs it from there). */
+export const GUEST_IPROUTE2 = 'agent/bin/ip';
 
 export interface LibraryFile {
   /** Where it goes in the guest, as ldd printed it (e.g. /lib/x86_64-linux-gnu/libc.so.6). */
@@ -45,6 +50,8 @@ export interface AgentInputs {
   readonly libraries: readonly LibraryFile[];
   /** node-pty's files (guestPath relative to the archive root). */
   readonly addons: readonly LibraryFile[];
+  /** Programs shipped beside node: iproute2's `ip` (guestPath relative to the archive root). */
+  readonly tools: readonly LibraryFile[];
   /** Whether `strip` is there to shrink node (recorded: it changes the image). */
   readonly strip: boolean;
   /** sha256 over all of the above and this module's code: equal means the same agent archive. */
@@ -61,6 +68,7 @@ export interface AgentManifest {
   readonly node: { readonly path: string; readonly version: string; readonly sha256: string; readonly stripped: boolean; readonly bytes: number };
   readonly libraries: readonly { readonly path: string; readonly sha256: string }[];
   readonly addons: readonly { readonly path: string; readonly sha256: string }[];
+  readonly tools?: readonly { readonly path: string; readonly sha256: string }[];
   /** The uncompressed agent archive appended to the initramfs. */
   readonly archiveBytes: number;
 }
@@ -184,11 +192,21 @@ export async function agentInputs(nodePath: string = process.execPath): Promise<
       libraries.push({ guestPath, hostPath, sha256: await sha256File(hostPath) });
     }
   }
+  // iproute2's ip, for what busybox ip cannot do (neighbours); its libraries as for node.
+  const ipHost = findTool('ip');
+  if (!ipHost) throw new KataError('KATA_ERR_GUEST_IMAGE', 'iproute2 (ip) is not installed: the guest agent adds neighbours with it', { fix: 'apt-get install iproute2' });
+  const ipPath = await realpath(ipHost);
+  const tools: LibraryFile[] = [{ guestPath: GUEST_IPROUTE2, hostPath: ipPath, sha256: await sha256File(ipPath) }];
+  for (const guestPath of parseLdd((await run(ldd, [ipPath])).stdout)) {
+    if (libraries.some((l) => l.guestPath === guestPath)) continue;
+    const hostPath = await realpath(guestPath);
+    libraries.push({ guestPath, hostPath, sha256: await sha256File(hostPath) });
+  }
   const strip = findTool('strip') !== undefined;
   const here = path.dirname(fileURLToPath(import.meta.url));
   const code = await readFile(path.join(here, 'agent-payload.js')).catch(() => Buffer.alloc(0));
   const all = createHash('sha256');
-  for (const part of [sha256(code), sha256(bundle), sha256(start), nodeSha, String(strip), ...libraries.map((l) => `${l.guestPath}=${l.sha256}`), ...addons.map((a) => `${a.guestPath}=${a.sha256}`)]) all.update(`${part}\0`);
+  for (const part of [sha256(code), sha256(bundle), sha256(start), nodeSha, String(strip), ...libraries.map((l) => `${l.guestPath}=${l.sha256}`), ...addons.map((a) => `${a.guestPath}=${a.sha256}`), ...tools.map((t) => `${t.guestPath}=${t.sha256}`)]) all.update(`${part}\0`);
   return {
     bundle,
     bundleSha256: sha256(bundle),
@@ -197,6 +215,7 @@ export async function agentInputs(nodePath: string = process.execPath): Promise<
     node: { path: node, version, sha256: nodeSha, bytes: nodeStat.size },
     libraries,
     addons,
+    tools,
     strip,
     sha256: all.digest('hex'),
   };
@@ -230,6 +249,7 @@ export async function writeAgentArchive(inputs: AgentInputs, out: string, work: 
   // The loader must be executable (the kernel opens it like a program); the others may as well be.
   for (const l of inputs.libraries) addFile(l.guestPath, 0o755, l.hostPath);
   for (const a of inputs.addons) addFile(a.guestPath, a.guestPath.endsWith('.node') ? 0o755 : 0o644, a.hostPath);
+  for (const t of inputs.tools) addFile(t.guestPath, 0o755, t.hostPath);
   // /agent/start last: if the kernel runs out of memory while unpacking (it then stops), /init
   // finds no /agent/start and says so, rather than starting a node whose libraries are missing.
   const entries: CpioEntry[] = [...[...dirs].map((d) => ({ kind: 'dir' as const, path: d, mode: 0o755 })), ...files.values()]
@@ -246,6 +266,7 @@ export async function writeAgentArchive(inputs: AgentInputs, out: string, work: 
     node: { ...inputs.node, stripped, bytes: (await stat(nodeFile)).size },
     libraries: inputs.libraries.map((l) => ({ path: l.guestPath, sha256: l.sha256 })),
     addons: inputs.addons.map((a) => ({ path: a.guestPath, sha256: a.sha256 })),
+    tools: inputs.tools.map((t) => ({ path: t.guestPath, sha256: t.sha256 })),
     archiveBytes: (await stat(out)).size,
   };
 }

@@ -4,7 +4,7 @@
  * put in a vector.
  */
 import { KataError, inNetns } from '../../core/plugin-api.js';
-import { IFNAME } from './scan.js';
+import { IFNAME, SCAN_LINES } from './scan.js';
 
 export interface Command {
   readonly binary: string;
@@ -29,11 +29,28 @@ export function tapName(index: number): string {
   return `tap${index}_kata`;
 }
 
-export const scanCommands = (netns: string) => ({
-  addresses: inPodNetns(netns, 'ip', ['-d', '-json', 'addr', 'show']),
-  routes4: inPodNetns(netns, 'ip', ['-4', '-json', 'route', 'show']),
-  routes6: inPodNetns(netns, 'ip', ['-6', '-json', 'route', 'show']),
-});
+/** The namespace scan (scan.ts SCAN_LINES) as one `ip -d -json -batch -` run. */
+export function scanCommand(netns: string): Command {
+  return { ...inPodNetns(netns, 'ip', ['-d', '-json', '-batch', '-']), input: SCAN_LINES.join('\n') + '\n' };
+}
+
+/** A tap and the pod interface it is wired to. */
+export interface TapPair {
+  readonly iface: string;
+  readonly tap: string;
+  /**
+   * Whether the pod interface's ingress qdisc is ours to delete (we added it). False when the
+   * filter batch stopped before adding it: one already there is someone else's. Default: true.
+   */
+  ingress?: boolean;
+}
+
+/** Lines of the tap batch per interface ({@link tapArgs}); line `n` (1-based) of a failure says which interface failed, and whether its tap was made. */
+export const TAP_LINES = 2;
+/** Lines of the filter batch per interface ({@link redirectArgs}). */
+export const REDIRECT_LINES = 4;
+
+const batch = (argvs: readonly string[][]): string => argvs.map((a) => a.join(' ')).join('\n') + '\n';
 
 /** Creates tap `tap` and brings it up with `mtu`: `ip` argument vectors, one per line of {@link tapCommand}. */
 export function tapArgs(tap: string, mtu: number): string[][] {
@@ -44,11 +61,12 @@ export function tapArgs(tap: string, mtu: number): string[][] {
 }
 
 /**
- * {@link tapArgs} as one `ip -batch -` run (one process instead of two). ip stops at the first
- * failing line and says which (`Command failed -:<line>`), so a caller knows whether the tap was made.
+ * {@link tapArgs} of every interface as one `ip -batch -` run (one process per sandbox, not two
+ * per interface). ip stops at the first failing line and says which (`Command failed -:<line>`),
+ * so a caller knows which taps were made.
  */
-export function tapCommand(netns: string, tap: string, mtu: number): Command {
-  return { ...inPodNetns(netns, 'ip', ['-batch', '-']), input: tapArgs(tap, mtu).map((a) => a.join(' ')).join('\n') + '\n' };
+export function tapsCommand(netns: string, taps: readonly { tap: string; mtu: number }[]): Command {
+  return { ...inPodNetns(netns, 'ip', ['-batch', '-']), input: batch(taps.flatMap((t) => tapArgs(t.tap, t.mtu))) };
 }
 
 /**
@@ -66,15 +84,29 @@ export function redirectArgs(iface: string, tap: string): string[][] {
 }
 
 /**
- * {@link redirectArgs} as one `tc -batch -` run (one process instead of four: each costs a fork
- * and exec of nsenter and tc). Every word is a checked interface name or a constant, so no line
- * can carry a second command.
+ * {@link redirectArgs} of every pair as one `tc -batch -` run (one process per sandbox instead of
+ * four per interface: each costs a fork and exec of nsenter and tc). Every word is a checked
+ * interface name or a constant, so no line can carry a second command.
  */
-export function redirectCommand(netns: string, iface: string, tap: string): Command {
-  return { ...inPodNetns(netns, 'tc', ['-batch', '-']), input: redirectArgs(iface, tap).map((a) => a.join(' ')).join('\n') + '\n' };
+export function redirectsCommand(netns: string, pairs: readonly TapPair[]): Command {
+  return { ...inPodNetns(netns, 'tc', ['-batch', '-']), input: batch(pairs.flatMap((p) => redirectArgs(p.iface, p.tap))) };
 }
 
-/** Undoes one interface's set-up: the tap goes (its qdisc and filter with it), the pod interface's ingress qdisc goes. */
-export function teardownCommands(netns: string, iface: string, tap: string): Command[] {
-  return [inPodNetns(netns, 'tc', ['qdisc', 'del', 'dev', name(iface), 'ingress']), inPodNetns(netns, 'ip', ['link', 'del', 'dev', name(tap)])];
+/**
+ * Undoes the set-up of `pairs`: the pod interfaces' ingress qdiscs that are ours go, then the taps
+ * (their qdiscs and filters with them). Two batches with `-force` (every line is tried; a failure
+ * still fails the run).
+ */
+export function teardownCommands(netns: string, pairs: readonly TapPair[]): Command[] {
+  const qdiscs = pairs.filter((p) => p.ingress !== false);
+  return [
+    ...(qdiscs.length > 0 ? [{ ...inPodNetns(netns, 'tc', ['-force', '-batch', '-']), input: batch(qdiscs.map((p) => ['qdisc', 'del', 'dev', name(p.iface), 'ingress'])) }] : []),
+    ...(pairs.length > 0 ? [{ ...inPodNetns(netns, 'ip', ['-force', '-batch', '-']), input: batch(pairs.map((p) => ['link', 'del', 'dev', name(p.tap)])) }] : []),
+  ];
+}
+
+/** The 1-based line number of the first failing line of an ip/tc batch, from its stderr (`Command failed -:<n>`). */
+export function failedLine(stderr: string): number | undefined {
+  const m = /Command failed -:(\d+)/.exec(stderr);
+  return m ? Number(m[1]) : undefined;
 }

@@ -15,9 +15,9 @@ import { stat, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
-import { KataError, definePlugin, errorText, renderDeviceCapability, type VmContext } from '../../core/plugin-api.js';
-import { redirectCommand, scanCommands, tapCommand, tapName, teardownCommands, type Command } from './commands.js';
-import { parseInterfaces, parseRoutes, type PodNetwork } from './scan.js';
+import { KataError, STAGE, definePlugin, errorText, renderDeviceCapability, type VmContext } from '../../core/plugin-api.js';
+import { REDIRECT_LINES, TAP_LINES, failedLine, redirectsCommand, scanCommand, tapName, tapsCommand, teardownCommands, type Command, type TapPair } from './commands.js';
+import { parseScan, type PodInterface, type PodNetwork } from './scan.js';
 import { MANIFEST, PLUGIN_NAME } from './manifest.js';
 
 export { PLUGIN_NAME };
@@ -76,28 +76,59 @@ export async function checkNetns(netns: string): Promise<void> {
   }
 }
 
-/** Reads the namespace: interfaces to mirror and the routes through them. */
-export async function scanNetns(netns: string, run: CommandRunner = runCommand): Promise<PodNetwork> {
-  const cmds = scanCommands(netns);
-  const read = (c: Command, what: string) =>
-    run(c).catch((e: unknown) => {
-      throw new KataError('KATA_ERR_NETWORK', `cannot read the ${what} of network namespace ${netns}: ${commandError(e)}`, { value: netns, plugin: PLUGIN_NAME, cause: e });
+/** The fix for a namespace that was there when the start began and is gone now. */
+const VANISHED_FIX =
+  "the pod's network namespace was removed while the sandbox started (by the CNI plugin's or containerd's teardown, or by hand); nothing of the sandbox is left: start the pod again with a namespace that stays until the pod is removed";
+
+/** Whether `netns` is gone (or no longer a namespace) now: a failed command is then explained by that. */
+async function vanished(netns: string, check: (netns: string) => Promise<void>): Promise<boolean> {
+  return check(netns).then(
+    () => false,
+    () => true,
+  );
+}
+
+/**
+ * Reads the namespace: interfaces to mirror, the routes through them and their permanent
+ * neighbours, in one `ip -batch` run.
+ */
+export async function scanNetns(netns: string, run: CommandRunner = runCommand, check: (netns: string) => Promise<void> = checkNetns): Promise<PodNetwork> {
+  const out = await run(scanCommand(netns)).catch(async (e: unknown) => {
+    const gone = await vanished(netns, check);
+    throw new KataError('KATA_ERR_NETWORK', `cannot read the interfaces, routes and neighbours of network namespace ${netns}${gone ? ' (it vanished meanwhile)' : ''}: ${commandError(e)}`, {
+      value: netns,
+      plugin: PLUGIN_NAME,
+      cause: e,
+      ...(gone ? { fix: VANISHED_FIX } : {}),
     });
-  const [addrs, r4, r6] = await Promise.all([read(cmds.addresses, 'interfaces'), read(cmds.routes4, 'IPv4 routes'), read(cmds.routes6, 'IPv6 routes')]);
-  let interfaces;
+  });
   try {
-    interfaces = parseInterfaces(addrs);
+    return parseScan(out);
   } catch (e) {
     throw new KataError('KATA_ERR_NETWORK', `network namespace ${netns}: ${errorText(e)}`, { value: netns, plugin: PLUGIN_NAME, cause: e });
   }
-  const devices = new Set(interfaces.map((i) => i.name));
-  return { interfaces, routes: [...parseRoutes(r4, 'v4', devices), ...parseRoutes(r6, 'v6', devices)] };
 }
 
 /** What one sandbox set up, to undo. */
 interface Wiring {
   readonly netns: string;
-  readonly pairs: { iface: string; tap: string }[];
+  readonly pairs: TapPair[];
+}
+
+/** The error of a failed tap or filter batch, naming the interface whose line failed, with the fix. */
+async function wiringError(netns: string, iface: PodInterface, tap: string, step: 'tap' | 'filters', e: unknown, check: (netns: string) => Promise<void>): Promise<KataError> {
+  const why = commandError(e);
+  const doing = step === 'tap' ? 'make its tap' : 'redirect its traffic to the tap with tc';
+  if (await vanished(netns, check)) {
+    return new KataError('KATA_ERR_NETWORK', `interface ${iface.name}: network namespace ${netns} vanished while trying to ${doing} (tap ${tap}): ${why}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e, fix: VANISHED_FIX });
+  }
+  let fix = "check that /dev/net/tun exists (modprobe tun), that the runtime has CAP_NET_ADMIN, and that tc's ingress qdisc and mirred action are available (sch_ingress, act_mirred)";
+  if (step === 'tap' && /busy|exists/i.test(why)) {
+    fix = `a device named ${tap} that this runtime did not make is in the pod's network namespace (tap<i>_kata names are the runtime's): remove it (ip link del ${tap} in that namespace) and start the pod again`;
+  } else if (step === 'filters' && /exclusivity|exists/i.test(why)) {
+    fix = `${iface.name} already has an ingress qdisc that this runtime did not add (another tool redirects its traffic): remove it (tc qdisc del dev ${iface.name} ingress in that namespace) or use internetworking_model = "none"`;
+  }
+  return new KataError('KATA_ERR_NETWORK', `interface ${iface.name} of network namespace ${netns}: cannot ${doing} (tap ${tap}): ${why}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e, fix });
 }
 
 const wired = new WeakMap<VmContext, Wiring>();
@@ -105,41 +136,54 @@ const wired = new WeakMap<VmContext, Wiring>();
 /** Removes the taps and filters of `w`; every step is tried (a vanished namespace makes them all fail, harmlessly). */
 export async function unwire(w: Wiring, run: CommandRunner = runCommand): Promise<string[]> {
   const failures: string[] = [];
-  for (const p of [...w.pairs].reverse()) {
-    for (const c of teardownCommands(w.netns, p.iface, p.tap)) await run(c).catch((e: unknown) => failures.push(`${c.args.join(' ')}: ${commandError(e)}`));
-  }
+  for (const c of teardownCommands(w.netns, w.pairs)) await run(c).catch((e: unknown) => failures.push(`${c.args.join(' ')}: ${commandError(e)}`));
   return failures;
 }
 
 /**
- * Makes a tap per interface and wires it to its interface, filling `ctx.network`. On a failure,
- * what was made is removed and the error names the interface.
+ * Makes a tap per interface and wires it to its interface, filling `ctx.network`: one scan, one
+ * `ip -batch` for every tap, one `tc -batch` for every filter (three process starts per sandbox,
+ * whatever the number of interfaces). On a failure, what was made is removed and the error names
+ * the interface whose line failed.
  */
 export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRunner = runCommand, check: (netns: string) => Promise<void> = checkNetns): Promise<Wiring> {
   const t0 = performance.now();
   await check(netns);
-  const pod = await scanNetns(netns, run);
+  const pod = await scanNetns(netns, run, check);
   const w: Wiring = { netns, pairs: [] };
+  const planned = pod.interfaces.map((iface, i) => ({ iface, tap: tapName(i) }));
+  const at = (line: number | undefined, per: number) => planned[line === undefined ? 0 : Math.min(Math.floor((line - 1) / per), planned.length - 1)] ?? planned[0];
   try {
-    for (const [i, iface] of pod.interfaces.entries()) {
-      const tap = tapName(i);
-      try {
-        await run(tapCommand(netns, tap, iface.mtu)).catch((e: unknown) => {
-          // Only a failure of the second line (bringing it up) means the tap is ours to remove:
-          // one that failed to be added may be someone else's of the same name.
-          if (/Command failed -:2\b/.test(commandError(e))) w.pairs.push({ iface: iface.name, tap });
-          throw e;
-        });
-        w.pairs.push({ iface: iface.name, tap });
-        await run(redirectCommand(netns, iface.name, tap));
-      } catch (e) {
-        if (e instanceof KataError) throw e;
-        throw new KataError('KATA_ERR_NETWORK', `interface ${iface.name} of network namespace ${netns}: cannot make and wire its tap ${tap}: ${commandError(e)}`, { value: iface.name, plugin: PLUGIN_NAME, cause: e });
-      }
+    if (planned.length > 0) {
+      await run(tapsCommand(netns, planned.map((p) => ({ tap: p.tap, mtu: p.iface.mtu })))).catch(async (e: unknown) => {
+        const line = failedLine(commandError(e));
+        // The taps of the lines before the failing one were made. A failing second line (bringing
+        // a tap up) means its tap was made too; a failing first line (adding it) means the name
+        // may be someone else's tap, which is not ours to remove.
+        const made = line === undefined ? 0 : Math.floor((line - 1) / TAP_LINES) + ((line - 1) % TAP_LINES === 0 ? 0 : 1);
+        w.pairs.push(...planned.slice(0, made).map((p) => ({ iface: p.iface.name, tap: p.tap, ingress: false })));
+        const failed = at(line, TAP_LINES);
+        throw await wiringError(netns, failed!.iface, failed!.tap, 'tap', e, check);
+      });
+      w.pairs.push(...planned.map((p) => ({ iface: p.iface.name, tap: p.tap, ingress: false })));
+      await run(redirectsCommand(netns, w.pairs)).then(
+        () => w.pairs.forEach((p) => (p.ingress = true)),
+        async (e: unknown) => {
+          const line = failedLine(commandError(e));
+          // A pair's first line adds the pod interface's ingress qdisc: ours when that line ran
+          // before the failing one. One that failed to be added may be someone else's.
+          if (line !== undefined) w.pairs.forEach((p, k) => (p.ingress = k * REDIRECT_LINES + 1 < line));
+          const failed = at(line, REDIRECT_LINES);
+          throw await wiringError(netns, failed!.iface, failed!.tap, 'filters', e, check);
+        },
+      );
+    }
+    for (const [i, { iface, tap }] of planned.entries()) {
       ctx.network.devices.push({ kind: 'net', id: `net${i}`, tap, mac: iface.mac, mtu: iface.mtu });
       ctx.network.interfaces.push({ name: iface.name, mac: iface.mac, mtu: iface.mtu, addresses: iface.addresses });
     }
     ctx.network.routes.push(...pod.routes);
+    ctx.network.neighbors.push(...pod.neighbors);
   } catch (e) {
     ctx.network.devices.length = 0;
     ctx.network.interfaces.length = 0;
@@ -148,7 +192,7 @@ export async function wireSandbox(ctx: VmContext, netns: string, run: CommandRun
     throw e;
   }
   ctx.network.timings.host = performance.now() - t0;
-  ctx.log.info({ plugin: PLUGIN_NAME, netns, interfaces: pod.interfaces.map((i) => i.name), routes: pod.routes.length, ms: Math.round(ctx.network.timings.host) }, 'pod network wired to the VM');
+  ctx.log.info({ plugin: PLUGIN_NAME, netns, interfaces: pod.interfaces.map((i) => i.name), routes: pod.routes.length, neighbors: pod.neighbors.length, ms: Math.round(ctx.network.timings.host) }, 'pod network wired to the VM');
   return w;
 }
 
@@ -175,6 +219,20 @@ export default definePlugin({
     hooks.beforeVmStart.tapPromise(PLUGIN_NAME, async (ctx) => {
       if (!ctx.netns) return;
       wired.set(ctx, await wireSandbox(ctx, ctx.netns));
+    });
+
+    // Once more right before the hypervisor is made (before the hypervisor plugin's own createVm
+    // tap): it enters the namespace to open the taps, and a namespace removed since the taps were
+    // made would otherwise surface as the hypervisor failing to start.
+    hooks.createVm.tapPromise({ stage: STAGE.HYPERVISOR }, async (ctx) => {
+      const w = wired.get(ctx);
+      if (!w || !(await vanished(w.netns, checkNetns))) return undefined;
+      const names = w.pairs.map((p) => p.iface).join(', ');
+      throw new KataError('KATA_ERR_NETWORK', `network namespace ${w.netns} vanished ${names ? `after its interfaces (${names}) were wired, ` : ''}before the hypervisor started in it`, {
+        value: names || w.netns,
+        plugin: PLUGIN_NAME,
+        fix: VANISHED_FIX,
+      });
     });
 
     hooks.vmStopped.tapPromise(PLUGIN_NAME, async (ctx) => {

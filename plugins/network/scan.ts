@@ -4,7 +4,7 @@
  * caller runs `ip` (argv only) and hands over its output.
  */
 import { isIP } from 'node:net';
-import type { GuestInterface, GuestIpAddress, GuestRoute } from '../../core/plugin-api.js';
+import type { GuestInterface, GuestIpAddress, GuestNeighbor, GuestRoute } from '../../core/plugin-api.js';
 
 /** An interface of the pod's namespace to mirror into the VM. */
 export interface PodInterface extends GuestInterface {
@@ -15,6 +15,7 @@ export interface PodInterface extends GuestInterface {
 export interface PodNetwork {
   readonly interfaces: PodInterface[];
   readonly routes: GuestRoute[];
+  readonly neighbors: GuestNeighbor[];
 }
 
 /** Link kinds never mirrored: taps (ours, or another runtime's) are the VM side, not the pod's. */
@@ -40,6 +41,7 @@ interface IpLink {
 }
 
 interface IpRoute {
+  table?: string;
   dst?: string;
   gateway?: string;
   dev?: string;
@@ -95,6 +97,8 @@ export function parseRoutes(routeJson: string, family: 'v4' | 'v6', devices: Rea
   const out: GuestRoute[] = [];
   for (const r of parseJsonArray(routeJson, 'ip route') as IpRoute[]) {
     if (r.type !== undefined && r.type !== 'unicast') continue;
+    // `table all` lists every table; only the main table's routes are the pod's (as `ip route show`).
+    if (r.table !== undefined && r.table !== 'main') continue;
     if (!r.dev || !devices.has(r.dev)) continue;
     const dest = r.dst === undefined || r.dst === 'default' ? '' : r.dst;
     if (dest !== '' && !validPrefix(dest, family)) continue;
@@ -117,4 +121,52 @@ export function validPrefix(value: string, family: 'v4' | 'v6'): boolean {
   if (len === undefined) return true;
   if (!/^\d{1,3}$/.test(len)) return false;
   return Number(len) <= (family === 'v4' ? 32 : 128);
+}
+
+interface IpNeigh {
+  dst?: string;
+  dev?: string;
+  lladdr?: string;
+  state?: string[];
+  router?: unknown;
+}
+
+/**
+ * The permanent neighbours on mirrored interfaces, from `ip -json neigh show nud permanent`: what
+ * Kata passes to the agent's AddARPNeighbors (`NUD_PERMANENT` entries with a link-layer address).
+ * An entry whose address or MAC is malformed is left out.
+ */
+export function parseNeighbors(neighJson: string, devices: ReadonlySet<string>): GuestNeighbor[] {
+  const out: GuestNeighbor[] = [];
+  for (const n of parseJsonArray(neighJson, 'ip neigh') as IpNeigh[]) {
+    if (!n.dev || !devices.has(n.dev) || !Array.isArray(n.state) || !n.state.includes('PERMANENT')) continue;
+    const address = n.dst ?? '';
+    const v = isIP(address);
+    const mac = (n.lladdr ?? '').toLowerCase();
+    if (v === 0 || address.includes('%') || !MAC.test(mac)) continue;
+    out.push({ family: v === 4 ? 'v4' : 'v6', address, device: n.dev, mac, router: n.router !== undefined });
+  }
+  return out;
+}
+
+/**
+ * The lines of the namespace scan, one `ip -d -json -batch -` run (one process instead of one per
+ * question): the links with their addresses, the IPv4 and the IPv6 routes of every table (`root`
+ * picks the family; {@link parseRoutes} keeps the main table's), the permanent neighbours.
+ */
+export const SCAN_LINES = ['addr show', 'route show table all root 0.0.0.0/0', 'route show table all root ::/0', 'neigh show nud permanent'] as const;
+
+/** Splits the scan's output into the answers of {@link SCAN_LINES}: one JSON array per line (ip -json escapes newlines in strings). */
+export function splitScan(text: string): string[] {
+  const parts = text.split('\n').filter((l) => l.trim() !== '');
+  if (parts.length !== SCAN_LINES.length) throw new Error(`expected ${SCAN_LINES.length} JSON answers from ip -batch, got ${parts.length}`);
+  return parts;
+}
+
+/** The whole scan: interfaces to mirror, their routes and their permanent neighbours. */
+export function parseScan(text: string): PodNetwork {
+  const [addrs = '', r4 = '', r6 = '', neigh = ''] = splitScan(text);
+  const interfaces = parseInterfaces(addrs);
+  const devices = new Set(interfaces.map((i) => i.name));
+  return { interfaces, routes: [...parseRoutes(r4, 'v4', devices), ...parseRoutes(r6, 'v6', devices)], neighbors: parseNeighbors(neigh, devices) };
 }

@@ -303,7 +303,7 @@ describe('QEMU driver on paused VMs (qemu-system-x86_64 -S) @integration', funct
     function context(sandboxId: string, v: ValidatedConfig): VmContext {
       const runDir = path.join(runRoot, sandboxId);
       mkdirSync(runDir, { recursive: true });
-      return { sandboxId, runDir, plan: v.plan, config: v.config, log: silentLogger(), network: { devices: [], interfaces: [], routes: [], timings: { host: 0, guest: 0 } } };
+      return { sandboxId, runDir, plan: v.plan, config: v.config, log: silentLogger(), network: { devices: [], interfaces: [], routes: [], neighbors: [], timings: { host: 0, guest: 0 } } };
     }
 
     it('escalates to SIGKILL when QEMU neither powers down nor quits, and says so', async () => {

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { GuestNetwork, addressArg, parseAddrLines, parseRouteLines, routeArgs } from '../../../guest/agent/network.js';
+import { GuestNetwork, MAX_NEIGHBORS, addressArg, neighborArgs, parseAddrLines, parseRouteLines, routeArgs } from '../../../guest/agent/network.js';
 import { GrpcCode } from '../../../wire/ttrpc/codes.js';
 import type { TtrpcError } from '../../../wire/ttrpc/errors.js';
-import { IPFamily, type Interface } from '../../../wire/agent/proto.gen.js';
+import { ARPNeighbor, IPFamily, type Interface } from '../../../wire/agent/proto.gen.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const invalid = (e: TtrpcError) => e.code === GrpcCode.INVALID_ARGUMENT;
@@ -48,6 +48,42 @@ describe('guest network', () => {
       assert.throws(() => routeArgs({ family: IPFamily.v4, dest: '', gateway: '192.0.2.1', device: '-all' }), invalid);
       assert.throws(() => routeArgs({ family: IPFamily.v4, dest: '', gateway: 'eth0', device: 'eth0' }), invalid);
       assert.throws(() => routeArgs({ family: IPFamily.v4, dest: '192.0.2.0/24;x', device: 'eth0' }), invalid);
+    });
+  });
+
+  describe('neighborArgs', () => {
+    const neigh = (over: Partial<ARPNeighbor> = {}): ARPNeighbor => ({ toIPAddress: { family: IPFamily.v4, address: '192.0.2.9', mask: '' }, device: 'eth0', lladdr: '02:00:00:00:00:09', state: 0x80, flags: 0, ...over });
+
+    it('builds ip neigh replace with nud permanent for both families, and router for NTF_ROUTER', () => {
+      assert.deepEqual(neighborArgs(neigh()), ['neigh', 'replace', '192.0.2.9', 'lladdr', '02:00:00:00:00:09', 'dev', 'eth0', 'nud', 'permanent']);
+      assert.deepEqual(neighborArgs(neigh({ toIPAddress: { family: IPFamily.v6, address: '2001:db8::1', mask: '' }, lladdr: '02:00:00:00:00:0A', flags: 0x80 })), [
+        'neigh', 'replace', '2001:db8::1', 'lladdr', '02:00:00:00:00:0a', 'dev', 'eth0', 'nud', 'permanent', 'router',
+      ]);
+      assert.deepEqual(neighborArgs(neigh({ state: 0 })).slice(-2), ['nud', 'permanent']);
+      assert.deepEqual(neighborArgs(neigh({ state: 0x40 })).slice(-2), ['nud', 'noarp']);
+    });
+
+    it('refuses hostile or malformed values: a second command, an option, a zone, the other family, an unknown state or flag', () => {
+      const bad: Partial<ARPNeighbor>[] = [
+        { toIPAddress: undefined },
+        { toIPAddress: { family: IPFamily.v4, address: '192.0.2.9\nlink del eth0', mask: '' } },
+        { toIPAddress: { family: IPFamily.v4, address: '-force', mask: '' } },
+        { toIPAddress: { family: IPFamily.v6, address: '192.0.2.9', mask: '' } },
+        { toIPAddress: { family: IPFamily.v6, address: 'fe80::1%eth0', mask: '' } },
+        { toIPAddress: { family: IPFamily.v4, address: '0.0.0.0', mask: '' } },
+        { toIPAddress: { family: IPFamily.v6, address: '::', mask: '' } },
+        { toIPAddress: { family: 7, address: '192.0.2.9', mask: '' } },
+        { device: 'eth0 nud noarp' },
+        { device: '-all' },
+        { device: '' },
+        { lladdr: '' },
+        { lladdr: '02:00:00:00:00:09 router' },
+        { lladdr: '02:00:00:00:00' },
+        { state: 0x20 },
+        { state: -1 },
+        { flags: 0x08 },
+      ];
+      for (const b of bad) assert.throws(() => neighborArgs(neigh(b)), invalid, JSON.stringify(b));
     });
   });
 
@@ -125,6 +161,31 @@ describe('guest network', () => {
       await assert.rejects(net.updateInterface(iface({ hwAddr: 'zz' })), invalid);
       await assert.rejects(net.updateInterface(iface({ mtu: 10n })), invalid);
       assert.deepEqual(ran, []);
+    });
+
+    it('adds every neighbour with one iproute2 ip -batch, after checking all of them and their devices', async () => {
+      mkdirSync(path.join(sys, 'eth0'));
+      writeFileSync(path.join(sys, 'eth0', 'address'), '02:42:c0:00:02:03\n');
+      const batches: string[] = [];
+      const net = new GuestNetwork(async () => '', sys, async (input) => void batches.push(input));
+      const n = (address: string, family: number = IPFamily.v4): ARPNeighbor => ({ toIPAddress: { family, address, mask: '' }, device: 'eth0', lladdr: '02:00:00:00:00:09', state: 0x80, flags: 0 });
+      await net.addArpNeighbors([n('192.0.2.9'), n('2001:db8::9', IPFamily.v6)]);
+      assert.deepEqual(batches, ['neigh replace 192.0.2.9 lladdr 02:00:00:00:00:09 dev eth0 nud permanent\nneigh replace 2001:db8::9 lladdr 02:00:00:00:00:09 dev eth0 nud permanent\n']);
+
+      await net.addArpNeighbors([]);
+      await assert.rejects(net.addArpNeighbors([n('192.0.2.9'), { ...n('192.0.2.10'), device: 'eth7' }]), (e: TtrpcError) => e.code === GrpcCode.NOT_FOUND && /eth7/.test(e.message));
+      await assert.rejects(net.addArpNeighbors([n('192.0.2.9'), { ...n('192.0.2.10'), lladdr: 'x' }]), invalid);
+      await assert.rejects(net.addArpNeighbors(Array.from({ length: MAX_NEIGHBORS + 1 }, () => n('192.0.2.9'))), invalid);
+      assert.equal(batches.length, 1, 'nothing is run for a request with a bad neighbour');
+    });
+
+    it('answers INTERNAL with ip\'s message when the batch fails', async () => {
+      mkdirSync(path.join(sys, 'eth0'));
+      writeFileSync(path.join(sys, 'eth0', 'address'), '02:42:c0:00:02:03\n');
+      const net = new GuestNetwork(async () => '', sys, async () => {
+        throw new Error('RTNETLINK answers: Invalid argument Command failed -:1');
+      });
+      await assert.rejects(net.addArpNeighbors([{ toIPAddress: { family: IPFamily.v4, address: '192.0.2.9', mask: '' }, device: 'eth0', lladdr: '02:00:00:00:00:09', state: 0x80, flags: 0 }]), (e: TtrpcError) => e.code === GrpcCode.INTERNAL && /Invalid argument/.test(e.message));
     });
 
     it('adds link routes before gateway routes and flushes the IPv4 routes of their devices first', async () => {
