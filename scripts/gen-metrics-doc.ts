@@ -35,7 +35,7 @@ function collapseNodejs(rows: Row[], prefix: string): Row[] {
 }
 
 export async function generateMetricTable(): Promise<string> {
-  const shim = new ShimMetrics({ hypervisorPid: () => undefined, startPhases: () => ({}), guestMetrics: async () => '', podLabels: () => ({}) });
+  const shim = await ShimMetrics.create({ hypervisorPid: () => undefined, startPhases: () => ({}), guestMetrics: async () => '', podLabels: () => ({}) });
   const shimRows: Row[] = (shim.registry.getMetricsAsArray() as unknown as { name: string; help: string; type: string; labelNames?: string[] }[]).map((m) => ({
     name: m.name,
     type: m.type,

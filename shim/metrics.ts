@@ -11,7 +11,7 @@
  * guest answer that fails any of this, or no answer in time, is left out and counted in
  * `kata_shim_agent_metrics_errors_total{reason}`; the scrape itself still succeeds.
  */
-import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
+import type { Counter, Gauge, Registry } from 'prom-client';
 import { hotplugCounts } from '../core/counters.js';
 import { formatPromText, parsePromText, PromTextError } from '../core/prom-text.js';
 import { CRI_LABEL_ANNOTATIONS, type SandboxFigures } from './metrics-labels.js';
@@ -33,8 +33,10 @@ export type GuestMetricsError = 'unavailable' | 'too_large' | 'too_many_samples'
 
 const STAT_ITEMS = ['utime', 'stime', 'cutime', 'cstime'] as const;
 
+type PromClient = typeof import('prom-client');
+
 /** Registers the process gauges of one prefix (`kata_shim`, `kata_hypervisor`) and returns their setter. */
-function processGauges(registry: Registry, prefix: string, who: string): (f: ProcessFigures | undefined) => void {
+function processGauges({ Gauge }: PromClient, registry: Registry, prefix: string, who: string): (f: ProcessFigures | undefined) => void {
   const g = (name: string, help: string, labelNames: string[] = []) => new Gauge({ name: `${prefix}_${name}`, help, labelNames, registers: [registry] });
   const procStat = g('proc_stat', `${who} process statistics from /proc/<pid>/stat, in clock ticks (item: utime, stime, cutime, cstime).`, ['item']);
   const procStatus = g('proc_status', `${who} process status from /proc/<pid>/status (sizes in bytes), and pss from smaps_rollup.`, ['item']);
@@ -59,7 +61,7 @@ function processGauges(registry: Registry, prefix: string, who: string): (f: Pro
 }
 
 export class ShimMetrics {
-  readonly registry = new Registry();
+  readonly registry: Registry;
   readonly #setShim: (f: ProcessFigures | undefined) => void;
   readonly #setHypervisor: (f: ProcessFigures | undefined) => void;
   readonly #phases: Gauge;
@@ -70,14 +72,21 @@ export class ShimMetrics {
   readonly #scrapes: Counter;
   #inFlight: Promise<string> | undefined;
 
-  constructor(
+  /** Loads prom-client (imported here, not with the shim: only a scraped shim pays for it). */
+  static async create(figures: SandboxFigures, opts: { procRoot?: string; selfPid?: number } = {}): Promise<ShimMetrics> {
+    return new ShimMetrics(await import('prom-client'), figures, opts);
+  }
+
+  private constructor(
+    prom: PromClient,
     private readonly figures: SandboxFigures,
     private readonly opts: { procRoot?: string; selfPid?: number } = {},
   ) {
-    const r = this.registry;
+    const { Registry, Gauge, Counter, collectDefaultMetrics } = prom;
+    const r = (this.registry = new Registry());
     collectDefaultMetrics({ register: r, prefix: 'kata_shim_' });
-    this.#setShim = processGauges(r, 'kata_shim', 'The shim');
-    this.#setHypervisor = processGauges(r, 'kata_hypervisor', 'The hypervisor');
+    this.#setShim = processGauges(prom, r, 'kata_shim', 'The shim');
+    this.#setHypervisor = processGauges(prom, r, 'kata_hypervisor', 'The hypervisor');
     this.#phases = new Gauge({ name: 'kata_shim_sandbox_start_phase_seconds', help: 'How long each phase of the sandbox start took, in seconds (vm_start includes host_network).', labelNames: ['phase'], registers: [r] });
     // Set from the counts in core/counters.ts at each scrape.
     this.#hotplug = new Counter({ name: 'kata_shim_hotplug_total', help: 'Hot-plugs by kind since the shim started (cpu, memory, block; unplugs as <kind>_unplug).', labelNames: ['kind'], registers: [r] });

@@ -87,7 +87,7 @@ export class ShimMonitor {
 
   #metrics(res: http.ServerResponse, figures: SandboxFigures): void {
     // prom-client is loaded on the first scrape, not at every shim start.
-    this.#registry ??= import('./metrics.js').then(({ ShimMetrics }) => new ShimMetrics(figures));
+    this.#registry ??= import('./metrics.js').then(({ ShimMetrics }) => ShimMetrics.create(figures));
     this.#registry
       .then((m) => m.render())
       .then(

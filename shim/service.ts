@@ -382,8 +382,11 @@ export class TaskService {
   /** What the sandbox's /metrics reports of it (shim/metrics.ts). */
   #figures(annotations: Readonly<Record<string, string>>): SandboxFigures {
     const pod = podLabelsFrom(annotations);
+    // Once the VM has ended its pid may be another process's: no hypervisor figures then.
+    let ended = false;
+    void this.#sandbox?.running.exited.then(() => (ended = true));
     return {
-      hypervisorPid: () => this.#sandbox?.running.vm.pid,
+      hypervisorPid: () => (ended ? undefined : this.#sandbox?.running.vm.pid),
       startPhases: () => this.#sandbox?.startPhases ?? {},
       guestMetrics: async (opts) => {
         const sandbox = this.#sandbox;

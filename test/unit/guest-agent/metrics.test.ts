@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parsePromText, type PromFamily } from '../../../core/prom-text.js';
-import { guestMetrics, meminfoItem, parseLoadavg, parseMeminfo, parseProcStat, readContainerCgroups } from '../../../guest/agent/metrics.js';
+import { GUEST_METRICS, guestMetrics, meminfoItem, parseLoadavg, parseMeminfo, parseProcStat, readContainerCgroups } from '../../../guest/agent/metrics.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const MEMINFO = 'MemTotal:        2014648 kB\nMemFree:         1900000 kB\nActive(anon):       1234 kB\nHugePages_Total:       0\nDirectMap4k:       12288 kB\n';
@@ -68,7 +68,13 @@ describe('guest metrics (guest/agent/metrics.ts, GetMetrics)', () => {
     cgroup(root, 'c1', { 'cpu.stat': 'usage_usec 2500000\n', 'memory.current': '1048576\n', 'memory.max': '67108864\n', 'pids.current': '3\n' });
     const text = await guestMetrics({ proc, cgroupRoot: root });
     const f = parsePromText(text, { allowedPrefixes: ['kata_agent_', 'kata_guest_'] });
-    assert.ok(f.every((x) => x.help && x.type !== 'untyped'), 'HELP and TYPE on every family');
+    // Every family as the table (and so the README) says: type, help and label names.
+    assert.deepEqual(f.map((x) => x.name).sort(), Object.keys(GUEST_METRICS).sort());
+    for (const fam of f) {
+      const d = GUEST_METRICS[fam.name as keyof typeof GUEST_METRICS];
+      assert.deepEqual([fam.type, fam.help], [d.type, d.help], fam.name);
+      for (const s of fam.samples) assert.deepEqual(s.labels.map(([k]) => k), [...d.labels], fam.name);
+    }
     assert.equal(sample(f, 'kata_guest_load', { item: 'load1' }), 0.5);
     assert.equal(sample(f, 'kata_guest_tasks', { item: 'max' }), 87);
     assert.equal(sample(f, 'kata_guest_meminfo', { item: 'mem_total' }), 2014648 * 1024);

@@ -50,7 +50,7 @@ describe('ShimMetrics (shim/metrics.ts, GET /metrics)', () => {
   it("reports the hypervisor's and the shim's process figures, start phases, hot-plug counts, pod labels and the guest's figures", async () => {
     countHotplug('test_cpu');
     countHotplug('test_cpu');
-    const m = new ShimMetrics(figures({ hypervisorPid: () => vm.pid }));
+    const m = await ShimMetrics.create(figures({ hypervisorPid: () => vm.pid }));
     const f = parsePromText(await m.render());
     assert.ok(f.every((x) => x.help !== undefined && x.type !== 'untyped'), 'HELP and TYPE on every family');
     assert.ok((value(f, 'kata_hypervisor_proc_status', { item: 'vmrss' }) ?? 0) > 0, 'hypervisor RSS');
@@ -77,7 +77,7 @@ describe('ShimMetrics (shim/metrics.ts, GET /metrics)', () => {
       ['unexpected_name', async () => '# TYPE kata_shim_agent_metrics_up gauge\nkata_shim_agent_metrics_up 999\n'],
     ];
     for (const [reason, answer] of cases) {
-      const m = new ShimMetrics(figures({ guestMetrics: answer }));
+      const m = await ShimMetrics.create(figures({ guestMetrics: answer }));
       const text = await m.render();
       const f = parsePromText(text);
       assert.equal(value(f, 'kata_shim_agent_metrics_up'), 0, reason);
@@ -90,7 +90,7 @@ describe('ShimMetrics (shim/metrics.ts, GET /metrics)', () => {
 
   it('shares one gathering, and one GetMetrics call, between concurrent scrapes', async () => {
     let calls = 0;
-    const m = new ShimMetrics(figures({ guestMetrics: async () => (calls++, await new Promise((r) => setTimeout(r, 50)), GUEST) }));
+    const m = await ShimMetrics.create(figures({ guestMetrics: async () => (calls++, await new Promise((r) => setTimeout(r, 50)), GUEST) }));
     const [a, b] = await Promise.all([m.render(), m.render()]);
     assert.equal(a, b);
     assert.equal(calls, 1);
