@@ -123,6 +123,25 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
   });
 
   describe('the command', () => {
+    it('refuses an address it cannot listen on with KATA_ERR_MONITOR, exit 1', async () => {
+      const taken = net.createServer();
+      await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+      try {
+        const port = (taken.address() as net.AddressInfo).port;
+        const r = await new Promise<{ code: number | null; err: string }>((resolve) => {
+          const p = spawn(process.execPath, [CLI, 'monitor', '--listen', `127.0.0.1:${port}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+          let err = '';
+          p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+          p.once('close', (code) => resolve({ code, err }));
+        });
+        assert.equal(r.code, 1);
+        assert.match(r.err, /cannot listen on 127\.0\.0\.1:\d+: .*EADDRINUSE/);
+        assert.match(r.err, /code: KATA_ERR_MONITOR/);
+      } finally {
+        await new Promise((r) => taken.close(r));
+      }
+    });
+
     it('refuses a non-numeric --listen port with KATA_ERR_MONITOR naming the option, and listens on a good one until SIGTERM', async () => {
       const bad = await new Promise<{ code: number | null; err: string }>((resolve) => {
         const p = spawn(process.execPath, [CLI, 'monitor', '--listen', '127.0.0.1:http'], { stdio: ['ignore', 'ignore', 'pipe'] });
