@@ -14,6 +14,7 @@
 import type { Counter, Gauge, Registry } from 'prom-client';
 import { hotplugCounts } from '../core/counters.js';
 import { formatPromText, parsePromText, PromTextError } from '../core/prom-text.js';
+import { GrpcCode } from '../wire/ttrpc/codes.js';
 import { CRI_LABEL_ANNOTATIONS, type SandboxFigures } from './metrics-labels.js';
 import { CLOCK_TICKS, readProcessFigures, type ProcessFigures } from './metrics-proc.js';
 
@@ -29,7 +30,7 @@ export const GUEST_METRICS_TIMEOUT_MS = 5_000;
 export const GUEST_METRIC_PREFIXES = ['kata_agent_', 'kata_guest_'] as const;
 
 /** Why a guest answer was left out, as the `reason` label. */
-export type GuestMetricsError = 'unavailable' | 'too_large' | 'too_many_samples' | 'unparsable' | 'unexpected_name';
+export type GuestMetricsError = 'unavailable' | 'timeout' | 'too_large' | 'too_many_samples' | 'unparsable' | 'unexpected_name';
 
 const STAT_ITEMS = ['utime', 'stime', 'cutime', 'cstime'] as const;
 
@@ -92,7 +93,7 @@ export class ShimMetrics {
     this.#hotplug = new Counter({ name: 'kata_shim_hotplug_total', help: 'Hot-plugs by kind since the shim started (cpu, memory, block; unplugs as <kind>_unplug).', labelNames: ['kind'], registers: [r] });
     this.#pod = new Gauge({ name: 'kata_shim_pod_info', help: 'The CRI labels of the pod this sandbox runs (always 1).', labelNames: Object.keys(CRI_LABEL_ANNOTATIONS), registers: [r] });
     this.#up = new Gauge({ name: 'kata_shim_agent_metrics_up', help: "1 when the agent's metrics are part of this scrape, 0 when they were left out.", registers: [r] });
-    this.#errors = new Counter({ name: 'kata_shim_agent_metrics_errors_total', help: "Agent metrics answers left out, by reason (unavailable, too_large, too_many_samples, unparsable, unexpected_name).", labelNames: ['reason'], registers: [r] });
+    this.#errors = new Counter({ name: 'kata_shim_agent_metrics_errors_total', help: 'Agent metrics answers left out, by reason (unavailable, timeout, too_large, too_many_samples, unparsable, unexpected_name).', labelNames: ['reason'], registers: [r] });
     this.#scrapes = new Counter({ name: 'kata_shim_scrape_count', help: 'Metrics scrape count.', registers: [r] });
   }
 
@@ -138,8 +139,10 @@ export class ShimMetrics {
     let text: string;
     try {
       text = await this.figures.guestMetrics({ timeoutMs: GUEST_METRICS_TIMEOUT_MS });
-    } catch {
-      return { reason: 'unavailable' };
+    } catch (e) {
+      // The agent client refuses a reply over the ttrpc frame limit (RESOURCE_EXHAUSTED) without holding it.
+      const code = (e as { grpcCode?: number }).grpcCode;
+      return { reason: code === GrpcCode.RESOURCE_EXHAUSTED ? 'too_large' : code === GrpcCode.DEADLINE_EXCEEDED ? 'timeout' : 'unavailable' };
     }
     try {
       const families = parsePromText(text, { maxBytes: GUEST_METRICS_MAX_BYTES, maxSamples: GUEST_METRICS_MAX_SAMPLES, allowedPrefixes: GUEST_METRIC_PREFIXES });

@@ -6,6 +6,7 @@ import { countHotplug } from '../../../core/counters.js';
 import { parsePromText, type PromFamily } from '../../../core/prom-text.js';
 import { GUEST_METRICS_MAX_BYTES, ShimMetrics, podLabelsFrom, type SandboxFigures } from '../../../shim/metrics.js';
 import { ShimMonitor } from '../../../shim/monitor.js';
+import { GrpcCode } from '../../../wire/ttrpc/codes.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const GUEST = '# HELP kata_guest_meminfo Memory.\n# TYPE kata_guest_meminfo gauge\nkata_guest_meminfo{item="mem_total"} 2000000000\n# HELP kata_agent_scrape_count Scrapes.\n# TYPE kata_agent_scrape_count counter\nkata_agent_scrape_count 1\n';
@@ -71,6 +72,8 @@ describe('ShimMetrics (shim/metrics.ts, GET /metrics)', () => {
   it('leaves a bad guest answer out with a labelled error, and the scrape still succeeds', async () => {
     const cases: [string, () => Promise<string>][] = [
       ['unavailable', () => Promise.reject(new Error('agent gone'))],
+      ['timeout', () => Promise.reject(Object.assign(new Error('GetMetrics: deadline exceeded'), { grpcCode: GrpcCode.DEADLINE_EXCEEDED }))],
+      ['too_large', () => Promise.reject(Object.assign(new Error('GetMetrics: reply refused: 5000000 bytes'), { grpcCode: GrpcCode.RESOURCE_EXHAUSTED }))],
       ['too_large', async () => `kata_guest_x 1\n${'#'.repeat(GUEST_METRICS_MAX_BYTES)}\n`],
       ['unparsable', async () => 'kata_guest_x{a="1" 1\n'],
       ['unexpected_name', async () => 'kata_guest_x 1\nkata_hypervisor_fds 999\n'],
