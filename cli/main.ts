@@ -43,6 +43,8 @@ const OPTIONS = {
   netns: { type: 'string' },
   // cleanup
   'dry-run': { type: 'boolean' },
+  // monitor
+  listen: { type: 'string' },
 } satisfies ParseArgsConfig['options'];
 
 export type CliFlags = {
@@ -54,6 +56,7 @@ export type CliFlags = {
   timings: boolean;
   netns?: string | undefined;
   dryRun: boolean;
+  listen?: string | undefined;
 };
 
 /** What a subcommand receives. */
@@ -81,6 +84,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
   },
   exec: { summary: "attach to the sandbox's guest debug console (debug_console_enabled): exec <sandbox-id>; Ctrl-] detaches", load: async () => (await import('./exec.js')).execCommand },
   cleanup: { summary: 'remove the run directories of runs and shims that were killed (never a live one) [--dry-run] [--json]', load: async () => (await import('./cleanup.js')).cleanupCommand },
+  monitor: { summary: "serve every sandbox's Prometheus metrics with sandbox labels (kata-monitor) [--listen HOST:PORT]", load: async () => (await import('./monitor.js')).monitorCommand },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
 };
 const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'check' };
@@ -116,6 +120,7 @@ Global options:
                                   connect stdin, print the time of each phase
   --netns PATH                    run: the network namespace whose interfaces the VM mirrors
   --dry-run                       cleanup: list what would be removed, remove nothing
+  --listen HOST:PORT              monitor: where to serve /metrics (default 127.0.0.1:8090)
   -v, --version                   print the version
   -h, --help                      print this help
 `;
@@ -173,6 +178,7 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
     timings: v.timings ?? false,
     netns: v.netns,
     dryRun: v['dry-run'] ?? false,
+    listen: v.listen,
   };
   let configPath: string | null = null;
   const ctx: CommandContext = {

@@ -245,6 +245,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: "kata-runtime exec cannot attach to the sandbox's guest debug console: no shim serves that sandbox id (no management socket /run/vc/sbs/<id>/shim-monitor.sock), the console is off (debug_console_enabled = false, the default), or another exec is attached.",
     fix: 'Check the sandbox id (ctr task ls, crictl pods); to use the console set debug_console_enabled = true in [agent.kata] (not allowed for TDX) and start the sandbox again; detach the other exec (Ctrl-]).',
   },
+  KATA_ERR_MONITOR: {
+    meaning: 'kata-runtime monitor cannot serve: --listen is not HOST:PORT with a port from 0 to 65535, or the address cannot be listened on (in use, not an address of this host).',
+    fix: 'Give --listen HOST:PORT (e.g. 127.0.0.1:8090, [::1]:8090) with a free port on an address of this host.',
+  },
   KATA_ERR_SHIM: {
     meaning: 'containerd-shim-kata-v2 was started in a way it cannot work with (missing -id, -namespace or bundle, unknown action, socket already served by another shim).',
     fix: 'Let containerd start the shim (runtime type io.containerd.kata.v2); when running it by hand, give -namespace, -id, -address and run it in the bundle directory.',

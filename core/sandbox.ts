@@ -241,6 +241,8 @@ export class Sandbox {
   readonly #oomEvents: OomEventLoop;
   #failure: KataError | undefined;
   #stopping: Promise<VmExit> | undefined;
+  /** How long each phase of the start took, in seconds (vm_start includes host_network). */
+  startPhases: Readonly<Record<string, number>> = {};
 
   private constructor(
     readonly running: RunningVm,
@@ -280,7 +282,16 @@ export class Sandbox {
     const log = (opts.log ?? silentLogger()).child({ sandbox: opts.sandboxId });
     const { plan, config } = validated;
     if (!plan.agent) throw new KataError('KATA_ERR_INTERNAL', `the "${plan.hypervisor}" plugin planned no agent address`);
+    // Seconds per start phase, for the shim's metrics (kata_shim_sandbox_start_phase_seconds).
+    const phases: Record<string, number> = {};
+    let t = performance.now();
+    const phase = (name: string) => {
+      const now = performance.now();
+      phases[name] = (now - t) / 1000;
+      t = now;
+    };
     const running = await launchVm(validated, opts);
+    phase('vm_start');
     try {
       const address = fillSandboxDir(plan.agent.address, running.ctx.runDir);
       const deadlineMs = opts.agentDialTimeoutMs ?? config.agent.dial_timeout * 1000;
@@ -292,9 +303,11 @@ export class Sandbox {
         if (opts.signal?.aborted) throw interruptedError(opts.sandboxId);
         throw new KataError('KATA_ERR_AGENT_UNREACHABLE', `the guest agent of sandbox ${opts.sandboxId} did not answer: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
       });
+      phase('agent_connect');
       const storages = plan.sharedFsMount ? [{ ...plan.sharedFsMount, mountPoint: GUEST_SHARED_DIR }] : [];
       try {
         await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.hostname || opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
+        phase('agent_create_sandbox');
       } catch (e) {
         agent.close();
         throw e;
@@ -305,12 +318,21 @@ export class Sandbox {
         agent.close();
         throw e;
       }
+      phase('guest_network');
+      phases.host_network = running.ctx.network.timings.host / 1000;
       log.info({ agent: address }, 'sandbox ready');
-      return new Sandbox(running, agent, validated, log);
+      const sandbox = new Sandbox(running, agent, validated, log);
+      sandbox.startPhases = Object.freeze(phases);
+      return sandbox;
     } catch (e) {
       await running.stop().catch(() => undefined);
       throw toKataError(e);
     }
+  }
+
+  /** The guest's and the agent's figures as Prometheus text (the agent's GetMetrics). */
+  guestMetrics(opts: { timeoutMs?: number } = {}): Promise<string> {
+    return this.agent.getMetrics(opts);
   }
 
   container(id: string): Container | undefined {

@@ -10,6 +10,7 @@
  */
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
+import { countHotplug } from './counters.js';
 import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import { removeRunDir, writeOwner } from './run-dirs.js';
@@ -103,8 +104,15 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
   return {
     ctx,
     vm: started,
-    hotplugBlock: (dev) => started.hotplugBlock(dev),
-    unplugBlock: (id, o) => started.unplugBlock(id, o),
+    hotplugBlock: async (dev) => {
+      const block = await started.hotplugBlock(dev);
+      countHotplug('block');
+      return block;
+    },
+    unplugBlock: async (id, o) => {
+      await started.unplugBlock(id, o);
+      countHotplug('block_unplug');
+    },
     exited: started.exited.then((exit) => {
       if (!exit.expected) log.error({ code: exit.code, signal: exit.signal, stderr: exit.stderrTail, err: exit.error }, 'the VM ended unexpectedly');
       return exit;

@@ -2,7 +2,7 @@
  * Bundles the `kata-runtime` entry point, with the core and the built-in plugins, into one file
  * (dist/bundle/kata-runtime.mjs, the package's `kata-runtime` bin). One module instead of ~60 saves
  * Node's module loader a large share of a CLI start (issue 2's target: `validate` within 2x a bare
- * `node -e 0`; `npm run bench` measures it). Dependencies loaded lazily (pino, ajv for third-party
+ * `node -e 0`; `npm run bench` measures it). Dependencies loaded lazily (pino, prom-client for metrics, ajv for third-party
  * schemas) and the precompiled schema validators stay separate files.
  */
 import path from 'node:path';
@@ -27,7 +27,7 @@ for (const [entry, outfile] of [
     target: 'node20',
     // CommonJS dependencies inside an ES module bundle need a `require`.
     banner: { js: "import { createRequire as __kataCreateRequire } from 'node:module'; const require = __kataCreateRequire(import.meta.url);" },
-    external: ['pino', 'ajv', 'node:*'],
+    external: ['pino', 'ajv', 'prom-client', 'node:*'],
     logLevel: 'warning',
   });
 }

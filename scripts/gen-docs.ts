@@ -11,6 +11,7 @@ import path from 'node:path';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { ERROR_CODES } from '../core/errors.js';
 import { PLUGIN_API_DOC, generatePluginApiDoc } from './gen-plugin-api-doc.js';
+import { generateMetricTable, spliceMetricTable } from './gen-metrics-doc.js';
 
 interface Prop {
   type?: string | string[];
@@ -104,5 +105,6 @@ if (import.meta.url === `file://${process.argv[1]}`) {
   await writeFile(path.join(PACKAGE_ROOT, PLUGIN_API_DOC), await generatePluginApiDoc());
   const readmePath = path.join(PACKAGE_ROOT, 'README.md');
   await writeFile(readmePath, spliceReadme(await readFile(readmePath, 'utf8'), generateErrorTable()));
+  await writeFile(readmePath, spliceMetricTable(await readFile(readmePath, 'utf8'), await generateMetricTable()));
   process.stdout.write(`wrote ${CONFIG_DOC}, ${PLUGIN_API_DOC} and the README error table (${(await readdir(path.join(PACKAGE_ROOT, 'schemas'))).length} schemas)\n`);
 }

@@ -8,6 +8,9 @@
  * terminal bytes both ways (the shim relays them to the QEMU chardev socket of the console's
  * virtio-serial port). One attach at a time: the port has one host end. Refusals are JSON
  * `{ code, message }` bodies with a 4xx status (KATA_ERR_DEBUG_CONSOLE).
+ *
+ * `GET /metrics` answers the sandbox's Prometheus metrics (shim/metrics.ts), as Kata's shim does
+ * on the same socket; `kata-runtime monitor` scrapes it.
  */
 import { mkdir, rm } from 'node:fs/promises';
 import { chmodSync } from 'node:fs';
@@ -18,6 +21,7 @@ import path from 'node:path';
 import type { Duplex } from 'node:stream';
 import { KataError } from '../core/errors.js';
 import { DEBUG_CONSOLE_PROTOCOL, shimMonitorSocket } from '../core/shim-monitor.js';
+import type { SandboxFigures, ShimMetrics } from './metrics.js';
 
 export { DEBUG_CONSOLE_PROTOCOL, DEFAULT_SBS_ROOT, sbsRoot, shimMonitorSocket } from '../core/shim-monitor.js';
 
@@ -25,7 +29,12 @@ export { DEBUG_CONSOLE_PROTOCOL, DEFAULT_SBS_ROOT, sbsRoot, shimMonitorSocket } 
 export interface MonitorSource {
   /** The host end of the guest debug console now, or undefined (no sandbox yet, or the console is off). */
   debugConsoleSocket(): string | undefined;
+  /** What `GET /metrics` reports of the sandbox (shim/metrics.ts); absent: no /metrics. */
+  readonly figures?: SandboxFigures;
 }
+
+/** The content type of Prometheus text 0.0.4 (what prom-client's registry says it writes). */
+export const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 
 function refuse(socket: Duplex, status: number, reason: string, message: string): void {
   const body = JSON.stringify({ code: 'KATA_ERR_DEBUG_CONSOLE', message });
@@ -36,13 +45,17 @@ export class ShimMonitor {
   readonly #server: http.Server;
   readonly #open = new Set<Duplex>();
   #attached = false;
+  #registry: Promise<ShimMetrics> | undefined;
 
   private constructor(
     readonly socketPath: string,
     private readonly source: MonitorSource,
   ) {
     this.#server = http.createServer((req, res) => {
-      // Plain requests: nothing but the upgrade is served yet.
+      if (req.method === 'GET' && (req.url === '/metrics' || req.url?.startsWith('/metrics?')) && this.source.figures) {
+        this.#metrics(res, this.source.figures);
+        return;
+      }
       res.writeHead(404, { 'Content-Type': 'application/json' }).end(JSON.stringify({ code: 'KATA_ERR_DEBUG_CONSOLE', message: `no endpoint ${req.method} ${req.url}` }));
     });
     this.#server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => this.#attach(req, socket, head));
@@ -70,6 +83,17 @@ export class ShimMonitor {
     });
     chmodSync(socketPath, 0o600);
     return m;
+  }
+
+  #metrics(res: http.ServerResponse, figures: SandboxFigures): void {
+    // prom-client is loaded on the first scrape, not at every shim start.
+    this.#registry ??= import('./metrics.js').then(({ ShimMetrics }) => ShimMetrics.create(figures));
+    this.#registry
+      .then((m) => m.render())
+      .then(
+        (text) => res.writeHead(200, { 'Content-Type': PROMETHEUS_CONTENT_TYPE }).end(text),
+        (err: unknown) => res.writeHead(500, { 'Content-Type': 'application/json' }).end(JSON.stringify({ code: 'KATA_ERR_INTERNAL', message: `cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}` })),
+      );
   }
 
   #attach(req: http.IncomingMessage, client: Duplex, head: Buffer): void {

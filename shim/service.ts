@@ -25,6 +25,7 @@ import { parseExecSpec, readBundleSpec } from './oci.js';
 import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
 import { TaskIo } from './stdio.js';
 import type { MonitorSource } from './monitor.js';
+import { podLabelsFrom, type SandboxFigures } from './metrics-labels.js';
 import { timestamp } from './time.js';
 import {
   Options,
@@ -77,6 +78,10 @@ export interface ShimSandbox {
   readonly debugConsoleSocket?: string | undefined;
   /** OOM kills in the guest, by container id (absent: the sandbox reports none). */
   onOOM?(listener: (containerId: string) => void): unknown;
+  /** Seconds per start phase, for /metrics (absent: none recorded). */
+  readonly startPhases?: Readonly<Record<string, number>>;
+  /** The guest's metrics as Prometheus text, from the agent (absent: /metrics has none). */
+  guestMetrics?(opts: { timeoutMs: number }): Promise<string>;
 }
 
 /** What the service asks for when a container starts a new sandbox. */
@@ -304,7 +309,7 @@ export class TaskService {
       startedSandbox = true;
       if (this.opts.startMonitor) {
         // Without its management socket the sandbox still runs; only kata-runtime exec cannot reach it.
-        this.#monitor = await this.opts.startMonitor(spec.sandboxId, { debugConsoleSocket: () => this.#sandbox?.debugConsoleSocket }).catch((err: unknown) => {
+        this.#monitor = await this.opts.startMonitor(spec.sandboxId, { debugConsoleSocket: () => this.#sandbox?.debugConsoleSocket, figures: this.#figures(spec.annotations) }).catch((err: unknown) => {
           log.warn({ err }, 'cannot open the management socket (shim-monitor.sock)');
           return undefined;
         });
@@ -372,6 +377,24 @@ export class TaskService {
     const validated = await loadValidatedConfig({ file, log, annotations, annotationOptions: { pathExists: existsSync, hostCpus: availableParallelism() } });
     log.info({ config: file, hypervisor: validated.plan.hypervisor }, 'starting sandbox');
     return Sandbox.create(validated, { sandboxId, runRoot: this.opts.runRoot, log, ...(netns ? { netns } : {}), ...(hostname ? { hostname } : {}) });
+  }
+
+  /** What the sandbox's /metrics reports of it (shim/metrics.ts). */
+  #figures(annotations: Readonly<Record<string, string>>): SandboxFigures {
+    const pod = podLabelsFrom(annotations);
+    // Once the VM has ended its pid may be another process's: no hypervisor figures then.
+    let ended = false;
+    void this.#sandbox?.running.exited.then(() => (ended = true));
+    return {
+      hypervisorPid: () => (ended ? undefined : this.#sandbox?.running.vm.pid),
+      startPhases: () => this.#sandbox?.startPhases ?? {},
+      guestMetrics: async (opts) => {
+        const sandbox = this.#sandbox;
+        if (!sandbox?.guestMetrics) throw new Error('the sandbox has no agent to ask');
+        return sandbox.guestMetrics(opts);
+      },
+      podLabels: () => pod,
+    };
   }
 
   #watchSandbox(sandbox: ShimSandbox, log: Logger): void {

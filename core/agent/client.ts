@@ -248,6 +248,11 @@ export class AgentClient {
     return (await this.run('GetOOMEvent', 0, opts, (o) => this.agent.GetOOMEvent({}, o))).containerId;
   }
 
+  /** The guest's and the agent's figures as Prometheus text (kata-agent's GetMetrics). */
+  async getMetrics(opts: AgentCallOptions = {}): Promise<string> {
+    return (await this.run('GetMetrics', this.defaultTimeoutMs, opts, (o) => this.agent.GetMetrics({}, o))).metrics;
+  }
+
   private async run<T>(method: string, timeoutMs: number, opts: AgentCallOptions, call: (o: CallOptions) => Promise<T>): Promise<T> {
     try {
       return await call({ timeoutMs: opts.timeoutMs ?? timeoutMs, signal: opts.signal });

@@ -8,6 +8,7 @@ import type { CallContext, TtrpcServer } from '../../wire/ttrpc/server.js';
 import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import { invalidArgument, isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
+import { guestMetrics } from './metrics.js';
 import type { Sandbox } from './sandbox.js';
 import { API_VERSION, AGENT_VERSION } from './version.js';
 
@@ -51,6 +52,7 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     ListInterfaces: (_req, ctx) => handle(ctx, async () => ({ Interfaces: await sandbox.network.listInterfaces() })),
     ListRoutes: (_req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.listRoutes() })),
     AddARPNeighbors: (req, ctx) => handle(ctx, async () => (await sandbox.network.addArpNeighbors(req.neighbors?.ARPNeighbors ?? []), {})),
+    GetMetrics: (_req, ctx) => handle(ctx, async () => ({ metrics: await guestMetrics() })),
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

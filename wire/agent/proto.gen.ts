@@ -1620,6 +1620,72 @@ export const StringUser: MessageCodec<StringUser> = {
   },
 };
 
+/** grpc.GetMetricsRequest */
+export interface GetMetricsRequest {}
+
+function encGetMetricsRequest(_m: MessageInit<GetMetricsRequest>, w: Writer): Writer {
+  return w;
+}
+
+function decGetMetricsRequest(r: Reader, end: number): GetMetricsRequest {
+  const m: GetMetricsRequest = {  };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const GetMetricsRequest: MessageCodec<GetMetricsRequest> = {
+  typeName: 'grpc.GetMetricsRequest',
+  encode: (m) => encGetMetricsRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decGetMetricsRequest(r, r.len);
+  },
+};
+
+/** grpc.Metrics */
+export interface Metrics {
+  /** Prometheus text exposition format. */
+  metrics: string;
+}
+
+function encMetrics(m: MessageInit<Metrics>, w: Writer): Writer {
+  if (m.metrics) w.uint32(10).string(m.metrics);
+  return w;
+}
+
+function decMetrics(r: Reader, end: number): Metrics {
+  const m: Metrics = { metrics: '' };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.metrics = r.string();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const Metrics: MessageCodec<Metrics> = {
+  typeName: 'grpc.Metrics',
+  encode: (m) => encMetrics(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decMetrics(r, r.len);
+  },
+};
+
 /**
  * Not declared here: Hooks = 6, Solaris = 9, Windows = 10.
  *
@@ -2781,6 +2847,8 @@ export const AgentService = service('grpc.AgentService', {
   ListInterfaces: method('ListInterfaces', ListInterfacesRequest, Interfaces),
   ListRoutes: method('ListRoutes', ListRoutesRequest, Routes),
   AddARPNeighbors: method('AddARPNeighbors', AddARPNeighborsRequest, Empty),
+  /** Metrics: the guest's and the agent's figures as Prometheus text (kata-agent's GetMetrics). */
+  GetMetrics: method('GetMetrics', GetMetricsRequest, Metrics),
 });
 
 /** The ttrpc service grpc.Health. */

@@ -1,0 +1,220 @@
+/**
+ * `kata-runtime monitor [--listen HOST:PORT]`: kata-monitor's job. An HTTP server whose `GET
+ * /metrics` scrapes every sandbox's management socket (`<sbs root>/<id>/shim-monitor.sock`, served
+ * by its shim: shim/monitor.ts) in parallel, each within {@link SCRAPE_TIMEOUT_MS} and
+ * {@link SHIM_ANSWER_MAX_BYTES}, puts `sandbox_id` (and the pod's `cri_name`, `cri_namespace`,
+ * `cri_uid` where the shim knows them) on every sample, and adds its own `kata_monitor_*`
+ * figures. A sandbox whose socket does not answer, answers late or answers anything but
+ * well-formed Prometheus text is left out and counted (`kata_monitor_scrape_failed_count`); the
+ * scrape itself never fails for it.
+ */
+import http from 'node:http';
+import net from 'node:net';
+import { readdir } from 'node:fs/promises';
+import path from 'node:path';
+import { KataError } from '../core/errors.js';
+import { identifierProblem } from '../core/identifiers.js';
+import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
+import { sbsRoot } from '../core/shim-monitor.js';
+import type { Logger } from '../core/logger.js';
+import { EXIT, usageError, type CommandContext } from './main.js';
+
+/** Kata's kata-monitor default. */
+export const DEFAULT_LISTEN = '127.0.0.1:8090';
+/** How long one sandbox's scrape may take. */
+export const SCRAPE_TIMEOUT_MS = 3_000;
+/** The largest answer read from one shim. */
+export const SHIM_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
+/** The most samples taken from one shim. */
+export const SHIM_ANSWER_MAX_SAMPLES = 50_000;
+/** Sandboxes scraped at once. */
+export const SCRAPE_CONCURRENCY = 16;
+/** The families a shim may report (its own, its hypervisor's and its guest's). */
+export const SHIM_METRIC_PREFIXES = ['kata_shim_', 'kata_hypervisor_', 'kata_agent_', 'kata_guest_'] as const;
+
+const POD_INFO = 'kata_shim_pod_info';
+
+/** `host:port` or `[v6]:port`, the port decimal 0..65535; refusals are KATA_ERR_MONITOR naming --listen. */
+export function parseListen(value: string): { host: string; port: number } {
+  const refuse = (why: string) => new KataError('KATA_ERR_MONITOR', `--listen ${JSON.stringify(value)}: ${why}`, { key: '--listen', value, fix: 'give --listen HOST:PORT, e.g. --listen 127.0.0.1:8090 ([::1]:8090 for IPv6)' });
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+)):([^:]*)$/.exec(value);
+  if (!m) throw refuse('not HOST:PORT');
+  const host = m[1] ?? m[2]!;
+  const port = m[3]!;
+  if (!/^\d{1,5}$/.test(port) || Number(port) > 65535) throw refuse(`the port ${JSON.stringify(port)} is not a number from 0 to 65535`);
+  if (m[1] !== undefined && net.isIPv6(host) === false) throw refuse(`${host} is not an IPv6 address`);
+  if (m[2] !== undefined && !net.isIPv4(host) && !/^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/.test(host)) throw refuse(`${JSON.stringify(host)} is not an address or host name`);
+  return { host, port: Number(port) };
+}
+
+/** Why a sandbox was left out of a scrape. */
+export type ScrapeFailure = 'unreachable' | 'timeout' | 'status' | 'too_large' | 'invalid';
+
+/** GET /metrics on one management socket, bounded in time and size. */
+export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, maxBytes = SHIM_ANSWER_MAX_BYTES): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const fail = (reason: ScrapeFailure, message: string) => reject(Object.assign(new Error(message), { reason }));
+    const req = http.get({ socketPath, path: '/metrics', headers: { Accept: 'text/plain' } }, (res) => {
+      if (res.statusCode !== 200) {
+        res.resume();
+        fail('status', `HTTP ${res.statusCode}`);
+        return;
+      }
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (d: Buffer) => {
+        size += d.length;
+        if (size > maxBytes) {
+          req.destroy();
+          fail('too_large', `more than ${maxBytes} bytes`);
+          return;
+        }
+        chunks.push(d);
+      });
+      res.once('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+      res.once('error', (err) => fail('unreachable', err.message));
+    });
+    const timer = setTimeout(() => {
+      req.destroy();
+      fail('timeout', `no answer within ${timeoutMs} ms`);
+    }, timeoutMs);
+    req.once('close', () => clearTimeout(timer));
+    req.once('error', (err) => fail('unreachable', err.message));
+  });
+}
+
+/** The pod's CRI labels as the shim reported them (its kata_shim_pod_info sample), in a fixed order. */
+function criLabels(families: readonly PromFamily[]): [string, string][] {
+  const info = families.find((f) => f.name === POD_INFO)?.samples[0];
+  if (!info) return [];
+  return ['cri_uid', 'cri_name', 'cri_namespace'].flatMap((k) => {
+    const v = info.labels.find(([name]) => name === k)?.[1];
+    return v ? [[k, v] as [string, string]] : [];
+  });
+}
+
+interface MonitorOptions {
+  readonly root: string;
+  readonly log?: Logger;
+  readonly timeoutMs?: number;
+}
+
+/** kata-monitor: scrapes the sandboxes under `root` and answers their merged metrics. */
+export class KataMonitor {
+  #registry: Promise<import('prom-client').Registry> | undefined;
+  #metrics: Promise<{ shims: import('prom-client').Gauge; scrapes: import('prom-client').Counter; failed: import('prom-client').Counter; durations: import('prom-client').Histogram }> | undefined;
+  #inFlight: Promise<string> | undefined;
+
+  constructor(readonly opts: MonitorOptions) {}
+
+  async #own() {
+    this.#metrics ??= import('prom-client').then(({ Registry, collectDefaultMetrics, Gauge, Counter, Histogram }) => {
+      const registry = new Registry();
+      collectDefaultMetrics({ register: registry, prefix: 'kata_monitor_' });
+      this.#registry = Promise.resolve(registry);
+      const registers = [registry];
+      return {
+        shims: new Gauge({ name: 'kata_monitor_running_shim_count', help: 'Running shim count (sandboxes with a management socket).', registers }),
+        scrapes: new Counter({ name: 'kata_monitor_scrape_count', help: 'Scrape count.', registers }),
+        failed: new Counter({ name: 'kata_monitor_scrape_failed_count', help: 'Sandboxes left out of a scrape (socket dead, slow, or its answer not Prometheus text).', registers }),
+        durations: new Histogram({ name: 'kata_monitor_scrape_durations_histogram_milliseconds', help: 'Time used to scrape from shims, in milliseconds.', buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000], registers }),
+      };
+    });
+    return this.#metrics;
+  }
+
+  /** The sandbox ids with a directory under the root (identifiers only). */
+  async sandboxes(): Promise<string[]> {
+    try {
+      return (await readdir(this.opts.root, { withFileTypes: true })).filter((e) => e.isDirectory() && identifierProblem(e.name) === undefined).map((e) => e.name).sort();
+    } catch {
+      return [];
+    }
+  }
+
+  /** One sandbox's families with its labels, or why it is left out. */
+  async scrapeSandbox(id: string): Promise<PromFamily[] | { reason: ScrapeFailure; message: string }> {
+    try {
+      const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS);
+      const families = parsePromText(text, { maxBytes: SHIM_ANSWER_MAX_BYTES, maxSamples: SHIM_ANSWER_MAX_SAMPLES, allowedPrefixes: SHIM_METRIC_PREFIXES });
+      return withLabels(families, [['sandbox_id', id], ...criLabels(families)]);
+    } catch (e) {
+      const reason = (e as { reason?: ScrapeFailure }).reason ?? 'invalid';
+      return { reason, message: e instanceof Error ? e.message : String(e) };
+    }
+  }
+
+  /** The merged answer; concurrent requests share one round of scrapes. */
+  render(): Promise<string> {
+    this.#inFlight ??= this.#render().finally(() => (this.#inFlight = undefined));
+    return this.#inFlight;
+  }
+
+  async #render(): Promise<string> {
+    const own = await this.#own();
+    const t0 = performance.now();
+    own.scrapes.inc();
+    const ids = await this.sandboxes();
+    const results: (PromFamily[] | undefined)[] = new Array(ids.length);
+    let next = 0;
+    const worker = async () => {
+      while (next < ids.length) {
+        const i = next++;
+        const id = ids[i]!;
+        const r = await this.scrapeSandbox(id);
+        if (Array.isArray(r)) {
+          results[i] = r;
+        } else {
+          own.failed.inc();
+          this.opts.log?.info({ sandbox: id, reason: r.reason, err: r.message }, 'sandbox left out of the scrape');
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(SCRAPE_CONCURRENCY, ids.length) }, worker));
+    const scraped = results.filter((r): r is PromFamily[] => r !== undefined);
+    own.shims.set(scraped.length);
+    own.durations.observe(performance.now() - t0);
+    const merged = formatPromText(mergeFamilies(scraped, (name) => this.opts.log?.warn({ metric: name }, 'a sandbox reported a metric with another type; left out')));
+    return (await (await this.#registry!).metrics()) + merged;
+  }
+
+  /** An HTTP server answering GET /metrics (not yet listening). */
+  server(): http.Server {
+    return http.createServer((req, res) => {
+      if (req.method !== 'GET' || !(req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
+        res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found: GET /metrics\n');
+        return;
+      }
+      this.render().then(
+        (text) => res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8' }).end(text),
+        (err: unknown) => res.writeHead(500, { 'Content-Type': 'text/plain' }).end(`cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`),
+      );
+    });
+  }
+}
+
+export async function monitorCommand(ctx: CommandContext): Promise<number> {
+  if (ctx.args.length > 0) throw usageError('monitor takes no arguments: kata-runtime monitor [--listen HOST:PORT]');
+  const { host, port } = parseListen(ctx.flags.listen ?? DEFAULT_LISTEN);
+  const root = sbsRoot(ctx.io.env);
+  const monitor = new KataMonitor({ root, log: ctx.log });
+  const server = monitor.server();
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(new KataError('KATA_ERR_MONITOR', `cannot listen on ${host}:${port}: ${err.message}`, { key: '--listen', value: `${host}:${port}`, fix: 'choose a free port and an address of this host with --listen HOST:PORT', cause: err })),
+    );
+    server.listen(port, host, () => resolve());
+  });
+  const addr = server.address() as net.AddressInfo;
+  const shown = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  ctx.io.out(`kata-runtime monitor: serving http://${shown}:${addr.port}/metrics for the sandboxes under ${root}\n`);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.off(s, stop);
+      server.close(() => resolve());
+      server.closeAllConnections();
+    };
+    for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, stop);
+  });
+  return EXIT.OK;
+}

@@ -1,0 +1,174 @@
+/**
+ * `kata-runtime monitor` without VMs: shims are stood in for by real management sockets
+ * (ShimMonitor with given figures) and by raw servers that misbehave, under a temp sbs root.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { KataMonitor, parseListen } from '../../cli/monitor.js';
+import { parsePromText, type PromFamily } from '../../core/prom-text.js';
+import { ShimMonitor } from '../../shim/monitor.js';
+import type { SandboxFigures } from '../../shim/metrics.js';
+import { CLI } from '../helpers/cli.js';
+import { TempDir } from '../helpers/tmp.js';
+import { until } from '../helpers/wait.js';
+
+function figures(guest: string, pod: Record<string, string> = {}): SandboxFigures {
+  return { hypervisorPid: () => process.pid, startPhases: () => ({ vm_start: 1 }), guestMetrics: async () => guest, podLabels: () => pod };
+}
+
+function samples(f: PromFamily[], name: string): Record<string, string>[] {
+  return (f.find((x) => x.name === name)?.samples ?? []).map((s) => Object.fromEntries([...s.labels, ['__value', s.value]]));
+}
+
+describe('kata-runtime monitor (cli/monitor.ts)', () => {
+  describe('parseListen', () => {
+    it('takes HOST:PORT and [IPv6]:PORT', () => {
+      assert.deepEqual(parseListen('127.0.0.1:8090'), { host: '127.0.0.1', port: 8090 });
+      assert.deepEqual(parseListen('[::1]:0'), { host: '::1', port: 0 });
+      assert.deepEqual(parseListen('localhost:65535'), { host: 'localhost', port: 65535 });
+    });
+
+    it('refuses a port that is not a number from 0 to 65535, or no HOST:PORT at all, with KATA_ERR_MONITOR naming --listen', () => {
+      for (const bad of ['127.0.0.1:x', '127.0.0.1:80a', '127.0.0.1:-1', '127.0.0.1:65536', '127.0.0.1:', '127.0.0.1', ':8090', '::1:8090', '[::1]8090', '[nothex]:1', 'a b:1', '-x:1']) {
+        assert.throws(
+          () => parseListen(bad),
+          (e: { code: string; key: string }) => e.code === 'KATA_ERR_MONITOR' && e.key === '--listen',
+          bad,
+        );
+      }
+    });
+  });
+
+  describe('KataMonitor', () => {
+    let tmp: TempDir;
+    let root: string;
+    const closers: (() => unknown)[] = [];
+    beforeEach(() => {
+      tmp = new TempDir('kata-monitor-cli-');
+      root = path.join(tmp.path, 'sbs');
+    });
+    afterEach(async () => {
+      for (const c of closers.splice(0)) await c();
+      tmp.cleanup();
+    });
+
+    /** A server on `<root>/<id>/shim-monitor.sock` answering with `handler`. */
+    async function rawShim(id: string, handler: http.RequestListener): Promise<void> {
+      mkdirSync(path.join(root, id), { recursive: true });
+      const server = http.createServer(handler);
+      await new Promise<void>((r) => server.listen(path.join(root, id, 'shim-monitor.sock'), r));
+      closers.push(() => new Promise((r) => (server.closeAllConnections(), server.close(r))));
+    }
+
+    it('scrapes every sandbox, labels each sample with its sandbox_id and CRI labels, and skips and counts dead, slow and broken shims', async () => {
+      const env = { KATA_TS_SBS_ROOT: root };
+      const guest = '# HELP kata_guest_load Load.\n# TYPE kata_guest_load gauge\nkata_guest_load{item="load1"} 0.5\n';
+      const a = await ShimMonitor.start('pod-a', { debugConsoleSocket: () => undefined, figures: figures(guest, { cri_name: 'web', cri_namespace: 'default', cri_uid: 'u-a' }) }, env);
+      const b = await ShimMonitor.start('pod-b', { debugConsoleSocket: () => undefined, figures: figures(guest.replace('0.5', '1.5')) }, env);
+      closers.push(() => a.close(), () => b.close());
+      // A shim that died: its directory and socket file are left, nothing listens.
+      mkdirSync(path.join(root, 'dead'));
+      const dead = net.createServer();
+      await new Promise<void>((r) => dead.listen(path.join(root, 'dead', 'shim-monitor.sock'), r));
+      // Closing a listening unix server removes the file; make a stale one with a server that exits.
+      await new Promise<void>((r) => dead.close(() => r()));
+      const stale = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(path.join(root, 'dead', 'shim-monitor.sock'))}, () => process.kill(process.pid, 'SIGKILL'))`]);
+      await new Promise((r) => stale.once('exit', r));
+      await rawShim('slow', () => undefined);
+      await rawShim('garbage', (_req, res) => res.end('this is not prometheus text\n'));
+      await rawShim('spoof', (_req, res) => res.end('kata_monitor_running_shim_count 1000\n'));
+      await rawShim('error', (_req, res) => res.writeHead(500).end());
+      mkdirSync(path.join(root, 'no-socket'));
+      mkdirSync(path.join(root, 'bad..id'));
+
+      const monitor = new KataMonitor({ root, timeoutMs: 500 });
+      const f = parsePromText(await monitor.render());
+      assert.ok(f.every((x) => x.help !== undefined && x.type !== 'untyped'), 'HELP and TYPE on every family');
+      assert.deepEqual(
+        samples(f, 'kata_guest_load').map((s) => [s.sandbox_id, s.cri_name, s.cri_namespace, s.cri_uid, s.item, s.__value]),
+        [
+          ['pod-a', 'web', 'default', 'u-a', 'load1', '0.5'],
+          ['pod-b', undefined, undefined, undefined, 'load1', '1.5'],
+        ],
+      );
+      assert.deepEqual(samples(f, 'kata_hypervisor_threads').map((s) => s.sandbox_id), ['pod-a', 'pod-b']);
+      assert.deepEqual(samples(f, 'kata_monitor_running_shim_count').map((s) => s.__value), ['2']);
+      // dead, slow, garbage, spoof, error, no-socket: six left out; bad..id is no sandbox.
+      assert.deepEqual(samples(f, 'kata_monitor_scrape_failed_count').map((s) => s.__value), ['6']);
+      assert.deepEqual(samples(f, 'kata_monitor_scrape_count').map((s) => s.__value), ['1']);
+      assert.ok(f.find((x) => x.name === 'kata_monitor_scrape_durations_histogram_milliseconds'));
+      assert.ok(f.find((x) => x.name === 'kata_monitor_process_cpu_seconds_total'));
+    });
+
+    it('answers with its own figures when there is no sandbox, or no sbs root at all', async () => {
+      const f = parsePromText(await new KataMonitor({ root: path.join(tmp.path, 'none') }).render());
+      assert.deepEqual(samples(f, 'kata_monitor_running_shim_count').map((s) => s.__value), ['0']);
+    });
+
+    it('serves /metrics over HTTP and 404 elsewhere', async () => {
+      const server = new KataMonitor({ root }).server();
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      closers.push(() => new Promise((r) => server.close(r)));
+      const port = (server.address() as net.AddressInfo).port;
+      const res = await fetch(`http://127.0.0.1:${port}/metrics`);
+      assert.equal(res.status, 200);
+      assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+      assert.ok(parsePromText(await res.text()).length > 0);
+      assert.equal((await fetch(`http://127.0.0.1:${port}/`)).status, 404);
+    });
+  });
+
+  describe('the command', () => {
+    it('refuses an address it cannot listen on with KATA_ERR_MONITOR, exit 1', async () => {
+      const taken = net.createServer();
+      await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+      try {
+        const port = (taken.address() as net.AddressInfo).port;
+        const r = await new Promise<{ code: number | null; err: string }>((resolve) => {
+          const p = spawn(process.execPath, [CLI, 'monitor', '--listen', `127.0.0.1:${port}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+          let err = '';
+          p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+          p.once('close', (code) => resolve({ code, err }));
+        });
+        assert.equal(r.code, 1);
+        assert.match(r.err, /cannot listen on 127\.0\.0\.1:\d+: .*EADDRINUSE/);
+        assert.match(r.err, /code: KATA_ERR_MONITOR/);
+      } finally {
+        await new Promise((r) => taken.close(r));
+      }
+    });
+
+    it('refuses a non-numeric --listen port with KATA_ERR_MONITOR naming the option, and listens on a good one until SIGTERM', async () => {
+      const bad = await new Promise<{ code: number | null; err: string }>((resolve) => {
+        const p = spawn(process.execPath, [CLI, 'monitor', '--listen', '127.0.0.1:http'], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+        p.once('close', (code) => resolve({ code, err }));
+      });
+      assert.equal(bad.code, 1);
+      assert.match(bad.err, /--listen "127\.0\.0\.1:http"/);
+      assert.match(bad.err, /code: KATA_ERR_MONITOR/);
+
+      const tmp = new TempDir('kata-monitor-cmd-');
+      const p = spawn(process.execPath, [CLI, 'monitor', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KATA_TS_SBS_ROOT: tmp.path } });
+      try {
+        let out = '';
+        p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+        await until('the monitor to listen', () => /serving (http:\S+)/.test(out), 20_000, 50);
+        const url = /serving (http:\S+)/.exec(out)![1]!;
+        const res = await fetch(url);
+        assert.equal(res.status, 200);
+        assert.ok(parsePromText(await res.text()).some((f) => f.name === 'kata_monitor_scrape_count'));
+        p.kill('SIGTERM');
+        assert.equal(await new Promise((r) => p.once('close', r)), 0);
+      } finally {
+        p.kill('SIGKILL');
+        tmp.cleanup();
+      }
+    });
+  });
+});
