@@ -186,6 +186,8 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   const data = raw as Record<string, unknown>;
   for (const t of ['runtime', 'factory'] as const) if (!isPlainObject(data[t])) data[t] ??= {};
   if (!isPlainObject(data.agent)) data.agent ??= { kata: {} };
+  // A plugin's own table too, so that its schema's defaults are filled in when the file has none.
+  for (const p of plugins) if (p.manifest.config && !p.manifest.config.table.includes('*')) createTable(data, p.manifest.config.table);
   const schemas = await schemasFor(plugins);
   const shape = checkShape(data, schemas, hypervisorTable);
   for (const key of shape.unknownKeys) log.warn({ key, path: configPath }, `unknown configuration key ${key} (ignored)`);
@@ -255,6 +257,17 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     plugins,
     annotations: applied,
   };
+}
+
+/** Creates the dotted table `dotted` where it and its parents are absent; a value of another type is left for the shape check to report. */
+function createTable(data: Record<string, unknown>, dotted: string): void {
+  let cur = data;
+  for (const part of dotted.split('.')) {
+    if (cur[part] === undefined) cur[part] = {};
+    const next = cur[part];
+    if (!isPlainObject(next)) return;
+    cur = next;
+  }
 }
 
 function pickHypervisorSection(raw: RawConfig, file: string | undefined): string {
