@@ -108,18 +108,48 @@ describe('hooks agentReady, containerCreated, containerStarted, containerExited,
     const calls: string[] = [];
     const r = await runLifecycle(QEMU, {
       plugins: [
-        observer('noisy', [], (hooks) => hooks.containerStarted.tapPromise('noisy', async () => {
-          throw new KataError('NOISY_ERR_QUOTA' as never, 'over quota', { fix: 'raise the quota' });
-        })),
+        observer('noisy', [], (hooks) => {
+          hooks.containerCreated.tapPromise('noisy', async () => {
+            throw new Error('created');
+          });
+          hooks.containerStarted.tapPromise('noisy', async () => {
+            throw new KataError('NOISY_ERR_QUOTA' as never, 'over quota', { fix: 'raise the quota' });
+          });
+          hooks.containerExited.tapPromise('noisy', async () => {
+            throw new Error('exited');
+          });
+          hooks.sandboxStopped.tapPromise('noisy', async () => {
+            throw new Error('stopped');
+          });
+        }),
         observer('after', calls),
       ],
       containers: [{ id: 'c1' }],
     });
     assert.equal(r.error, undefined, r.error?.message);
-    assert.deepEqual(r.noticeErrors.map((e) => [e.plugin, e.hook, e.code]), [['noisy', 'containerStarted', 'NOISY_ERR_QUOTA']]);
-    assert.match(r.noticeErrors[0]!.message, /^\[plugin noisy\] containerStarted handler failed: over quota/);
-    assert.ok(calls.includes('containerStarted c1'), 'the next plugin still hears of the start');
-    assert.ok(calls.includes('sandboxStopped kit-sandbox true'));
+    assert.deepEqual(r.noticeErrors.map((e) => [e.plugin, e.hook, e.code]), [
+      ['noisy', 'containerCreated', 'KATA_ERR_PLUGIN_HOOK'],
+      ['noisy', 'containerStarted', 'NOISY_ERR_QUOTA'],
+      ['noisy', 'containerExited', 'KATA_ERR_PLUGIN_HOOK'],
+      ['noisy', 'sandboxStopped', 'KATA_ERR_PLUGIN_HOOK'],
+    ]);
+    assert.match(r.noticeErrors[1]!.message, /^\[plugin noisy\] containerStarted handler failed: over quota/);
+    assert.deepEqual(calls, ['agentReady kit-sandbox', 'containerCreated c1 kit-sandbox', 'containerStarted c1', 'containerExited c1 0', 'sandboxStopped kit-sandbox true'], 'the next plugin still hears of everything');
+  });
+
+  it('stops the configuration phase when a checkPlan handler throws, keeping the hook name', async () => {
+    const thrower = definePlugin({
+      manifest: { name: 'thrower', version: '1.0.0', runtime: '^1.0.0' },
+      apply({ hooks }) {
+        hooks.checkPlan.tap('thrower', () => {
+          throw new RangeError('bad plan');
+        });
+      },
+    });
+    const report = await judge(QEMU, { plugins: [thrower] });
+    assert.deepEqual(report.problems.map((p) => [p.code, p.plugin, p.hook]), [['KATA_ERR_PLUGIN_HOOK', 'thrower', 'checkPlan']]);
+    const r = await runLifecycle(QEMU, { plugins: [thrower] });
+    assert.deepEqual([r.error?.code, r.error?.hook, r.events], ['KATA_ERR_PLUGIN_HOOK', 'checkPlan', []]);
   });
 });
 
