@@ -259,11 +259,15 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   };
 }
 
-/** Creates the dotted table `dotted` where it and its parents are absent; a value of another type is left for the shape check to report. */
+/**
+ * Creates the dotted table `dotted` where it and its parents are absent; a value of another type is
+ * left for the shape check to report. Own properties only, defined rather than assigned, so that a
+ * table named `__proto__` or `constructor` never reaches a prototype.
+ */
 function createTable(data: Record<string, unknown>, dotted: string): void {
   let cur = data;
   for (const part of dotted.split('.')) {
-    if (cur[part] === undefined) cur[part] = {};
+    if (!Object.hasOwn(cur, part)) Object.defineProperty(cur, part, { value: {}, enumerable: true, writable: true, configurable: true });
     const next = cur[part];
     if (!isPlainObject(next)) return;
     cur = next;

@@ -26,6 +26,16 @@ describe("a plugin's own configuration section", () => {
     assert.deepEqual(seen, [{ limit: 7 }]);
   });
 
+  it('creates a table named __proto__.x as an own table, never on the object prototype', async () => {
+    const plugin = definePlugin({
+      manifest: { name: 'proto', version: '1.0.0', runtime: '^1.0.0', config: { table: '__proto__.x', schema: { type: 'object', properties: { y: { type: 'integer', default: 1 } } } } },
+      apply() {},
+    });
+    await judge(QEMU, { plugins: [plugin] });
+    assert.equal(({} as Record<string, unknown>).x, undefined);
+    assert.equal(Object.prototype.hasOwnProperty.call(Object.prototype, 'x'), false);
+  });
+
   it('keeps the values the file gives', async () => {
     const seen: unknown[] = [];
     await judge(`${QEMU}\n[quota]\nlimit = 3\n`, { plugins: [sectionReader(seen)] });
