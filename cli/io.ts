@@ -4,7 +4,7 @@
  */
 import path from 'node:path';
 import { writeSync } from 'node:fs';
-import { formatProblem, isKataError, ConfigInvalidError, type KataError, type Problem } from '../core/errors.js';
+import { formatProblem, isKataError, ConfigInvalidError, type KataError } from '../core/errors.js';
 
 export interface CliIO {
   out(text: string): void;
@@ -63,13 +63,7 @@ function isRuntimeFrame(frame: string, runtimeRoot: string): boolean {
 
 export { isKataError };
 
-/** A coded error as `problems[]` entries: a ConfigInvalidError's own list, else the error as one problem. */
-export function problemsOf(e: KataError): Problem[] {
-  if (e instanceof ConfigInvalidError) return [...e.problems];
-  // The plugin is its own field (formatProblem prefixes it when printed): the reason is the words alone.
-  const p: Problem = { code: e.code, key: e.key ?? '', reason: e.text, fix: e.fix };
-  return [{ ...p, ...(e.value !== undefined ? { value: e.value } : {}), ...(e.plugin ? { plugin: e.plugin } : {}), ...(e.hook ? { hook: e.hook } : {}) }];
-}
+export { problemsOf } from '../core/validate-report.js';
 
 /**
  * `text` in bold for a terminal; plain when the stream is not one (a pipe, a file, CI logs) or

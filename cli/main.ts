@@ -13,6 +13,7 @@ import { runtimeVersion } from '../core/version.js';
 import type { PluginSource } from '../core/plugin-api.js';
 import { useBuiltinPlugins } from '../core/plugin-loader.js';
 import { PACKAGE_ROOT } from '../core/paths.js';
+import { errorReport } from '../core/validate-report.js';
 import { describeCause, describeError, problemsOf, processIO, toJson, type CliIO } from './io.js';
 
 export const EXIT = Object.freeze({ OK: 0, FAILED: 1, USAGE: 2 });
@@ -95,7 +96,6 @@ const ALIASES: Record<string, string> = { 'kata-env': 'env', 'kata-check': 'chec
  * and the error as `problems[]`, as `validate --json` lists problems.
  */
 const JSON_ERROR_REPORT: Record<string, Record<string, unknown>> = {
-  validate: { hypervisor: '', plugins: [], capabilities: [], removedCapabilities: [], requirements: [], warnings: [], unknownKeys: [], plan: null, vm: null },
   check: { hypervisor: '', capable: false, checks: [] },
   env: {},
 };
@@ -200,7 +200,8 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
     if (err.code === 'KATA_ERR_INTERNAL') log.error({ err: e }, 'internal error');
     // A tool that asked for JSON gets its one object even when the command stopped early.
     const canonical = ALIASES[name] ?? name;
-    if (flags.json && canonical in JSON_ERROR_REPORT) io.out(toJson({ valid: false, configPath, ...JSON_ERROR_REPORT[canonical], problems: problemsOf(err) }) + '\n');
+    if (flags.json && canonical === 'validate') io.out(toJson(errorReport(err, configPath)) + '\n');
+    else if (flags.json && canonical in JSON_ERROR_REPORT) io.out(toJson({ valid: false, configPath, ...JSON_ERROR_REPORT[canonical], problems: problemsOf(err) }) + '\n');
     io.err(describeError(err));
     if (level === 'debug' || level === 'trace') io.err(describeCause(err, PACKAGE_ROOT));
     if (err.code === 'KATA_ERR_USAGE') return EXIT.USAGE;

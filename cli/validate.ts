@@ -6,44 +6,11 @@
  */
 import { ConfigInvalidError, formatProblem } from '../core/errors.js';
 import { judgeConfig, type Judgement } from '../core/runtime.js';
-import type { SandboxPlan } from '../core/plan.js';
+import { toReport } from '../core/validate-report.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 import { describeError, toJson } from './io.js';
 
-/** The `validate --json` document (documented in the README). */
-export interface ValidateReport {
-  valid: boolean;
-  configPath: string | undefined;
-  hypervisor: string;
-  plugins: Judgement['plugins'];
-  capabilities: Judgement['capabilities'];
-  removedCapabilities: Judgement['removedCapabilities'];
-  requirements: Judgement['requirements'];
-  problems: Judgement['problems'];
-  warnings: Judgement['warnings'];
-  unknownKeys: Judgement['unknownKeys'];
-  plan: Omit<SandboxPlan, 'vm'> | null;
-  /** The hypervisor launch spec: Cloud Hypervisor's vm.create body, or QEMU's argv. */
-  vm: unknown;
-}
-
-export function toReport(j: Judgement): ValidateReport {
-  const { vm, ...plan } = j.plan ?? ({} as SandboxPlan);
-  return {
-    valid: j.valid,
-    configPath: j.configPath,
-    hypervisor: j.hypervisor,
-    plugins: j.plugins,
-    capabilities: j.capabilities,
-    removedCapabilities: j.removedCapabilities,
-    requirements: j.requirements,
-    problems: j.problems,
-    warnings: j.warnings,
-    unknownKeys: j.unknownKeys,
-    plan: j.plan ? plan : null,
-    vm: j.plan ? vm.launch : null,
-  };
-}
+export { toReport, type ValidateReport } from '../core/validate-report.js';
 
 export async function validateCommand(ctx: CommandContext): Promise<number> {
   if (ctx.args.length > 0) throw usageError(`validate takes no arguments (got ${ctx.args.join(' ')}); name the file with --config`);

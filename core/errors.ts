@@ -111,7 +111,7 @@ export const ERROR_CODES = Object.freeze({
   },
   KATA_ERR_PLUGIN_APPLY: {
     meaning: "A plugin's apply() threw while registering its hooks.",
-    fix: 'Fix the plugin; the cause is attached.',
+    fix: "Fix the plugin's apply() (it only taps hooks); run with --debug to see the cause with the plugin's own stack frames.",
   },
   KATA_ERR_PLUGIN_HOOK: {
     meaning: 'A plugin threw inside one of its hook handlers.',

@@ -11,6 +11,7 @@ import { SCOPE_FOR_PLUGIN } from './capabilities.js';
 import type { KataConfig, RawConfig } from './config/types.js';
 import { KataError } from './errors.js';
 import type { HostCheckContext } from './host-check.js';
+import { silentLogger, type Logger } from './logger.js';
 import type { SandboxPlan } from './plan.js';
 import type { VerdictView } from './verdict.js';
 import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, VmContext, VmExit, VmHandle } from './vm.js';
@@ -28,6 +29,20 @@ export const STAGE = Object.freeze({
 });
 
 export type Stage = (typeof STAGE)[keyof typeof STAGE];
+
+/** What the container hooks (`containerCreated`, `containerStarted`, `containerExited`) receive. */
+export interface ContainerEvent {
+  /** The sandbox the container runs in. */
+  readonly sandbox: VmContext;
+  readonly containerId: string;
+}
+
+/**
+ * Hooks that tell plugins of something that has already happened. A handler that throws cannot undo
+ * it: its error is logged (KATA_ERR_PLUGIN_HOOK, or its own code, with `plugin` and `hook`) and the
+ * other handlers and the operation go on.
+ */
+export const NOTICE_HOOKS: ReadonlySet<string> = new Set(['containerCreated', 'containerStarted', 'containerExited', 'sandboxStopped']);
 
 /** Creates the hook table of one runtime instance. */
 export function createHooks() {
@@ -60,6 +75,13 @@ export function createHooks() {
      */
     plan: new SyncWaterfallHook<[SandboxPlan, KataConfig, ReadonlyCapabilities]>(['plan', 'config', 'capabilities']),
     /**
+     * The last word on the resolved plan, before any VM starts: `plan` is final and frozen (the
+     * hypervisor plugin's resolved values, e.g. `plan.vm.memory.maxMiB`, and its launch artefact).
+     * Veto through `verdict` as in `validate`: a veto is a problem of the validated config phase,
+     * listed by `validate`, and nothing is started. Runs only when the plan was built without problems.
+     */
+    checkPlan: new SyncHook<[SandboxPlan, KataConfig, VerdictView]>(['plan', 'config', 'verdict']),
+    /**
      * Before the VM is created: start host-side daemons the plan lists (virtiofsd …). A handler
      * that throws aborts the start; what already started is stopped through `vmStopped`.
      */
@@ -71,6 +93,12 @@ export function createHooks() {
     createVm: new AsyncSeriesBailHook<[VmContext], VmHandle | undefined>(['ctx']),
     /** The VM is running and its control channel answers. */
     vmStarted: new AsyncSeriesHook<[VmContext, VmHandle]>(['ctx', 'vm']),
+    /**
+     * The guest agent answers and has set the sandbox up (CreateSandbox, the pod's network): the
+     * sandbox is about to be reported ready. A handler that throws fails the sandbox start, and
+     * everything started is stopped (`vmStopped` runs).
+     */
+    agentReady: new AsyncSeriesHook<[VmContext]>(['ctx']),
     /**
      * Deliver a container's rootfs into the guest. A plugin that can (devmapper, for a block-device
      * rootfs) hot-plugs or shares it and answers how the agent finds it; first answer wins. When
@@ -89,6 +117,20 @@ export function createHooks() {
      * Handlers run in parallel, so one that fails does not keep the others from cleaning up.
      */
     vmStopped: new AsyncParallelHook<[VmContext, VmExit | undefined]>(['ctx', 'exit']),
+    /** The container exists in the guest (CreateContainer answered), not yet started. A notice: a handler that throws is logged. */
+    containerCreated: new AsyncSeriesHook<[ContainerEvent]>(['container']),
+    /** The container's process runs (StartContainer answered). A notice: a handler that throws is logged. */
+    containerStarted: new AsyncSeriesHook<[ContainerEvent]>(['container']),
+    /**
+     * The container's process ended with `status` (its exit code, or 128 + signal number), as the
+     * runtime learns it (waiting on the process); once per container. A notice: a handler that throws is logged.
+     */
+    containerExited: new AsyncSeriesHook<[ContainerEvent, number]>(['container', 'status']),
+    /**
+     * The sandbox was stopped on request: its containers deleted, the VM stopped, the run directory
+     * removed (after `vmStopped`). A notice: a handler that throws is logged.
+     */
+    sandboxStopped: new AsyncSeriesHook<[VmContext, VmExit]>(['ctx', 'exit']),
     /**
      * `kata-runtime check`: after the core's host checks, plugins add lines for what only they can
      * probe (the clh plugin asks the binary's `vmm.ping` for its version and features). Runs only
@@ -136,7 +178,7 @@ function scope(arg: unknown, plugin: string, hook: string): unknown {
  * KATA_ERR_PLUGIN_HOOK error carrying `plugin` and `hook` (a KataError thrown on purpose keeps its
  * own code but gains the plugin and hook).
  */
-export function createTapView(hooks: Hooks, plugin: string): TapOnlyHooks {
+export function createTapView(hooks: Hooks, plugin: string, log: Logger = silentLogger()): TapOnlyHooks {
   type Fn = (...args: unknown[]) => unknown;
   type RawHook = {
     call?: unknown;
@@ -175,7 +217,10 @@ export function createTapView(hooks: Hooks, plugin: string): TapOnlyHooks {
                 try {
                   return await fn(...args.map((a) => scope(a, plugin, hookName)));
                 } catch (e) {
-                  throw stampHookError(e, plugin, hookName);
+                  const err = stampHookError(e, plugin, hookName);
+                  if (!NOTICE_HOOKS.has(hookName)) throw err;
+                  log.error({ err, plugin, hook: hookName, code: err.code }, `[plugin ${plugin}] ${hookName} handler failed: ${err.text}`);
+                  return undefined;
                 }
               });
             },

@@ -105,7 +105,7 @@ export function definePlugin<T extends KataPlugin>(plugin: T): T {
 }
 
 export { STAGE } from './hooks.js';
-export type { Stage, TapOnlyHooks, TapOptions } from './hooks.js';
+export type { Stage, TapOnlyHooks, TapOptions, ContainerEvent } from './hooks.js';
 export type { CapabilityView, CapabilityName, ReadonlyCapabilities } from './capabilities.js';
 export { KNOWN_CAPABILITIES } from './capabilities.js';
 export type { VerdictView, Veto } from './verdict.js';

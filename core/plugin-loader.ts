@@ -201,6 +201,15 @@ function mentions(message: string, spec: string, target: string): boolean {
   return message.includes(`'${file}'`) || message.includes(`'${spec}'`) || message.includes(`"${spec}"`) || message.includes(`package '${pkg}'`);
 }
 
+/**
+ * Checks a plugin handed over in process (its module's default export), as a module listed in
+ * `[runtime] plugins` is checked after its import.
+ */
+export function checkInProcess(plugin: unknown, reason: string): Promise<LoadedPlugin> {
+  const named = (plugin as { manifest?: { name?: unknown } } | null)?.manifest?.name;
+  return checkModule({ default: plugin }, { specifier: typeof named === 'string' && named ? named : '(in-process plugin)', moduleUrl: undefined, builtin: false, reason });
+}
+
 async function checkModule(mod: unknown, meta: Omit<LoadedPlugin, 'plugin' | 'manifest'>): Promise<LoadedPlugin> {
   const plugin = (mod as { default?: unknown }).default;
   if (plugin === undefined || plugin === null) {
@@ -290,7 +299,8 @@ function describe(p: LoadedPlugin): string {
 export function applyPlugin(p: LoadedPlugin, hooks: Hooks, log: Logger): void {
   const name = p.manifest.name;
   try {
-    p.plugin.apply(Object.freeze({ name, hooks: createTapView(hooks, name), log: log.child({ plugin: name }), apiVersion: PLUGIN_API_VERSION }));
+    const own = log.child({ plugin: name });
+    p.plugin.apply(Object.freeze({ name, hooks: createTapView(hooks, name, own), log: own, apiVersion: PLUGIN_API_VERSION }));
   } catch (e) {
     if (e instanceof KataError && e.code === 'KATA_ERR_PLUGIN_TAP') throw e;
     throw new KataError('KATA_ERR_PLUGIN_APPLY', `apply() threw: ${e instanceof Error ? e.message : String(e)}`, { plugin: name, cause: e });

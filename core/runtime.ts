@@ -21,7 +21,7 @@ import { createHooks, type Hooks } from './hooks.js';
 import { silentLogger, type Logger } from './logger.js';
 import { availableParallelism } from 'node:os';
 import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
-import { activationOf, applyPlugin, builtinPlugins, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
+import { activationOf, applyPlugin, builtinPlugins, checkInProcess, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
 import type { PluginManifest, PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
 
@@ -42,6 +42,13 @@ export interface JudgeOptions {
   annotationOptions?: ApplyAnnotationsOptions;
   /** The built-in plugins offered to this configuration; default: those set by useBuiltinPlugins(). */
   builtins?: readonly PluginSource[];
+  /**
+   * Plugins handed over in process (the test kit, an embedding program): a module's default export,
+   * or a specifier as `[runtime] plugins` takes it (a path, or a package name). Checked and applied
+   * like those listed in `[runtime] plugins`, after them. A default export with a schema path needs
+   * the specifier form, which tells where its module is.
+   */
+  plugins?: readonly unknown[];
   log?: Logger;
 }
 
@@ -142,6 +149,11 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     if (act.active) thirdParty.push(act.reason ? { ...p, reason: `listed in runtime.plugins; ${act.reason}` } : p);
     else log.info({ plugin: p.manifest.name, why: act.reason }, `plugin ${p.manifest.name} does not apply to this configuration`);
   }
+  for (const plugin of opts.plugins ?? []) {
+    const p = typeof plugin === 'string' ? await importThirdParty(plugin, 'handed over in process', configPath ? path.dirname(path.resolve(configPath)) : process.cwd()) : await checkInProcess(plugin, 'handed over in process');
+    const act = activationOf(p.manifest.activation, parsed, hypervisorName);
+    if (act.active) thirdParty.push(act.reason ? { ...p, reason: `handed over in process; ${act.reason}` } : p);
+  }
   const active: LoadedPlugin[] = [];
   for (const o of offered) {
     const act = activationOf(o.manifest.activation, parsed, hypervisorName);
@@ -174,6 +186,8 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   const data = raw as Record<string, unknown>;
   for (const t of ['runtime', 'factory'] as const) if (!isPlainObject(data[t])) data[t] ??= {};
   if (!isPlainObject(data.agent)) data.agent ??= { kata: {} };
+  // A plugin's own table too, so that its schema's defaults are filled in when the file has none.
+  for (const p of plugins) if (p.manifest.config && !p.manifest.config.table.includes('*')) createTable(data, p.manifest.config.table);
   const schemas = await schemasFor(plugins);
   const shape = checkShape(data, schemas, hypervisorTable);
   for (const key of shape.unknownKeys) log.warn({ key, path: configPath }, `unknown configuration key ${key} (ignored)`);
@@ -201,14 +215,27 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   hooks.validate.call(config, verdict as unknown as Parameters<Hooks['validate']['call']>[1], caps.readonly());
   problems.push(...verdict.problems);
 
-  const requirements = verdict.requirements.map((r) => ({ ...r, met: caps.has(r.capability) }));
-  for (const r of requirements) if (!r.met) problems.push(unmetRequirement(r, caps, hypervisorTable));
+  const requirements: (Requirement & { readonly met: boolean })[] = verdict.requirements.map((r) => ({ ...r, met: caps.has(r.capability) }));
+  for (const r of requirements) if (!r.met) problems.push(unmetRequirement(r, caps, hypervisorTable, 'validate'));
 
   let plan: SandboxPlan | undefined;
+  const warnings = [...verdict.warnings];
   if (problems.length === 0) {
     const built = buildPlan(hooks, config, caps, verdict);
     problems.push(...built.problems);
-    if (built.problems.length === 0) plan = built.plan;
+    if (built.problems.length === 0) {
+      // The final check sees the plan as it will be launched; its vetoes stop the phase like any other.
+      const last = new Verdict();
+      hooks.checkPlan.call(built.plan, config, last as unknown as Parameters<Hooks['checkPlan']['call']>[2]);
+      problems.push(...last.problems);
+      for (const r of last.requirements) {
+        const met = caps.has(r.capability);
+        requirements.push({ ...r, met });
+        if (!met) problems.push(unmetRequirement(r, caps, hypervisorTable, 'checkPlan'));
+      }
+      warnings.push(...last.warnings);
+      if (problems.length === 0) plan = built.plan;
+    }
   }
 
   return {
@@ -221,7 +248,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
       removedCapabilities: caps.removed(),
       requirements,
       problems,
-      warnings: verdict.warnings,
+      warnings,
       unknownKeys: shape.unknownKeys,
       config,
       plan,
@@ -230,6 +257,21 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     plugins,
     annotations: applied,
   };
+}
+
+/**
+ * Creates the dotted table `dotted` where it and its parents are absent; a value of another type is
+ * left for the shape check to report. Own properties only, defined rather than assigned, so that a
+ * table named `__proto__` or `constructor` never reaches a prototype.
+ */
+function createTable(data: Record<string, unknown>, dotted: string): void {
+  let cur = data;
+  for (const part of dotted.split('.')) {
+    if (!Object.hasOwn(cur, part)) Object.defineProperty(cur, part, { value: {}, enumerable: true, writable: true, configurable: true });
+    const next = cur[part];
+    if (!isPlainObject(next)) return;
+    cur = next;
+  }
 }
 
 function pickHypervisorSection(raw: RawConfig, file: string | undefined): string {
@@ -361,13 +403,13 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
   return { plan: deepFreeze(plan), problems };
 }
 
-function unmetRequirement(r: Requirement, caps: CapabilitySet, hypervisorTable: string): Problem {
+function unmetRequirement(r: Requirement, caps: CapabilitySet, hypervisorTable: string, hook: 'validate' | 'checkPlan'): Problem {
   const removed = caps.removed().find((x) => x.name === r.capability);
   const because = removed ? ` (removed by plugin ${removed.by}: ${removed.why})` : '';
   return {
     code: 'KATA_ERR_CAPABILITY_MISSING',
     plugin: r.plugin,
-    hook: 'validate',
+    hook,
     key: r.key ?? hypervisorTable,
     reason: `requires capability "${r.capability}", which this configuration does not provide${because}: ${r.why}`,
     fix: r.fix ?? `change the configuration so that the hypervisor provides "${r.capability}"`,

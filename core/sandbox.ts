@@ -158,6 +158,7 @@ export class GuestProcess {
 export class Container extends GuestProcess {
   #execs = 0;
   #deleted = false;
+  #exitNoticed = false;
 
   constructor(
     private readonly sandbox: Sandbox,
@@ -169,8 +170,19 @@ export class Container extends GuestProcess {
     super(agent, id, id);
   }
 
-  start(): Promise<void> {
-    return this.sandbox.agent.startContainer({ containerId: this.id });
+  async start(): Promise<void> {
+    await this.sandbox.agent.startContainer({ containerId: this.id });
+    await this.sandbox.hooks.containerStarted.promise({ sandbox: this.sandbox.running.ctx, containerId: this.id });
+  }
+
+  /** Resolves with the exit status once the container's process ends; plugins hear of it once (`containerExited`). */
+  override async wait(): Promise<ExitStatus> {
+    const status = await super.wait();
+    if (!this.#exitNoticed) {
+      this.#exitNoticed = true;
+      await this.sandbox.hooks.containerExited.promise({ sandbox: this.sandbox.running.ctx, containerId: this.id }, status);
+    }
+    return status;
   }
 
   /** Runs another process in the container's namespaces. */
@@ -320,6 +332,7 @@ export class Sandbox {
       }
       phase('guest_network');
       phases.host_network = running.ctx.network.timings.host / 1000;
+      await validated.hooks.agentReady.promise(running.ctx).catch((e: unknown) => (agent.close(), Promise.reject(e)));
       log.info({ agent: address }, 'sandbox ready');
       const sandbox = new Sandbox(running, agent, validated, log);
       sandbox.startPhases = Object.freeze(phases);
@@ -347,6 +360,11 @@ export class Sandbox {
   onOOM(listener: OomListener): () => void {
     this.#oomListeners.add(listener);
     return () => this.#oomListeners.delete(listener);
+  }
+
+  /** @internal Containers tell plugins of their start and end through it. */
+  get hooks(): ValidatedConfig['hooks'] {
+    return this.validated.hooks;
   }
 
   /** @internal Containers drop themselves on delete. */
@@ -392,6 +410,7 @@ export class Sandbox {
     }
     const c = new Container(this, this.agent, spec.id, attachment, volumes);
     this.#containers.set(spec.id, c);
+    await this.validated.hooks.containerCreated.promise({ sandbox: this.running.ctx, containerId: spec.id });
     return c;
   }
 
@@ -404,7 +423,9 @@ export class Sandbox {
       }
       this.agent.close();
       this.#oomEvents.stop();
-      return this.running.stop();
+      const exit = await this.running.stop();
+      await this.validated.hooks.sandboxStopped.promise(this.running.ctx, exit);
+      return exit;
     })();
     return this.#stopping;
   }

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { KNOWN_CAPABILITIES } from '../core/capabilities.js';
 import { PLUGIN_API_VERSION } from '../core/plugin-api.js';
+import { NOTICE_HOOKS } from '../core/hooks.js';
 
 export const PLUGIN_API_DOC = 'docs/plugin-api.md';
 
@@ -144,7 +145,7 @@ export async function generatePluginApiDoc(): Promise<string> {
     "A plugin that reads keys of its own declares them with `manifest.config = { table, schema }`: `table` is a",
     'dotted TOML path (`hypervisor.*` is the active hypervisor section), `schema` a JSON Schema object or a',
     "path relative to the plugin module. The core applies it during the shape check: the schema's `default`s are",
-    "filled in, a key it refuses is a `KATA_ERR_CONFIG_SCHEMA` problem filed under the plugin (`plugin` is its name),",
+    "filled in (a table without `*` that the file lacks is created first, so its defaults apply), a key it refuses is a `KATA_ERR_CONFIG_SCHEMA` problem filed under the plugin (`plugin` is its name),",
     'and the keys it declares are no longer reported as unknown. Several plugins may declare the same table: each',
     "schema is applied to it, so `additionalProperties: false` in one refuses the keys only another declares. Name a",
     "table of your own after the plugin, and do not declare keys of Kata's own tables that the core already owns.",
@@ -152,11 +153,20 @@ export async function generatePluginApiDoc(): Promise<string> {
     '## Hooks',
     '',
     'The core calls the hooks in this order: the configuration phase (`configParsed`, `capabilities`, `validate`,',
-    'then `plan` for a valid configuration), the sandbox start (`beforeVmStart`, `createVm`, `vmStarted`), each',
-    'container (`classifyRootfs` before the front end mounts its rootfs, `attachRootfs`), the stop (`vmStopped`);',
-    '`hostChecks` only for `kata-runtime check`. Synchronous hooks are tapped with `tap`, asynchronous ones with',
-    "`tapPromise`. A handler's arguments are views stamped with the plugin's name; whatever it throws comes out as",
-    '`KATA_ERR_PLUGIN_HOOK` with `plugin` and `hook` (a coded error keeps its code and gains both).',
+    'then `plan` and `checkPlan` for a valid configuration), the sandbox start (`beforeVmStart`, `createVm`,',
+    '`vmStarted`, `agentReady`), each container (`classifyRootfs` before the front end mounts its rootfs,',
+    '`attachRootfs`, `containerCreated`, `containerStarted`, `containerExited`), the stop (`vmStopped`, then',
+    '`sandboxStopped`); `hostChecks` only for `kata-runtime check`. Synchronous hooks are tapped with `tap`,',
+    "asynchronous ones with `tapPromise`. A handler's arguments are views stamped with the plugin's name; whatever it",
+    'throws comes out as `KATA_ERR_PLUGIN_HOOK` with `plugin` and `hook` (a coded error keeps its code and gains both).',
+    'Up to `agentReady`, an error stops what is being started and undoes it. The notice hooks',
+    `(${[...NOTICE_HOOKS].map((h) => `\`${h}\``).join(', ')}) tell of what has already happened: an error there is logged`,
+    'with `plugin`, `hook` and its code, and the other handlers and the operation go on.',
+    '',
+    'What a plugin may do at each stage: `configParsed` may rewrite the raw configuration; `capabilities` may add',
+    'and remove capabilities; `validate` and `checkPlan` only judge (veto, require, warn), and `checkPlan` sees the',
+    'plan frozen; `plan` edits the plan in place; from `beforeVmStart` on, handlers may do I/O (start daemons, talk',
+    'to the VM through `ctx`/`vm`) and must undo it in `vmStopped`. `apply()` itself only taps.',
     '',
     '| hook | tapable kind | handler receives | handler returns | what for |',
     '| --- | --- | --- | --- | --- |',
@@ -188,6 +198,19 @@ export async function generatePluginApiDoc(): Promise<string> {
     '',
     ...iface(vm, 'VmContext', 'VM context (`VmContext`)', 'What `beforeVmStart`, `createVm`, `vmStarted` and `vmStopped` handlers receive.'),
     ...iface(vm, 'ContainerContext', 'Container context (`ContainerContext`)', 'What `attachRootfs` handlers receive.'),
+    ...iface(hooks, 'ContainerEvent', 'Container event (`ContainerEvent`)', 'What `containerCreated`, `containerStarted` and `containerExited` handlers receive.'),
+    '## The test kit (`kata-ts/testing`)',
+    '',
+    'An author\'s tests import `kata-ts/testing` (declarations included). `judge(text, { plugins })` runs the',
+    'validated config phase in process with the runtime\'s built-in plugins and yours (a default export, or a path',
+    'or package name as `[runtime] plugins` takes it) and answers the object `kata-runtime validate --json` prints,',
+    'load errors included in `problems[]`. `runLifecycle(text, { plugins, containers })` starts a sandbox against a',
+    'recording hypervisor driver that answers `createVm` first, without a VM or a guest agent: it calls the',
+    'lifecycle hooks in the order above and answers what happened (`events`, the `plan` the driver got, `hotplugged`,',
+    '`unplugged`, errors of notice handlers, and the `error` that stopped the run). A manifest that names its',
+    'schema by a path needs the path form, which tells where the module is. `examples/plugin-template/` is a',
+    'plugin package (TypeScript, a section of its own, a `checkPlan` veto) whose tests use the kit.',
+    '',
     '## Errors',
     '',
     'Every error a plugin causes carries `plugin` (its manifest name, or the path or package name it was listed as',
@@ -197,11 +220,7 @@ export async function generatePluginApiDoc(): Promise<string> {
     '(README "Error codes"). Throw `new KataError(code, message, { fix })`: the fix is shown with the message.',
     'With `--debug`, the cause of a plugin error is printed with the stack frames in the plugin\'s own files.',
     '',
-    '## Not built yet',
-    '',
-    'A test kit for authors (`kata-ts/testing`), a plugin template, hooks for a final veto on the resolved plan, agent',
-    'ready, container created/started/exited and sandbox stopped (issue 17).',
-    '',
+
   ];
   return out.join('\n');
 }

@@ -78,7 +78,7 @@ describe('the kata-ts package as a plugin author installs it', function () {
   after(() => tmp?.cleanup());
 
   it('packs the plugin API with its declarations and nothing from test/', () => {
-    for (const f of ['dist/core/plugin-api.js', 'dist/core/plugin-api.d.ts', 'dist/core/hooks.d.ts', 'dist/core/plan.d.ts', 'dist/bundle/kata-runtime.mjs', 'dist/schemas/validators.js']) {
+    for (const f of ['dist/core/plugin-api.js', 'dist/core/plugin-api.d.ts', 'dist/core/hooks.d.ts', 'dist/core/plan.d.ts', 'dist/bundle/kata-runtime.mjs', 'dist/schemas/validators.js', 'dist/bin/testing.js', 'dist/bin/testing.d.ts', 'dist/core/testing.d.ts']) {
       assert.ok(files.includes(f), `${f} is in the tarball`);
     }
     assert.deepEqual(files.filter((f) => f.startsWith('dist/test/') || f.startsWith('test/')), []);
@@ -114,6 +114,16 @@ describe('the kata-ts package as a plugin author installs it', function () {
     assert.equal(r.status, 0, JSON.stringify(r.report.problems));
     assert.equal(r.report.valid, true);
     assert.ok(r.report.plugins.some((p) => p.name === 'no-debug-console' && !p.builtin));
+  });
+
+  it('judges the plugin in process through the installed test kit, as validate --json does', () => {
+    const script = `import { judge } from 'kata-ts/testing';
+import plugin from './${path.basename(pluginFile)}';
+console.log(JSON.stringify(await judge(process.argv[1], { plugins: [plugin] })));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, config('unused').replace(/\[runtime\][^]*$/, '')], { cwd: author, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    const report = JSON.parse(r.stdout) as { problems: { code: string; plugin?: string; key?: string }[] };
+    assert.deepEqual(report.problems.map((p) => [p.code, p.plugin, p.key]), VETO);
   });
 
   it("loads the plugin by a path relative to the configuration file's directory, whatever the working directory", () => {

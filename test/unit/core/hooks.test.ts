@@ -8,7 +8,7 @@ describe('hooks', () => {
   it('declares a frozen table', () => {
     const hooks = createHooks();
     assert.ok(Object.isFrozen(hooks));
-    assert.deepEqual(Object.keys(hooks).sort(), ['attachRootfs', 'beforeVmStart', 'capabilities', 'classifyRootfs', 'configParsed', 'createVm', 'hostChecks', 'plan', 'validate', 'vmStarted', 'vmStopped']);
+    assert.deepEqual(Object.keys(hooks).sort(), ['agentReady', 'attachRootfs', 'beforeVmStart', 'capabilities', 'checkPlan', 'classifyRootfs', 'configParsed', 'containerCreated', 'containerExited', 'containerStarted', 'createVm', 'hostChecks', 'plan', 'sandboxStopped', 'validate', 'vmStarted', 'vmStopped']);
   });
 
   it('gives plugins a view with tap only', () => {

@@ -35,6 +35,10 @@ export default { manifest: { name: ${JSON.stringify(name)}, version: '1.0.0', ru
 void KataError;
 `);
 
+  /** A plugin module with a manifest (`extra` fields added; a later field wins) and an apply() whose body is `apply`. */
+  const manifestOnly = (name: string, extra = '', apply = '') =>
+    `export default { manifest: { name: ${JSON.stringify(name)}, version: '1.0.0', runtime: '^1.0.0'${extra ? `, ${extra}` : ''} }, apply({ hooks }) { ${apply} } };\n`;
+
   async function cli(argv: string[]) {
     const c = capture({});
     const code = await main(argv, c.io);
@@ -58,6 +62,12 @@ void KataError;
         code: 'KATA_ERR_PLUGIN_BAD_MANIFEST',
         plugin: (f) => f,
       },
+      { what: 'an API range this runtime does not implement', module: () => tmp.file('old.mjs', manifestOnly('old', "runtime: '^0.9.0'")), code: 'KATA_ERR_PLUGIN_API_VERSION', plugin: () => 'old' },
+      { what: 'a name another plugin has', module: () => tmp.file('twin.mjs', manifestOnly('fakevmm')), code: 'KATA_ERR_PLUGIN_DUPLICATE', plugin: () => 'fakevmm' },
+      { what: 'a role no plugin provides', module: () => tmp.file('needy.mjs', manifestOnly('needy', "requires: ['gpu']")), code: 'KATA_ERR_PLUGIN_MISSING_DEPENDENCY', plugin: () => 'needy' },
+      { what: 'a schema that cannot be loaded', module: () => tmp.file('schemaless.mjs', manifestOnly('schemaless', "config: { table: 'schemaless', schema: './missing.json' }")), code: 'KATA_ERR_PLUGIN_SCHEMA', plugin: () => 'schemaless' },
+      { what: 'an apply() that throws', module: () => tmp.file('applies.mjs', manifestOnly('applies', '', "throw new Error('no taps today');")), code: 'KATA_ERR_PLUGIN_APPLY', plugin: () => 'applies' },
+      { what: 'a tap under another name', module: () => tmp.file('tapper.mjs', manifestOnly('tapper', '', "hooks.validate.tap('someone-else', () => {});")), code: 'KATA_ERR_PLUGIN_TAP', plugin: () => 'tapper' },
     ];
     for (const c of cases) {
       it(`names the plugin for ${c.what}`, async () => {
@@ -76,6 +86,13 @@ void KataError;
         assert.equal(r.code, 1);
         const doc = JSON.parse(r.stdout) as ValidateReport;
         assert.equal(doc.valid, false);
+        assert.deepEqual(doc.problems.map((p) => [p.code, p.plugin]), [[c.code, c.plugin(file)]]);
+      });
+
+      it(`env --json prints one object with the plugin in problems[] for ${c.what}`, async () => {
+        const file = c.module();
+        const r = await cli(['--config', tmp.file('c.toml', configWith(file)), 'env', '--json']);
+        const doc = JSON.parse(r.stdout) as { problems: { code: string; plugin?: string }[] };
         assert.deepEqual(doc.problems.map((p) => [p.code, p.plugin]), [[c.code, c.plugin(file)]]);
       });
     }
@@ -106,6 +123,15 @@ void KataError;
         assert.deepEqual([e.code, e.plugin, e.hook, e.fix], ['CODED_ERR_TOO_BIG', 'coded', 'validate', 'make it smaller']);
         return true;
       });
+    });
+
+    it("--debug shows the cause of a throwing apply() with the plugin's own file and line, and the fix says so", async () => {
+      const p = tmp.file('applies.mjs', manifestOnly('applies', '', "throw new RangeError('no taps today');"));
+      const file = tmp.file('c.toml', configWith(p));
+      const plain = await cli(['--config', file, 'validate']);
+      assert.match(plain.stderr, /^kata-runtime: \[plugin applies\] apply\(\) threw: no taps today\n {2}fix: .*--debug/m);
+      const debug = await cli(['--debug', '--config', file, 'validate']);
+      assert.match(debug.stderr, /cause: RangeError: no taps today\n\s+at .*applies\.mjs:\d+:\d+/);
     });
 
     it("--debug shows the cause with the plugin's own file and line, not the runtime's frames", async () => {
