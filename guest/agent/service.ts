@@ -8,6 +8,7 @@ import type { CallContext, TtrpcServer } from '../../wire/ttrpc/server.js';
 import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import { invalidArgument, isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
+import { reseedRandomDev, setGuestDateTime } from './clone.js';
 import type { Sandbox } from './sandbox.js';
 import { API_VERSION, AGENT_VERSION } from './version.js';
 
@@ -50,6 +51,8 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     UpdateRoutes: (req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.updateRoutes(req.routes?.Routes ?? []) })),
     ListInterfaces: (_req, ctx) => handle(ctx, async () => ({ Interfaces: await sandbox.network.listInterfaces() })),
     ListRoutes: (_req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.listRoutes() })),
+    ReseedRandomDev: (req, ctx) => handle(ctx, async () => (await reseedRandomDev(req.data), {})),
+    SetGuestDateTime: (req, ctx) => handle(ctx, async () => (await setGuestDateTime(req.Sec), {})),
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

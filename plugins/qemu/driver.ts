@@ -40,6 +40,7 @@ import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
+import { applyTemplateRole, restoreDeviceState, saveDeviceState } from './template.js';
 
 /** The pid file the driver writes in the run directory. */
 export const PID_FILE = 'qemu.pid';
@@ -82,6 +83,8 @@ export interface QemuVmTimeline {
   startCalled?: number;
   spawned?: number;
   qmpReady?: number;
+  /** A clone's device state loaded and its vCPUs running. */
+  restored?: number;
   exited?: number;
 }
 
@@ -163,6 +166,19 @@ export class QemuVm implements VmHandle {
     await this.#qmpWhileRunning('pause the VM').execute('stop');
   }
 
+  /** Template role `save`: pauses the guest and writes its device state into the template (template.ts). */
+  async saveTemplate(): Promise<void> {
+    const template = this.#ctx.template;
+    if (template?.role !== 'save') throw new KataError('KATA_ERR_INTERNAL', 'saveTemplate() on a VM that was not started as a template', { plugin: PLUGIN_NAME });
+    await saveDeviceState(this.#qmpWhileRunning('save the VM template'), template.files);
+    this.#log.info({ template: template.files.dir }, 'template VM state saved');
+  }
+
+  /** QEMU's version (from the QMP greeting), once started. */
+  get version(): string | undefined {
+    return this.#qmp?.version;
+  }
+
   /** Lets a paused guest run again (QMP `cont`). */
   async resume(): Promise<void> {
     await this.#qmpWhileRunning('resume the VM').execute('cont');
@@ -186,6 +202,12 @@ export class QemuVm implements VmHandle {
       const spec = substituteTokens(planned, { sandboxDir: this.#ctx.runDir, imageSizeBytes: await this.#imageSize(planned) });
       // Interfaces found in the pod's namespace at sandbox start.
       renderNetDevices(spec, this.#ctx.network?.devices ?? []);
+      const template = this.#ctx.template;
+      if (template) {
+        // A clone's devices must be the template's: a cold-plugged NIC would not match its saved state.
+        if (template.role === 'clone' && (this.#ctx.network?.devices.length ?? 0) > 0) throw new KataError('KATA_ERR_VM_START', 'a clone of the VM template cannot have network devices at start', { plugin: PLUGIN_NAME });
+        applyTemplateRole(spec, template);
+      }
       await this.#prepareRunDir(spec);
       const argv = renderQemuArgv(spec, { accelerator: this.#accelerator.accelerator });
       const qmpSocket = chardevPath(spec, QEMU_IDS.qmpChardev);
@@ -200,6 +222,11 @@ export class QemuVm implements VmHandle {
         else if (e.event === 'GUEST_PANICKED') this.#log.error({ event: e.event, data: e.data }, 'the guest kernel panicked');
       });
       this.#hotplug = new BlockHotplug(qmp, spec, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      if (template?.role === 'clone') {
+        await restoreDeviceState(qmp, template.files);
+        this.timeline.restored = performance.now();
+        this.#log.info({ template: template.files.dir, restoreMs: round(this.timeline.restored - (this.timeline.qmpReady ?? 0)) }, 'VM restored from the template');
+      }
       if (this.#exit || this.#stopRequested) throw new Error('QEMU exited or was stopped while starting');
       this.#state = 'running';
       this.#log.info(

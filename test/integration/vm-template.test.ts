@@ -1,0 +1,173 @@
+/**
+ * VM templating with the real programs: `kata-runtime factory init | status | destroy` boots and
+ * saves a real template VM under QEMU (TCG), and `kata-runtime run` starts clones of it running
+ * containers on a hot-plugged block rootfs and on a directory shared over virtio-9p. Faults: a
+ * stale template, a device state that cannot be restored, template files that vanished.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { PACKAGE_ROOT } from '../../core/paths.js';
+import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
+import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { TempDir } from '../helpers/tmp.js';
+
+const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+
+function mountsUnder(dir: string): string[] {
+  return readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .filter((l) => l.split(' ')[1]?.startsWith(dir));
+}
+
+describe('VM templates: kata-runtime factory and clones @integration', function () {
+  this.timeout(600_000);
+  let image: GuestImage;
+  let tmp: TempDir;
+  let config: string;
+  let templateDir: string;
+  let rootfsDir: string;
+  let n = 0;
+  const runRoot = () => path.join(tmp.path, 'run');
+  const env = () => ({ ...process.env, KATA_TS_RUN_ROOT: runRoot(), KATA_CONF_FILE: '' });
+  const rootfs = () => {
+    const p = path.join(tmp.path, `rootfs-${n++}.ext4`);
+    copyFileSync(image.busyboxRootfs as string, p);
+    return p;
+  };
+  const configText = (extra = '') =>
+    `[hypervisor.qemu]\npath = "${qemuBinary()}"\nkernel = "${image.kernel}"\ninitrd = "${image.initrd}"\ndefault_memory = 512\nshared_fs = "virtio-9p"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n${extra}\n[agent.kata]\ndial_timeout = 180\n[factory]\nenable_template = true\ntemplate_path = "${templateDir}"\n`;
+  const cli = (args: string[], cfg = config) => spawnSync(process.execPath, [BIN, '--config', cfg, ...args], { encoding: 'utf8', env: env() });
+  const status = (cfg = config) => {
+    const r = cli(['factory', 'status', '--json'], cfg);
+    assert.equal(r.status, 0, r.stderr);
+    return JSON.parse(r.stdout) as { exists: boolean; usable: boolean; reason?: string };
+  };
+  const runAsync = (args: string[], cfg = config) =>
+    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, [BIN, '--config', cfg, '--log-level', 'info', 'run', ...args], { env: env(), stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.on('close', (status) => resolve({ status, stdout, stderr }));
+    });
+  const messages = (stderr: string) =>
+    stderr
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => (JSON.parse(l) as { msg: string }).msg);
+
+  before(async function () {
+    if (!qemuBinary() || process.getuid?.() !== 0) this.skip(); // the template lives on a tmpfs it mounts
+    image = await ensureGuestImage();
+    if (!image.busyboxRootfs) this.skip();
+    tmp = new TempDir('kata-tmpl-');
+    templateDir = path.join(tmp.path, 'template');
+    config = tmp.file('configuration.toml', configText());
+    rootfsDir = path.join(tmp.path, 'rootfs-dir');
+    mkdirSync(rootfsDir);
+    execFileSync('debugfs', ['-R', `rdump / ${rootfsDir}`, image.busyboxRootfs], { stdio: 'ignore' });
+  });
+  after(async () => {
+    if (!tmp) return;
+    if (existsSync(templateDir)) cli(['factory', 'destroy']);
+    assert.deepEqual(await qemuLeftBehind(tmp.path), []);
+    assert.deepEqual(mountsUnder(tmp.path), []);
+    tmp.cleanup();
+  });
+
+  it('factory status reports no template; init makes one on a tmpfs; init again does nothing and says so', () => {
+    assert.deepEqual([status().exists, status().usable], [false, false]);
+    const first = cli(['factory', 'init', '--json']);
+    assert.equal(first.status, 0, first.stderr);
+    assert.equal((JSON.parse(first.stdout) as { created: boolean }).created, true);
+    assert.equal(mountsUnder(templateDir).length, 1, 'the template is on its own tmpfs');
+    assert.deepEqual(status().usable, true);
+    const again = cli(['factory', 'init']);
+    assert.equal(again.status, 0, again.stderr);
+    assert.match(again.stdout, /already initialized/);
+  });
+
+  it('kata-runtime run starts the sandbox as a clone that runs a container on a hot-plugged block rootfs, with the host clock', async () => {
+    const r = await runAsync(['--rootfs', rootfs(), '--', 'sh', '-c', 'date +%s; mount | grep -c " / .*ext4"']);
+    assert.equal(r.status, 0, r.stderr);
+    const msgs = messages(r.stderr);
+    assert.ok(msgs.includes('starting VM as a clone of the template'), msgs.join('\n'));
+    assert.ok(msgs.includes('VM restored from the template'));
+    assert.ok(!msgs.some((m) => m.includes('cold boot')), msgs.join('\n'));
+    const [guestTime, ext4] = r.stdout.trim().split('\n');
+    assert.ok(Math.abs(Number(guestTime) - Date.now() / 1000) < 60, `guest clock ${guestTime}, host ${Date.now() / 1000}`);
+    assert.equal(ext4, '1');
+  });
+
+  it('runs a container on a directory rootfs shared over 9p in a clone', async () => {
+    writeFileSync(path.join(rootfsDir, 'marker'), 'from the host\n');
+    const r = await runAsync(['--rootfs', rootfsDir, '--', 'cat', '/marker']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.ok(messages(r.stderr).includes('VM restored from the template'));
+    assert.equal(r.stdout, 'from the host\n');
+  });
+
+  it('starts two clones of one template at once, each with its own hostname and kernel RNG output', async () => {
+    const cmd = ['--', 'sh', '-c', 'hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"'];
+    const [a, b] = await Promise.all([runAsync(['--rootfs', rootfs(), ...cmd]), runAsync(['--rootfs', rootfs(), ...cmd])]);
+    for (const r of [a, b]) {
+      assert.equal(r.status, 0, r.stderr);
+      assert.ok(messages(r.stderr).includes('VM restored from the template'));
+    }
+    const [hostA, rngA] = a.stdout.split('\n');
+    const [hostB, rngB] = b.stdout.split('\n');
+    assert.notEqual(hostA, hostB);
+    assert.match(rngA ?? '', /^[0-9a-f]{32}$/);
+    assert.notEqual(rngA, rngB);
+  });
+
+  it('does not use a template made for another configuration: the sandbox boots cold and the log says why', async () => {
+    const other = tmp.file('other.toml', configText('kernel_params = "kata-ts.template-test=1"'));
+    const s = status(other);
+    assert.equal(s.usable, false);
+    assert.match(s.reason ?? '', /another configuration/);
+    const r = await runAsync(['--rootfs', rootfs(), '--', 'true'], other);
+    assert.equal(r.status, 0, r.stderr);
+    const msgs = messages(r.stderr);
+    assert.ok(msgs.some((m) => m.startsWith('VM template not used, cold boot: the template was made for another configuration')), msgs.join('\n'));
+    assert.ok(!msgs.includes('VM restored from the template'));
+  });
+
+  it('boots cold when the device state cannot be restored, and leaves no clone behind', async () => {
+    const state = path.join(templateDir, 'state');
+    const saved = readFileSync(state);
+    try {
+      writeFileSync(state, Buffer.alloc(saved.length, 0x5a));
+      const r = await runAsync(['--rootfs', rootfs(), '--', 'echo', 'cold']);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout, 'cold\n');
+      assert.ok(messages(r.stderr).includes('restoring the VM from the template failed: cold boot'), r.stderr);
+    } finally {
+      writeFileSync(state, saved);
+    }
+    assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+  });
+
+  it('says so when template files vanished, and a sandbox then boots cold', () => {
+    const memory = path.join(templateDir, 'memory');
+    rmSync(memory);
+    const s = status();
+    assert.equal(s.usable, false);
+    assert.match(s.reason ?? '', /memory file .* is missing/);
+  });
+
+  it('factory destroy leaves no process, mount, file or directory; destroy again is a no-op', async () => {
+    const r = cli(['factory', 'destroy']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(existsSync(templateDir), false);
+    assert.deepEqual(mountsUnder(templateDir), []);
+    assert.deepEqual(await qemuLeftBehind(tmp.path), []);
+    assert.equal(status().exists, false);
+    const again = cli(['factory', 'destroy']);
+    assert.equal(again.status, 0, again.stderr);
+    assert.match(again.stdout, /no vm template/);
+  });
+});
