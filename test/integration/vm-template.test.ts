@@ -2,7 +2,9 @@
  * VM templating with the real programs: `kata-runtime factory init | status | destroy` boots and
  * saves a real template VM under QEMU (TCG), and `kata-runtime run` starts clones of it running
  * containers on a hot-plugged block rootfs and on a directory shared over virtio-9p. Faults: a
- * stale template, a device state that cannot be restored, template files that vanished.
+ * stale template, a device state that cannot be restored, template files that vanished. Then the
+ * shim under a private containerd starts its pod as a clone (containerd's overlayfs rootfs is a
+ * directory: a block rootfs through the shim needs devmapper, which this host's kernel lacks).
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -10,7 +12,10 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSyn
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
+import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
+import { processesMentioning } from '../helpers/procs.js';
 import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
+import { shimBinDir, shimConfig } from '../helpers/shim.js';
 import { TempDir } from '../helpers/tmp.js';
 
 const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
@@ -169,5 +174,60 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     const again = cli(['factory', 'destroy']);
     assert.equal(again.status, 0, again.stderr);
     assert.match(again.stdout, /no vm template/);
+  });
+});
+
+describe('VM templates: clones through containerd-shim-kata-v2 under containerd @integration', function () {
+  this.timeout(600_000);
+  let tmp: TempDir;
+  let ctrd: TestContainerd | undefined;
+  let config: string;
+  let templateDir: string;
+  const RUNTIME = 'io.containerd.kata.v2';
+  const cli = (args: string[]) => spawnSync(process.execPath, [BIN, '--config', config, ...args], { encoding: 'utf8', env: { ...process.env, KATA_TS_RUN_ROOT: path.join(tmp.path, 'run-init'), KATA_CONF_FILE: '' } });
+
+  before(async function () {
+    if (!qemuBinary() || process.getuid?.() !== 0) this.skip();
+    const image = await ensureGuestImage();
+    tmp = new TempDir('kata-tmpl-shim-');
+    templateDir = path.join(tmp.path, 'template');
+    // The shipped configuration (virtio-9p: containerd's overlayfs rootfs is a directory), templating on.
+    config = shimConfig(tmp, image);
+    writeFileSync(config, `${readFileSync(config, 'utf8')}\n[factory]\nenable_template = true\ntemplate_path = "${templateDir}"\n`);
+    const init = cli(['factory', 'init']);
+    assert.equal(init.status, 0, init.stderr);
+    ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: path.join(tmp.path, 'run'), KATA_TS_SBS_ROOT: path.join(tmp.path, 'sbs') } });
+  });
+  after(async () => {
+    if (ctrd) assert.deepEqual(await ctrd.stop(), NO_LEFTOVERS);
+    if (tmp) {
+      cli(['factory', 'destroy']);
+      assert.deepEqual(await qemuLeftBehind(tmp.path), []);
+      assert.deepEqual(mountsUnder(tmp.path), []);
+      tmp.cleanup();
+    }
+  });
+
+  it('ctr run starts the pod as a clone of the template (its QEMU maps the template memory privately) and runs the container on its directory rootfs', async () => {
+    const c = ctrd as TestContainerd;
+    const id = 'cloned';
+    const r = await c.ctr(['run', '-d', '--runtime', RUNTIME, BUSYBOX_IMAGE, id, 'sh', '-c', 'echo hello > /hello; sleep 1000'], { timeoutMs: 120_000 });
+    assert.equal(r.code, 0, `${r.stderr}\n${c.logTail(40)}`);
+    try {
+      const qemus = processesMentioning(`${templateDir}/memory`);
+      assert.equal(qemus.length, 1, 'one QEMU runs on the template memory');
+      const argv = qemus[0]?.argv ?? [];
+      assert.ok(argv.includes(`memory-backend-file,id=guest-ram,size=512M,mem-path=${templateDir}/memory,share=off`), argv.join(' '));
+      assert.deepEqual(argv.slice(argv.indexOf('-incoming'), argv.indexOf('-incoming') + 2), ['-incoming', 'defer']);
+      const exec = await c.ctr(['task', 'exec', '--exec-id', 'e1', id, 'cat', '/hello'], { timeoutMs: 60_000 });
+      assert.equal(exec.code, 0, exec.stderr);
+      assert.equal(exec.stdout, 'hello\n');
+    } finally {
+      await c.ctr(['task', 'kill', '-s', 'SIGKILL', id]);
+      const deadline = Date.now() + 60_000;
+      while (/RUNNING/.test((await c.ctr(['task', 'ls'])).stdout) && Date.now() < deadline) await new Promise((res) => setTimeout(res, 200));
+      await c.ctr(['task', 'rm', id]);
+      await c.ctr(['container', 'rm', id]);
+    }
   });
 });
