@@ -91,7 +91,7 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
     interrupted();
     await hooks.beforeVmStart.promise(ctx);
     interrupted();
-    const template = await chooseTemplate(validated, opts, coldCtx, log);
+    const template = await chooseTemplate(validated, opts, log);
     if (template) ctx = Object.freeze({ ...coldCtx, template });
     vm = await createVm(validated, ctx);
     interrupted();
@@ -145,7 +145,7 @@ async function createVm(validated: ValidatedConfig, ctx: VmContext): Promise<VmH
 }
 
 /** The template role of this launch: the caller's, a clone of a usable template, or none (a cold boot, logged with the reason). */
-async function chooseTemplate(validated: ValidatedConfig, opts: LaunchOptions, ctx: VmContext, log: Logger): Promise<VmTemplateRole | undefined> {
+async function chooseTemplate(validated: ValidatedConfig, opts: LaunchOptions, log: Logger): Promise<VmTemplateRole | undefined> {
   if (opts.template === 'none') return undefined;
   if (opts.template) return opts.template;
   const { config, plan } = validated;
@@ -153,10 +153,6 @@ async function chooseTemplate(validated: ValidatedConfig, opts: LaunchOptions, c
   const status = await templateStatus(config, plan);
   if (!status.usable) {
     log.warn({ template: status.path, why: status.reason }, `VM template not used, cold boot: ${status.reason}`);
-    return undefined;
-  }
-  if (ctx.network.devices.length > 0) {
-    log.warn({ template: status.path, interfaces: ctx.network.devices.length }, 'VM template not used, cold boot: network interfaces are not hot-plugged into clones yet');
     return undefined;
   }
   return { role: 'clone', files: templateLayout(status.path) };

@@ -40,7 +40,7 @@ import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
-import { applyTemplateRole, restoreDeviceState, saveDeviceState } from './template.js';
+import { applyTemplateRole, hotplugNetDevices, reserveNicPorts, restoreDeviceState, saveDeviceState } from './template.js';
 
 /** The pid file the driver writes in the run directory. */
 export const PID_FILE = 'qemu.pid';
@@ -200,14 +200,13 @@ export class QemuVm implements VmHandle {
       this.#accelerator = chooseAccelerator(this.#opts.host ?? detectHost(), planned.accelerator);
       this.#log.info({ accelerator: this.#accelerator.accelerator, requested: planned.accelerator, reason: this.#accelerator.reason }, `QEMU accelerator: ${this.#accelerator.accelerator}`);
       const spec = substituteTokens(planned, { sandboxDir: this.#ctx.runDir, imageSizeBytes: await this.#imageSize(planned) });
-      // Interfaces found in the pod's namespace at sandbox start.
-      renderNetDevices(spec, this.#ctx.network?.devices ?? []);
       const template = this.#ctx.template;
-      if (template) {
-        // A clone's devices must be the template's: a cold-plugged NIC would not match its saved state.
-        if (template.role === 'clone' && (this.#ctx.network?.devices.length ?? 0) > 0) throw new KataError('KATA_ERR_VM_START', 'a clone of the VM template cannot have network devices at start', { plugin: PLUGIN_NAME });
-        applyTemplateRole(spec, template);
-      }
+      // Interfaces found in the pod's namespace at sandbox start.
+      const nets = this.#ctx.network?.devices ?? [];
+      // A clone's devices must be the template's: its NICs are hot-plugged after the restore.
+      const nicPorts = template?.role === 'clone' ? reserveNicPorts(spec, nets.length) : [];
+      if (template?.role !== 'clone') renderNetDevices(spec, nets);
+      if (template) applyTemplateRole(spec, template);
       await this.#prepareRunDir(spec);
       const argv = renderQemuArgv(spec, { accelerator: this.#accelerator.accelerator });
       const qmpSocket = chardevPath(spec, QEMU_IDS.qmpChardev);
@@ -221,9 +220,11 @@ export class QemuVm implements VmHandle {
         if (e.event === 'SHUTDOWN' || e.event === 'POWERDOWN' || e.event === 'RESET') this.#log.info({ event: e.event, data: e.data }, `QEMU event ${e.event}`);
         else if (e.event === 'GUEST_PANICKED') this.#log.error({ event: e.event, data: e.data }, 'the guest kernel panicked');
       });
-      this.#hotplug = new BlockHotplug(qmp, spec, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      const diskPorts = nicPorts.length > 0 ? { ...spec, hotplugPorts: spec.hotplugPorts.slice(0, -nicPorts.length) } : spec;
+      this.#hotplug = new BlockHotplug(qmp, diskPorts, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
       if (template?.role === 'clone') {
         await restoreDeviceState(qmp, template.files);
+        await hotplugNetDevices(qmp, spec, nets, nicPorts);
         this.timeline.restored = performance.now();
         this.#log.info({ template: template.files.dir, restoreMs: round(this.timeline.restored - (this.timeline.qmpReady ?? 0)) }, 'VM restored from the template');
       }

@@ -10,6 +10,10 @@
  *   (a private, copy-on-write mapping: the clone's writes never reach the file or another clone),
  *   `-S -incoming defer`, the same capability, `migrate-incoming exec:cat <state>`, then `cont`.
  *
+ * A clone's network interfaces are not in the template: they are hot-plugged after the restore
+ * (`netdev_add` tap + `device_add` virtio-net-pci into the last free hot-plug root ports, which the
+ * disks then do not use), and the agent configures them by MAC as on a cold boot.
+ *
  * Both get a `vmgenid` device: every QEMU process has its own generation ID, and Linux reseeds its
  * CRNG when the ID changes under it, i.e. as soon as a clone resumes.
  *
@@ -17,9 +21,10 @@
  * before they are put in one (and the core's config rule allows no other template_path).
  */
 import { setTimeout as delay } from 'node:timers/promises';
-import { KataError, type VmTemplateFiles, type VmTemplateRole } from '../../core/plugin-api.js';
+import { KataError, type NetIntent, type VmTemplateFiles, type VmTemplateRole } from '../../core/plugin-api.js';
+import { effectiveDevice } from './argv.js';
 import { PLUGIN_NAME } from './config.js';
-import type { QemuLaunchSpec } from './launch-spec.js';
+import { renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import type { QmpClient } from './qmp.js';
 
 /** Id of the VM generation ID device. */
@@ -88,4 +93,37 @@ export async function restoreDeviceState(qmp: QmpClient, files: VmTemplateFiles,
   await qmp.execute('migrate-incoming', { uri: `exec:cat ${state}` });
   await waitForMigration(qmp, `restoring the VM from the template state ${files.stateFile}`, timeoutMs);
   await qmp.execute('cont');
+}
+
+/**
+ * The hot-plug root ports a clone's NICs take: the last `count` of the spec's, so that the disks
+ * keep the first ones (and their PCI paths). Throws when there are not enough: the core then boots
+ * the sandbox cold.
+ */
+export function reserveNicPorts(spec: Pick<QemuLaunchSpec, 'hotplugPorts'>, count: number): string[] {
+  if (count === 0) return [];
+  if (spec.hotplugPorts.length < count + 1) {
+    throw new KataError('KATA_ERR_VM_START', `a clone hot-plugs its ${count} network interface(s) into pcie-root-ports, and only ${spec.hotplugPorts.length} are reserved (one more is kept for the rootfs disk)`, {
+      plugin: PLUGIN_NAME,
+      fix: 'raise hotplug_root_ports, or use block_device_driver = "virtio-blk" (virtio-scsi reserves no root port)',
+    });
+  }
+  // The ports stay in the argv (the template has them); only the disks must not take them.
+  return spec.hotplugPorts.slice(-count);
+}
+
+/** Hot-plugs the pod's interfaces into a running clone: a tap netdev opened by name in QEMU's namespace and a virtio-net-pci device on each port. */
+export async function hotplugNetDevices(qmp: QmpClient, spec: Pick<QemuLaunchSpec, 'virtioIommuPlatform'>, nets: readonly NetIntent[], ports: readonly string[]): Promise<void> {
+  // The cold-plug renderer checks the tap names and MACs and builds the device properties.
+  const rendered = { extraArgs: [] as string[], devices: [] as QemuLaunchSpec['devices'] };
+  renderNetDevices(rendered as unknown as QemuLaunchSpec, nets);
+  for (const [i, n] of nets.entries()) {
+    const device = rendered.devices[i];
+    const port = ports[i];
+    if (!device || port === undefined) throw new KataError('KATA_ERR_INTERNAL', `no device or port for network interface ${n.id}`, { plugin: PLUGIN_NAME });
+    const netdev = String(device.props.netdev);
+    await qmp.execute('netdev_add', { type: 'tap', id: netdev, ifname: n.tap, script: 'no', downscript: 'no' });
+    const d = effectiveDevice(device, spec);
+    await qmp.execute('device_add', { driver: d.type, id: d.id, bus: port, ...d.props });
+  }
 }

@@ -7,12 +7,13 @@
  * directory: a block rootfs through the shim needs devmapper, which this host's kernel lacks).
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
+import { createPodAndPeer, peerServer, removeNetns } from '../helpers/netns.js';
 import { processesMentioning } from '../helpers/procs.js';
 import { qemuBinary, qemuLeftBehind } from '../helpers/qemu.js';
 import { shimBinDir, shimConfig } from '../helpers/shim.js';
@@ -127,6 +128,22 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     assert.notEqual(hostA, hostB);
     assert.match(rngA ?? '', /^[0-9a-f]{32}$/);
     assert.notEqual(rngA, rngB);
+  });
+
+  it("hot-plugs the pod's interface into a clone after the restore: the container has the pod's address and reaches the peer", async () => {
+    const ns = createPodAndPeer('kts-tmpl');
+    let server: ChildProcess | undefined;
+    try {
+      server = await peerServer(ns.peer);
+      const r = await runAsync(['--netns', ns.podPath, '--rootfs', rootfs(), '--', 'sh', '-c', 'ip -o -4 addr show dev eth0; echo guest | nc -w 5 192.0.2.1 8080']);
+      assert.equal(r.status, 0, r.stderr);
+      assert.ok(messages(r.stderr).includes('VM restored from the template'), r.stderr);
+      assert.match(r.stdout, /inet 192\.0\.2\.2\/24/);
+      assert.match(r.stdout, /hello from the peer\npeer got guest/);
+    } finally {
+      server?.kill();
+      removeNetns([ns.pod, ns.peer]);
+    }
   });
 
   it('does not use a template made for another configuration: the sandbox boots cold and the log says why', async () => {

@@ -5,7 +5,7 @@ import { judgeConfig, loadValidatedConfig } from '../../../core/runtime.js';
 import { TEMPLATE_CAPABILITY, templateFingerprint, templateLayout, templateStatus } from '../../../core/template-files.js';
 import { destroyTemplate, initTemplate } from '../../../core/template.js';
 import { renderQemuArgv, substituteTokens, type QemuLaunchSpec } from '../../../plugins/qemu/index.js';
-import { applyTemplateRole, VMGENID_ID } from '../../../plugins/qemu/template.js';
+import { applyTemplateRole, reserveNicPorts, VMGENID_ID } from '../../../plugins/qemu/template.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const FIRMWARE = '/usr/share/ovmf/OVMF.inteltdx.fd';
@@ -87,6 +87,15 @@ describe('QEMU launch description for template roles', () => {
     // Everything else is the same machine: the saved device state must fit the clone.
     const strip = (argv: string[]) => argv.filter((a) => !a.startsWith('memory-backend-file') && !['-S', '-incoming', 'defer'].includes(a));
     assert.deepEqual(strip(save), strip(clone));
+  });
+
+  it("keeps the last hot-plug root ports for a clone's network interfaces, and refuses when none would be left for the rootfs disk", () => {
+    const spec = { hotplugPorts: ['rp0', 'rp1', 'rp2', 'rp3'] };
+    assert.deepEqual(reserveNicPorts(spec, 0), []);
+    assert.deepEqual(reserveNicPorts(spec, 2), ['rp2', 'rp3']);
+    assert.deepEqual(spec.hotplugPorts, ['rp0', 'rp1', 'rp2', 'rp3'], 'the ports stay in the launch description');
+    assert.throws(() => reserveNicPorts(spec, 4), { code: 'KATA_ERR_VM_START' });
+    assert.throws(() => reserveNicPorts({ hotplugPorts: [] }, 1), { code: 'KATA_ERR_VM_START' });
   });
 
   it('refuses template files whose path could change the meaning of the exec: command', async () => {
