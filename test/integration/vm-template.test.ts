@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { setTimeout as delay } from 'node:timers/promises';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
@@ -175,6 +175,22 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     } finally {
       writeFileSync(state, saved);
     }
+    assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+  });
+
+  it("boots cold when the template's memory is corrupt (zeroed: the clone's guest dies as it resumes), and leaves no clone behind", async () => {
+    const memory = path.join(templateDir, 'memory');
+    const size = statSync(memory).size;
+    truncateSync(memory, 0);
+    truncateSync(memory, size);
+    assert.equal(status().usable, true, 'the files still look like a usable template');
+    const r = await runAsync(['--rootfs', rootfs(), '--', 'echo', 'cold']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, 'cold\n');
+    // The guest dies while `cont` is answered or just after: the restore fails, or the agent dial.
+    const msgs = messages(r.stderr);
+    const fallbacks = msgs.filter((m) => m === 'restoring the VM from the template failed: cold boot' || m === "the clone's agent did not answer: cold boot");
+    assert.equal(fallbacks.length, 1, msgs.join('\n'));
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });
 
