@@ -8,7 +8,8 @@
  * A failure at any step removes everything made so far: the VM, its run directory, the files and
  * the tmpfs.
  */
-import { mkdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
@@ -56,10 +57,53 @@ function checkUsable(validated: ValidatedConfig): string {
   return dir;
 }
 
-/** `factory init`: makes the template unless a usable one is there; a stale or broken one is replaced. */
+/**
+ * Takes `<template_path>.lock` (beside the directory, which init mounts over) for one `factory
+ * init`: a second one fails with KATA_ERR_TEMPLATE while the first runs. A lock whose process is
+ * gone is taken over. Returns the release function.
+ */
+export async function takeInitLock(dir: string): Promise<() => Promise<void>> {
+  const lock = `${dir}.lock`;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await writeFile(lock, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
+      return () => rm(lock, { force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) {
+        throw new KataError('KATA_ERR_TEMPLATE', `cannot take the template lock ${lock}: ${(e as NodeJS.ErrnoException).code ?? errorText(e)}`, { cause: e });
+      }
+      const holder = Number((await readFile(lock, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(holder) && holder > 0 && processAlive(holder)) {
+        throw new KataError('KATA_ERR_TEMPLATE', `another \`factory init\` (pid ${holder}) is making the template in ${dir}`, { fix: 'wait for it to finish, then run `kata-runtime factory status`' });
+      }
+      await rm(lock, { force: true });
+    }
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** `factory init`: makes the template unless a usable one is there; a stale or broken one is replaced. One at a time (takeInitLock). */
 export async function initTemplate(validated: ValidatedConfig, opts: TemplateOptions = {}): Promise<InitResult> {
-  const log = (opts.log ?? silentLogger()).child({ factory: 'template' });
   const dir = checkUsable(validated);
+  await mkdir(path.dirname(dir), { recursive: true });
+  const release = await takeInitLock(dir);
+  try {
+    return await initLocked(validated, dir, opts);
+  } finally {
+    await release();
+  }
+}
+
+async function initLocked(validated: ValidatedConfig, dir: string, opts: TemplateOptions): Promise<InitResult> {
+  const log = (opts.log ?? silentLogger()).child({ factory: 'template' });
   const before = await templateStatus(validated.config, validated.plan);
   if (before.usable) {
     log.info({ path: dir }, 'a usable VM template is already there');

@@ -194,7 +194,7 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });
 
-  it('says so when template files vanished, and a sandbox then boots cold', () => {
+  it('factory status says the template is not usable, and why, when its memory file vanished', () => {
     const memory = path.join(templateDir, 'memory');
     rmSync(memory);
     const s = status();

@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
-import { mkdirSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { judgeConfig, loadValidatedConfig } from '../../../core/runtime.js';
 import { TEMPLATE_CAPABILITY, templateFingerprint, templateLayout, templateStatus } from '../../../core/template-files.js';
-import { destroyTemplate, initTemplate } from '../../../core/template.js';
+import type { KataError } from '../../../core/errors.js';
+import { destroyTemplate, initTemplate, takeInitLock } from '../../../core/template.js';
 import { renderQemuArgv, substituteTokens, type QemuLaunchSpec } from '../../../plugins/qemu/index.js';
 import { applyTemplateRole, reserveNicPorts, VMGENID_ID } from '../../../plugins/qemu/template.js';
 import { TempDir } from '../../helpers/tmp.js';
@@ -161,6 +162,19 @@ describe('template status', () => {
   it('factory init refuses a configuration without enable_template, with a coded error', async () => {
     const v = await loadValidatedConfig({ text: qemu('', 'enable_template = false') });
     await assert.rejects(initTemplate(v), { code: 'KATA_ERR_TEMPLATE', key: 'factory.enable_template' });
+  });
+
+  it('lets one factory init at a time hold the template lock, and takes over a lock whose process is gone', async () => {
+    const dir = path.join(tmp.path, 'tpl');
+    const release = await takeInitLock(dir);
+    await assert.rejects(takeInitLock(dir), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && e.message.includes(`pid ${process.pid}`));
+    await release();
+    // A pid above the kernel's maximum (4194304) belongs to no process.
+    writeFileSync(`${dir}.lock`, '4194305\n');
+    const again = await takeInitLock(dir);
+    assert.equal(readFileSync(`${dir}.lock`, 'utf8'), `${process.pid}\n`);
+    await again();
+    assert.equal(existsSync(`${dir}.lock`), false);
   });
 
   it('destroy removes only the template files and its directory, and does nothing when there is none', async () => {
