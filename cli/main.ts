@@ -84,6 +84,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<Command> }
     },
   },
   exec: { summary: "attach to the sandbox's guest debug console (debug_console_enabled): exec <sandbox-id>; Ctrl-] detaches", load: async () => (await import('./exec.js')).execCommand },
+  factory: { summary: 'the VM template ([factory] enable_template): factory init | status | destroy [--json]', load: async () => (await import('./factory.js')).factoryCommand },
   cleanup: { summary: 'remove the run directories of runs and shims that were killed (never a live one) [--dry-run] [--json]', load: async () => (await import('./cleanup.js')).cleanupCommand },
   monitor: { summary: "serve every sandbox's Prometheus metrics with sandbox labels (kata-monitor) [--listen HOST:PORT]", load: async () => (await import('./monitor.js')).monitorCommand },
   version: { summary: 'print the runtime version', load: async () => versionCommand },
@@ -115,7 +116,7 @@ Global options:
   --show-default-config-paths     print the default configuration paths, /etc first
   --log-level LEVEL               ${LOG_LEVELS.join('|')} (default warn; logs go to stderr)
   --debug                         same as --log-level debug
-  --json                          machine-readable output (validate, env, check, cleanup)
+  --json                          machine-readable output (validate, env, check, cleanup, factory)
   --rootfs PATH, -i, --timings    run: the container rootfs (block device, image file or directory),
                                   connect stdin, print the time of each phase
   --netns PATH                    run: the network namespace whose interfaces the VM mirrors

@@ -126,7 +126,7 @@ export {
   renderDeviceCapability,
   renderTeeCapability,
 } from './plan.js';
-export type { VmContext, SandboxNetwork, GuestInterface, GuestIpAddress, GuestNeighbor, GuestRoute, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, PciHotpluggedBlock, ScsiHotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
+export type { VmContext, VmTemplateFiles, VmTemplateRole, SandboxNetwork, GuestInterface, GuestIpAddress, GuestNeighbor, GuestRoute, VmHandle, VmExit, BlockDeviceSpec, HotpluggedBlock, PciHotpluggedBlock, ScsiHotpluggedBlock, UnplugOptions, ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, GuestStorage } from './vm.js';
 export { guestBlockSource } from './vm.js';
 export { inNetns } from './netns.js';
 export { detectHost, chooseAccelerator, type HostInfo, type Accelerator } from './host.js';
@@ -139,3 +139,4 @@ export { assertTrustedPath } from './trusted-path.js';
 export { KataError, errorText, pluginErrorCodePrefix, type PluginErrorCode } from './errors.js';
 export type { HostCheck, HostCheckContext, CheckStatus } from './host-check.js';
 export { productMismatch } from './host-check.js';
+export { TEMPLATE_CAPABILITY } from './template-files.js';

@@ -20,6 +20,7 @@ import { ConfigInvalidError, KataError, type Problem } from './errors.js';
 import { createHooks, type Hooks } from './hooks.js';
 import { silentLogger, type Logger } from './logger.js';
 import { availableParallelism } from 'node:os';
+import { TEMPLATE_CAPABILITY } from './template-files.js';
 import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
 import { activationOf, applyPlugin, builtinPlugins, checkInProcess, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
 import type { PluginManifest, PluginSource } from './plugin-api.js';
@@ -212,6 +213,12 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
 
   const verdict = new Verdict();
   problems.push(...coreRuleProblems(config));
+  if (config.factory.enable_template) {
+    verdict.require(TEMPLATE_CAPABILITY, 'sandboxes start as clones of a VM template ([factory] enable_template = true), which the hypervisor plugin must be able to save and restore', 'core', {
+      key: 'factory.enable_template',
+      fix: 'set enable_template = false, or use a hypervisor whose plugin declares "vm:template" (qemu without virtio-fs)',
+    });
+  }
   hooks.validate.call(config, verdict as unknown as Parameters<Hooks['validate']['call']>[1], caps.readonly());
   problems.push(...verdict.problems);
 

@@ -11,6 +11,7 @@
  * when no plugin answers, a directory rootfs is shared through the shared filesystem here.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -28,6 +29,11 @@ import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, San
 import { IPFamily } from '../wire/agent/proto.gen.js';
 
 const run = promisify(execFile);
+
+/** How long a clone's agent gets to answer before the sandbox boots cold instead. */
+const CLONE_AGENT_DIAL_MS = 15_000;
+/** Host entropy handed to a clone's agent (kata-agent's ReseedRandomDev), bytes. */
+const RESEED_BYTES = 512;
 
 // As kata-agent checks it: at least two characters.
 const CONTAINER_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{1,127}$/;
@@ -304,18 +310,30 @@ export class Sandbox {
     };
     const running = await launchVm(validated, opts);
     phase('vm_start');
+    const clone = running.ctx.template?.role === 'clone';
     try {
       const address = fillSandboxDir(plan.agent.address, running.ctx.runDir);
-      const deadlineMs = opts.agentDialTimeoutMs ?? config.agent.dial_timeout * 1000;
+      // A clone's agent is already running: it answers at once or not at all.
+      const dialMs = opts.agentDialTimeoutMs ?? config.agent.dial_timeout * 1000;
+      const deadlineMs = clone ? Math.min(dialMs, CLONE_AGENT_DIAL_MS) : dialMs;
       // A VM that dies while we wait makes the dial fail at once instead of at the deadline.
       const abort = new AbortController();
       void running.exited.then(() => abort.abort());
       opts.signal?.addEventListener('abort', () => abort.abort(), { once: true });
       const agent = await connectAgent(address, { deadlineMs, signal: abort.signal }).catch((e: unknown) => {
         if (opts.signal?.aborted) throw interruptedError(opts.sandboxId);
-        throw new KataError('KATA_ERR_AGENT_UNREACHABLE', `the guest agent of sandbox ${opts.sandboxId} did not answer: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+        throw new KataError('KATA_ERR_AGENT_UNREACHABLE', `the guest agent of sandbox ${opts.sandboxId} did not answer: ${e instanceof Error ? e.message : String(e)}`, { cause: e, ...(clone ? { value: 'clone' } : {}) });
       });
       phase('agent_connect');
+      if (clone) {
+        // Every clone starts from the template's entropy and clock: give it the host's before anything runs.
+        const now = Date.now();
+        const identity = Promise.all([agent.reseedRandomDev({ data: randomBytes(RESEED_BYTES) }), agent.setGuestDateTime({ Sec: BigInt(Math.floor(now / 1000)), Usec: BigInt((now % 1000) * 1000) })]);
+        await untilAborted(identity, opts.signal, opts.sandboxId).catch((e: unknown) => {
+          agent.close();
+          throw e;
+        });
+      }
       const storages = plan.sharedFsMount ? [{ ...plan.sharedFsMount, mountPoint: GUEST_SHARED_DIR }] : [];
       try {
         await untilAborted(agent.createSandbox({ sandboxId: opts.sandboxId, hostname: opts.hostname || opts.sandboxId.slice(0, 63), storages }), opts.signal, opts.sandboxId);
@@ -333,13 +351,18 @@ export class Sandbox {
       phase('guest_network');
       phases.host_network = running.ctx.network.timings.host / 1000;
       await validated.hooks.agentReady.promise(running.ctx).catch((e: unknown) => (agent.close(), Promise.reject(e)));
-      log.info({ agent: address }, 'sandbox ready');
+      log.info({ agent: address, clone }, 'sandbox ready');
       const sandbox = new Sandbox(running, agent, validated, log);
       sandbox.startPhases = Object.freeze(phases);
       return sandbox;
     } catch (e) {
       await running.stop().catch(() => undefined);
-      throw toKataError(e);
+      const err = toKataError(e);
+      if (clone && err.code === 'KATA_ERR_AGENT_UNREACHABLE' && !opts.signal?.aborted) {
+        log.warn({ err }, 'the clone\'s agent did not answer: cold boot');
+        return Sandbox.create(validated, { ...opts, template: 'none' });
+      }
+      throw err;
     }
   }
 

@@ -15,7 +15,8 @@ import { KataError, toKataError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import { removeRunDir, writeOwner } from './run-dirs.js';
 import type { ValidatedConfig } from './runtime.js';
-import type { BlockDeviceSpec, HotpluggedBlock, UnplugOptions, VmContext, VmExit, VmHandle } from './vm.js';
+import type { BlockDeviceSpec, HotpluggedBlock, UnplugOptions, VmContext, VmExit, VmHandle, VmTemplateRole } from './vm.js';
+import { templateLayout, templateStatus } from './template-files.js';
 
 /** Default root of per-sandbox run directories (Kata uses /run/vc and /run/kata-containers). */
 export const DEFAULT_RUN_ROOT = '/run/kata-ts';
@@ -38,6 +39,13 @@ export interface LaunchOptions {
   readonly signal?: AbortSignal;
   /** The pod's network namespace path (see VmContext.netns). */
   readonly netns?: string;
+  /**
+   * VM templating: a role the caller chose (`factory init` boots the template with `save`), or
+   * `none` for a cold boot whatever the configuration says. Absent: a clone of the template under
+   * `[factory] template_path` when templating is enabled and the template is usable, else a cold
+   * boot (the log says why).
+   */
+  readonly template?: VmTemplateRole | 'none';
 }
 
 export interface RunningVm {
@@ -70,8 +78,9 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
     throw runRootError(runDir, e);
   });
   const network = { devices: [], interfaces: [], routes: [], neighbors: [], timings: { host: 0, guest: 0 } };
-  const ctx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log, network, ...(opts.netns ? { netns: opts.netns } : {}) });
+  const coldCtx: VmContext = Object.freeze({ sandboxId: opts.sandboxId, runDir, plan: validated.plan, config: validated.config, log, network, ...(opts.netns ? { netns: opts.netns } : {}) });
   const { hooks } = validated;
+  let ctx = coldCtx;
 
   let vm: VmHandle | undefined;
   const interrupted = () => {
@@ -83,13 +92,22 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
     interrupted();
     await hooks.beforeVmStart.promise(ctx);
     interrupted();
-    vm = await hooks.createVm.promise(ctx);
-    if (!vm) {
-      throw new KataError('KATA_ERR_INTERNAL', `no plugin created a VM for the "${validated.plan.vm.hypervisor}" launch spec`, { key: validated.config.hypervisorTable });
-    }
+    const template = await chooseTemplate(validated, opts, log);
+    if (template) ctx = Object.freeze({ ...coldCtx, template });
+    vm = await createVm(validated, ctx);
     interrupted();
-    log.info({ hypervisor: vm.hypervisor }, 'starting VM');
-    await untilAborted(vm.start(), opts.signal, opts.sandboxId);
+    log.info({ hypervisor: vm.hypervisor, template: template?.role }, template?.role === 'clone' ? 'starting VM as a clone of the template' : 'starting VM');
+    try {
+      await untilAborted(vm.start(), opts.signal, opts.sandboxId);
+    } catch (e) {
+      if (template?.role !== 'clone' || opts.signal?.aborted) throw e;
+      // A template that cannot be restored must not cost the sandbox: boot it cold instead.
+      log.warn({ err: e, template: template.files.dir }, 'restoring the VM from the template failed: cold boot');
+      await vm.stop().catch(() => undefined);
+      ctx = coldCtx;
+      vm = await createVm(validated, ctx);
+      await untilAborted(vm.start(), opts.signal, opts.sandboxId);
+    }
     await hooks.vmStarted.promise(ctx, vm);
     interrupted();
   } catch (e) {
@@ -126,6 +144,26 @@ export async function launchVm(validated: ValidatedConfig, opts: LaunchOptions):
       return stopping;
     },
   };
+}
+
+async function createVm(validated: ValidatedConfig, ctx: VmContext): Promise<VmHandle> {
+  const vm = await validated.hooks.createVm.promise(ctx);
+  if (!vm) throw new KataError('KATA_ERR_INTERNAL', `no plugin created a VM for the "${validated.plan.vm.hypervisor}" launch spec`, { key: validated.config.hypervisorTable });
+  return vm;
+}
+
+/** The template role of this launch: the caller's, a clone of a usable template, or none (a cold boot, logged with the reason). */
+async function chooseTemplate(validated: ValidatedConfig, opts: LaunchOptions, log: Logger): Promise<VmTemplateRole | undefined> {
+  if (opts.template === 'none') return undefined;
+  if (opts.template) return opts.template;
+  const { config, plan } = validated;
+  if (!config.factory.enable_template) return undefined;
+  const status = await templateStatus(config, plan);
+  if (!status.usable) {
+    log.warn({ template: status.path, why: status.reason }, `VM template not used, cold boot: ${status.reason}`);
+    return undefined;
+  }
+  return { role: 'clone', files: templateLayout(status.path) };
 }
 
 async function cleanup(ctx: VmContext, hooks: ValidatedConfig['hooks'], exit: VmExit | undefined, log: Logger): Promise<void> {

@@ -85,6 +85,27 @@ export interface VmContext {
   readonly netns?: string;
   /** Filled in `beforeVmStart`; empty without a network. */
   readonly network: SandboxNetwork;
+  /**
+   * VM templating (core/template.ts): boot as the template whose memory and device state are
+   * saved (`save`), or start as a clone restored from them (`clone`). Absent: a cold boot.
+   * Only set for a hypervisor plugin that declares the `vm:template` capability.
+   */
+  readonly template?: VmTemplateRole;
+}
+
+/** The files of one VM template, all under its directory (`[factory] template_path`). */
+export interface VmTemplateFiles {
+  readonly dir: string;
+  /** The guest RAM: the template maps it shared, each clone privately (copy-on-write). */
+  readonly memoryFile: string;
+  /** The device state (the hypervisor's migration stream without the RAM). */
+  readonly stateFile: string;
+}
+
+/** What the core asks of the hypervisor for VM templating. */
+export interface VmTemplateRole {
+  readonly role: 'save' | 'clone';
+  readonly files: VmTemplateFiles;
 }
 
 /** A disk to hot-plug: a regular file (raw image) or a block device node. */
@@ -147,6 +168,11 @@ export interface VmHandle {
   pause?(): Promise<void>;
   /** Lets a paused VM run again. */
   resume?(): Promise<void>;
+  /**
+   * Template role `save` only: pauses the VM and writes its device state to the template's state
+   * file (its RAM is already in the memory file). The caller stops the VM afterwards.
+   */
+  saveTemplate?(): Promise<void>;
   /** Stops the VM (gracefully, then by force) and removes what the driver created in the run directory. */
   stop(): Promise<VmExit>;
   /** Settles when the hypervisor process ends, expected or not. */

@@ -19,6 +19,8 @@ import {
   type ExecProcessRequest,
   type GuestDetailsRequest,
   type ARPNeighbor,
+  type ReseedRandomDevRequest,
+  type SetGuestDateTimeRequest,
   type Interface,
   type Interfaces,
   type Route,
@@ -141,6 +143,16 @@ export class AgentClient {
 
   async createSandbox(req: MessageInit<CreateSandboxRequest>, opts: AgentCallOptions = {}): Promise<void> {
     await this.run('CreateSandbox', this.defaultTimeoutMs, opts, (o) => this.agent.CreateSandbox(req, o));
+  }
+
+  /** Mixes host entropy into the guest's RNG (kata-agent's ReseedRandomDev). */
+  async reseedRandomDev(req: MessageInit<ReseedRandomDevRequest>, opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('ReseedRandomDev', this.defaultTimeoutMs, opts, (o) => this.agent.ReseedRandomDev(req, o));
+  }
+
+  /** Sets the guest's clock (kata-agent's SetGuestDateTime). */
+  async setGuestDateTime(req: MessageInit<SetGuestDateTimeRequest>, opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('SetGuestDateTime', this.defaultTimeoutMs, opts, (o) => this.agent.SetGuestDateTime(req, o));
   }
 
   async destroySandbox(opts: AgentCallOptions = {}): Promise<void> {

@@ -6,6 +6,12 @@
 import type { Problem } from '../errors.js';
 import { hvKey, type KataConfig } from './types.js';
 
+/**
+ * A template directory the runtime accepts: absolute, letters, digits and `/._-` only, no `..`.
+ * Its files reach QEMU's `exec:` migration URI, which QEMU hands to /bin/sh.
+ */
+export const TEMPLATE_PATH = /^(?!.*\/\.\.?(\/|$))\/[A-Za-z0-9._\/-]{1,200}$/;
+
 type Rule = (cfg: KataConfig) => Problem | undefined;
 
 const RULES: readonly Rule[] = [
@@ -38,6 +44,16 @@ const RULES: readonly Rule[] = [
   (cfg) =>
     cfg.factory.vm_cache_number > 0 && cfg.hypervisorName !== 'qemu'
       ? { code: 'KATA_ERR_CONFIG_VALUE', key: 'factory.vm_cache_number', value: cfg.factory.vm_cache_number, reason: 'the VM cache only supports qemu', fix: 'set vm_cache_number = 0' }
+      : undefined,
+  (cfg) =>
+    cfg.factory.enable_template && !TEMPLATE_PATH.test(cfg.factory.template_path)
+      ? {
+          code: 'KATA_ERR_CONFIG_VALUE',
+          key: 'factory.template_path',
+          value: cfg.factory.template_path,
+          reason: 'the template path must be absolute and hold only letters, digits, "/", ".", "_" and "-" (no "." or ".." component): it reaches the hypervisor\'s migration command',
+          fix: 'use a plain absolute directory such as /run/vc/vm/template',
+        }
       : undefined,
 ];
 

@@ -9,6 +9,7 @@ import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import { invalidArgument, isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
 import { guestMetrics } from './metrics.js';
+import { reseedRandomDev, setGuestDateTime } from './clone.js';
 import type { Sandbox } from './sandbox.js';
 import { API_VERSION, AGENT_VERSION } from './version.js';
 
@@ -53,6 +54,8 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     ListRoutes: (_req, ctx) => handle(ctx, async () => ({ Routes: await sandbox.network.listRoutes() })),
     AddARPNeighbors: (req, ctx) => handle(ctx, async () => (await sandbox.network.addArpNeighbors(req.neighbors?.ARPNeighbors ?? []), {})),
     GetMetrics: (_req, ctx) => handle(ctx, async () => ({ metrics: await guestMetrics() })),
+    ReseedRandomDev: (req, ctx) => handle(ctx, async () => (await reseedRandomDev(req.data), {})),
+    SetGuestDateTime: (req, ctx) => handle(ctx, async () => (await setGuestDateTime(req.Sec), {})),
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

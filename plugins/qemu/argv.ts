@@ -101,7 +101,11 @@ export function renderQemuArgv(spec: QemuLaunchSpec, opts: RenderOptions): strin
   const machineOptions: Record<string, QemuPropValue> = {};
   for (const [k, v] of Object.entries(spec.machine.options)) if (k !== 'accel') machineOptions[k] = v;
   const objects: QemuOption[] = [];
-  if (spec.memory.shared) {
+  if (spec.memory.file) {
+    // VM templating: the RAM is the template's file (see template.ts).
+    objects.push({ type: 'memory-backend-file', id: QEMU_IDS.ramBackend, props: { size: `${spec.memory.sizeMiB}M`, 'mem-path': spec.memory.file.path, share: spec.memory.file.share } });
+    machineOptions['memory-backend'] = QEMU_IDS.ramBackend;
+  } else if (spec.memory.shared) {
     // Guest RAM every vhost-user daemon (virtiofsd) can map: a shareable memfd backend covering
     // all of -m, attached as the machine's RAM.
     objects.push({ type: 'memory-backend-memfd', id: QEMU_IDS.ramBackend, props: { size: `${spec.memory.sizeMiB}M`, share: true } });

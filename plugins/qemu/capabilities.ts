@@ -1,7 +1,7 @@
 /**
  * What a QEMU VM can do for a given configuration (Kata's `qemuAmd64.capabilities`, made finer).
  */
-import { RENDER_ACCESS_PLATFORM, renderDeviceCapability, renderTeeCapability, type CapabilityView, type KataConfig } from '../../core/plugin-api.js';
+import { RENDER_ACCESS_PLATFORM, TEMPLATE_CAPABILITY, renderDeviceCapability, renderTeeCapability, type CapabilityView, type KataConfig } from '../../core/plugin-api.js';
 import { SCSI_MAX_DISKS, SUPPORTED_MACHINE, qemuSection } from './config.js';
 import { QEMU_DEVICE_KINDS } from './launch-spec.js';
 
@@ -31,6 +31,8 @@ export function declareCapabilities(caps: CapabilityView, cfg: KataConfig): void
   caps.add('memory-hotplug');
   if (!hv.disable_image_nvdimm) caps.add('nvdimm-image', 'disable_image_nvdimm = false');
   caps.add('balloon');
+  // A clone's RAM is a private mapping of the template's file; vhost-user (virtio-fs) needs RAM its daemon can map.
+  if (hv.shared_fs !== 'virtio-fs' && hv.shared_fs !== 'virtio-fs-nydus') caps.add(TEMPLATE_CAPABILITY, 'memory-backend-file on the template memory, device state by migration (x-ignore-shared)');
   // The plan intents launch-spec.ts renders.
   for (const kind of QEMU_DEVICE_KINDS) caps.add(renderDeviceCapability(kind));
   caps.add(renderTeeCapability('tdx'), 'tdx-guest object, confidential-guest-support=tdx, the firmware as -bios, KVM');

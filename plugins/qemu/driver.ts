@@ -40,6 +40,7 @@ import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
+import { applyTemplateRole, hotplugNetDevices, reserveNicPorts, restoreDeviceState, saveDeviceState } from './template.js';
 
 /** The pid file the driver writes in the run directory. */
 export const PID_FILE = 'qemu.pid';
@@ -82,6 +83,8 @@ export interface QemuVmTimeline {
   startCalled?: number;
   spawned?: number;
   qmpReady?: number;
+  /** A clone's device state loaded and its vCPUs running. */
+  restored?: number;
   exited?: number;
 }
 
@@ -163,6 +166,19 @@ export class QemuVm implements VmHandle {
     await this.#qmpWhileRunning('pause the VM').execute('stop');
   }
 
+  /** Template role `save`: pauses the guest and writes its device state into the template (template.ts). */
+  async saveTemplate(): Promise<void> {
+    const template = this.#ctx.template;
+    if (template?.role !== 'save') throw new KataError('KATA_ERR_INTERNAL', 'saveTemplate() on a VM that was not started as a template', { plugin: PLUGIN_NAME });
+    await saveDeviceState(this.#qmpWhileRunning('save the VM template'), template.files);
+    this.#log.info({ template: template.files.dir }, 'template VM state saved');
+  }
+
+  /** QEMU's version (from the QMP greeting), once started. */
+  get version(): string | undefined {
+    return this.#qmp?.version;
+  }
+
   /** Lets a paused guest run again (QMP `cont`). */
   async resume(): Promise<void> {
     await this.#qmpWhileRunning('resume the VM').execute('cont');
@@ -184,8 +200,13 @@ export class QemuVm implements VmHandle {
       this.#accelerator = chooseAccelerator(this.#opts.host ?? detectHost(), planned.accelerator);
       this.#log.info({ accelerator: this.#accelerator.accelerator, requested: planned.accelerator, reason: this.#accelerator.reason }, `QEMU accelerator: ${this.#accelerator.accelerator}`);
       const spec = substituteTokens(planned, { sandboxDir: this.#ctx.runDir, imageSizeBytes: await this.#imageSize(planned) });
+      const template = this.#ctx.template;
       // Interfaces found in the pod's namespace at sandbox start.
-      renderNetDevices(spec, this.#ctx.network?.devices ?? []);
+      const nets = this.#ctx.network?.devices ?? [];
+      // A clone's devices must be the template's: its NICs are hot-plugged after the restore.
+      const nicPorts = template?.role === 'clone' ? reserveNicPorts(spec, nets.length) : [];
+      if (template?.role !== 'clone') renderNetDevices(spec, nets);
+      if (template) applyTemplateRole(spec, template);
       await this.#prepareRunDir(spec);
       const argv = renderQemuArgv(spec, { accelerator: this.#accelerator.accelerator });
       const qmpSocket = chardevPath(spec, QEMU_IDS.qmpChardev);
@@ -199,7 +220,14 @@ export class QemuVm implements VmHandle {
         if (e.event === 'SHUTDOWN' || e.event === 'POWERDOWN' || e.event === 'RESET') this.#log.info({ event: e.event, data: e.data }, `QEMU event ${e.event}`);
         else if (e.event === 'GUEST_PANICKED') this.#log.error({ event: e.event, data: e.data }, 'the guest kernel panicked');
       });
-      this.#hotplug = new BlockHotplug(qmp, spec, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      const diskPorts = nicPorts.length > 0 ? { ...spec, hotplugPorts: spec.hotplugPorts.slice(0, -nicPorts.length) } : spec;
+      this.#hotplug = new BlockHotplug(qmp, diskPorts, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      if (template?.role === 'clone') {
+        await restoreDeviceState(qmp, template.files);
+        await hotplugNetDevices(qmp, spec, nets, nicPorts);
+        this.timeline.restored = performance.now();
+        this.#log.info({ template: template.files.dir, restoreMs: round(this.timeline.restored - (this.timeline.qmpReady ?? 0)) }, 'VM restored from the template');
+      }
       if (this.#exit || this.#stopRequested) throw new Error('QEMU exited or was stopped while starting');
       this.#state = 'running';
       this.#log.info(

@@ -59,7 +59,14 @@ export interface QemuLaunchSpec {
   accelerator: 'auto' | 'kvm' | 'tcg';
   cpu: { model: string; features: string };
   smp: { cpus: number; maxcpus: number };
-  memory: { sizeMiB: number; slots: number; maxMiB: number; shared: boolean };
+  memory: {
+    sizeMiB: number;
+    slots: number;
+    maxMiB: number;
+    shared: boolean;
+    /** Guest RAM in this file (VM templating, template.ts): mapped shared by the template, privately by a clone. */
+    file?: { path: string; share: boolean };
+  };
   kernel?: string;
   initrd?: string;
   append: string;

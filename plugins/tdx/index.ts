@@ -83,6 +83,14 @@ export default definePlugin({
           fix: 'set debug_console_enabled = false in [agent.kata]; debug a TD through its logs, or debug the workload in a non-confidential sandbox',
         });
       }
+      if (cfg.factory.enable_template) {
+        verdict.veto({
+          key: 'factory.enable_template',
+          value: true,
+          reason: "a TD's private memory is encrypted with a key of that TD alone: it cannot be saved as a template and mapped into another TD, and sharing one TD's memory image between sandboxes would break the isolation TDX exists for",
+          fix: 'set enable_template = false in [factory] for confidential sandboxes (each TD boots cold)',
+        });
+      }
       if (hv.block_device_driver === 'virtio-mmio') {
         verdict.veto({
           key: hvKey(cfg, 'block_device_driver'),

@@ -1686,6 +1686,87 @@ export const Metrics: MessageCodec<Metrics> = {
   },
 };
 
+/** grpc.ReseedRandomDevRequest */
+export interface ReseedRandomDevRequest {
+  /** Random bytes from the host, mixed into the guest's entropy pool. */
+  data: Uint8Array;
+}
+
+function encReseedRandomDevRequest(m: MessageInit<ReseedRandomDevRequest>, w: Writer): Writer {
+  if (m.data && m.data.length) w.uint32(18).bytes(m.data);
+  return w;
+}
+
+function decReseedRandomDevRequest(r: Reader, end: number): ReseedRandomDevRequest {
+  const m: ReseedRandomDevRequest = { data: new Uint8Array(0) };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.data = r.bytes();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ReseedRandomDevRequest: MessageCodec<ReseedRandomDevRequest> = {
+  typeName: 'grpc.ReseedRandomDevRequest',
+  encode: (m) => encReseedRandomDevRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decReseedRandomDevRequest(r, r.len);
+  },
+};
+
+/** grpc.SetGuestDateTimeRequest */
+export interface SetGuestDateTimeRequest {
+  /** Seconds since the epoch. */
+  Sec: bigint;
+  /** The microseconds of the second. */
+  Usec: bigint;
+}
+
+function encSetGuestDateTimeRequest(m: MessageInit<SetGuestDateTimeRequest>, w: Writer): Writer {
+  if (m.Sec) w.uint32(8).int64(toLong(m.Sec));
+  if (m.Usec) w.uint32(16).int64(toLong(m.Usec));
+  return w;
+}
+
+function decSetGuestDateTimeRequest(r: Reader, end: number): SetGuestDateTimeRequest {
+  const m: SetGuestDateTimeRequest = { Sec: 0n, Usec: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Sec = fromLong(r.int64(), false);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Usec = fromLong(r.int64(), false);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const SetGuestDateTimeRequest: MessageCodec<SetGuestDateTimeRequest> = {
+  typeName: 'grpc.SetGuestDateTimeRequest',
+  encode: (m) => encSetGuestDateTimeRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decSetGuestDateTimeRequest(r, r.len);
+  },
+};
+
 /**
  * Not declared here: Hooks = 6, Solaris = 9, Windows = 10.
  *
@@ -2849,6 +2930,13 @@ export const AgentService = service('grpc.AgentService', {
   AddARPNeighbors: method('AddARPNeighbors', AddARPNeighborsRequest, Empty),
   /** Metrics: the guest's and the agent's figures as Prometheus text (kata-agent's GetMetrics). */
   GetMetrics: method('GetMetrics', GetMetricsRequest, Metrics),
+  /**
+   * Mixes host entropy into the guest's RNG: a VM cloned from a template starts with the
+   * template's RNG state.
+   */
+  ReseedRandomDev: method('ReseedRandomDev', ReseedRandomDevRequest, Empty),
+  /** Sets the guest's clock: a clone's goes on from the moment the template was saved. */
+  SetGuestDateTime: method('SetGuestDateTime', SetGuestDateTimeRequest, Empty),
 });
 
 /** The ttrpc service grpc.Health. */
