@@ -4,11 +4,14 @@
  * container, where its cgroup is mounted read-only on /sys/fs/cgroup), `ctr task metrics` shows
  * the cgroup's usage, a container above its memory limit is OOM-killed by its cgroup with
  * TaskOOM, and through CRI UpdateContainerResources changes a running container's limit and
- * ContainerStats/ListContainerStats are non-zero. (containerd 1.6's ctr has no `task update`:
- * the Update path is driven through CRI, which calls the shim's Update as a kubelet resize does.)
+ * ContainerStats/ListContainerStats are non-zero. containerd 1.6's ctr has no `task update`: the
+ * Update path is driven through containerd's own Tasks.Update API (what `ctr task update` of
+ * containerd 1.7+ calls) and through CRI, which calls the shim's Update as a kubelet resize does.
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { credentials, Client, Metadata, type ServiceError } from '@grpc/grpc-js';
+import protobuf from 'protobufjs';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
@@ -24,6 +27,40 @@ const HANDLER = 'kata';
 const MiB = 1024 * 1024;
 /** What CRI puts in every container's spec and ctr's default spec lacks: the container's cgroup on /sys/fs/cgroup. */
 const CGROUP_MOUNT = ['--mount', 'type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid:nodev:noexec'];
+
+/**
+ * containerd's `Tasks.Update` (api/services/tasks/v1/tasks.proto, field numbers as there), what
+ * `ctr task update` of containerd 1.7+ sends: runtime-spec LinuxResources JSON in an Any.
+ */
+const TASKS_PROTO = protobuf.parse(`
+syntax = "proto3";
+package containerd.services.tasks.v1;
+message Any { string type_url = 1; bytes value = 2; }
+message UpdateTaskRequest { string container_id = 1; Any resources = 2; map<string, string> annotations = 3; }
+`, { keepCase: true }).root;
+
+function updateTask(socket: string, namespace: string, id: string, resources: unknown): Promise<void> {
+  const Req = TASKS_PROTO.lookupType('containerd.services.tasks.v1.UpdateTaskRequest');
+  const client = new Client(`unix://${socket}`, credentials.createInsecure());
+  const md = new Metadata();
+  md.set('containerd-namespace', namespace);
+  const req = { container_id: id, resources: { type_url: 'types.containerd.io/opencontainers/runtime-spec/1/LinuxResources', value: Buffer.from(JSON.stringify(resources)) } };
+  return new Promise<void>((resolve, reject) => {
+    client.makeUnaryRequest(
+      '/containerd.services.tasks.v1.Tasks/Update',
+      (m: object) => Buffer.from(Req.encode(Req.fromObject(m)).finish()),
+      () => ({}),
+      req,
+      md,
+      { deadline: Date.now() + 60_000 },
+      (e: ServiceError | null) => {
+        client.close();
+        if (e) reject(new Error(`Tasks.Update: ${e.details || e.message}`));
+        else resolve();
+      },
+    );
+  });
+}
 
 const until = <T>(what: string, ok: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 60_000) => untilFast(what, ok, timeoutMs, 200);
 
@@ -79,9 +116,9 @@ describe('container resources: guest cgroups, Update and Stats @integration', fu
     assert.equal(lines[4], 'read-only', why(r));
   });
 
-  it('ctr task metrics shows the cgroup v2 usage of a running container (CPU, memory, pids)', async () => {
+  it('ctr task metrics shows the cgroup v2 usage of a running container (CPU, memory, pids); containerd\'s Tasks.Update changes its limits', async () => {
     const id = 'metrics';
-    const r = await c().ctr(['run', '-d', '--runtime', RUNTIME, '--memory-limit', String(128 * MiB), BUSYBOX_IMAGE, id, 'sh', '-c', 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000'], { timeoutMs: 120_000 });
+    const r = await c().ctr(['run', '-d', '--runtime', RUNTIME, ...CGROUP_MOUNT, '--memory-limit', String(128 * MiB), BUSYBOX_IMAGE, id, 'sh', '-c', 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000'], { timeoutMs: 120_000 });
     assert.equal(r.code, 0, why(r));
     try {
       type M = { pids?: { current?: number; limit?: number }; cpu?: { usage_usec?: number }; memory?: { usage?: number; usage_limit?: number } };
@@ -99,6 +136,15 @@ describe('container resources: guest cgroups, Update and Stats @integration', fu
       assert.match(table.stdout, /^cpu\.usage_usec\s+[1-9]/m, table.stdout);
       assert.match(table.stdout, /^memory\.usage\s+[1-9]/m, table.stdout);
       assert.match(table.stdout, /^pids\.current\s+[1-9]/m, table.stdout);
+
+      // containerd's Tasks.Update (ctr task update in containerd 1.7+) reaches the running container's cgroup.
+      await updateTask(c().socket, c().namespace, id, { memory: { limit: 80 * MiB }, pids: { limit: 50 } });
+      const seen = await c().ctr(['task', 'exec', '--exec-id', 'look', id, 'cat', '/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/pids.max']);
+      assert.equal(seen.stdout, `${80 * MiB}\n50\n`, why(seen));
+      const after = JSON.parse((await c().ctr(['task', 'metrics', '--format', 'json', id])).stdout) as M;
+      assert.equal(after.memory?.usage_limit, 80 * MiB, JSON.stringify(after));
+      // A value the guest refuses comes back to containerd as InvalidArgument, and nothing changes.
+      await assert.rejects(updateTask(c().socket, c().namespace, id, { cpu: { cpus: '0;reboot' } }), /invalid|cpuset cpus/i);
     } finally {
       await stopTask(id);
     }
