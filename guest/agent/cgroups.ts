@@ -149,12 +149,12 @@ const CPU_LIST = /^\d{1,4}(?:-\d{1,4})?(?:,\d{1,4}(?:-\d{1,4})?)*$/;
  * Fields cgroup v2 has no file for (kernel memory, swappiness, realtime CPU) are ignored, as by
  * kata-agent on a unified hierarchy.
  */
-export function resourceWrites(res: ResourcesIn | undefined, support: Pick<CgroupSupport, 'controllers' | 'swap'>): [string, string][] {
+export function resourceWrites(res: ResourcesIn | undefined, support: Pick<CgroupSupport, 'controllers' | 'swap'>, note: (line: string) => void = log): [string, string][] {
   const out: [string, string][] = [];
   if (!res) return out;
   const has = (c: string, what: string): boolean => {
     if (support.controllers.has(c)) return true;
-    log(`${what} ignored: the guest kernel has no ${c} controller`);
+    note(`${what} ignored: the guest kernel has no ${c} controller`);
     return false;
   };
   const cpu = res.CPU;
@@ -188,7 +188,7 @@ export function resourceWrites(res: ResourcesIn | undefined, support: Pick<Cgrou
     const swapMax = swapToV2(swap, limit);
     if (swapMax !== undefined) {
       if (support.swap) writes.push(['memory.swap.max', swapMax]);
-      else log('memory swap limit ignored: the guest kernel does not account swap');
+      else note('memory swap limit ignored: the guest kernel does not account swap');
     }
     if ((mem.Reservation ?? 0n) !== 0n) writes.push(['memory.low', limitValue(mem.Reservation as bigint, 'memory reservation')]);
     if (writes.length && has('memory', 'memory limits')) out.push(...writes);

@@ -100,8 +100,10 @@ describe('guest cgroups: conversions', () => {
     assert.deepEqual(resourceWrites({ CPU: { Quota: 50000n } }, ALL), [['cpu.max', '50000']]);
   });
 
-  it('skips what the guest kernel lacks instead of failing', () => {
-    assert.deepEqual(resourceWrites({ Memory: { Limit: 1n << 30n, Swap: 2n << 30n }, Pids: { Limit: 5n } }, { controllers: new Set(['memory']), swap: false }), [['memory.max', String(1 << 30)]]);
+  it('skips what the guest kernel lacks instead of failing, and says so', () => {
+    const notes: string[] = [];
+    assert.deepEqual(resourceWrites({ Memory: { Limit: 1n << 30n, Swap: 2n << 30n }, Pids: { Limit: 5n } }, { controllers: new Set(['memory']), swap: false }, (l) => notes.push(l)), [['memory.max', String(1 << 30)]]);
+    assert.deepEqual(notes, ['memory swap limit ignored: the guest kernel does not account swap', 'pids limit ignored: the guest kernel has no pids controller']);
   });
 
   it('refuses hostile or out-of-range values before anything is written', () => {
