@@ -270,8 +270,8 @@ export const ERROR_CODES = Object.freeze({
     fix: 'Wait for the task to reach the state the call needs (`ctr task ls` shows it), or kill it first.',
   },
   KATA_ERR_NOT_IMPLEMENTED: {
-    meaning: 'The feature asked for is not built in this runtime (e.g. checkpoints, resource updates, binary:// log URIs); the README lists what is not built.',
-    fix: 'Run without the feature (e.g. without a checkpoint or a resource update); see "What is not built yet" in the README.',
+    meaning: 'The feature asked for is not built in this runtime (e.g. checkpoints, binary:// log URIs); the README lists what is not built.',
+    fix: 'Run without the feature (e.g. without a checkpoint); see "What is not built yet" in the README.',
   },
   KATA_ERR_ANNOTATION: {
     meaning: "One or more of a pod's io.katacontainers.* annotations were refused (not enabled by enable_annotations, a path outside its valid_*_paths list, a malformed value, or not supported); every refused annotation is listed.",

@@ -26,7 +26,11 @@ import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
 import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
 import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit } from './vm.js';
-import { IPFamily } from '../wire/agent/proto.gen.js';
+import { IPFamily, type LinuxResources, type StatsContainerResponse } from '../wire/agent/proto.gen.js';
+import type { MessageInit } from '../wire/ttrpc/codec.js';
+
+/** A container's cgroup limits as the guest agent takes them (kata's LinuxResources; 0 = not set). */
+export type ContainerResources = MessageInit<LinuxResources>;
 
 const run = promisify(execFile);
 
@@ -75,6 +79,8 @@ export interface ContainerSpec {
    * mounts of host paths (volumes) are shared with the guest through the shared filesystem.
    */
   readonly mounts?: readonly MountSpec[];
+  /** The OCI spec's `linux.resources`: the guest agent applies them to the container's cgroup. */
+  readonly resources?: ContainerResources;
 }
 
 export interface SandboxOptions extends LaunchOptions {
@@ -195,6 +201,16 @@ export class Container extends GuestProcess {
   async exec(process: ProcessSpec, execId = `exec-${++this.#execs}`): Promise<GuestProcess> {
     await this.sandbox.agent.execProcess({ containerId: this.id, execId, process: ociProcess(process) });
     return new GuestProcess(this.sandbox.agent, this.id, execId);
+  }
+
+  /** New cgroup limits for the running container (the fields that are set; 0 leaves one as it is). */
+  async update(resources: ContainerResources): Promise<void> {
+    await this.sandbox.agent.updateContainer({ containerId: this.id, resources });
+  }
+
+  /** The container cgroup's figures, as the guest agent reads them. */
+  stats(): Promise<StatsContainerResponse> {
+    return this.sandbox.agent.statsContainer(this.id);
   }
 
   /** Removes the container from the guest and takes its rootfs back. Idempotent. */
@@ -423,7 +439,7 @@ export class Sandbox {
           Root: { Path: attachment.guestPath, Readonly: false },
           Process: ociProcess(spec.process),
           Mounts: volumes.mounts.map((m) => ({ ...m, options: [...m.options] })),
-          Linux: { Namespaces: [{ Type: 'mount' }, { Type: 'pid' }, { Type: 'uts' }] },
+          Linux: { Namespaces: [{ Type: 'mount' }, { Type: 'pid' }, { Type: 'uts' }], ...(spec.resources ? { Resources: spec.resources } : {}) },
         },
       });
     } catch (e) {

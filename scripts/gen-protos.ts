@@ -33,7 +33,7 @@ export const PROTO_MODULES: readonly ProtoModule[] = [
   { out: 'wire/agent/proto.gen.ts', protos: ['kata/agent.proto', 'kata/health.proto'], codecImport: '../ttrpc/codec.js' },
   {
     out: 'wire/containerd/proto.gen.ts',
-    protos: ['containerd/task/v2/shim.proto', 'containerd/events/task.proto', 'containerd/services/ttrpc/events/v1/events.proto', 'containerd/runtimeoptions/v1/options.proto', 'containerd/types/introspection.proto'],
+    protos: ['containerd/task/v2/shim.proto', 'containerd/events/task.proto', 'containerd/services/ttrpc/events/v1/events.proto', 'containerd/runtimeoptions/v1/options.proto', 'containerd/types/introspection.proto', 'containerd/cgroups/v2/metrics.proto'],
     codecImport: '../ttrpc/codec.js',
   },
 ];

@@ -6,7 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
-import type { MountSpec, ProcessSpec } from '../core/sandbox.js';
+import type { ContainerResources, MountSpec, ProcessSpec } from '../core/sandbox.js';
 
 /** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
 export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';
@@ -30,6 +30,8 @@ export interface BundleSpec {
    * `ctr run --with-ns network:<path>` and CRI set it); undefined for none or a new one.
    */
   readonly netns: string | undefined;
+  /** `linux.resources` for the guest agent (undefined: none set). */
+  readonly resources: ContainerResources | undefined;
 }
 
 type Json = Record<string, unknown>;
@@ -110,6 +112,7 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
     process,
     terminal,
     netns: networkNamespace(spec.linux, file),
+    resources: parseResources(obj(spec.linux)?.resources, file),
     mounts: parseMounts(spec.mounts, file),
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,
@@ -158,4 +161,73 @@ export function parseExecSpec(value: Uint8Array | undefined, execId: string): { 
     throw specError(where, `the process spec is not valid JSON: ${(e as Error).message}`);
   }
   return parseProcess(parsed, where);
+}
+
+const INT64_MIN = -(1n << 63n);
+const INT64_MAX = (1n << 63n) - 1n;
+
+/** An integer JSON field as a bigint within [min, max]; undefined when absent (null too). */
+function int(v: unknown, where: string, field: string, min: bigint, max: bigint): bigint | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v)) throw specError(where, `${field} must be an integer`);
+  // JSON numbers above 2^53 arrive rounded: clamp to the protobuf field's range rather than wrap.
+  const b = BigInt(v);
+  if (b < min) throw specError(where, `${field} ${v} is below ${min}`);
+  return b > max ? max : b;
+}
+
+function str(v: unknown, where: string, field: string): string | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'string') throw specError(where, `${field} must be a string`);
+  return v;
+}
+
+/**
+ * The runtime spec's `linux.resources` (JSON) → kata's LinuxResources for the guest agent: memory
+ * (limit, reservation, swap), cpu (shares, quota, period, cpus, mems), pids (limit). Absent fields
+ * are 0, which the agent reads as "not set". Values are checked for type and range here; the agent
+ * checks them against cgroup v2 again. Devices, block I/O, hugepages and network are not passed
+ * (the guest agent applies none of them).
+ */
+export function parseResources(raw: unknown, where: string): ContainerResources | undefined {
+  if (raw === undefined || raw === null) return undefined;
+  const r = obj(raw);
+  if (!r) throw specError(where, 'linux.resources must be an object');
+  const out: { Memory?: ContainerResources['Memory']; CPU?: ContainerResources['CPU']; Pids?: ContainerResources['Pids'] } = {};
+  const mem = obj(r.memory);
+  if (mem) {
+    const f = (k: string) => int(mem[k], where, `linux.resources.memory.${k}`, -1n, INT64_MAX);
+    out.Memory = { Limit: f('limit') ?? 0n, Reservation: f('reservation') ?? 0n, Swap: f('swap') ?? 0n };
+  }
+  const cpu = obj(r.cpu);
+  if (cpu) {
+    out.CPU = {
+      Shares: int(cpu.shares, where, 'linux.resources.cpu.shares', 0n, (1n << 64n) - 1n) ?? 0n,
+      Quota: int(cpu.quota, where, 'linux.resources.cpu.quota', INT64_MIN, INT64_MAX) ?? 0n,
+      Period: int(cpu.period, where, 'linux.resources.cpu.period', 0n, (1n << 64n) - 1n) ?? 0n,
+      Cpus: str(cpu.cpus, where, 'linux.resources.cpu.cpus') ?? '',
+      Mems: str(cpu.mems, where, 'linux.resources.cpu.mems') ?? '',
+    };
+  }
+  const pids = obj(r.pids);
+  if (pids) out.Pids = { Limit: int(pids.limit, where, 'linux.resources.pids.limit', INT64_MIN, INT64_MAX) ?? 0n };
+  return out.Memory || out.CPU || out.Pids ? out : undefined;
+}
+
+/**
+ * An UpdateTaskRequest's resources: runtime-spec LinuxResources as JSON in a typeurl Any
+ * (`types.containerd.io/opencontainers/runtime-spec/1/LinuxResources`, what containerd's
+ * WithResources and CRI's UpdateContainerResources send).
+ */
+export function parseUpdateResources(any: { type_url: string; value: Uint8Array } | undefined, id: string): ContainerResources {
+  const where = `update of ${id}`;
+  if (!any || any.value.length === 0) throw specError(where, 'the request carries no resources');
+  if (!any.type_url.endsWith('/LinuxResources')) throw specError(where, `resources of type ${JSON.stringify(any.type_url)} are not runtime-spec LinuxResources`);
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(Buffer.from(any.value).toString('utf8'));
+  } catch (e) {
+    throw specError(where, `the resources are not valid JSON: ${(e as Error).message}`);
+  }
+  return parseResources(parsed, where) ?? {};
 }

@@ -16,12 +16,13 @@ import { KataError, toKataError, type ErrorCode } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { CONFIG_PATH_ANNOTATION, configFromAnnotation, locateConfig, type LocatedConfig } from '../core/config/locate.js';
 import { loadValidatedConfig } from '../core/runtime.js';
-import { Sandbox, type ContainerSpec, type GuestProcess, type ProcessSpec, type TerminalSize } from '../core/sandbox.js';
+import { Sandbox, type ContainerResources, type ContainerSpec, type GuestProcess, type ProcessSpec, type TerminalSize } from '../core/sandbox.js';
 import type { RootfsMount, RootfsSource, VmExit, VmHandle } from '../core/vm.js';
 import { GrpcCode, TtrpcError, type ServiceImpl } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
 import { TOPICS, type EventPublisher } from './events.js';
-import { parseExecSpec, readBundleSpec } from './oci.js';
+import { metricsAny } from './task-metrics.js';
+import { parseExecSpec, parseUpdateResources, readBundleSpec } from './oci.js';
 import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
 import { TaskIo } from './stdio.js';
 import type { MonitorSource } from './monitor.js';
@@ -42,7 +43,9 @@ import {
   TaskStart,
   type CreateTaskRequest,
   type ExecProcessRequest,
+  type UpdateTaskRequest,
 } from '../wire/containerd/proto.gen.js';
+import type { StatsContainerResponse } from '../wire/agent/proto.gen.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
 
@@ -63,6 +66,10 @@ export interface ShimContainer extends ShimProcess {
   start(): Promise<void>;
   exec(process: ProcessSpec, execId: string): Promise<ShimProcess>;
   delete(): Promise<void>;
+  /** New cgroup limits (absent: the sandbox cannot change them). */
+  update?(resources: ContainerResources): Promise<void>;
+  /** The container cgroup's figures (absent: the sandbox reports none). */
+  stats?(): Promise<StatsContainerResponse>;
 }
 
 /** The part of a sandbox the service uses (core/sandbox.ts Sandbox); tests give a fake. */
@@ -249,12 +256,8 @@ export class TaskService {
       Connect: wrap('Connect', this.connect),
       Shutdown: wrap('Shutdown', this.shutdown),
       ResizePty: wrap('ResizePty', this.resizePty),
-      Update: wrap('Update', async () => {
-        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'resource updates are not built: the guest agent applies no cgroup limits');
-      }),
-      Stats: wrap('Stats', async () => {
-        throw fail('KATA_ERR_NOT_IMPLEMENTED', 'task metrics are not built: the guest agent reports no cgroup statistics');
-      }),
+      Update: wrap('Update', this.update),
+      Stats: wrap('Stats', this.stats),
       Checkpoint: wrap('Checkpoint', async () => {
         throw fail('KATA_ERR_NOT_IMPLEMENTED', 'checkpoints are not built (Kata has none either)');
       }),
@@ -329,6 +332,7 @@ export class TaskService {
         process: withTerminal(spec.process, terminal),
         ...(spec.mounts.length > 0 ? { mounts: spec.mounts } : {}),
         ...(spec.hostname ? { hostname: spec.hostname } : {}),
+        ...(spec.resources ? { resources: spec.resources } : {}),
       });
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal };
@@ -644,6 +648,29 @@ export class TaskService {
     }, STDIN_CLOSE_GRACE_MS);
     timer.unref();
     stdin.once('end', () => clearTimeout(timer));
+  }
+
+  /** containerd's Update: runtime-spec LinuxResources (JSON in an Any) → the guest agent's UpdateContainer. */
+  async update(req: UpdateTaskRequest): Promise<object> {
+    const task = this.#task(req.id);
+    const resources = parseUpdateResources(req.resources, req.id);
+    if (task.init.status === Status.STOPPED) throw fail('KATA_ERR_TASK_STATE', `container "${req.id}" has stopped`);
+    await this.#applyResources(task, resources);
+    this.opts.log.info({ container: req.id }, 'resources updated');
+    return {};
+  }
+
+  /** The one place a container's new limits go to the guest (a hot-plug step goes right before it). */
+  async #applyResources(task: ShimTask, resources: ContainerResources): Promise<void> {
+    if (!task.container.update) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'this sandbox cannot update a container\'s resources');
+    await task.container.update(resources);
+  }
+
+  /** containerd's Stats: the agent's StatsContainer as containerd's cgroup v2 Metrics in a typeurl Any. */
+  async stats(req: { id: string }) {
+    const task = this.#task(req.id);
+    if (!task.container.stats) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'this sandbox reports no container statistics');
+    return { stats: metricsAny(await task.container.stats()) };
   }
 
   async pids(req: { id: string }) {

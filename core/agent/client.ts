@@ -31,7 +31,9 @@ import {
   type RemoveContainerRequest,
   type SignalProcessRequest,
   type StartContainerRequest,
+  type StatsContainerResponse,
   type TtyWinResizeRequest,
+  type UpdateContainerRequest,
   type VersionCheckResponse,
   type WaitProcessRequest,
   type WriteStreamRequest,
@@ -249,6 +251,16 @@ export class AgentClient {
   async listInterfaces(opts: AgentCallOptions = {}): Promise<Interface[]> {
     const res: Interfaces = await this.run('ListInterfaces', this.defaultTimeoutMs, opts, (o) => this.agent.ListInterfaces({}, o));
     return res.Interfaces;
+  }
+
+  /** kata-agent's UpdateContainer: new cgroup limits for a container (fields left 0 stay as they are). */
+  async updateContainer(req: MessageInit<UpdateContainerRequest>, opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('UpdateContainer', this.defaultTimeoutMs, opts, (o) => this.agent.UpdateContainer(req, o));
+  }
+
+  /** kata-agent's StatsContainer: the container cgroup's figures. */
+  statsContainer(containerId: string, opts: AgentCallOptions = {}): Promise<StatsContainerResponse> {
+    return this.run('StatsContainer', this.defaultTimeoutMs, opts, (o) => this.agent.StatsContainer({ containerId }, o));
   }
 
   async listRoutes(opts: AgentCallOptions = {}): Promise<Route[]> {

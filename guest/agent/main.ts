@@ -53,6 +53,7 @@ async function main(): Promise<void> {
     onProtocolError: (err) => log(`protocol error: ${err.message}`),
   });
   registerServices(server, sandbox);
+  await sandbox.enableCgroups();
   sandbox.watchOomKills();
 
   new BlockReporter((line) => process.stderr.write(`${line}\n`)).start();

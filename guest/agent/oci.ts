@@ -393,7 +393,10 @@ export const MOUNT_DATA_OPTIONS: ReadonlyMap<string, RegExp | null> = new Map<st
   ['subset', /^pid$/],
 ]);
 
-/** Mount types the agent does not mount in a container (no cgroup support in this guest). */
+/**
+ * Mount types that are not mounted as they are: with a container cgroup, such a mount shows that
+ * cgroup read-only (what runc's cgroup namespace shows); without one it is skipped.
+ */
 export const SKIPPED_MOUNT_TYPES: ReadonlySet<string> = new Set(['cgroup', 'cgroup2']);
 
 function isBindMount(m: Mount): boolean {
@@ -458,7 +461,7 @@ const INROOT = [
  * ({@link mountTargets}), making /dev usable and the spec's devices. Options are checked
  * ({@link checkMountOptions}); every path and option is a parameter of the script, not its text.
  */
-export function addMounts(s: Script, specMounts: readonly Mount[], devices: readonly LinuxDevice[], targets: ReadonlyMap<string, string>): void {
+export function addMounts(s: Script, specMounts: readonly Mount[], devices: readonly LinuxDevice[], targets: ReadonlyMap<string, string>, cgroupDir?: string): void {
   const targetOf = (containerPath: string): string => {
     const t = targets.get(containerPath);
     if (t === undefined) throw internal(`no target was resolved for ${containerPath}`);
@@ -469,7 +472,14 @@ export function addMounts(s: Script, specMounts: readonly Mount[], devices: read
   for (const m of mounts) {
     const dest = checkGuestPath(m.destination, 'mount destination');
     const bind = isBindMount(m);
-    if (!bind && SKIPPED_MOUNT_TYPES.has(m.type)) continue;
+    if (!bind && SKIPPED_MOUNT_TYPES.has(m.type)) {
+      if (!cgroupDir) continue;
+      checkMountOptions(m, dest);
+      const target = targetOf(dest);
+      s.line`inroot ${target} && "$b" mkdir -p ${target} && inroot ${target} || fail ${`${dest} resolves outside the container's root`}`;
+      s.line`"$b" mount --bind ${cgroupDir} ${target} && "$b" mount -o remount,bind,ro,nosuid,nodev,noexec ${target} || fail ${`cannot mount the container's cgroup on ${dest}`}`;
+      continue;
+    }
     const opts = checkMountOptions(m, dest);
     const target = targetOf(dest);
     const what = `${m.type || 'bind'} on ${dest}`;
@@ -565,6 +575,8 @@ export interface InitSpec {
   readonly devices: readonly LinuxDevice[];
   /** Where each mount and device goes: {@link mountTargets} of the same root, mounts and devices. */
   readonly targets: ReadonlyMap<string, string>;
+  /** The container's cgroup in the guest: `cgroup` mounts show it (read-only). */
+  readonly cgroupDir?: string | undefined;
 }
 
 /** The word fd 3 carries from the agent to let a prepared container go. */
@@ -580,7 +592,7 @@ export function initScript(plan: ProcessPlan, spec: InitSpec): Script {
   s.line`fail() { echo "$*" >&3; exit 1; }`;
   if (spec.readonly) s.line`"$b" mount --bind ${root} ${root} || fail ${'cannot bind-mount the rootfs'}`;
   if (spec.hostname) s.line`"$b" hostname ${checkHostname(spec.hostname, 'hostname')} || fail ${`cannot set the hostname to ${spec.hostname}`}`;
-  addMounts(s, spec.mounts, spec.devices, spec.targets);
+  addMounts(s, spec.mounts, spec.devices, spec.targets, spec.cgroupDir);
   if (spec.readonly) s.line`"$b" mount -o remount,bind,ro ${root} || fail ${'cannot make the rootfs read-only'}`;
   addUlimits(s, plan.rlimits);
   s.line`echo ${READY_WORD} >&3`;

@@ -17,12 +17,16 @@ import type {
   RemoveContainerRequest,
   SignalProcessRequest,
   StartContainerRequest,
+  StatsContainerRequest,
+  StatsContainerResponse,
   StringUser,
+  UpdateContainerRequest,
   WaitProcessRequest,
   WriteStreamRequest,
 } from '../../wire/agent/proto.gen.js';
 import type { MessageInit } from '../../wire/ttrpc/codec.js';
 import { GuestNetwork } from './network.js';
+import { OomCounter, applyWrites, createContainerCgroup, joinCgroupArgv, readCgroupStats, removeCgroup, resourceWrites, setupCgroups, type CgroupSupport } from './cgroups.js';
 import { alreadyExists, cancelled, deadlineExceeded, failedPrecondition, internal, invalidArgument, notFound } from './errors.js';
 import { log } from './log.js';
 import {
@@ -61,6 +65,10 @@ interface Container {
   readonly processes: Map<string, GuestProcess>;
   /** The container's pid namespace (`pid:[inode]`), to tell which container an OOM victim was in. */
   readonly pidNamespace: string | undefined;
+  /** The container's cgroup (cgroups.ts containerCgroupDir), when the guest has cgroups. */
+  readonly cgroupDir: string | undefined;
+  /** Counts the cgroup's OOM kills (memory.events); without it, the kernel log says. */
+  readonly oom: OomCounter | undefined;
   state: ContainerState;
 }
 
@@ -94,6 +102,8 @@ export class Sandbox {
   /** OOM kills of container processes, for GetOOMEvent. */
   readonly oomEvents = new OomEvents();
   private oomWatcher: OomWatcher | undefined;
+  /** The guest's cgroup v2 support once {@link enableCgroups} ran; undefined: containers get no cgroup. */
+  private cgroups: CgroupSupport | undefined;
   /**
    * Which container each of its processes belonged to at the last poll of the kernel log, and at
    * the one before: a victim reaped while the last map was being taken is in the earlier one.
@@ -107,6 +117,11 @@ export class Sandbox {
 
   // -------------------------------------------------------------------------------------------
   // Sandbox
+
+  /** Mounts cgroup2 and creates the sandbox cgroup (main.ts; unit tests run without cgroups). */
+  async enableCgroups(): Promise<void> {
+    this.cgroups = await setupCgroups();
+  }
 
   async createSandbox(req: CreateSandboxRequest, signal?: AbortSignal): Promise<void> {
     if (this.created) throw alreadyExists(`the sandbox${this.sandboxId ? ` ${this.sandboxId}` : ''} is already created`);
@@ -206,7 +221,10 @@ export class Sandbox {
     const placeholder = { id } as Container;
     this.containers.set(id, placeholder);
     let init: GuestProcess | undefined;
+    let cgroupDir: string | undefined;
     try {
+      // Limits are checked before anything is mounted; the cgroup exists before its first process.
+      if (this.cgroups) cgroupDir = await createContainerCgroup(id, spec.Linux?.Resources, this.cgroups);
       for (const s of req.storages) storages.push(await this.storage.acquire(s, signal));
       const st = await stat(root).catch(() => undefined);
       if (!st?.isDirectory()) throw invalidArgument(`container ${id}: root.path ${root} is not a directory in the guest`);
@@ -222,8 +240,9 @@ export class Sandbox {
         mounts: spec.Mounts,
         devices,
         targets: await mountTargets(realRoot, spec.Mounts, devices),
+        cgroupDir,
       });
-      init = await GuestProcess.spawn(id, req.execId || id, argv, { control: true, terminal: terminalOf(proc) });
+      init = await GuestProcess.spawn(id, req.execId || id, cgroupDir ? joinCgroupArgv(cgroupDir, argv) : argv, { control: true, terminal: terminalOf(proc) });
       await this.waitReady(init, id);
       await this.setOomScore(init, proc);
     } catch (e) {
@@ -234,12 +253,19 @@ export class Sandbox {
         await init.exited;
         init.dispose();
       }
+      if (cgroupDir) removeCgroup(cgroupDir);
       for (const mp of storages.reverse()) await this.storage.release(mp).catch(() => undefined);
       throw e;
     }
     const initPid = await init.pid();
     const pidNamespace = initPid === undefined ? undefined : readlinkOrUndefined(`/proc/${initPid}/ns/pid`);
-    const container: Container = { id, root, storages, init, processes: new Map([[init.execId, init]]), pidNamespace, state: 'created' };
+    const oom = cgroupDir
+      ? new OomCounter(cgroupDir, (n) => {
+          log(`the OOM killer killed ${n} process(es) of container ${id} (memory.events oom_kill)`);
+          for (let i = 0; i < n; i++) this.oomEvents.push(id);
+        })
+      : undefined;
+    const container: Container = { id, root, storages, init, processes: new Map([[init.execId, init]]), pidNamespace, cgroupDir, oom, state: 'created' };
     this.containers.set(id, container);
     void init.exited.then((status) => {
       this.sawExit();
@@ -282,6 +308,8 @@ export class Sandbox {
     for (const p of c.processes.values()) p.dispose();
     this.sawExit();
     this.containers.delete(c.id);
+    c.oom?.close();
+    if (c.cgroupDir) await removeCgroupSoon(c.cgroupDir);
     const problems: string[] = [];
     for (const mp of [...c.storages].reverse()) {
       try {
@@ -307,7 +335,8 @@ export class Sandbox {
     const pid = await c.init.pid();
     if (pid === undefined) throw failedPrecondition(`container ${c.id} is not running`);
     const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root, true);
-    const p = await GuestProcess.spawn(c.id, req.execId, execArgv(plan, pid), { terminal: terminalOf(req.process) });
+    const argv = execArgv(plan, pid);
+    const p = await GuestProcess.spawn(c.id, req.execId, c.cgroupDir ? joinCgroupArgv(c.cgroupDir, argv) : argv, { terminal: terminalOf(req.process) });
     c.processes.set(req.execId, p);
     void p.exited.then((status) => {
       this.sawExit();
@@ -369,6 +398,24 @@ export class Sandbox {
   }
 
   // -------------------------------------------------------------------------------------------
+  // Resources
+
+  /** kata-agent's UpdateContainer: writes the resources that are set into the container's cgroup. */
+  async updateContainer(req: UpdateContainerRequest): Promise<void> {
+    const c = this.container(req.containerId);
+    if (!c.cgroupDir || !this.cgroups) throw failedPrecondition(`container ${c.id} has no cgroup: the guest kernel has no cgroup2`);
+    await applyWrites(c.cgroupDir, resourceWrites(req.resources, this.cgroups));
+    log(`container ${c.id}: resources updated`);
+  }
+
+  /** kata-agent's StatsContainer: the container cgroup's figures (no per-container network figures: the pod shares one interface set). */
+  statsContainer(req: StatsContainerRequest): MessageInit<StatsContainerResponse> {
+    const c = this.container(req.containerId);
+    if (!c.cgroupDir) throw failedPrecondition(`container ${c.id} has no cgroup: the guest kernel has no cgroup2`);
+    return { cgroupStats: readCgroupStats(c.cgroupDir), networkStats: [] };
+  }
+
+  // -------------------------------------------------------------------------------------------
   // OOM events
 
   /** Starts reading the kernel log for OOM kills (main.ts; unit tests call {@link oomKilled} instead). */
@@ -392,6 +439,12 @@ export class Sandbox {
       log(`the OOM killer killed pid ${kill.pid} (${kill.comm}), which belongs to no container`);
       return undefined;
     }
+    const counter = this.containers.get(owner)?.oom;
+    if (counter) {
+      // Its cgroup's memory.events counts the kill: the event comes from there, once.
+      counter.check();
+      return owner;
+    }
     log(`the OOM killer killed pid ${kill.pid} (${kill.comm}) in container ${owner}`);
     this.oomEvents.push(owner);
     return owner;
@@ -411,6 +464,7 @@ export class Sandbox {
 
   /** Notes which container each guest process belongs to, by pid namespace (while containers run). */
   private notePidOwners(): void {
+    for (const c of this.containers.values()) c.oom?.check();
     this.pidOwnersBefore = this.pidOwners;
     this.pidOwners = new Map();
     const byNs = new Map<string, string>();
@@ -435,6 +489,7 @@ export class Sandbox {
    * before WaitProcess reports the exit and before RemoveContainer can forget the container.
    */
   private sawExit(): void {
+    for (const c of this.containers.values()) c.oom?.check();
     this.oomWatcher?.drain();
   }
 
@@ -546,6 +601,16 @@ async function pidsInNamespaceOf(pid: number | undefined): Promise<number[]> {
     if ((await readlink(`/proc/${name}/ns/pid`).catch(() => undefined)) === ns) out.push(Number(name));
   }
   return out;
+}
+
+/** Removes a cgroup whose processes have just exited (the kernel may take a moment to empty it). */
+async function removeCgroupSoon(dir: string): Promise<void> {
+  for (let i = 0; i < 20; i++) {
+    const populated = await readFile(`${dir}/cgroup.events`, 'utf8').then((t) => /^populated 1$/m.test(t), () => false);
+    if (!populated) break;
+    await sleep(50);
+  }
+  removeCgroup(dir);
 }
 
 function readlinkOrUndefined(p: string): string | undefined {

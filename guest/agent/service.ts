@@ -38,6 +38,8 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     ExecProcess: (req, ctx) => handle(ctx, async () => (await sandbox.execProcess(req), {})),
     SignalProcess: (req, ctx) => handle(ctx, async () => (await sandbox.signalProcess(req), {})),
     WaitProcess: (req, ctx) => handle(ctx, async () => ({ status: await sandbox.waitProcess(req, ctx.signal) })),
+    UpdateContainer: (req, ctx) => handle(ctx, async () => (await sandbox.updateContainer(req), {})),
+    StatsContainer: (req, ctx) => handle(ctx, () => sandbox.statsContainer(req)),
     ReadStdout: (req, ctx) => handle(ctx, async () => ({ data: await sandbox.readStream(req, 'stdout', ctx.signal) })),
     ReadStderr: (req, ctx) => handle(ctx, async () => ({ data: await sandbox.readStream(req, 'stderr', ctx.signal) })),
     WriteStdin: (req, ctx) => handle(ctx, async () => ({ len: await sandbox.writeStdin(req) })),

@@ -17,7 +17,8 @@
  */
 import { PassThrough, Writable } from 'node:stream';
 import { KataError } from '../../core/errors.js';
-import type { ContainerSpec, ProcessSpec } from '../../core/sandbox.js';
+import type { ContainerResources, ContainerSpec, ProcessSpec } from '../../core/sandbox.js';
+import type { StatsContainerResponse } from '../../wire/agent/proto.gen.js';
 import type { SandboxRequest, ShimContainer, ShimProcess, ShimSandbox } from '../../shim/service.js';
 import type { VmExit } from '../../core/vm.js';
 
@@ -209,6 +210,21 @@ export class FakeContainer extends FakeProcess implements ShimContainer {
 
   get id(): string {
     return this.spec.id;
+  }
+
+  /** What update() received (the agent's UpdateContainer), in order. */
+  readonly updates: ContainerResources[] = [];
+  /** What stats() answers (the agent's StatsContainer). */
+  statsAnswer: StatsContainerResponse = { cgroupStats: undefined, networkStats: [] } as unknown as StatsContainerResponse;
+
+  async update(resources: ContainerResources): Promise<void> {
+    this.agent.check('UpdateContainer');
+    this.updates.push(resources);
+  }
+
+  async stats(): Promise<StatsContainerResponse> {
+    this.agent.check('StatsContainer');
+    return this.statsAnswer;
   }
 
   /** Makes start() wait until the returned deferred resolves (or rejects). */

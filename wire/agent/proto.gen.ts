@@ -1767,6 +1767,772 @@ export const SetGuestDateTimeRequest: MessageCodec<SetGuestDateTimeRequest> = {
   },
 };
 
+/** grpc.UpdateContainerRequest */
+export interface UpdateContainerRequest {
+  containerId: string;
+  resources?: LinuxResources;
+}
+
+function encUpdateContainerRequest(m: MessageInit<UpdateContainerRequest>, w: Writer): Writer {
+  if (m.containerId) w.uint32(10).string(m.containerId);
+  if (m.resources) encLinuxResources(m.resources, w.uint32(18).fork()).ldelim();
+  return w;
+}
+
+function decUpdateContainerRequest(r: Reader, end: number): UpdateContainerRequest {
+  const m: UpdateContainerRequest = { containerId: '', resources: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.containerId = r.string();
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.resources = decLinuxResources(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const UpdateContainerRequest: MessageCodec<UpdateContainerRequest> = {
+  typeName: 'grpc.UpdateContainerRequest',
+  encode: (m) => encUpdateContainerRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decUpdateContainerRequest(r, r.len);
+  },
+};
+
+/** grpc.StatsContainerRequest */
+export interface StatsContainerRequest {
+  containerId: string;
+}
+
+function encStatsContainerRequest(m: MessageInit<StatsContainerRequest>, w: Writer): Writer {
+  if (m.containerId) w.uint32(10).string(m.containerId);
+  return w;
+}
+
+function decStatsContainerRequest(r: Reader, end: number): StatsContainerRequest {
+  const m: StatsContainerRequest = { containerId: '' };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.containerId = r.string();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const StatsContainerRequest: MessageCodec<StatsContainerRequest> = {
+  typeName: 'grpc.StatsContainerRequest',
+  encode: (m) => encStatsContainerRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decStatsContainerRequest(r, r.len);
+  },
+};
+
+/** grpc.CpuUsage */
+export interface CpuUsage {
+  /** Nanoseconds. */
+  totalUsage: bigint;
+  percpuUsage: bigint[];
+  usageInKernelmode: bigint;
+  usageInUsermode: bigint;
+}
+
+function encCpuUsage(m: MessageInit<CpuUsage>, w: Writer): Writer {
+  if (m.totalUsage) w.uint32(8).uint64(toLong(m.totalUsage));
+  if (m.percpuUsage && m.percpuUsage.length) {
+    w.uint32(18).fork();
+    for (const v of m.percpuUsage) w.uint64(toLong(v));
+    w.ldelim();
+  }
+  if (m.usageInKernelmode) w.uint32(24).uint64(toLong(m.usageInKernelmode));
+  if (m.usageInUsermode) w.uint32(32).uint64(toLong(m.usageInUsermode));
+  return w;
+}
+
+function decCpuUsage(r: Reader, end: number): CpuUsage {
+  const m: CpuUsage = { totalUsage: 0n, percpuUsage: [], usageInKernelmode: 0n, usageInUsermode: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.totalUsage = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) === 2) {
+          const e = subEnd(r, end);
+          while (r.pos < e) m.percpuUsage.push(fromLong(r.uint64(), true));
+          checkEnd(r, e);
+        } else if ((tag & 7) === 0) m.percpuUsage.push(fromLong(r.uint64(), true));
+        else skipField(r, tag);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.usageInKernelmode = fromLong(r.uint64(), true);
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.usageInUsermode = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const CpuUsage: MessageCodec<CpuUsage> = {
+  typeName: 'grpc.CpuUsage',
+  encode: (m) => encCpuUsage(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decCpuUsage(r, r.len);
+  },
+};
+
+/** grpc.ThrottlingData */
+export interface ThrottlingData {
+  periods: bigint;
+  throttledPeriods: bigint;
+  /** Nanoseconds. */
+  throttledTime: bigint;
+}
+
+function encThrottlingData(m: MessageInit<ThrottlingData>, w: Writer): Writer {
+  if (m.periods) w.uint32(8).uint64(toLong(m.periods));
+  if (m.throttledPeriods) w.uint32(16).uint64(toLong(m.throttledPeriods));
+  if (m.throttledTime) w.uint32(24).uint64(toLong(m.throttledTime));
+  return w;
+}
+
+function decThrottlingData(r: Reader, end: number): ThrottlingData {
+  const m: ThrottlingData = { periods: 0n, throttledPeriods: 0n, throttledTime: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.periods = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.throttledPeriods = fromLong(r.uint64(), true);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.throttledTime = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const ThrottlingData: MessageCodec<ThrottlingData> = {
+  typeName: 'grpc.ThrottlingData',
+  encode: (m) => encThrottlingData(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decThrottlingData(r, r.len);
+  },
+};
+
+/** grpc.CpuStats */
+export interface CpuStats {
+  cpuUsage?: CpuUsage;
+  throttlingData?: ThrottlingData;
+}
+
+function encCpuStats(m: MessageInit<CpuStats>, w: Writer): Writer {
+  if (m.cpuUsage) encCpuUsage(m.cpuUsage, w.uint32(10).fork()).ldelim();
+  if (m.throttlingData) encThrottlingData(m.throttlingData, w.uint32(18).fork()).ldelim();
+  return w;
+}
+
+function decCpuStats(r: Reader, end: number): CpuStats {
+  const m: CpuStats = { cpuUsage: undefined, throttlingData: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.cpuUsage = decCpuUsage(r, subEnd(r, end));
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.throttlingData = decThrottlingData(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const CpuStats: MessageCodec<CpuStats> = {
+  typeName: 'grpc.CpuStats',
+  encode: (m) => encCpuStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decCpuStats(r, r.len);
+  },
+};
+
+/** grpc.PidsStats */
+export interface PidsStats {
+  current: bigint;
+  limit: bigint;
+}
+
+function encPidsStats(m: MessageInit<PidsStats>, w: Writer): Writer {
+  if (m.current) w.uint32(8).uint64(toLong(m.current));
+  if (m.limit) w.uint32(16).uint64(toLong(m.limit));
+  return w;
+}
+
+function decPidsStats(r: Reader, end: number): PidsStats {
+  const m: PidsStats = { current: 0n, limit: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.current = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.limit = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const PidsStats: MessageCodec<PidsStats> = {
+  typeName: 'grpc.PidsStats',
+  encode: (m) => encPidsStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decPidsStats(r, r.len);
+  },
+};
+
+/** grpc.MemoryData */
+export interface MemoryData {
+  usage: bigint;
+  maxUsage: bigint;
+  failcnt: bigint;
+  limit: bigint;
+}
+
+function encMemoryData(m: MessageInit<MemoryData>, w: Writer): Writer {
+  if (m.usage) w.uint32(8).uint64(toLong(m.usage));
+  if (m.maxUsage) w.uint32(16).uint64(toLong(m.maxUsage));
+  if (m.failcnt) w.uint32(24).uint64(toLong(m.failcnt));
+  if (m.limit) w.uint32(32).uint64(toLong(m.limit));
+  return w;
+}
+
+function decMemoryData(r: Reader, end: number): MemoryData {
+  const m: MemoryData = { usage: 0n, maxUsage: 0n, failcnt: 0n, limit: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.usage = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.maxUsage = fromLong(r.uint64(), true);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.failcnt = fromLong(r.uint64(), true);
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.limit = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const MemoryData: MessageCodec<MemoryData> = {
+  typeName: 'grpc.MemoryData',
+  encode: (m) => encMemoryData(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decMemoryData(r, r.len);
+  },
+};
+
+/** grpc.MemoryStats */
+export interface MemoryStats {
+  cache: bigint;
+  usage?: MemoryData;
+  swapUsage?: MemoryData;
+  kernelUsage?: MemoryData;
+  useHierarchy: boolean;
+  /** memory.stat as it is (cgroup v2 names). */
+  stats: Record<string, bigint>;
+}
+
+function encMemoryStats(m: MessageInit<MemoryStats>, w: Writer): Writer {
+  if (m.cache) w.uint32(8).uint64(toLong(m.cache));
+  if (m.usage) encMemoryData(m.usage, w.uint32(18).fork()).ldelim();
+  if (m.swapUsage) encMemoryData(m.swapUsage, w.uint32(26).fork()).ldelim();
+  if (m.kernelUsage) encMemoryData(m.kernelUsage, w.uint32(34).fork()).ldelim();
+  if (m.useHierarchy) w.uint32(40).bool(m.useHierarchy);
+  if (m.stats) {
+    for (const [k, v] of Object.entries(m.stats)) {
+      if (v === undefined) continue;
+      w.uint32(50).fork().uint32(10).string(k);
+      w.uint32(16).uint64(toLong(v));
+      w.ldelim();
+    }
+  }
+  return w;
+}
+
+function decMemoryStats(r: Reader, end: number): MemoryStats {
+  const m: MemoryStats = { cache: 0n, usage: undefined, swapUsage: undefined, kernelUsage: undefined, useHierarchy: false, stats: {} };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.cache = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.usage = decMemoryData(r, subEnd(r, end));
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.swapUsage = decMemoryData(r, subEnd(r, end));
+        break;
+      case 4:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.kernelUsage = decMemoryData(r, subEnd(r, end));
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.useHierarchy = r.bool();
+        break;
+      case 6: {
+        if ((tag & 7) !== 2) {
+          skipField(r, tag);
+          break;
+        }
+        const e = subEnd(r, end);
+        let k = '';
+        let v: bigint = 0n;
+        while (r.pos < e) {
+          const t = readTag(r);
+          if (t === 10) k = r.string();
+          else if (t === 16) v = fromLong(r.uint64(), true);
+          else skipField(r, t);
+        }
+        checkEnd(r, e);
+        Object.defineProperty(m.stats, k, { value: v, enumerable: true, writable: true, configurable: true });
+        break;
+      }
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const MemoryStats: MessageCodec<MemoryStats> = {
+  typeName: 'grpc.MemoryStats',
+  encode: (m) => encMemoryStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decMemoryStats(r, r.len);
+  },
+};
+
+/** grpc.BlkioStatsEntry */
+export interface BlkioStatsEntry {
+  major: bigint;
+  minor: bigint;
+  op: string;
+  value: bigint;
+}
+
+function encBlkioStatsEntry(m: MessageInit<BlkioStatsEntry>, w: Writer): Writer {
+  if (m.major) w.uint32(8).uint64(toLong(m.major));
+  if (m.minor) w.uint32(16).uint64(toLong(m.minor));
+  if (m.op) w.uint32(26).string(m.op);
+  if (m.value) w.uint32(32).uint64(toLong(m.value));
+  return w;
+}
+
+function decBlkioStatsEntry(r: Reader, end: number): BlkioStatsEntry {
+  const m: BlkioStatsEntry = { major: 0n, minor: 0n, op: '', value: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.major = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.minor = fromLong(r.uint64(), true);
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.op = r.string();
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.value = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const BlkioStatsEntry: MessageCodec<BlkioStatsEntry> = {
+  typeName: 'grpc.BlkioStatsEntry',
+  encode: (m) => encBlkioStatsEntry(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decBlkioStatsEntry(r, r.len);
+  },
+};
+
+/**
+ * Only the first of kata's eight lists; the others are 2 to 8.
+ *
+ * grpc.BlkioStats
+ */
+export interface BlkioStats {
+  ioServiceBytesRecursive: BlkioStatsEntry[];
+}
+
+function encBlkioStats(m: MessageInit<BlkioStats>, w: Writer): Writer {
+  if (m.ioServiceBytesRecursive) for (const v of m.ioServiceBytesRecursive) encBlkioStatsEntry(v, w.uint32(10).fork()).ldelim();
+  return w;
+}
+
+function decBlkioStats(r: Reader, end: number): BlkioStats {
+  const m: BlkioStats = { ioServiceBytesRecursive: [] };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.ioServiceBytesRecursive.push(decBlkioStatsEntry(r, subEnd(r, end)));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const BlkioStats: MessageCodec<BlkioStats> = {
+  typeName: 'grpc.BlkioStats',
+  encode: (m) => encBlkioStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decBlkioStats(r, r.len);
+  },
+};
+
+/** grpc.HugetlbStats */
+export interface HugetlbStats {
+  usage: bigint;
+  maxUsage: bigint;
+  failcnt: bigint;
+}
+
+function encHugetlbStats(m: MessageInit<HugetlbStats>, w: Writer): Writer {
+  if (m.usage) w.uint32(8).uint64(toLong(m.usage));
+  if (m.maxUsage) w.uint32(16).uint64(toLong(m.maxUsage));
+  if (m.failcnt) w.uint32(24).uint64(toLong(m.failcnt));
+  return w;
+}
+
+function decHugetlbStats(r: Reader, end: number): HugetlbStats {
+  const m: HugetlbStats = { usage: 0n, maxUsage: 0n, failcnt: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.usage = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.maxUsage = fromLong(r.uint64(), true);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.failcnt = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const HugetlbStats: MessageCodec<HugetlbStats> = {
+  typeName: 'grpc.HugetlbStats',
+  encode: (m) => encHugetlbStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decHugetlbStats(r, r.len);
+  },
+};
+
+/** grpc.CgroupStats */
+export interface CgroupStats {
+  cpuStats?: CpuStats;
+  memoryStats?: MemoryStats;
+  pidsStats?: PidsStats;
+  blkioStats?: BlkioStats;
+  /** By page size. */
+  hugetlbStats: Record<string, HugetlbStats>;
+}
+
+function encCgroupStats(m: MessageInit<CgroupStats>, w: Writer): Writer {
+  if (m.cpuStats) encCpuStats(m.cpuStats, w.uint32(10).fork()).ldelim();
+  if (m.memoryStats) encMemoryStats(m.memoryStats, w.uint32(18).fork()).ldelim();
+  if (m.pidsStats) encPidsStats(m.pidsStats, w.uint32(26).fork()).ldelim();
+  if (m.blkioStats) encBlkioStats(m.blkioStats, w.uint32(34).fork()).ldelim();
+  if (m.hugetlbStats) {
+    for (const [k, v] of Object.entries(m.hugetlbStats)) {
+      if (v === undefined) continue;
+      w.uint32(42).fork().uint32(10).string(k);
+      encHugetlbStats(v, w.uint32(18).fork()).ldelim();
+      w.ldelim();
+    }
+  }
+  return w;
+}
+
+function decCgroupStats(r: Reader, end: number): CgroupStats {
+  const m: CgroupStats = { cpuStats: undefined, memoryStats: undefined, pidsStats: undefined, blkioStats: undefined, hugetlbStats: {} };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.cpuStats = decCpuStats(r, subEnd(r, end));
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.memoryStats = decMemoryStats(r, subEnd(r, end));
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.pidsStats = decPidsStats(r, subEnd(r, end));
+        break;
+      case 4:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.blkioStats = decBlkioStats(r, subEnd(r, end));
+        break;
+      case 5: {
+        if ((tag & 7) !== 2) {
+          skipField(r, tag);
+          break;
+        }
+        const e = subEnd(r, end);
+        let k = '';
+        let v: HugetlbStats = decHugetlbStats(r, r.pos);
+        while (r.pos < e) {
+          const t = readTag(r);
+          if (t === 10) k = r.string();
+          else if (t === 18) v = decHugetlbStats(r, subEnd(r, e));
+          else skipField(r, t);
+        }
+        checkEnd(r, e);
+        Object.defineProperty(m.hugetlbStats, k, { value: v, enumerable: true, writable: true, configurable: true });
+        break;
+      }
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const CgroupStats: MessageCodec<CgroupStats> = {
+  typeName: 'grpc.CgroupStats',
+  encode: (m) => encCgroupStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decCgroupStats(r, r.len);
+  },
+};
+
+/** grpc.NetworkStats */
+export interface NetworkStats {
+  name: string;
+  rxBytes: bigint;
+  rxPackets: bigint;
+  rxErrors: bigint;
+  rxDropped: bigint;
+  txBytes: bigint;
+  txPackets: bigint;
+  txErrors: bigint;
+  txDropped: bigint;
+}
+
+function encNetworkStats(m: MessageInit<NetworkStats>, w: Writer): Writer {
+  if (m.name) w.uint32(10).string(m.name);
+  if (m.rxBytes) w.uint32(16).uint64(toLong(m.rxBytes));
+  if (m.rxPackets) w.uint32(24).uint64(toLong(m.rxPackets));
+  if (m.rxErrors) w.uint32(32).uint64(toLong(m.rxErrors));
+  if (m.rxDropped) w.uint32(40).uint64(toLong(m.rxDropped));
+  if (m.txBytes) w.uint32(48).uint64(toLong(m.txBytes));
+  if (m.txPackets) w.uint32(56).uint64(toLong(m.txPackets));
+  if (m.txErrors) w.uint32(64).uint64(toLong(m.txErrors));
+  if (m.txDropped) w.uint32(72).uint64(toLong(m.txDropped));
+  return w;
+}
+
+function decNetworkStats(r: Reader, end: number): NetworkStats {
+  const m: NetworkStats = { name: '', rxBytes: 0n, rxPackets: 0n, rxErrors: 0n, rxDropped: 0n, txBytes: 0n, txPackets: 0n, txErrors: 0n, txDropped: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.name = r.string();
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.rxBytes = fromLong(r.uint64(), true);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.rxPackets = fromLong(r.uint64(), true);
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.rxErrors = fromLong(r.uint64(), true);
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.rxDropped = fromLong(r.uint64(), true);
+        break;
+      case 6:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.txBytes = fromLong(r.uint64(), true);
+        break;
+      case 7:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.txPackets = fromLong(r.uint64(), true);
+        break;
+      case 8:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.txErrors = fromLong(r.uint64(), true);
+        break;
+      case 9:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.txDropped = fromLong(r.uint64(), true);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const NetworkStats: MessageCodec<NetworkStats> = {
+  typeName: 'grpc.NetworkStats',
+  encode: (m) => encNetworkStats(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decNetworkStats(r, r.len);
+  },
+};
+
+/** grpc.StatsContainerResponse */
+export interface StatsContainerResponse {
+  cgroupStats?: CgroupStats;
+  networkStats: NetworkStats[];
+}
+
+function encStatsContainerResponse(m: MessageInit<StatsContainerResponse>, w: Writer): Writer {
+  if (m.cgroupStats) encCgroupStats(m.cgroupStats, w.uint32(10).fork()).ldelim();
+  if (m.networkStats) for (const v of m.networkStats) encNetworkStats(v, w.uint32(18).fork()).ldelim();
+  return w;
+}
+
+function decStatsContainerResponse(r: Reader, end: number): StatsContainerResponse {
+  const m: StatsContainerResponse = { cgroupStats: undefined, networkStats: [] };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.cgroupStats = decCgroupStats(r, subEnd(r, end));
+        break;
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.networkStats.push(decNetworkStats(r, subEnd(r, end)));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const StatsContainerResponse: MessageCodec<StatsContainerResponse> = {
+  typeName: 'grpc.StatsContainerResponse',
+  encode: (m) => encStatsContainerResponse(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decStatsContainerResponse(r, r.len);
+  },
+};
+
 /**
  * Not declared here: Hooks = 6, Solaris = 9, Windows = 10.
  *
@@ -2277,13 +3043,14 @@ export const Root: MessageCodec<Root> = {
 };
 
 /**
- * Not declared here: UIDMappings = 1, GIDMappings = 2, Resources = 4, Seccomp = 8,
- * MountLabel = 12, IntelRdt = 13.
+ * Not declared here: UIDMappings = 1, GIDMappings = 2, Seccomp = 8, MountLabel = 12, IntelRdt = 13.
  *
  * grpc.Linux
  */
 export interface Linux {
   Sysctl: Record<string, string>;
+  /** The container's cgroup limits (the guest agent applies them to its cgroup). */
+  Resources?: LinuxResources;
   CgroupsPath: string;
   Namespaces: LinuxNamespace[];
   Devices: LinuxDevice[];
@@ -2301,6 +3068,7 @@ function encLinux(m: MessageInit<Linux>, w: Writer): Writer {
       w.ldelim();
     }
   }
+  if (m.Resources) encLinuxResources(m.Resources, w.uint32(34).fork()).ldelim();
   if (m.CgroupsPath) w.uint32(42).string(m.CgroupsPath);
   if (m.Namespaces) for (const v of m.Namespaces) encLinuxNamespace(v, w.uint32(50).fork()).ldelim();
   if (m.Devices) for (const v of m.Devices) encLinuxDevice(v, w.uint32(58).fork()).ldelim();
@@ -2311,7 +3079,7 @@ function encLinux(m: MessageInit<Linux>, w: Writer): Writer {
 }
 
 function decLinux(r: Reader, end: number): Linux {
-  const m: Linux = { Sysctl: {}, CgroupsPath: '', Namespaces: [], Devices: [], RootfsPropagation: '', MaskedPaths: [], ReadonlyPaths: [] };
+  const m: Linux = { Sysctl: {}, Resources: undefined, CgroupsPath: '', Namespaces: [], Devices: [], RootfsPropagation: '', MaskedPaths: [], ReadonlyPaths: [] };
   while (r.pos < end) {
     const tag = readTag(r);
     switch (tag >>> 3) {
@@ -2333,6 +3101,10 @@ function decLinux(r: Reader, end: number): Linux {
         Object.defineProperty(m.Sysctl, k, { value: v, enumerable: true, writable: true, configurable: true });
         break;
       }
+      case 4:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Resources = decLinuxResources(r, subEnd(r, end));
+        break;
       case 5:
         if ((tag & 7) !== 2) skipField(r, tag);
         else m.CgroupsPath = r.string();
@@ -2487,6 +3259,243 @@ export const LinuxDevice: MessageCodec<LinuxDevice> = {
   decode: (bytes) => {
     const r = Reader.create(bytes);
     return decLinuxDevice(r, r.len);
+  },
+};
+
+/**
+ * Not declared here: Devices = 1, BlockIO = 5, HugepageLimits = 6, Network = 7.
+ * proto3 has no presence for scalars: 0 means "not set" in every field, as kata-agent reads them.
+ *
+ * grpc.LinuxResources
+ */
+export interface LinuxResources {
+  Memory?: LinuxMemory;
+  CPU?: LinuxCPU;
+  Pids?: LinuxPids;
+}
+
+function encLinuxResources(m: MessageInit<LinuxResources>, w: Writer): Writer {
+  if (m.Memory) encLinuxMemory(m.Memory, w.uint32(18).fork()).ldelim();
+  if (m.CPU) encLinuxCPU(m.CPU, w.uint32(26).fork()).ldelim();
+  if (m.Pids) encLinuxPids(m.Pids, w.uint32(34).fork()).ldelim();
+  return w;
+}
+
+function decLinuxResources(r: Reader, end: number): LinuxResources {
+  const m: LinuxResources = { Memory: undefined, CPU: undefined, Pids: undefined };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 2:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Memory = decLinuxMemory(r, subEnd(r, end));
+        break;
+      case 3:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.CPU = decLinuxCPU(r, subEnd(r, end));
+        break;
+      case 4:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Pids = decLinuxPids(r, subEnd(r, end));
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const LinuxResources: MessageCodec<LinuxResources> = {
+  typeName: 'grpc.LinuxResources',
+  encode: (m) => encLinuxResources(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decLinuxResources(r, r.len);
+  },
+};
+
+/** grpc.LinuxMemory */
+export interface LinuxMemory {
+  /** Bytes; -1 is unlimited. */
+  Limit: bigint;
+  Reservation: bigint;
+  /** Memory plus swap, bytes (as the OCI spec); -1 is unlimited. */
+  Swap: bigint;
+  Kernel: bigint;
+  KernelTCP: bigint;
+  Swappiness: bigint;
+  DisableOOMKiller: boolean;
+}
+
+function encLinuxMemory(m: MessageInit<LinuxMemory>, w: Writer): Writer {
+  if (m.Limit) w.uint32(8).int64(toLong(m.Limit));
+  if (m.Reservation) w.uint32(16).int64(toLong(m.Reservation));
+  if (m.Swap) w.uint32(24).int64(toLong(m.Swap));
+  if (m.Kernel) w.uint32(32).int64(toLong(m.Kernel));
+  if (m.KernelTCP) w.uint32(40).int64(toLong(m.KernelTCP));
+  if (m.Swappiness) w.uint32(48).uint64(toLong(m.Swappiness));
+  if (m.DisableOOMKiller) w.uint32(56).bool(m.DisableOOMKiller);
+  return w;
+}
+
+function decLinuxMemory(r: Reader, end: number): LinuxMemory {
+  const m: LinuxMemory = { Limit: 0n, Reservation: 0n, Swap: 0n, Kernel: 0n, KernelTCP: 0n, Swappiness: 0n, DisableOOMKiller: false };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Limit = fromLong(r.int64(), false);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Reservation = fromLong(r.int64(), false);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Swap = fromLong(r.int64(), false);
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Kernel = fromLong(r.int64(), false);
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.KernelTCP = fromLong(r.int64(), false);
+        break;
+      case 6:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Swappiness = fromLong(r.uint64(), true);
+        break;
+      case 7:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.DisableOOMKiller = r.bool();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const LinuxMemory: MessageCodec<LinuxMemory> = {
+  typeName: 'grpc.LinuxMemory',
+  encode: (m) => encLinuxMemory(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decLinuxMemory(r, r.len);
+  },
+};
+
+/** grpc.LinuxCPU */
+export interface LinuxCPU {
+  Shares: bigint;
+  /** Microseconds per Period; -1 is unlimited. */
+  Quota: bigint;
+  Period: bigint;
+  RealtimeRuntime: bigint;
+  RealtimePeriod: bigint;
+  Cpus: string;
+  Mems: string;
+}
+
+function encLinuxCPU(m: MessageInit<LinuxCPU>, w: Writer): Writer {
+  if (m.Shares) w.uint32(8).uint64(toLong(m.Shares));
+  if (m.Quota) w.uint32(16).int64(toLong(m.Quota));
+  if (m.Period) w.uint32(24).uint64(toLong(m.Period));
+  if (m.RealtimeRuntime) w.uint32(32).int64(toLong(m.RealtimeRuntime));
+  if (m.RealtimePeriod) w.uint32(40).uint64(toLong(m.RealtimePeriod));
+  if (m.Cpus) w.uint32(50).string(m.Cpus);
+  if (m.Mems) w.uint32(58).string(m.Mems);
+  return w;
+}
+
+function decLinuxCPU(r: Reader, end: number): LinuxCPU {
+  const m: LinuxCPU = { Shares: 0n, Quota: 0n, Period: 0n, RealtimeRuntime: 0n, RealtimePeriod: 0n, Cpus: '', Mems: '' };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Shares = fromLong(r.uint64(), true);
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Quota = fromLong(r.int64(), false);
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Period = fromLong(r.uint64(), true);
+        break;
+      case 4:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.RealtimeRuntime = fromLong(r.int64(), false);
+        break;
+      case 5:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.RealtimePeriod = fromLong(r.uint64(), true);
+        break;
+      case 6:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Cpus = r.string();
+        break;
+      case 7:
+        if ((tag & 7) !== 2) skipField(r, tag);
+        else m.Mems = r.string();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const LinuxCPU: MessageCodec<LinuxCPU> = {
+  typeName: 'grpc.LinuxCPU',
+  encode: (m) => encLinuxCPU(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decLinuxCPU(r, r.len);
+  },
+};
+
+/** grpc.LinuxPids */
+export interface LinuxPids {
+  /** -1 is unlimited. */
+  Limit: bigint;
+}
+
+function encLinuxPids(m: MessageInit<LinuxPids>, w: Writer): Writer {
+  if (m.Limit) w.uint32(8).int64(toLong(m.Limit));
+  return w;
+}
+
+function decLinuxPids(r: Reader, end: number): LinuxPids {
+  const m: LinuxPids = { Limit: 0n };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.Limit = fromLong(r.int64(), false);
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const LinuxPids: MessageCodec<LinuxPids> = {
+  typeName: 'grpc.LinuxPids',
+  encode: (m) => encLinuxPids(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decLinuxPids(r, r.len);
   },
 };
 
@@ -2909,6 +3918,10 @@ export const AgentService = service('grpc.AgentService', {
   SignalProcess: method('SignalProcess', SignalProcessRequest, Empty),
   /** Blocks until the process ends (a long poll; other calls proceed meanwhile). */
   WaitProcess: method('WaitProcess', WaitProcessRequest, WaitProcessResponse),
+  /** Applies new cgroup limits to a container (Kata's semantics: only the fields set change). */
+  UpdateContainer: method('UpdateContainer', UpdateContainerRequest, Empty),
+  /** The container cgroup's usage figures. */
+  StatsContainer: method('StatsContainer', StatsContainerRequest, StatsContainerResponse),
   WriteStdin: method('WriteStdin', WriteStreamRequest, WriteStreamResponse),
   ReadStdout: method('ReadStdout', ReadStreamRequest, ReadStreamResponse),
   ReadStderr: method('ReadStderr', ReadStreamRequest, ReadStreamResponse),
