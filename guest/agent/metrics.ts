@@ -8,9 +8,10 @@
  * Written by hand rather than with a client library: the agent imports only wire/ and Node.
  */
 import { readFile, readdir } from 'node:fs/promises';
+import { SANDBOX_CGROUP } from './cgroups.js';
 
-/** Where the agent gives each container its cgroup (`<root>/<container-id>`, cgroup v2 files). */
-export const CONTAINER_CGROUP_ROOT = '/sys/fs/cgroup/kata-ts';
+/** Where the agent gives each container its cgroup (`<root>/<container-id>`, cgroup v2 files): cgroups.ts says. */
+export const CONTAINER_CGROUP_ROOT = SANDBOX_CGROUP;
 
 /** /proc/stat counts in USER_HZ, which is 100 on every Linux architecture the guest runs on. */
 const USER_HZ = 100;
