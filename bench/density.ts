@@ -44,6 +44,13 @@ export interface DensityVariant {
   config(shipped: string): string;
   /** Extra environment for containerd and so for the shims it starts. */
   readonly env?: Record<string, string>;
+  /**
+   * Runs before the variant's pods start and after they are gone, with the variant's configuration
+   * file and environment: where a `templated` variant makes its template (`kata-runtime factory
+   * init`) and removes it (`factory destroy`).
+   */
+  setup?(config: string, env: Record<string, string>): Promise<void>;
+  teardown?(config: string, env: Record<string, string>): Promise<void>;
 }
 
 /**
@@ -142,10 +149,15 @@ async function measureVariant(variant: DensityVariant, tmp: TempDir, image: { ke
   const config = tmp.file(`${variant.name}/configuration.toml`, text);
   const ctx = { skip: () => { throw new Error('containerd and ctr are not installed'); } } as unknown as Mocha.Context;
   const sub = new TempDir(`kata-bench-density-${variant.name}-`);
-  const ctrd: TestContainerd = await startContainerd(ctx, {
-    pathPrefix: [shimBinDir(sub)],
-    env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SBS_ROOT: path.join(dir, 'sbs'), ...variant.env },
-  });
+  const env = { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SBS_ROOT: path.join(dir, 'sbs'), ...variant.env };
+  await variant.setup?.(config, env);
+  let ctrd: TestContainerd;
+  try {
+    ctrd = await startContainerd(ctx, { pathPrefix: [shimBinDir(sub)], env });
+  } catch (err) {
+    await variant.teardown?.(config, env);
+    throw err;
+  }
   const started: string[] = [];
   const result: VariantResult = { variant: variant.name, guestRamMiB: guestRamOf(text), pods: [] };
   try {
@@ -188,6 +200,7 @@ async function measureVariant(variant: DensityVariant, tmp: TempDir, image: { ke
     const leftovers = Object.entries(left).filter(([, v]) => Array.isArray(v) && v.length > 0);
     if (leftovers.length > 0) process.stderr.write(`      [density] ${variant.name}: left behind: ${JSON.stringify(Object.fromEntries(leftovers))}\n`);
     sub.cleanup();
+    await variant.teardown?.(config, env);
   }
   return result;
 }
