@@ -345,6 +345,10 @@ export interface QemuSection {
    */
   accelerator: 'auto' | 'kvm' | 'tcg';
   /**
+   * Ours, not Kata's. Size in MiB of QEMU's TCG translation buffer (-accel tcg,tb-size=N) when the VM runs under TCG; 0 leaves QEMU's default (1 GiB, which a guest fills as it runs new code). Ignored under KVM.
+   */
+  tcg_tb_size: number;
+  /**
    * Ours, not Kata's. Number of pcie-root-port devices reserved for virtio-blk hot-plug (one disk each); 0 disables virtio-blk hot-plug. Not used with block_device_driver = "virtio-scsi", whose disks go on the virtio-scsi controller.
    */
   hotplug_root_ports: number;

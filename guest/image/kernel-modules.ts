@@ -55,6 +55,9 @@ export const GUEST_MODULES: readonly string[] = Object.freeze([
   // ACPI power button as an input event (QMP system_powerdown), read by busybox acpid
   'evdev',
   'button',
+  // virtio-balloon's free-page reporting (reclaim_guest_freed_memory): freed guest pages, the
+  // initramfs once unpacked first, go back to the host (the kernel has CONFIG_PAGE_REPORTING=y)
+  'virtio_balloon',
 ]);
 
 /** Module name as the kernel spells it: `crc32c-intel.ko.xz` → `crc32c_intel`. */

@@ -112,7 +112,10 @@ export function renderQemuArgv(spec: QemuLaunchSpec, opts: RenderOptions): strin
     machineOptions['memory-backend'] = QEMU_IDS.ramBackend;
   }
   argv.push('-machine', formatQemuOption({ type: spec.machine.type, props: machineOptions }));
-  argv.push('-accel', opts.accelerator);
+  // The translation buffer only exists under TCG; QEMU's default (1 GiB) fills up as the guest runs
+  // new code and is never given back, so a small guest is better served by a small one.
+  const tb = spec.tcgTbSizeMiB ?? 0;
+  argv.push('-accel', opts.accelerator === 'tcg' && tb > 0 ? `tcg,tb-size=${tb}` : opts.accelerator);
 
   // `-cpu host` needs KVM; `max` is TCG's "everything it can emulate".
   const model = spec.cpu.model === 'host' && opts.accelerator === 'tcg' ? 'max' : spec.cpu.model;

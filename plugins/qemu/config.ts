@@ -82,6 +82,8 @@ export const QEMU_IDS = Object.freeze({
   vsockDevice: 'vsock0',
   /** Guest RAM backend when memory is shared. */
   ramBackend: 'guest-ram',
+  /** The virtio-balloon device (free-page reporting, reclaim_guest_freed_memory). */
+  balloon: 'balloon0',
   /** Prefix of the hot-plug root ports: rp0, rp1, … */
   hotplugPortPrefix: 'rp',
   /** The virtio-scsi controller hot-plugged SCSI disks go on (its bus is `scsi0.0`). */

@@ -57,6 +57,8 @@ export interface QemuLaunchSpec {
   machine: { type: string; options: Record<string, QemuPropValue> };
   /** `auto` is resolved when the VM starts: KVM when it can run a standard guest, else TCG. */
   accelerator: 'auto' | 'kvm' | 'tcg';
+  /** TCG's translation buffer, MiB (`-accel tcg,tb-size=N`) when the VM runs under TCG; absent or 0: QEMU's default. */
+  tcgTbSizeMiB?: number;
   cpu: { model: string; features: string };
   smp: { cpus: number; maxcpus: number };
   memory: {
@@ -97,7 +99,7 @@ export function isQemuSpec(native: unknown): native is QemuLaunchSpec {
 }
 
 /** Device kinds this plugin renders; each is declared as a `render:device:<kind>` capability. */
-export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller', 'net', 'debug-console'] as const);
+export const QEMU_DEVICE_KINDS = Object.freeze(['disk', 'vhost-user-fs', '9p', 'agent-channel', 'console', 'rng', 'scsi-controller', 'net', 'debug-console', 'balloon'] as const);
 
 export interface HostResources {
   readonly cpus: number;
@@ -168,6 +170,9 @@ export function describeQemuVm(cfg: KataConfig, caps: ReadonlyCapabilities, host
   if (nonEmpty(hv.entropy_source)) devices.push({ kind: 'rng', source: hv.entropy_source });
   // Kata: agent.debug_console on the kernel command line; here a second port on the agent's virtio-serial bus.
   if (cfg.agent.debug_console_enabled) devices.push({ kind: 'debug-console', transport: 'virtio-serial', socket: SANDBOX_PATHS.debugConsoleSocket, name: DEBUG_CONSOLE_CHANNEL_NAME });
+  // Kata's reclaim_guest_freed_memory: a balloon that is never inflated, whose free-page reporting
+  // hands the pages the guest frees (the initramfs once unpacked, exited containers) back to the host.
+  if (hv.reclaim_guest_freed_memory && caps.has('balloon')) devices.push({ kind: 'balloon', freePageReporting: true });
   if (hv.shared_fs === 'virtio-9p') devices.push({ kind: '9p', path: SANDBOX_PATHS.sharedDir, tag: SHARED_MOUNT_TAG });
   // Kata's virtio-scsi: one controller from boot; disks come and go on it as scsi-hd.
   if (caps.has('block-device-hotplug') && hv.block_device_driver === 'virtio-scsi') devices.push({ kind: 'scsi-controller', id: QEMU_IDS.scsiController });
@@ -214,12 +219,13 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
     machine: { type: hv.machine_type, options: machineOptions },
     // A TD needs KVM with TDX; no software emulation.
     accelerator: tdx ? 'kvm' : hv.accelerator,
+    tcgTbSizeMiB: hv.tcg_tb_size,
     // `host` is Kata's model; the renderer turns it into `max` under TCG, where `host` does not exist.
     cpu: { model: 'host', features: hv.cpu_features },
     smp: { cpus: vm.cpus.boot, maxcpus: vm.cpus.hotplug ? vm.cpus.max : vm.cpus.boot },
     memory: renderMemory(hv, vm, nvdimmImage),
     kernel: vm.kernel,
-    append: appendLine(hv, image && (nvdimmImage ? 'nvdimm' : 'virtio-blk'), image?.fstype ?? hv.rootfs_type, vm.kernelParams),
+    append: appendLine(hv, image && (nvdimmImage ? 'nvdimm' : 'virtio-blk'), image?.fstype ?? hv.rootfs_type, [...noBounceBuffer(vm), ...vm.kernelParams]),
     objects: [],
     chardevs: [],
     devices: [],
@@ -244,6 +250,9 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
   for (const c of of('console').slice(0, 1)) renderConsole(spec, c);
   for (const a of of('agent-channel').slice(0, 1)) renderAgentChannel(spec, a);
   for (const d of of('debug-console').slice(0, 1)) renderDebugConsole(spec, d);
+  for (const b of of('balloon').slice(0, 1)) {
+    spec.devices.push({ type: 'virtio-balloon-pci', id: QEMU_IDS.balloon, props: b.freePageReporting ? { 'free-page-reporting': true } : {} });
+  }
   for (const [i, r] of of('rng').entries()) {
     const suffix = i === 0 ? '' : String(i);
     spec.objects.push({ type: 'rng-random', id: `${QEMU_IDS.rngObject}${suffix}`, props: { filename: r.source } });
@@ -361,6 +370,18 @@ export function parseMachineAccelerators(value: string): Record<string, QemuProp
 
 export function hotplugPortIds(count: number): string[] {
   return Array.from({ length: count }, (_, i) => `${QEMU_IDS.hotplugPortPrefix}${i}`);
+}
+
+/**
+ * `swiotlb=noforce` unless the guest needs bounce buffers. With memory hot-plug (maxmem above 4 GiB)
+ * the guest kernel sets up the 64 MiB swiotlb and zeroes it at boot, so the host backs it for the
+ * VM's lifetime; virtio devices never bounce. A confidential guest (TDX) bounces every DMA through
+ * it, and a swiotlb= of the configuration's kernel_params is the user's choice.
+ */
+export function noBounceBuffer(vm: Pick<VmDescription, 'confidential' | 'kernelParams'>): string[] {
+  if (vm.confidential !== null) return [];
+  if (vm.kernelParams.some((p) => /(^|\s)swiotlb=/.test(p))) return [];
+  return ['swiotlb=noforce'];
 }
 
 /** Base parameters, the root= parameters for a disk image, then the user's kernel_params (last, so they win). */

@@ -94,6 +94,7 @@ describe('renderQemuLaunchSpec', () => {
     'scsi-controller': 'virtio-scsi-pci',
     net: 'virtio-net-pci',
     'debug-console': 'virtserialport',
+    balloon: 'virtio-balloon-pci',
   };
 
   it('renders a device for every intent kind it declares it can render', async () => {
@@ -105,6 +106,7 @@ describe('renderQemuLaunchSpec', () => {
       { kind: '9p', path: '/srv/shared', tag: 'nine' },
       { kind: 'scsi-controller', id: 'scsi0' },
       { kind: 'net', id: 'net0', tap: 'tap0_kata', mac: '02:42:c0:00:02:02', mtu: 1500 },
+      { kind: 'balloon', freePageReporting: false },
     );
     const spec = renderQemuLaunchSpec(vm, cfg, caps());
     assert.deepEqual(Object.keys(RENDERED_AS).sort(), [...QEMU_DEVICE_KINDS].sort());
@@ -123,6 +125,35 @@ describe('renderQemuLaunchSpec', () => {
     assert.match(argv[argv.indexOf('-append') + 1] as string, /(^| )agent\.debug_console( |$)/);
     const off = renderQemuArgv(buildQemuLaunchSpec(await configOf(), caps(), HOST).spec, { accelerator: 'tcg' });
     assert.ok(!off.some((a) => a.includes('debug')), off.join(' '));
+  });
+
+  it('sizes the TCG translation buffer with tcg_tb_size under TCG only, and leaves QEMU\'s default for 0', async () => {
+    const accel = (argv: string[]) => argv[argv.indexOf('-accel') + 1];
+    const small = buildQemuLaunchSpec(await configOf('tcg_tb_size = 48'), caps(), HOST).spec;
+    assert.equal(accel(renderQemuArgv(small, { accelerator: 'tcg' })), 'tcg,tb-size=48');
+    assert.equal(accel(renderQemuArgv(small, { accelerator: 'kvm' })), 'kvm');
+    const unset = buildQemuLaunchSpec(await configOf(), caps(), HOST).spec;
+    assert.equal(accel(renderQemuArgv(unset, { accelerator: 'tcg' })), 'tcg');
+  });
+
+  it('adds a free-page-reporting virtio-balloon for reclaim_guest_freed_memory when the balloon capability is there', async () => {
+    const on = await configOf('reclaim_guest_freed_memory = true');
+    const argv = renderQemuArgv(buildQemuLaunchSpec(on, caps('balloon'), HOST).spec, { accelerator: 'tcg' });
+    assert.ok(argv.includes('virtio-balloon-pci,id=balloon0,free-page-reporting=on'), argv.join(' '));
+    // tdx removes the capability (a TD's private memory never goes back to the host).
+    assert.ok(!buildQemuLaunchSpec(on, caps(), HOST).spec.devices.some((d) => d.type === 'virtio-balloon-pci'));
+    assert.ok(!buildQemuLaunchSpec(await configOf(), caps('balloon'), HOST).spec.devices.some((d) => d.type === 'virtio-balloon-pci'));
+  });
+
+  it('turns the guest\'s swiotlb off (swiotlb=noforce), except for a confidential guest or a swiotlb= the user gave', async () => {
+    const words = (spec: { append: string }) => spec.append.split(' ');
+    const cfg = await configOf();
+    assert.ok(words(buildQemuLaunchSpec(cfg, caps(), HOST).spec).includes('swiotlb=noforce'));
+    const own = buildQemuLaunchSpec(await configOf('kernel_params = "swiotlb=4096"'), caps(), HOST).spec;
+    assert.deepEqual(words(own).filter((w) => w.startsWith('swiotlb')), ['swiotlb=4096']);
+    const { vm } = describeQemuVm(cfg, caps(), HOST);
+    vm.confidential = { tee: 'tdx', firmware: '/fw/tdvf.fd', accessPlatform: true };
+    assert.ok(!words(renderQemuLaunchSpec(vm, cfg, caps())).some((w) => w.startsWith('swiotlb')));
   });
 
   it('renders a net intent as a tap netdev without scripts and a virtio-net-pci device with its MAC and MTU', async () => {
