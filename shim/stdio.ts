@@ -75,19 +75,34 @@ export async function openOutput(value: string, what: string): Promise<Writable 
 
 /** Opens the stdin path; undefined when not connected. */
 export async function openInput(value: string): Promise<Readable | undefined> {
-  return (await openStdin(value))?.stream;
+  const stdin = await openStdin(value);
+  if (stdin?.hold !== undefined) close(stdin.hold, () => undefined);
+  return stdin?.stream;
 }
 
-async function openStdin(value: string): Promise<{ stream: Readable; fifo: string | undefined } | undefined> {
+/**
+ * Opens the stdin path to read it and, for a FIFO, a write end of the shim's own (`hold`). That
+ * one is opened through /proc/self/fd of the read end, so it is the very pipe being read even if
+ * the path was replaced meanwhile; after the read end, since a non-blocking write open of a FIFO
+ * without a reader fails (ENXIO).
+ */
+async function openStdin(value: string): Promise<{ stream: Readable; hold: number | undefined } | undefined> {
   if (!value) return undefined;
   const file = stdioPath(value, 'stdin');
   const { fd, fifo } = await openPath(file, constants.O_RDONLY | constants.O_NONBLOCK, 'stdin');
   if (fifo) {
+    let hold: number | undefined;
+    try {
+      if ((await fstatFd(fd)).isFIFO()) hold = await openFd(`/proc/self/fd/${fd}`, constants.O_WRONLY | constants.O_NONBLOCK);
+    } catch (e) {
+      await closeFd(fd);
+      throw new KataError('KATA_ERR_SHIM', `cannot open a write end of the task's stdin FIFO ${file}: ${(e as Error).message}`, { fix: 'check that /proc is mounted in the shim\'s mount namespace', cause: e });
+    }
     const sock = new net.Socket({ fd, readable: true, writable: false });
     sock.on('error', () => undefined);
-    return { stream: sock, fifo: file };
+    return { stream: sock, hold };
   }
-  return { stream: createReadStream('', { fd }).on('error', () => undefined), fifo: undefined };
+  return { stream: createReadStream('', { fd }).on('error', () => undefined), hold: undefined };
 }
 
 /** The three streams of one process, opened together and closed together. */
@@ -112,10 +127,7 @@ export class TaskIo {
       const stderr = paths.stderr === paths.stdout ? stdout : await openOutput(paths.stderr, 'stderr');
       if (stderr && stderr !== stdout) opened.push(stderr);
       const stdin = await openStdin(paths.stdin);
-      if (stdin) opened.push(stdin.stream);
-      // Opened after the read end: a non-blocking write open of a FIFO without a reader fails (ENXIO).
-      const hold = stdin?.fifo ? (await openPath(stdin.fifo, constants.O_WRONLY | constants.O_NONBLOCK, 'stdin')).fd : undefined;
-      return new TaskIo(stdin?.stream, stdout, stderr, hold);
+      return new TaskIo(stdin?.stream, stdout, stderr, stdin?.hold);
     } catch (e) {
       for (const s of opened) s.destroy();
       throw e;

@@ -615,7 +615,7 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       await within(fake.stdinEnd.promise, "the exec's stdin ending");
     });
 
-    it('holds one write end of the stdin FIFO until CloseIO, and none once the process has exited (no fd leak)', async () => {
+    it('holds one write end of the stdin FIFO until CloseIO, and none once the process has exited or was deleted (no fd leak)', async () => {
       await harness();
       // The service runs in this process: its fds are ours. The client's writer is the test's own.
       const held = (fifo: string) => readdirSync('/proc/self/fd').filter((fd) => {
@@ -638,6 +638,12 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       h.container('c1').execs.get('e1')!.exit(1); // exits without any CloseIO
       await within(h.task.Wait({ id: 'c1', execId: 'e1' }), 'Wait');
       await until('the shim\'s reader and writer of the exec closing', () => held(eio.paths.stdin) === client);
+
+      const never = h.io('e2', { stdin: true, stdout: true });
+      await h.exec('c1', 'e2', { io: never });
+      assert.equal(held(never.paths.stdin), client + 2);
+      await within(h.task.Delete({ id: 'c1', execId: 'e2' }), 'Delete of an exec never started');
+      await until('the shim\'s reader and writer of the deleted exec closing', () => held(never.paths.stdin) === client);
 
       await within(h.task.CloseIO({ id: 'c1', stdin: true }), 'CloseIO');
       assert.equal(held(io.paths.stdin), client + 1, 'CloseIO closes the shim\'s writer; the reader stays for what the client still writes');
