@@ -473,8 +473,8 @@ export class TaskService {
     const guest = proc.guest!;
     const out = TaskIo.copy(guest.stdout, proc.io.stdout);
     const err = TaskIo.copy(guest.stderr, proc.io.stderr);
-    // The stdin FIFO's EOF (the client closed it) ends the process's stdin; so does CloseIO,
-    // once what was written before it has been passed on.
+    // The stdin FIFO's EOF ends the process's stdin; it comes only after CloseIO (the shim holds a
+    // write end until then), once the client has closed its end too and what it wrote is passed on.
     if (proc.io.stdin) proc.io.stdin.pipe(guest.stdin);
     else guest.stdin.end();
     if (proc.stdinClosed) this.#closeStdin(proc);
@@ -625,6 +625,7 @@ export class TaskService {
   async closeIO(req: { id: string; execId: string; stdin: boolean }): Promise<object> {
     const p = this.#process(req.id, req.execId);
     if (!req.stdin) return {};
+    p.io.releaseStdin();
     p.stdinClosed = true;
     if (p.guest) this.#closeStdin(p);
     return {};
@@ -632,8 +633,8 @@ export class TaskService {
 
   /**
    * Ends a process's stdin after CloseIO. The client closes its FIFO writer once its copy is done,
-   * and that EOF ends stdin through the pipe with nothing lost; if it does not come, stdin is ended
-   * anyway after a grace period.
+   * and, the shim's own write end being closed by now, that EOF ends stdin through the pipe with
+   * nothing lost; if it does not come, stdin is ended anyway after a grace period.
    */
   #closeStdin(p: TaskProcess): void {
     const guest = p.guest!;

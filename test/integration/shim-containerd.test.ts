@@ -10,14 +10,14 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { ensureGuestImage } from '../helpers/guest.js';
 import { TempDir } from '../helpers/tmp.js';
-import { until as untilFast } from '../helpers/wait.js';
-import { processesMentioning } from '../helpers/procs.js';
+import { until as untilFast, within } from '../helpers/wait.js';
+import { liveProcesses, processesMentioning } from '../helpers/procs.js';
 import { shimBinDir, shimConfig } from '../helpers/shim.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
@@ -25,6 +25,23 @@ const RUNTIME = 'io.containerd.kata.v2';
 /** Processes whose command line names `dir` (QEMU of a sandbox whose run directory is under it). */
 function processesUnder(dir: string): string[] {
   return processesMentioning(`${dir}/`).map((p) => `${p.pid}: ${p.argv.slice(0, 3).join(' ')}`);
+}
+
+/** The fds of process `pid` open on a stdio FIFO named `<name>-stdin` (ctr names them `<id>-stdin`). */
+function stdinFifoFds(pid: number, name: string): string[] {
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return [];
+  }
+  return fds.filter((fd) => {
+    try {
+      return path.basename(readlinkSync(`/proc/${pid}/fd/${fd}`)).replace(/ \(deleted\)$/, '') === `${name}-stdin`;
+    } catch {
+      return false;
+    }
+  });
 }
 
 /** Polls every 200 ms (probes here run ctr or scan /proc), for up to a minute unless told. */
@@ -58,6 +75,33 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
   /** The run directory of a sandbox: the shim keeps each containerd namespace's apart. */
   const sandboxDir = (id: string) => path.join(runRoot, c().namespace, id);
   const why = (r: { stdout: string; stderr: string }) => `stdout: ${r.stdout}\nstderr: ${r.stderr}\n--- containerd log ---\n${c().logTail(40)}`;
+  /** The pid of the shim serving sandbox `id` (containerd starts it with `-namespace <ns> … -id <id>`). */
+  const shimPid = (id: string): number => {
+    const shims = liveProcesses().filter((p) => p.argv.some((a) => a.endsWith('containerd-shim-kata-v2')) && p.argv.includes(c().namespace) && p.argv[p.argv.indexOf('-id') + 1] === id && !p.argv.includes('start'));
+    assert.equal(shims.length, 1, `one shim for ${id}: ${JSON.stringify(shims.map((p) => p.argv.join(' ')))}`);
+    return shims[0]!.pid;
+  };
+  /** A ctr client the test drives itself: stdin a pipe it holds, stdout and stderr collected. */
+  const ctrClient = (args: string[]) => {
+    const child = spawn('ctr', ['-a', c().socket, '-n', c().namespace, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const client = { child, stdout: '', stderr: '', exit: new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code))) };
+    child.stdin.on('error', () => undefined);
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (client.stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (client.stderr += d));
+    return client;
+  };
+  /** Kills a ctr client this test started, if it still runs. */
+  const stopClient = (client: ReturnType<typeof ctrClient>) => {
+    if (client.child.exitCode === null && client.child.signalCode === null) client.child.kill('SIGKILL');
+  };
+  /** Removes a container and its task whatever state they are in; waits for its VM to go. */
+  const removeContainer = async (id: string) => {
+    await c().ctr(['task', 'kill', '-s', 'SIGKILL', id]);
+    await until('the task to stop', async () => !new RegExp(`^${id}\\s+\\d+\\s+RUNNING`, 'm').test((await c().ctr(['task', 'ls'])).stdout));
+    await c().ctr(['task', 'rm', id]);
+    await c().ctr(['container', 'rm', id]);
+    await until('the VM to go', () => processesUnder(sandboxDir(id)).length === 0, 30_000);
+  };
 
   it('ctr run --rm echo hello prints hello', async () => {
     const r = await c().run('hello', ['echo', 'hello'], { runtime: RUNTIME, timeoutMs: 120_000 });
@@ -76,6 +120,45 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     const r = await c().run('stdin', ['sh', '-c', 'read line; echo "got:$line"'], { runtime: RUNTIME, input: 'piped-in\n', timeoutMs: 120_000 });
     assert.equal(r.code, 0, why(r));
     assert.equal(r.stdout, 'got:piped-in\n', why(r));
+  });
+
+  it('ends a process that reads to EOF (cat) once ctr\'s stdin ends: ctr sends CloseIO', async () => {
+    const r = await c().run('stdincat', ['cat'], { runtime: RUNTIME, input: 'piped-in\nsecond line\n', timeoutMs: 120_000 });
+    assert.equal(r.timedOut, false, why(r));
+    assert.equal(r.code, 0, why(r));
+    assert.equal(r.stdout, 'piped-in\nsecond line\n', why(r));
+  });
+
+  it('ctr run -d, then ctr task attach (no terminal): input reaches the container, again after the first client was killed, and the exit code comes back', async () => {
+    const id = 'attach';
+    const loop = 'while read -r line; do [ "$line" = quit ] && exit 6; echo "got=$line"; done; echo stdin-ended; exit 9';
+    // ctr run -d's stdin stays open until it has returned: its EOF would be a CloseIO.
+    const start = ctrClient(['run', '-d', '--fifo-dir', c().fifoDir, '--runtime', RUNTIME, BUSYBOX_IMAGE, id, 'sh', '-c', loop]);
+    const clients = [start];
+    try {
+      assert.equal(await start.exit, 0, why(start));
+      start.child.stdin.end();
+      const attach = async () => {
+        const client = ctrClient(['task', 'attach', id]);
+        clients.push(client);
+        await until('ctr task attach to open the stdin FIFO', () => stdinFifoFds(client.child.pid!, id).length > 0, 30_000);
+        return client;
+      };
+      const first = await attach();
+      first.child.stdin.write('one\n');
+      await until('the first client\'s line echoed', () => first.stdout.includes('got=one\n'), 30_000);
+      first.child.kill('SIGKILL'); // detached: its FIFO ends go, no CloseIO
+      await first.exit;
+      const second = await attach();
+      second.child.stdin.write('two\n');
+      await until('the second client\'s line echoed', () => second.stdout.includes('got=two\n'), 30_000);
+      second.child.stdin.write('quit\n');
+      assert.equal(await second.exit, 6, why(second));
+      assert.doesNotMatch(first.stdout + second.stdout, /stdin-ended/, 'the first client leaving did not end stdin');
+    } finally {
+      for (const client of clients) stopClient(client);
+      await removeContainer(id);
+    }
   });
 
   it('refuses kata-runtime exec with KATA_ERR_DEBUG_CONSOLE when the debug console is off (the default)', async () => {
@@ -132,6 +215,45 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       assert.match(out, /^size2=50 132$/m, out);
       assert.match(out, /^EXIT=7$/m, out);
       await until('the VM to go', () => processesUnder(sandboxDir('tty1')).length === 0, 30_000);
+    });
+
+    it('ctr run -d -t, then ctr task attach: typed input reaches the container and its output comes back, attaching again after the client was killed, the exit code', async () => {
+      const id = 'ttyattach';
+      const loop = 'while read -r line; do [ "$line" = quit ] && exit 6; echo "got=$line"; done; echo stdin-ended; exit 9';
+      session('start', 80, 24, ctrArgs(['run', '-d', '-t', '--fifo-dir', c().fifoDir, '--runtime', RUNTIME, BUSYBOX_IMAGE, id, 'sh', '-c', loop]));
+      try {
+        await until('ctr run -d -t to return', () => /EXIT=/.test(screen('start')), 120_000);
+        assert.match(screen('start'), /^EXIT=0$/m, screen('start'));
+        /** Starts `ctr task attach` in a tmux session; resolves with its pid once it holds the stdin FIFO. */
+        const attach = async (name: string) => {
+          session(name, 80, 24, ctrArgs(['task', 'attach', id]));
+          const pane = Number(spawnSync('tmux', ['-S', tmux, 'list-panes', '-t', name, '-F', '#{pane_pid}'], { encoding: 'utf8' }).stdout.trim());
+          let pid = 0;
+          await until(`ctr task attach (${name}) to open the stdin FIFO`, () => {
+            pid = liveProcesses().find((p) => p.ppid === pane && p.comm === 'ctr')?.pid ?? 0;
+            return pid > 0 && stdinFifoFds(pid, id).length > 0;
+          }, 30_000);
+          return pid;
+        };
+        const type = (name: string, keys: string) => assert.equal(spawnSync('tmux', ['-S', tmux, 'send-keys', '-t', name, keys, 'Enter']).status, 0);
+        const first = await attach('attach1');
+        type('attach1', 'one');
+        await until('the first line echoed', () => /^got=one$/m.test(screen('attach1')), 30_000);
+        process.kill(first, 'SIGKILL'); // the client goes away: no CloseIO
+        await until('the first client to end', () => /EXIT=/.test(screen('attach1')), 30_000);
+        await attach('attach2');
+        type('attach2', 'two');
+        await until('the second line echoed', () => /^got=two$/m.test(screen('attach2')), 30_000);
+        type('attach2', 'quit');
+        await until('the exit', () => /EXIT=/.test(screen('attach2')), 60_000);
+        const out = screen('attach2');
+        assert.match(out, /^two$/m, `the terminal echoes the input: ${out}`);
+        assert.match(out, /^EXIT=6$/m, out);
+        assert.doesNotMatch(screen('attach1') + out, /stdin-ended/, 'the first client leaving did not end stdin');
+      } finally {
+        for (const name of ['start', 'attach1', 'attach2']) spawnSync('tmux', ['-S', tmux, 'kill-session', '-t', name]);
+        await removeContainer(id);
+      }
     });
 
     it('ctr task exec -t: a terminal of the client\'s size in a running container, input echoed and read, the exit code', async () => {
@@ -206,6 +328,21 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
       const r = await c().ctr(['task', 'exec', '--exec-id', 'e1', id, 'sh', '-c', 'echo from-exec; ls /proc/1/cmdline >/dev/null; exit 5']);
       assert.equal(r.code, 5, why(r));
       assert.equal(r.stdout, 'from-exec\n', why(r));
+    });
+
+    it('ends an exec reading to EOF once ctr task exec\'s stdin ends; the shim holds its stdin FIFO (reader and own writer) only while it runs', async () => {
+      const shim = shimPid(id);
+      const exec = ctrClient(['task', 'exec', '--fifo-dir', c().fifoDir, '--exec-id', 'cat1', id, 'cat']);
+      try {
+        exec.child.stdin.write('to-exec\n');
+        await until('the exec\'s output', () => exec.stdout === 'to-exec\n', 30_000);
+        assert.equal(stdinFifoFds(shim, 'cat1').length, 2, 'the shim\'s read end and its own write end');
+        exec.child.stdin.end();
+        assert.equal(await within(exec.exit, 'ctr task exec to end', 30_000), 0, why(exec));
+        await until('the shim to close its ends of the exec\'s stdin FIFO', () => stdinFifoFds(shim, 'cat1').length === 0, 10_000);
+      } finally {
+        stopClient(exec);
+      }
     });
 
     // runc fails the exec's Start at once ("exec: ... no such file or directory"); so must we.

@@ -293,6 +293,17 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       }
     });
 
+    it('Exec with stdin and no terminal (kubectl exec -i): the client leaving ends the process\'s stdin (containerd sends CloseIO) after what it sent', async () => {
+      const r = await api().runtime('Exec', { container_id: containers.hello, cmd: ['sh', '-c', `: ${marker}; cat > /tmp/exec-stdin; echo eof >> /tmp/exec-stdin`], tty: false, stdin: true, stdout: true, stderr: true });
+      const stream = await CriExecStream.open(r.url as string);
+      stream.write('from the client\n');
+      stream.close();
+      await until('the exec to read to EOF', async () => {
+        const cat = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['cat', '/tmp/exec-stdin'], timeout: 30 });
+        return Buffer.from(cat.stdout as Uint8Array).toString() === 'from the client\neof\n';
+      }, 30_000);
+    });
+
     it('leaves no exec process behind in the container; ExecSync still works after them', async () => {
       await until('the streamed execs to be gone from the container', async () => {
         const r = await api().runtime('ExecSync', { container_id: containers.hello, cmd: ['ps', '-o', 'pid,args'], timeout: 30 });
@@ -328,6 +339,21 @@ describe("containerd-shim-kata-v2 under containerd's CRI plugin @integration", f
       } finally {
         stream.close();
       }
+    });
+
+    it('Attach with stdin_once to a container without a terminal: input reaches it, and the client leaving ends its stdin (CloseIO), so it exits', async () => {
+      await create('once', 'while read -r l; do echo "got: $l"; done; echo "stdin ended"; exit 4', { stdin: true, stdin_once: true, tty: false });
+      const r = await api().runtime('Attach', { container_id: containers.once, stdin: true, tty: false, stdout: true, stderr: true });
+      const stream = await CriExecStream.open(r.url as string);
+      try {
+        stream.write('one\n');
+        await stream.waitFor(/got: one\n/);
+      } finally {
+        stream.close();
+      }
+      const s = await exited('once', 60_000);
+      assert.equal(s.exit_code, 4, log());
+      assert.deepEqual(logLines('once'), ['stdout F got: one', 'stdout F stdin ended']);
     });
 
     it('StopContainer delivers SIGTERM before the timeout; the container is EXITED with 143', async () => {

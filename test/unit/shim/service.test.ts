@@ -14,7 +14,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { silentLogger } from '../../../core/logger.js';
@@ -572,7 +572,7 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       assert.equal(fake.stdinText, first + second);
     });
 
-    it('EOF on the stdin FIFO (the writer closes) ends the process stdin, without CloseIO', async () => {
+    it('the client closing its stdin writer is no EOF: a later writer (ctr task attach) reaches the process, and CloseIO ends its stdin', async () => {
       await harness();
       const io = h.io('c1', { stdin: true, stdout: true });
       await h.create('c1', { io });
@@ -580,10 +580,76 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       const fake = h.container('c1');
       io.stdin!.write('abc');
       await until('stdin bytes at the process', () => fake.stdinText === 'abc');
-      assert.equal(fake.stdinEnded, false, 'stdin stays open while the writer does');
+      io.stdin!.close(); // `ctr run -d -t` exits: its writer goes, without CloseIO
+      await settle(100);
+      assert.equal(fake.stdinEnded, false, "the first client leaving does not end the process's stdin");
+      const again = new FifoWriter(io.paths.stdin); // `ctr task attach` opens the same FIFO
+      try {
+        again.write('def');
+        await until('the second client\'s bytes at the process', () => fake.stdinText === 'abcdef');
+        again.close();
+        await settle(100);
+        assert.equal(fake.stdinEnded, false, 'nor does the second one leaving');
+        await within(h.task.CloseIO({ id: 'c1', stdin: true }), 'CloseIO');
+        await within(fake.stdinEnd.promise, "the process's stdin ending");
+        assert.equal(fake.stdinText, 'abcdef');
+      } finally {
+        again.close();
+      }
+    });
+
+    it('an exec\'s stdin outlives its client too and ends on its CloseIO', async () => {
+      await harness();
+      await h.create('c1');
+      await h.task.Start({ id: 'c1' });
+      const io = h.io('e1', { stdin: true, stdout: true });
+      await h.exec('c1', 'e1', { io });
+      await h.task.Start({ id: 'c1', execId: 'e1' });
+      const fake = h.container('c1').execs.get('e1')!;
+      io.stdin!.write('x');
       io.stdin!.close();
-      await within(fake.stdinEnd.promise, "the process's stdin ending");
-      assert.equal(fake.stdinText, 'abc');
+      await until('stdin bytes at the exec', () => fake.stdinText === 'x');
+      await settle(100);
+      assert.equal(fake.stdinEnded, false);
+      await within(h.task.CloseIO({ id: 'c1', execId: 'e1', stdin: true }), 'CloseIO');
+      await within(fake.stdinEnd.promise, "the exec's stdin ending");
+    });
+
+    it('holds one write end of the stdin FIFO until CloseIO, and none once the process has exited or was deleted (no fd leak)', async () => {
+      await harness();
+      // The service runs in this process: its fds are ours. The client's writer is the test's own.
+      const held = (fifo: string) => readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${fd}`) === fifo;
+        } catch {
+          return false; // closed meanwhile (readdir's own fd)
+        }
+      }).length;
+      const io = h.io('c1', { stdin: true, stdout: true });
+      const client = 1;
+      await h.create('c1', { io });
+      assert.equal(held(io.paths.stdin), client + 2, 'the client\'s writer, the shim\'s reader and its own writer');
+      await h.task.Start({ id: 'c1' });
+
+      const eio = h.io('e1', { stdin: true, stdout: true });
+      await h.exec('c1', 'e1', { io: eio });
+      await h.task.Start({ id: 'c1', execId: 'e1' });
+      assert.equal(held(eio.paths.stdin), client + 2);
+      h.container('c1').execs.get('e1')!.exit(1); // exits without any CloseIO
+      await within(h.task.Wait({ id: 'c1', execId: 'e1' }), 'Wait');
+      await until('the shim\'s reader and writer of the exec closing', () => held(eio.paths.stdin) === client);
+
+      const never = h.io('e2', { stdin: true, stdout: true });
+      await h.exec('c1', 'e2', { io: never });
+      assert.equal(held(never.paths.stdin), client + 2);
+      await within(h.task.Delete({ id: 'c1', execId: 'e2' }), 'Delete of an exec never started');
+      await until('the shim\'s reader and writer of the deleted exec closing', () => held(never.paths.stdin) === client);
+
+      await within(h.task.CloseIO({ id: 'c1', stdin: true }), 'CloseIO');
+      assert.equal(held(io.paths.stdin), client + 1, 'CloseIO closes the shim\'s writer; the reader stays for what the client still writes');
+      h.container('c1').exit(0);
+      await within(h.task.Wait({ id: 'c1' }), 'Wait');
+      await until('the reader closing too', () => held(io.paths.stdin) === client);
     });
 
     it('no stdin path: the process stdin is closed at Start', async () => {

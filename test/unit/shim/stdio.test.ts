@@ -217,6 +217,34 @@ describe('shim: task stdio (FIFOs, files, log URIs)', () => {
     assert.equal(Buffer.concat(got).toString(), 'typed before the shim read\nmore\n');
   });
 
+  it('TaskIo holds a write end of a stdin FIFO: the client closing its writer is no EOF, releaseStdin then is', async () => {
+    const p = fifo('in');
+    const wfd = openSync(p, fsc.O_RDWR);
+    const io = track(await TaskIo.open({ stdin: p, stdout: '', stderr: '' }));
+    assert.equal(io.holdsStdin, true);
+    const got: Buffer[] = [];
+    let ended = false;
+    io.stdin!.on('data', (d: Buffer) => got.push(d));
+    io.stdin!.once('end', () => (ended = true));
+    writeSync(wfd, 'first client\n');
+    closeSync(wfd);
+    const second = openSync(p, fsc.O_WRONLY | fsc.O_NONBLOCK); // a later client: the shim still reads
+    writeSync(second, 'second client\n');
+    closeSync(second);
+    await until('both clients\' bytes', () => Buffer.concat(got).toString() === 'first client\nsecond client\n');
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(ended, false, 'no EOF while the shim holds its writer');
+    io.releaseStdin();
+    assert.equal(io.holdsStdin, false);
+    await until('EOF on stdin', () => ended);
+    io.releaseStdin(); // twice is harmless
+  });
+
+  it('a regular file as stdin gets no write end of the shim', async () => {
+    const io = track(await TaskIo.open({ stdin: tmp.file('input.txt', 'x'), stdout: '', stderr: '' }));
+    assert.equal(io.holdsStdin, false);
+  });
+
   it('a regular file as stdin is read to its end', async () => {
     const file = tmp.file('input.txt', 'from a file\n');
     const input = track((await openInput(file))!);
