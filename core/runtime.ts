@@ -21,6 +21,7 @@ import { createHooks, type Hooks } from './hooks.js';
 import { silentLogger, type Logger } from './logger.js';
 import { availableParallelism } from 'node:os';
 import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
+import { staticSandboxSizing } from './resources.js';
 import { activationOf, applyPlugin, builtinPlugins, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
 import type { PluginManifest, PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
@@ -190,6 +191,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     };
   }
 
+  if (opts.annotations) problems.push(...applyStaticSizing(data, hypervisorName, opts.annotations, log));
   const config = deepFreeze(buildConfig(data, configPath, hypervisorName, hypervisorTable));
   const caps = new CapabilitySet();
   // The hook's handlers receive per-plugin views of `caps` (see createTapView).
@@ -258,6 +260,29 @@ function thirdPartySpecs(raw: RawConfig): string[] {
  * A confidential guest needs a plugin that provides its TEE (`confidential-guest:<tee>`). Reads
  * raw values (before the shape check); a value of the wrong type is reported by the shape check.
  */
+/**
+ * `static_sandbox_resource_mgmt = true`: the pod's limits (its sandbox annotations) are added to
+ * default_vcpus and default_memory at boot, as Kata does, and the maxima are set to that size so the
+ * VM reserves no hot-plug room (it never hot-plugs).
+ */
+function applyStaticSizing(data: Record<string, unknown>, hypervisorName: string, annotations: Readonly<Record<string, string>>, log: Logger): Problem[] {
+  const runtime = data.runtime as Record<string, unknown>;
+  const hv = (data.hypervisor as Record<string, Record<string, unknown>> | undefined)?.[hypervisorName];
+  if (runtime.static_sandbox_resource_mgmt !== true || !hv) return [];
+  try {
+    const size = staticSandboxSizing({ default_vcpus: Number(hv.default_vcpus), default_memory: Number(hv.default_memory) }, annotations);
+    log.info({ vcpus: size.vcpus, memoryMiB: size.memoryMiB }, 'static_sandbox_resource_mgmt: the VM is sized at boot from the pod\'s annotations');
+    hv.default_vcpus = size.vcpus;
+    hv.default_maxvcpus = size.vcpus;
+    hv.default_memory = size.memoryMiB;
+    hv.default_maxmemory = size.memoryMiB;
+    return [];
+  } catch (e) {
+    const err = e instanceof KataError ? e : new KataError('KATA_ERR_ANNOTATION', String(e));
+    return [{ code: err.code, key: err.key ?? 'runtime.static_sandbox_resource_mgmt', reason: err.text, fix: err.fix }];
+  }
+}
+
 function teeProblems(hv: Record<string, unknown>, table: string, active: readonly LoadedPlugin[], offered: readonly PluginManifest[]): Problem[] {
   if (hv.confidential_guest !== true) return [];
   const tee = (m: PluginManifest) => (m.provides ?? []).filter((r) => r.startsWith('confidential-guest:')).map((r) => r.slice('confidential-guest:'.length));

@@ -23,6 +23,7 @@ import { silentLogger, type Logger } from './logger.js';
 import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js';
 import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
+import { SandboxResources, type ResourceDemand } from './resources.js';
 import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
 import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit } from './vm.js';
 import { IPFamily } from '../wire/agent/proto.gen.js';
@@ -69,6 +70,8 @@ export interface ContainerSpec {
    * mounts of host paths (volumes) are shared with the guest through the shared filesystem.
    */
   readonly mounts?: readonly MountSpec[];
+  /** The container's CPU and memory limits (OCI `linux.resources`), which size the VM (core/resources.ts). */
+  readonly demand?: ResourceDemand;
 }
 
 export interface SandboxOptions extends LaunchOptions {
@@ -186,6 +189,7 @@ export class Container extends GuestProcess {
     this.sandbox.forget(this.id);
     const errors: unknown[] = [];
     await this.sandbox.agent.removeContainer({ containerId: this.id, timeout: 10 }).catch((e: unknown) => errors.push(e));
+    await this.sandbox.resources.release(this.id);
     // Volumes first: they live inside the directory the rootfs share removes.
     await this.volumes.detach().catch((e: unknown) => errors.push(e));
     await this.attachment.detach().catch((e: unknown) => errors.push(e));
@@ -232,6 +236,8 @@ export class Sandbox {
   readonly #containers = new Map<string, Container>();
   readonly #oomListeners = new Set<OomListener>();
   readonly #oomEvents: OomEventLoop;
+  /** The containers' limits and the VM size they led to (hot-plug). */
+  readonly resources: SandboxResources;
   #failure: KataError | undefined;
   #stopping: Promise<VmExit> | undefined;
 
@@ -242,6 +248,7 @@ export class Sandbox {
     private readonly log: Logger,
   ) {
     this.#oomEvents = new OomEventLoop(agent, { log, onOom: (id) => this.#oomListeners.forEach((l) => l(id)) });
+    this.resources = sandboxResources(running, agent, validated, log);
     void running.exited.then((exit) => {
       if (!exit.expected) {
         this.#failure = exit.error ?? new KataError('KATA_ERR_VM_EXITED', 'the VM ended unexpectedly');
@@ -333,13 +340,31 @@ export class Sandbox {
     return this.validated.hooks.classifyRootfs.call(mounts, this.validated.plan) ?? undefined;
   }
 
+  /**
+   * Grows (or shrinks) the VM for a container's new limits, before the agent applies them: the
+   * shim's Update calls this before UpdateContainer. Fails with KATA_ERR_RESIZE or
+   * KATA_ERR_RESIZE_UNAVAILABLE, the VM unchanged, when it cannot.
+   */
+  async resizeFor(containerId: string, demand: ResourceDemand): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    await this.resources.set(containerId, demand);
+  }
+
   /** Delivers the rootfs and creates the container in the guest (not started). */
   async createContainer(spec: ContainerSpec): Promise<Container> {
     if (this.#failure) throw this.#failure;
     if (!CONTAINER_ID.test(spec.id)) throw new KataError('KATA_ERR_SANDBOX', `invalid container id "${spec.id}"`);
     if (this.#containers.has(spec.id)) throw new KataError('KATA_ERR_SANDBOX', `container "${spec.id}" already exists in sandbox ${this.id}`);
     const ctx: ContainerContext = Object.freeze({ sandbox: this.running.ctx, vm: this.running.vm, containerId: spec.id, rootfs: spec.rootfs });
-    const attachment = (await this.validated.hooks.attachRootfs.promise(ctx)) ?? (await this.#shareRootfs(ctx));
+    // The VM first (Kata's order): a container whose limits cannot be met is refused before anything is attached.
+    if (spec.demand) await this.resources.set(spec.id, spec.demand);
+    let attachment: RootfsAttachment;
+    try {
+      attachment = (await this.validated.hooks.attachRootfs.promise(ctx)) ?? (await this.#shareRootfs(ctx));
+    } catch (e) {
+      await this.resources.release(spec.id);
+      throw e;
+    }
     let volumes: SharedVolumes = NO_VOLUMES;
     try {
       volumes = await this.#shareVolumes(ctx, spec.mounts);
@@ -359,6 +384,7 @@ export class Sandbox {
     } catch (e) {
       await volumes.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the volumes of a container that failed'));
       await attachment.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the rootfs of a container that failed'));
+      await this.resources.release(spec.id);
       throw toKataError(e);
     }
     const c = new Container(this, this.agent, spec.id, attachment, volumes);
@@ -469,6 +495,41 @@ export class Sandbox {
       },
     };
   }
+}
+
+/**
+ * The sandbox's sizing bookkeeping: hot-plug within the plan's ceilings; none with
+ * static_sandbox_resource_mgmt (the VM was sized at boot); and a refusal for a VM that cannot be
+ * resized at all (a confidential guest).
+ */
+function sandboxResources(running: RunningVm, agent: AgentClient, validated: ValidatedConfig, log: Logger): SandboxResources {
+  const { plan, config } = validated;
+  const { cpus, memory } = plan.vm;
+  const vm = running.vm;
+  const mode = config.runtime.static_sandbox_resource_mgmt
+    ? ({ kind: 'static' } as const)
+    : plan.vm.confidential
+      ? ({ kind: 'fixed', why: `a ${plan.vm.confidential.tee.toUpperCase()} trust domain has a fixed vCPU count and memory size (no hot-plug)` } as const)
+      : ({ kind: 'hotplug' } as const);
+  return new SandboxResources(
+    {
+      resizeVcpus: cpus.hotplug && vm.resizeVcpus ? (n) => vm.resizeVcpus!(n) : undefined,
+      resizeMemory: memory.hotplug && vm.resizeMemory ? (mib) => vm.resizeMemory!(mib) : undefined,
+      memoryBlockMiB: async () => Number((await agent.getGuestDetails({ memBlockSize: true })).memBlockSizeBytes / 1048576n),
+      online: (nbCpus, cpuOnly) => agent.onlineCpuMem({ nbCpus, cpuOnly }),
+    },
+    {
+      limits: {
+        bootVcpus: cpus.boot,
+        maxVcpus: cpus.hotplug ? cpus.max : cpus.boot,
+        bootMiB: memory.bootMiB,
+        maxMiB: memory.hotplug ? memory.maxMiB : memory.bootMiB,
+      },
+      mode,
+      keyPrefix: config.hypervisorTable,
+      log,
+    },
+  );
 }
 
 interface SharedVolumes {

@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import type { MountSpec, ProcessSpec } from '../core/sandbox.js';
+import { demandFromOciLinux, type ResourceDemand } from '../core/resources.js';
 
 /** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
 export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';
@@ -30,6 +31,8 @@ export interface BundleSpec {
    * `ctr run --with-ns network:<path>` and CRI set it); undefined for none or a new one.
    */
   readonly netns: string | undefined;
+  /** The CPU and memory limits of `linux.resources`, which size the VM (hot-plug). */
+  readonly demand: ResourceDemand;
 }
 
 type Json = Record<string, unknown>;
@@ -110,6 +113,7 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
     process,
     terminal,
     netns: networkNamespace(spec.linux, file),
+    demand: demandFromOciLinux(spec.linux),
     mounts: parseMounts(spec.mounts, file),
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,

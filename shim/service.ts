@@ -324,6 +324,7 @@ export class TaskService {
         process: withTerminal(spec.process, terminal),
         ...(spec.mounts.length > 0 ? { mounts: spec.mounts } : {}),
         ...(spec.hostname ? { hostname: spec.hostname } : {}),
+        demand: spec.demand,
       });
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal };

@@ -40,6 +40,7 @@ import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
+import { CpuMemoryHotplug } from './resize.js';
 
 /** The pid file the driver writes in the run directory. */
 export const PID_FILE = 'qemu.pid';
@@ -103,6 +104,7 @@ export class QemuVm implements VmHandle {
   #stopRequested = false;
   #qmp: QmpClient | undefined;
   #hotplug: BlockHotplug | undefined;
+  #resize: CpuMemoryHotplug | undefined;
   #accelerator: { accelerator: Accelerator; reason: string } | undefined;
   /** Files QEMU or the driver create in the run directory, removed by stop(). */
   #created: string[] = [];
@@ -158,6 +160,16 @@ export class QemuVm implements VmHandle {
     return this.#running('unplug a disk').unplug(id, opts);
   }
 
+  /** Hot-plugs vCPUs up to `n` (device_add of the CPUs query-hotpluggable-cpus offers), or unplugs hot-plugged ones down to it. */
+  async resizeVcpus(n: number): Promise<number> {
+    return this.#resizer('resize the vCPUs').resizeVcpus(n);
+  }
+
+  /** Hot-plugs a pc-dimm so that the VM has at least `mib` MiB; memory is never taken back. */
+  async resizeMemory(mib: number): Promise<number> {
+    return this.#resizer('resize the memory').resizeMemory(mib);
+  }
+
   /** Freezes the guest's vCPUs (QMP `stop`); the QEMU process and its devices stay. */
   async pause(): Promise<void> {
     await this.#qmpWhileRunning('pause the VM').execute('stop');
@@ -200,6 +212,12 @@ export class QemuVm implements VmHandle {
         else if (e.event === 'GUEST_PANICKED') this.#log.error({ event: e.event, data: e.data }, 'the guest kernel panicked');
       });
       this.#hotplug = new BlockHotplug(qmp, spec, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      this.#resize = new CpuMemoryHotplug(qmp, spec, this.#log, {
+        maxMiB: this.#ctx.plan.vm.memory.maxMiB,
+        slotsTaken: spec.devices.filter((d) => d.type === 'nvdimm').length,
+        cpuUnplugTimeoutMs: this.#opts.unplugTimeoutMs,
+        cpuUnplug: this.#accelerator.accelerator === 'kvm',
+      });
       if (this.#exit || this.#stopRequested) throw new Error('QEMU exited or was stopped while starting');
       this.#state = 'running';
       this.#log.info(
@@ -372,6 +390,11 @@ export class QemuVm implements VmHandle {
       throw new KataError('KATA_ERR_HOTPLUG', `cannot ${what}: the VM is ${this.#state === 'exited' ? 'no longer running' : this.#state === 'stopping' ? 'stopping' : 'not started'}`, { plugin: PLUGIN_NAME });
     }
     return this.#hotplug;
+  }
+
+  #resizer(what: string): CpuMemoryHotplug {
+    if (this.#state !== 'running' || !this.#resize) throw new KataError('KATA_ERR_HOTPLUG', `cannot ${what}: the VM is ${this.#state}`, { plugin: PLUGIN_NAME });
+    return this.#resize;
   }
 
   async #imageSize(spec: QemuLaunchSpec): Promise<number | undefined> {
