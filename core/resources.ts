@@ -183,6 +183,8 @@ export type SizingMode =
 
 export interface SandboxResourcesOptions {
   readonly limits: SizingLimits;
+  /** The VM's size at start when it is not the limits' boot size (static sizing added the pod's limits to it). */
+  readonly initial?: { readonly vcpus: number; readonly memoryMiB: number };
   readonly mode: SizingMode;
   /** Configuration keys named in errors (`hypervisor.qemu.default_maxvcpus` …). */
   readonly keyPrefix?: string;
@@ -207,8 +209,8 @@ export class SandboxResources {
     this.#target = target;
     this.#opts = opts;
     this.#log = opts.log ?? silentLogger();
-    this.#vcpus = opts.limits.bootVcpus;
-    this.#memoryMiB = opts.limits.bootMiB;
+    this.#vcpus = opts.initial?.vcpus ?? opts.limits.bootVcpus;
+    this.#memoryMiB = opts.initial?.memoryMiB ?? opts.limits.bootMiB;
   }
 
   /** The VM's size as this bookkeeping last left it. */

@@ -191,7 +191,8 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     };
   }
 
-  if (opts.annotations) problems.push(...applyStaticSizing(data, hypervisorName, opts.annotations, log));
+  const sizing = applyStaticSizing(data, hypervisorName, opts.annotations ?? {}, log);
+  problems.push(...sizing.problems);
   const config = deepFreeze(buildConfig(data, configPath, hypervisorName, hypervisorTable));
   const caps = new CapabilitySet();
   // The hook's handlers receive per-plugin views of `caps` (see createTapView).
@@ -208,7 +209,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
 
   let plan: SandboxPlan | undefined;
   if (problems.length === 0) {
-    const built = buildPlan(hooks, config, caps, verdict);
+    const built = buildPlan(hooks, config, caps, verdict, sizing.added);
     problems.push(...built.problems);
     if (built.problems.length === 0) plan = built.plan;
   }
@@ -265,21 +266,27 @@ function thirdPartySpecs(raw: RawConfig): string[] {
  * default_vcpus and default_memory at boot, as Kata does, and the maxima are set to that size so the
  * VM reserves no hot-plug room (it never hot-plugs).
  */
-function applyStaticSizing(data: Record<string, unknown>, hypervisorName: string, annotations: Readonly<Record<string, string>>, log: Logger): Problem[] {
+function applyStaticSizing(
+  data: Record<string, unknown>,
+  hypervisorName: string,
+  annotations: Readonly<Record<string, string>>,
+  log: Logger,
+): { problems: Problem[]; added?: { vcpus: number; memoryMiB: number } } {
   const runtime = data.runtime as Record<string, unknown>;
   const hv = (data.hypervisor as Record<string, Record<string, unknown>> | undefined)?.[hypervisorName];
-  if (runtime.static_sandbox_resource_mgmt !== true || !hv) return [];
+  if (runtime.static_sandbox_resource_mgmt !== true || !hv) return { problems: [] };
   try {
-    const size = staticSandboxSizing({ default_vcpus: Number(hv.default_vcpus), default_memory: Number(hv.default_memory) }, annotations);
+    const defaults = { default_vcpus: Math.max(1, Math.ceil(Number(hv.default_vcpus))), default_memory: Number(hv.default_memory) };
+    const size = staticSandboxSizing(defaults, annotations);
     log.info({ vcpus: size.vcpus, memoryMiB: size.memoryMiB }, 'static_sandbox_resource_mgmt: the VM is sized at boot from the pod\'s annotations');
     hv.default_vcpus = size.vcpus;
     hv.default_maxvcpus = size.vcpus;
     hv.default_memory = size.memoryMiB;
     hv.default_maxmemory = size.memoryMiB;
-    return [];
+    return { problems: [], added: { vcpus: size.vcpus - defaults.default_vcpus, memoryMiB: size.memoryMiB - defaults.default_memory } };
   } catch (e) {
     const err = e instanceof KataError ? e : new KataError('KATA_ERR_ANNOTATION', String(e));
-    return [{ code: err.code, key: err.key ?? 'runtime.static_sandbox_resource_mgmt', reason: err.text, fix: err.fix }];
+    return { problems: [{ code: err.code, key: err.key ?? 'runtime.static_sandbox_resource_mgmt', reason: err.text, fix: err.fix }] };
   }
 }
 
@@ -336,7 +343,7 @@ function buildConfig(data: Record<string, unknown>, path: string | undefined, hy
  * it can render (`render:*` capabilities) is a problem of the validated config phase, never a
  * failure at VM start.
  */
-function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict): { plan: SandboxPlan; problems: Problem[] } {
+function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict, staticSizing: SandboxPlan['staticSizing']): { plan: SandboxPlan; problems: Problem[] } {
   const readonlyCaps = caps.readonly();
   const initial: SandboxPlan = {
     hypervisor: config.hypervisorName,
@@ -348,6 +355,7 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
     agent: null,
     sharedFsMount: null,
     daemons: [],
+    ...(staticSizing ? { staticSizing } : {}),
     notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
   };
   const plan = hooks.plan.call(initial, config, readonlyCaps) ?? initial;

@@ -25,7 +25,7 @@ import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
 import { SandboxResources, type ResourceDemand } from './resources.js';
 import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
-import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit } from './vm.js';
+import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit, VmHandle } from './vm.js';
 import { IPFamily } from '../wire/agent/proto.gen.js';
 
 const run = promisify(execFile);
@@ -248,7 +248,7 @@ export class Sandbox {
     private readonly log: Logger,
   ) {
     this.#oomEvents = new OomEventLoop(agent, { log, onOom: (id) => this.#oomListeners.forEach((l) => l(id)) });
-    this.resources = sandboxResources(running, agent, validated, log);
+    this.resources = sandboxResources(running.vm, agent, validated, log);
     void running.exited.then((exit) => {
       if (!exit.expected) {
         this.#failure = exit.error ?? new KataError('KATA_ERR_VM_EXITED', 'the VM ended unexpectedly');
@@ -502,15 +502,23 @@ export class Sandbox {
  * static_sandbox_resource_mgmt (the VM was sized at boot); and a refusal for a VM that cannot be
  * resized at all (a confidential guest).
  */
-function sandboxResources(running: RunningVm, agent: AgentClient, validated: ValidatedConfig, log: Logger): SandboxResources {
+export function sandboxResources(
+  vm: Pick<VmHandle, 'resizeVcpus' | 'resizeMemory'>,
+  agent: Pick<AgentClient, 'onlineCpuMem' | 'getGuestDetails'>,
+  validated: Pick<ValidatedConfig, 'plan' | 'config'>,
+  log: Logger,
+): SandboxResources {
   const { plan, config } = validated;
   const { cpus, memory } = plan.vm;
-  const vm = running.vm;
-  const mode = config.runtime.static_sandbox_resource_mgmt
-    ? ({ kind: 'static' } as const)
-    : plan.vm.confidential
-      ? ({ kind: 'fixed', why: `a ${plan.vm.confidential.tee.toUpperCase()} trust domain has a fixed vCPU count and memory size (no hot-plug)` } as const)
+  // A TD first: it is sized statically too (the tdx plugin requires it), but a container it cannot fit is refused.
+  const mode = plan.vm.confidential
+    ? ({ kind: 'fixed', why: `a ${plan.vm.confidential.tee.toUpperCase()} trust domain has a fixed vCPU count and memory size (no hot-plug)` } as const)
+    : config.runtime.static_sandbox_resource_mgmt
+      ? ({ kind: 'static' } as const)
       : ({ kind: 'hotplug' } as const);
+  const hotplug = mode.kind === 'hotplug';
+  // What static sizing added for the pod is not part of the defaults Kata's rule starts from.
+  const pod = plan.staticSizing ?? { vcpus: 0, memoryMiB: 0 };
   return new SandboxResources(
     {
       resizeVcpus: cpus.hotplug && vm.resizeVcpus ? (n) => vm.resizeVcpus!(n) : undefined,
@@ -520,11 +528,12 @@ function sandboxResources(running: RunningVm, agent: AgentClient, validated: Val
     },
     {
       limits: {
-        bootVcpus: cpus.boot,
-        maxVcpus: cpus.hotplug ? cpus.max : cpus.boot,
-        bootMiB: memory.bootMiB,
-        maxMiB: memory.hotplug ? memory.maxMiB : memory.bootMiB,
+        bootVcpus: cpus.boot - pod.vcpus,
+        maxVcpus: hotplug && cpus.hotplug ? cpus.max : cpus.boot,
+        bootMiB: memory.bootMiB - pod.memoryMiB,
+        maxMiB: hotplug && memory.hotplug ? memory.maxMiB : memory.bootMiB,
       },
+      initial: { vcpus: cpus.boot, memoryMiB: memory.bootMiB },
       mode,
       keyPrefix: config.hypervisorTable,
       log,

@@ -15,6 +15,9 @@ import {
   type SizingMode,
 } from '../../../core/resources.js';
 import { KataError } from '../../../core/errors.js';
+import { silentLogger } from '../../../core/logger.js';
+import { loadValidatedConfig } from '../../../core/runtime.js';
+import { sandboxResources } from '../../../core/sandbox.js';
 
 const LIMITS: SizingLimits = { bootVcpus: 1, maxVcpus: 4, bootMiB: 512, maxMiB: 2048 };
 const MIB = 1024 * 1024;
@@ -214,5 +217,51 @@ describe('sandbox sizing (core/resources.ts)', () => {
       await Promise.all([r.set('a', cpu(1)), r.set('b', cpu(1)), r.set('c', cpu(1))]);
       assert.deepEqual(vm.calls.filter((c) => c.startsWith('vcpus')), ['vcpus 2', 'vcpus 3', 'vcpus 4']);
     });
+  });
+});
+
+describe('sandbox sizing from the validated configuration (static_sandbox_resource_mgmt, TDX)', () => {
+  const POD = { 'io.kubernetes.cri.sandbox-cpu-quota': '200000', 'io.kubernetes.cri.sandbox-cpu-period': '100000', 'io.kubernetes.cri.sandbox-memory': String(256 * MIB) };
+  const QEMU = '[hypervisor.qemu]\nkernel = "/k"\ninitrd = "/i"\nshared_fs = "none"\ndefault_vcpus = 1\ndefault_memory = 512\ndefault_maxvcpus = 4\ndefault_maxmemory = 2048\n';
+  const TDX = 'firmware = "/usr/share/ovmf/OVMF.inteltdx.fd"\nconfidential_guest = true\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n';
+  const agent = (calls: string[]) => ({
+    onlineCpuMem: async (r: { nbCpus: number; cpuOnly: boolean }) => void calls.push(`online ${r.nbCpus}`),
+    getGuestDetails: async () => ({ memBlockSizeBytes: 128n * 1048576n }) as never,
+  });
+  const vm = (calls: string[]) => ({
+    resizeVcpus: async (n: number) => (calls.push(`vcpus ${n}`), n),
+    resizeMemory: async (m: number) => (calls.push(`memory ${m}`), m),
+  });
+
+  it('boots a static sandbox with the pod\'s limits added, no hot-plug room, and never hot-plugs', async () => {
+    const validated = await loadValidatedConfig({ text: `${QEMU}[runtime]\nstatic_sandbox_resource_mgmt = true\n`, annotations: POD });
+    assert.deepEqual(validated.plan.staticSizing, { vcpus: 2, memoryMiB: 256 });
+    const argv = validated.plan.vm.launch as string[];
+    assert.equal(argv[argv.indexOf('-smp') + 1], 'cpus=3,maxcpus=3');
+    assert.equal(argv[argv.indexOf('-m') + 1], '768M');
+    const calls: string[] = [];
+    const r = sandboxResources(vm(calls), agent(calls), validated, silentLogger());
+    await r.set('c1', { ...cpu(4), memoryLimitBytes: 4096 * MIB });
+    assert.deepEqual(calls, []);
+    assert.deepEqual(r.current, { vcpus: 3, memoryMiB: 768 });
+  });
+
+  it('hot-plugs in a sandbox sized dynamically (the default)', async () => {
+    const validated = await loadValidatedConfig({ text: QEMU, annotations: POD });
+    assert.equal(validated.plan.staticSizing, undefined);
+    const calls: string[] = [];
+    await sandboxResources(vm(calls), agent(calls), validated, silentLogger()).set('c1', cpu(2));
+    assert.deepEqual(calls, ['vcpus 3', 'online 2']);
+  });
+
+  it('refuses, with KATA_ERR_RESIZE_UNAVAILABLE and before any resize, a container a statically sized TD cannot fit', async () => {
+    const validated = await loadValidatedConfig({ text: `${QEMU}${TDX}[runtime]\nstatic_sandbox_resource_mgmt = true\n`, annotations: POD });
+    const calls: string[] = [];
+    const r = sandboxResources(vm(calls), agent(calls), validated, silentLogger());
+    // The pod's 2 CPUs and 256 MiB were added at boot: its containers fit.
+    await r.set('a', { ...cpu(1), memoryLimitBytes: 128 * MIB });
+    await r.set('b', { ...cpu(1), memoryLimitBytes: 128 * MIB });
+    await assert.rejects(r.set('c', cpu(1)), (e: KataError) => e.code === 'KATA_ERR_RESIZE_UNAVAILABLE' && e.key === 'hypervisor.qemu.default_vcpus' && /static_sandbox_resource_mgmt/.test(e.fix));
+    assert.deepEqual(calls, []);
   });
 });
