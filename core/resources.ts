@@ -160,6 +160,23 @@ export function staticSandboxSizing(hv: { default_vcpus: number; default_memory:
   return { vcpus, memoryMiB: hv.default_memory + memoryMiBOf(d) };
 }
 
+/**
+ * The annotations static sizing reads for a sandbox: the pod's own when containerd's CRI set them;
+ * for a container that is its own sandbox (`ctr run`, no CRI), its own limits in their place, as
+ * Kata sizes a `single_container` from its spec's resources.
+ */
+export function sandboxSizingAnnotations(annotations: Readonly<Record<string, string>>, own: ResourceDemand): Readonly<Record<string, string>> {
+  const cri = 'io.kubernetes.cri.container-type' in annotations || [SANDBOX_CPU_QUOTA_ANNOTATION, SANDBOX_CPU_PERIOD_ANNOTATION, SANDBOX_MEMORY_ANNOTATION].some((k) => k in annotations);
+  if (cri) return annotations;
+  const out: Record<string, string> = { ...annotations };
+  if (own.cpuQuota !== undefined && own.cpuPeriod !== undefined) {
+    out[SANDBOX_CPU_QUOTA_ANNOTATION] = String(own.cpuQuota);
+    out[SANDBOX_CPU_PERIOD_ANNOTATION] = String(own.cpuPeriod);
+  }
+  if (own.memoryLimitBytes !== undefined) out[SANDBOX_MEMORY_ANNOTATION] = String(own.memoryLimitBytes);
+  return out;
+}
+
 /** The part of a VM (and its guest) the bookkeeping drives. */
 export interface ResizeTarget {
   /** Hot-plugs or unplugs vCPUs up or down to `n`; resolves with the count the VM has afterwards. */

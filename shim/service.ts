@@ -42,6 +42,7 @@ import {
   type CreateTaskRequest,
   type ExecProcessRequest,
 } from '../wire/containerd/proto.gen.js';
+import { sandboxSizingAnnotations } from '../core/resources.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
 
@@ -296,7 +297,7 @@ export class TaskService {
       if (spec.joinsSandbox && spec.sandboxId !== req.id) {
         throw fail('KATA_ERR_SANDBOX', `container "${req.id}" belongs to pod sandbox "${spec.sandboxId}", which this shim does not run`);
       }
-      const request = { sandboxId: spec.sandboxId, annotations: spec.annotations, options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}), ...(spec.hostname ? { hostname: spec.hostname } : {}) };
+      const request = { sandboxId: spec.sandboxId, annotations: sandboxSizingAnnotations(spec.annotations, spec.demand), options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}), ...(spec.hostname ? { hostname: spec.hostname } : {}) };
       const sandbox = await (this.opts.createSandbox ?? ((r: SandboxRequest) => this.#startSandbox(r)))(request);
       this.#watchSandbox(sandbox, log);
       this.#sandbox = sandbox;

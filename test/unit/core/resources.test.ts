@@ -8,6 +8,7 @@ import {
   cpusetSize,
   demandFromOciLinux,
   demandFromSandboxAnnotations,
+  sandboxSizingAnnotations,
   sandboxSize,
   staticSandboxSizing,
   type ResizeTarget,
@@ -112,6 +113,18 @@ describe('sandbox sizing (core/resources.ts)', () => {
     it('sizes the VM at boot from containerd\'s sandbox annotations', () => {
       assert.deepEqual(staticSandboxSizing({ default_vcpus: 1, default_memory: 512 }, ann), { vcpus: 3, memoryMiB: 1536 });
       assert.deepEqual(staticSandboxSizing({ default_vcpus: 1, default_memory: 512 }, {}), { vcpus: 1, memoryMiB: 512 });
+    });
+
+    it('gives a container that is its own sandbox (ctr run) its own limits as the sandbox annotations, and leaves a CRI pod\'s alone', () => {
+      assert.deepEqual(sandboxSizingAnnotations({ a: 'b' }, { ...cpu(2), memoryLimitBytes: 1024 }), {
+        a: 'b',
+        'io.kubernetes.cri.sandbox-cpu-quota': '200000',
+        'io.kubernetes.cri.sandbox-cpu-period': '100000',
+        'io.kubernetes.cri.sandbox-memory': '1024',
+      });
+      const pod = { 'io.kubernetes.cri.container-type': 'sandbox', 'io.kubernetes.cri.sandbox-cpu-quota': '0' };
+      assert.equal(sandboxSizingAnnotations(pod, cpu(2)), pod);
+      assert.deepEqual(sandboxSizingAnnotations({}, {}), {});
     });
 
     it('refuses a malformed annotation with KATA_ERR_ANNOTATION naming it', () => {
