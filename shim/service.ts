@@ -42,7 +42,7 @@ import {
   type CreateTaskRequest,
   type ExecProcessRequest,
 } from '../wire/containerd/proto.gen.js';
-import { sandboxSizingAnnotations } from '../core/resources.js';
+import { sandboxSizingAnnotations, type ResourceDemand } from '../core/resources.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
 
@@ -78,6 +78,8 @@ export interface ShimSandbox {
   readonly debugConsoleSocket?: string | undefined;
   /** OOM kills in the guest, by container id (absent: the sandbox reports none). */
   onOOM?(listener: (containerId: string) => void): unknown;
+  /** Grows or shrinks the VM for a container's new limits; Update calls it before the agent's UpdateContainer (Sandbox.resizeFor). */
+  resizeFor?(containerId: string, demand: ResourceDemand): Promise<void>;
 }
 
 /** What the service asks for when a container starts a new sandbox. */
