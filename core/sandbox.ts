@@ -189,7 +189,7 @@ export class Container extends GuestProcess {
     this.sandbox.forget(this.id);
     const errors: unknown[] = [];
     await this.sandbox.agent.removeContainer({ containerId: this.id, timeout: 10 }).catch((e: unknown) => errors.push(e));
-    await this.sandbox.resources.release(this.id);
+    await this.sandbox.releaseResources(this.id);
     // Volumes first: they live inside the directory the rootfs share removes.
     await this.volumes.detach().catch((e: unknown) => errors.push(e));
     await this.attachment.detach().catch((e: unknown) => errors.push(e));
@@ -325,6 +325,12 @@ export class Sandbox {
   onOOM(listener: OomListener): () => void {
     this.#oomListeners.add(listener);
     return () => this.#oomListeners.delete(listener);
+  }
+
+  /** @internal A deleted container's limits: give back what they took, unless the whole VM is going anyway. */
+  async releaseResources(id: string): Promise<void> {
+    if (this.#stopping) return;
+    await this.resources.release(id);
   }
 
   /** @internal Containers drop themselves on delete. */
