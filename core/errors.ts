@@ -177,6 +177,14 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'A device could not be hot-plugged; what was already added for it has been removed again.',
     fix: 'Read the cause (the hypervisor error) in the message; check the device path exists and is not in use.',
   },
+  KATA_ERR_RESIZE: {
+    meaning: "The VM could not be grown (or shrunk) to fit its containers' CPU and memory limits: a vCPU or memory hot-plug, or the guest's onlining of it, failed. What was added for it was removed again (memory stays, offline, where it cannot be unplugged) and the container was not created or updated.",
+    fix: "Read the cause in the message; lower the container's limits, or raise the limit the message names (default_maxvcpus, default_maxmemory, memory_slots); static_sandbox_resource_mgmt = true sizes the VM at boot instead of hot-plugging.",
+  },
+  KATA_ERR_RESIZE_UNAVAILABLE: {
+    meaning: "A container's CPU or memory limits need a VM that cannot be resized (a confidential guest has a fixed size) to grow; nothing was changed.",
+    fix: "Size the VM at boot: static_sandbox_resource_mgmt = true with the pod's sandbox annotations (containerd's CRI sets io.kubernetes.cri.sandbox-cpu-quota, -cpu-period and -memory), or raise default_vcpus / default_memory.",
+  },
   KATA_ERR_UNPLUG_TIMEOUT: {
     meaning: 'The guest did not release a hot-plugged device in time.',
     fix: 'The guest may be busy or not handle PCIe hot-unplug; the device stays attached until the sandbox stops.',

@@ -316,6 +316,11 @@ export interface SandboxPlan {
   sharedFsMount: { driver: string; source: string; fstype: string; options: string[] } | null;
   /** Host-side daemons to start before the VM. */
   daemons: DaemonSpec[];
+  /**
+   * With static_sandbox_resource_mgmt: the part of the boot size added for the pod's limits (its
+   * sandbox annotations), so that the sandbox can tell the configured defaults from it.
+   */
+  staticSizing?: { readonly vcpus: number; readonly memoryMiB: number };
   notes: PlanNote[];
 }
 

@@ -22,6 +22,7 @@ import { silentLogger, type Logger } from './logger.js';
 import { availableParallelism } from 'node:os';
 import { TEMPLATE_CAPABILITY } from './template-files.js';
 import { baseVmDescription, unrenderableIntents, type SandboxPlan } from './plan.js';
+import { staticSandboxSizing } from './resources.js';
 import { activationOf, applyPlugin, builtinPlugins, checkInProcess, checkPluginSet, importBuiltin, importThirdParty, type LoadedPlugin } from './plugin-loader.js';
 import type { PluginManifest, PluginSource } from './plugin-api.js';
 import { Verdict, type ConfigWarning, type Requirement } from './verdict.js';
@@ -205,6 +206,8 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
     };
   }
 
+  const sizing = applyStaticSizing(data, hypervisorName, opts.annotations ?? {}, log);
+  problems.push(...sizing.problems);
   const config = deepFreeze(buildConfig(data, configPath, hypervisorName, hypervisorTable));
   const caps = new CapabilitySet();
   // The hook's handlers receive per-plugin views of `caps` (see createTapView).
@@ -228,7 +231,7 @@ async function runPhase(opts: JudgeOptions): Promise<PhaseState> {
   let plan: SandboxPlan | undefined;
   const warnings = [...verdict.warnings];
   if (problems.length === 0) {
-    const built = buildPlan(hooks, config, caps, verdict);
+    const built = buildPlan(hooks, config, caps, verdict, sizing.added);
     problems.push(...built.problems);
     if (built.problems.length === 0) {
       // The final check sees the plan as it will be launched; its vetoes stop the phase like any other.
@@ -307,6 +310,35 @@ function thirdPartySpecs(raw: RawConfig): string[] {
  * A confidential guest needs a plugin that provides its TEE (`confidential-guest:<tee>`). Reads
  * raw values (before the shape check); a value of the wrong type is reported by the shape check.
  */
+/**
+ * `static_sandbox_resource_mgmt = true`: the pod's limits (its sandbox annotations) are added to
+ * default_vcpus and default_memory at boot, as Kata does, and the maxima are set to that size so the
+ * VM reserves no hot-plug room (it never hot-plugs).
+ */
+function applyStaticSizing(
+  data: Record<string, unknown>,
+  hypervisorName: string,
+  annotations: Readonly<Record<string, string>>,
+  log: Logger,
+): { problems: Problem[]; added?: { vcpus: number; memoryMiB: number } } {
+  const runtime = data.runtime as Record<string, unknown>;
+  const hv = (data.hypervisor as Record<string, Record<string, unknown>> | undefined)?.[hypervisorName];
+  if (runtime.static_sandbox_resource_mgmt !== true || !hv) return { problems: [] };
+  try {
+    const defaults = { default_vcpus: Math.max(1, Math.ceil(Number(hv.default_vcpus))), default_memory: Number(hv.default_memory) };
+    const size = staticSandboxSizing(defaults, annotations);
+    log.info({ vcpus: size.vcpus, memoryMiB: size.memoryMiB }, 'static_sandbox_resource_mgmt: the VM is sized at boot from the pod\'s annotations');
+    hv.default_vcpus = size.vcpus;
+    hv.default_maxvcpus = size.vcpus;
+    hv.default_memory = size.memoryMiB;
+    hv.default_maxmemory = size.memoryMiB;
+    return { problems: [], added: { vcpus: size.vcpus - defaults.default_vcpus, memoryMiB: size.memoryMiB - defaults.default_memory } };
+  } catch (e) {
+    const err = e instanceof KataError ? e : new KataError('KATA_ERR_ANNOTATION', String(e));
+    return { problems: [{ code: err.code, key: err.key ?? 'runtime.static_sandbox_resource_mgmt', reason: err.text, fix: err.fix }] };
+  }
+}
+
 function teeProblems(hv: Record<string, unknown>, table: string, active: readonly LoadedPlugin[], offered: readonly PluginManifest[]): Problem[] {
   if (hv.confidential_guest !== true) return [];
   const tee = (m: PluginManifest) => (m.provides ?? []).filter((r) => r.startsWith('confidential-guest:')).map((r) => r.slice('confidential-guest:'.length));
@@ -360,7 +392,7 @@ function buildConfig(data: Record<string, unknown>, path: string | undefined, hy
  * it can render (`render:*` capabilities) is a problem of the validated config phase, never a
  * failure at VM start.
  */
-function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict): { plan: SandboxPlan; problems: Problem[] } {
+function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdict: Verdict, staticSizing: SandboxPlan['staticSizing']): { plan: SandboxPlan; problems: Problem[] } {
   const readonlyCaps = caps.readonly();
   const initial: SandboxPlan = {
     hypervisor: config.hypervisorName,
@@ -372,6 +404,7 @@ function buildPlan(hooks: Hooks, config: KataConfig, caps: CapabilitySet, verdic
     agent: null,
     sharedFsMount: null,
     daemons: [],
+    ...(staticSizing ? { staticSizing } : {}),
     notes: verdict.warnings.map((w) => ({ by: w.plugin ?? 'core', level: 'warn' as const, message: `${w.key}: ${w.message}` })),
   };
   const plan = hooks.plan.call(initial, config, readonlyCaps) ?? initial;

@@ -10,6 +10,7 @@
  * Every failure undoes what came before it. Rootfs delivery goes through the `attachRootfs` hook;
  * when no plugin answers, a directory rootfs is shared through the shared filesystem here.
  */
+import { countHotplug } from './counters.js';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -24,8 +25,9 @@ import { silentLogger, type Logger } from './logger.js';
 import { GUEST_SHARED_DIR, SANDBOX_SHARED_DIR, fillSandboxDir } from './plan.js';
 import type { ValidatedConfig } from './runtime.js';
 import { mountsUnder, unmount } from './mounts.js';
+import { SandboxResources, type ResourceDemand } from './resources.js';
 import { interruptedError, launchVm, untilAborted, type LaunchOptions, type RunningVm } from './vm-lifecycle.js';
-import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit } from './vm.js';
+import type { ContainerContext, RootfsAttachment, RootfsMount, RootfsSource, SandboxNetwork, VmExit, VmHandle } from './vm.js';
 import { IPFamily, type LinuxResources, type StatsContainerResponse } from '../wire/agent/proto.gen.js';
 import type { MessageInit } from '../wire/ttrpc/codec.js';
 
@@ -81,6 +83,8 @@ export interface ContainerSpec {
   readonly mounts?: readonly MountSpec[];
   /** The OCI spec's `linux.resources`: the guest agent applies them to the container's cgroup. */
   readonly resources?: ContainerResources;
+  /** The container's CPU and memory limits (OCI `linux.resources`), which size the VM (core/resources.ts). */
+  readonly demand?: ResourceDemand;
 }
 
 export interface SandboxOptions extends LaunchOptions {
@@ -220,6 +224,7 @@ export class Container extends GuestProcess {
     this.sandbox.forget(this.id);
     const errors: unknown[] = [];
     await this.sandbox.agent.removeContainer({ containerId: this.id, timeout: 10 }).catch((e: unknown) => errors.push(e));
+    await this.sandbox.releaseResources(this.id);
     // Volumes first: they live inside the directory the rootfs share removes.
     await this.volumes.detach().catch((e: unknown) => errors.push(e));
     await this.attachment.detach().catch((e: unknown) => errors.push(e));
@@ -273,6 +278,8 @@ export class Sandbox {
   readonly #containers = new Map<string, Container>();
   readonly #oomListeners = new Set<OomListener>();
   readonly #oomEvents: OomEventLoop;
+  /** The containers' limits and the VM size they led to (hot-plug). */
+  readonly resources: SandboxResources;
   #failure: KataError | undefined;
   #stopping: Promise<VmExit> | undefined;
   /** How long each phase of the start took, in seconds (vm_start includes host_network). */
@@ -285,6 +292,7 @@ export class Sandbox {
     private readonly log: Logger,
   ) {
     this.#oomEvents = new OomEventLoop(agent, { log, onOom: (id) => this.#oomListeners.forEach((l) => l(id)) });
+    this.resources = sandboxResources(running.vm, agent, validated, log);
     void running.exited.then((exit) => {
       if (!exit.expected) {
         this.#failure = exit.error ?? new KataError('KATA_ERR_VM_EXITED', 'the VM ended unexpectedly');
@@ -406,6 +414,12 @@ export class Sandbox {
     return this.validated.hooks;
   }
 
+  /** @internal A deleted container's limits: give back what they took, unless the whole VM is going anyway. */
+  async releaseResources(id: string): Promise<void> {
+    if (this.#stopping) return;
+    await this.resources.release(id);
+  }
+
   /** @internal Containers drop themselves on delete. */
   forget(id: string): void {
     this.#containers.delete(id);
@@ -419,13 +433,31 @@ export class Sandbox {
     return this.validated.hooks.classifyRootfs.call(mounts, this.validated.plan) ?? undefined;
   }
 
+  /**
+   * Grows (or shrinks) the VM for a container's new limits, before the agent applies them: the
+   * shim's Update calls this before UpdateContainer. Fails with KATA_ERR_RESIZE or
+   * KATA_ERR_RESIZE_UNAVAILABLE, the VM unchanged, when it cannot.
+   */
+  async resizeFor(containerId: string, demand: ResourceDemand): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    await this.resources.set(containerId, demand);
+  }
+
   /** Delivers the rootfs and creates the container in the guest (not started). */
   async createContainer(spec: ContainerSpec): Promise<Container> {
     if (this.#failure) throw this.#failure;
     if (!CONTAINER_ID.test(spec.id)) throw new KataError('KATA_ERR_SANDBOX', `invalid container id "${spec.id}"`);
     if (this.#containers.has(spec.id)) throw new KataError('KATA_ERR_SANDBOX', `container "${spec.id}" already exists in sandbox ${this.id}`);
     const ctx: ContainerContext = Object.freeze({ sandbox: this.running.ctx, vm: this.running.vm, containerId: spec.id, rootfs: spec.rootfs });
-    const attachment = (await this.validated.hooks.attachRootfs.promise(ctx)) ?? (await this.#shareRootfs(ctx));
+    // The VM first (Kata's order): a container whose limits cannot be met is refused before anything is attached.
+    if (spec.demand) await this.resources.set(spec.id, spec.demand);
+    let attachment: RootfsAttachment;
+    try {
+      attachment = (await this.validated.hooks.attachRootfs.promise(ctx)) ?? (await this.#shareRootfs(ctx));
+    } catch (e) {
+      await this.resources.release(spec.id);
+      throw e;
+    }
     let volumes: SharedVolumes = NO_VOLUMES;
     try {
       volumes = await this.#shareVolumes(ctx, spec.mounts);
@@ -445,6 +477,7 @@ export class Sandbox {
     } catch (e) {
       await volumes.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the volumes of a container that failed'));
       await attachment.detach().catch((err: unknown) => this.log.error({ err }, 'could not take back the rootfs of a container that failed'));
+      await this.resources.release(spec.id);
       throw toKataError(e);
     }
     const c = new Container(this, this.agent, spec.id, attachment, volumes);
@@ -558,6 +591,65 @@ export class Sandbox {
       },
     };
   }
+}
+
+/**
+ * The sandbox's sizing bookkeeping: hot-plug within the plan's ceilings; none with
+ * static_sandbox_resource_mgmt (the VM was sized at boot); and a refusal for a VM that cannot be
+ * resized at all (a confidential guest).
+ */
+export function sandboxResources(
+  vm: Pick<VmHandle, 'resizeVcpus' | 'resizeMemory'>,
+  agent: Pick<AgentClient, 'onlineCpuMem' | 'getGuestDetails'>,
+  validated: Pick<ValidatedConfig, 'plan' | 'config'>,
+  log: Logger,
+): SandboxResources {
+  const { plan, config } = validated;
+  const { cpus, memory } = plan.vm;
+  // A TD first: it is sized statically too (the tdx plugin requires it), but a container it cannot fit is refused.
+  const mode = plan.vm.confidential
+    ? ({ kind: 'fixed', why: `a ${plan.vm.confidential.tee.toUpperCase()} trust domain has a fixed vCPU count and memory size (no hot-plug)` } as const)
+    : config.runtime.static_sandbox_resource_mgmt
+      ? ({ kind: 'static' } as const)
+      : ({ kind: 'hotplug' } as const);
+  const hotplug = mode.kind === 'hotplug';
+  // What static sizing added for the pod is not part of the defaults Kata's rule starts from.
+  const pod = plan.staticSizing ?? { vcpus: 0, memoryMiB: 0 };
+  // kata_shim_hotplug_total counts each resize that changed the VM, by direction.
+  let vcpusNow = cpus.boot;
+  let memoryNowMiB = memory.bootMiB;
+  const counted = (kind: 'cpu' | 'memory', before: number, after: number): void => {
+    if (after > before) countHotplug(kind);
+    else if (after < before) countHotplug(`${kind}_unplug`);
+  };
+  return new SandboxResources(
+    {
+      resizeVcpus: cpus.hotplug && vm.resizeVcpus ? async (n) => {
+        const got = await vm.resizeVcpus!(n);
+        counted('cpu', vcpusNow, got);
+        return (vcpusNow = got);
+      } : undefined,
+      resizeMemory: memory.hotplug && vm.resizeMemory ? async (mib) => {
+        const got = await vm.resizeMemory!(mib);
+        counted('memory', memoryNowMiB, got);
+        return (memoryNowMiB = got);
+      } : undefined,
+      memoryBlockMiB: async () => Number((await agent.getGuestDetails({ memBlockSize: true })).memBlockSizeBytes / 1048576n),
+      online: (nbCpus, cpuOnly) => agent.onlineCpuMem({ nbCpus, cpuOnly }),
+    },
+    {
+      limits: {
+        bootVcpus: cpus.boot - pod.vcpus,
+        maxVcpus: hotplug && cpus.hotplug ? cpus.max : cpus.boot,
+        bootMiB: memory.bootMiB - pod.memoryMiB,
+        maxMiB: hotplug && memory.hotplug ? memory.maxMiB : memory.bootMiB,
+      },
+      initial: { vcpus: cpus.boot, memoryMiB: memory.bootMiB },
+      mode,
+      keyPrefix: config.hypervisorTable,
+      log,
+    },
+  );
 }
 
 interface SharedVolumes {

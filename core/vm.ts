@@ -164,6 +164,20 @@ export interface VmHandle {
   hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock>;
   /** Removes a hot-plugged disk; resolves once the guest has released it. */
   unplugBlock(id: string, opts?: UnplugOptions): Promise<void>;
+  /**
+   * Hot-plugs vCPUs up to `n`, or unplugs those it hot-plugged down to `n` (never below the boot
+   * count); resolves with the vCPUs the VM has afterwards, which after an unplug the guest did not
+   * allow may be more than `n`. A failed hot-plug removes what it added and rejects. The guest must
+   * still online new vCPUs (the agent's OnlineCPUMem). Absent when the driver cannot hot-plug vCPUs.
+   */
+  resizeVcpus?(n: number): Promise<number>;
+  /**
+   * Hot-plugs memory so that the VM has at least `mib` MiB; resolves with the MiB it has afterwards
+   * (a smaller `mib` changes nothing where the hypervisor cannot take memory back). A failed
+   * hot-plug removes what it added and rejects. The guest must still online the new memory.
+   * Absent when the driver cannot hot-plug memory.
+   */
+  resizeMemory?(mib: number): Promise<number>;
   /** Freezes every vCPU (the whole sandbox); absent when the driver cannot. */
   pause?(): Promise<void>;
   /** Lets a paused VM run again. */

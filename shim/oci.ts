@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import type { ContainerResources, MountSpec, ProcessSpec } from '../core/sandbox.js';
+import { demandFromOciLinux, type ResourceDemand } from '../core/resources.js';
 
 /** CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox. */
 export const CONTAINER_TYPE_ANNOTATION = 'io.kubernetes.cri.container-type';
@@ -32,6 +33,8 @@ export interface BundleSpec {
   readonly netns: string | undefined;
   /** `linux.resources` for the guest agent (undefined: none set). */
   readonly resources: ContainerResources | undefined;
+  /** The CPU and memory limits of `linux.resources`, which size the VM (hot-plug). */
+  readonly demand: ResourceDemand;
 }
 
 type Json = Record<string, unknown>;
@@ -113,6 +116,7 @@ export async function readBundleSpec(bundle: string, containerId: string): Promi
     terminal,
     netns: networkNamespace(spec.linux, file),
     resources: parseResources(obj(spec.linux)?.resources, file),
+    demand: demandFromOciLinux(spec.linux),
     mounts: parseMounts(spec.mounts, file),
     hostname: typeof spec.hostname === 'string' && spec.hostname !== '' ? spec.hostname : undefined,
     rootPath,
@@ -220,6 +224,11 @@ export function parseResources(raw: unknown, where: string): ContainerResources 
  * WithResources and CRI's UpdateContainerResources send).
  */
 export function parseUpdateResources(any: { type_url: string; value: Uint8Array } | undefined, id: string): ContainerResources {
+  return parseUpdate(any, id).resources;
+}
+
+/** containerd's Update: the limits for the guest agent and what they ask of the VM (hot-plug). */
+export function parseUpdate(any: { type_url: string; value: Uint8Array } | undefined, id: string): { resources: ContainerResources; demand: ResourceDemand } {
   const where = `update of ${id}`;
   if (!any || any.value.length === 0) throw specError(where, 'the request carries no resources');
   if (!any.type_url.endsWith('/LinuxResources')) throw specError(where, `resources of type ${JSON.stringify(any.type_url)} are not runtime-spec LinuxResources`);
@@ -229,5 +238,5 @@ export function parseUpdateResources(any: { type_url: string; value: Uint8Array 
   } catch (e) {
     throw specError(where, `the resources are not valid JSON: ${(e as Error).message}`);
   }
-  return parseResources(parsed, where) ?? {};
+  return { resources: parseResources(parsed, where) ?? {}, demand: demandFromOciLinux({ resources: parsed }) };
 }

@@ -22,7 +22,7 @@ import { GrpcCode, TtrpcError, type ServiceImpl } from '../wire/ttrpc/index.js';
 import { runtimeVersion } from '../core/version.js';
 import { TOPICS, type EventPublisher } from './events.js';
 import { metricsAny } from './task-metrics.js';
-import { parseExecSpec, parseUpdateResources, readBundleSpec } from './oci.js';
+import { parseExecSpec, parseUpdate, readBundleSpec } from './oci.js';
 import { prepareRootfs, type PreparedRootfs } from './rootfs.js';
 import { TaskIo } from './stdio.js';
 import type { MonitorSource } from './monitor.js';
@@ -46,6 +46,7 @@ import {
   type UpdateTaskRequest,
 } from '../wire/containerd/proto.gen.js';
 import type { StatsContainerResponse } from '../wire/agent/proto.gen.js';
+import { sandboxSizingAnnotations, type ResourceDemand } from '../core/resources.js';
 
 type StatusValue = (typeof Status)[keyof typeof Status];
 
@@ -89,6 +90,8 @@ export interface ShimSandbox {
   readonly startPhases?: Readonly<Record<string, number>>;
   /** The guest's metrics as Prometheus text, from the agent (absent: /metrics has none). */
   guestMetrics?(opts: { timeoutMs: number }): Promise<string>;
+  /** Grows or shrinks the VM for a container's new limits; Update calls it before the agent's UpdateContainer (Sandbox.resizeFor). */
+  resizeFor?(containerId: string, demand: ResourceDemand): Promise<void>;
 }
 
 /** What the service asks for when a container starts a new sandbox. */
@@ -304,7 +307,7 @@ export class TaskService {
       if (spec.joinsSandbox && spec.sandboxId !== req.id) {
         throw fail('KATA_ERR_SANDBOX', `container "${req.id}" belongs to pod sandbox "${spec.sandboxId}", which this shim does not run`);
       }
-      const request = { sandboxId: spec.sandboxId, annotations: spec.annotations, options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}), ...(spec.hostname ? { hostname: spec.hostname } : {}) };
+      const request = { sandboxId: spec.sandboxId, annotations: sandboxSizingAnnotations(spec.annotations, spec.demand), options: req.options?.value, log, ...(spec.netns ? { netns: spec.netns } : {}), ...(spec.hostname ? { hostname: spec.hostname } : {}) };
       const sandbox = await (this.opts.createSandbox ?? ((r: SandboxRequest) => this.#startSandbox(r)))(request);
       this.#watchSandbox(sandbox, log);
       this.#sandbox = sandbox;
@@ -333,6 +336,7 @@ export class TaskService {
         ...(spec.mounts.length > 0 ? { mounts: spec.mounts } : {}),
         ...(spec.hostname ? { hostname: spec.hostname } : {}),
         ...(spec.resources ? { resources: spec.resources } : {}),
+        demand: spec.demand,
       });
       undo.push(() => container.delete());
       const stdio = { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal };
@@ -654,16 +658,18 @@ export class TaskService {
   /** containerd's Update: runtime-spec LinuxResources (JSON in an Any) → the guest agent's UpdateContainer. */
   async update(req: UpdateTaskRequest): Promise<object> {
     const task = this.#task(req.id);
-    const resources = parseUpdateResources(req.resources, req.id);
+    const { resources, demand } = parseUpdate(req.resources, req.id);
     if (task.init.status === Status.STOPPED) throw fail('KATA_ERR_TASK_STATE', `container "${req.id}" has stopped`);
-    await this.#applyResources(task, resources);
+    await this.#applyResources(req.id, task, resources, demand);
     this.opts.log.info({ container: req.id }, 'resources updated');
     return {};
   }
 
   /** The one place a container's new limits go to the guest (a hot-plug step goes right before it). */
-  async #applyResources(task: ShimTask, resources: ContainerResources): Promise<void> {
+  async #applyResources(id: string, task: ShimTask, resources: ContainerResources, demand: ResourceDemand): Promise<void> {
     if (!task.container.update) throw fail('KATA_ERR_NOT_IMPLEMENTED', 'this sandbox cannot update a container\'s resources');
+    // The VM grows first, so the new limits never ask the guest for CPUs or memory it does not have.
+    await this.#sandbox?.resizeFor?.(id, demand);
     await task.container.update(resources);
   }
 

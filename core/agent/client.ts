@@ -268,6 +268,11 @@ export class AgentClient {
     return res.Routes;
   }
 
+  /** Asks the guest to online `nbCpus` hot-plugged vCPUs and, unless `cpuOnly`, the hot-plugged memory (kata-agent's OnlineCPUMem, waiting for it). */
+  async onlineCpuMem(req: { nbCpus: number; cpuOnly: boolean }, opts: AgentCallOptions = {}): Promise<void> {
+    await this.run('OnlineCPUMem', this.defaultTimeoutMs, opts, (o) => this.agent.OnlineCPUMem({ wait: true, ...req }, o));
+  }
+
   async getOOMEvent(opts: AgentCallOptions = {}): Promise<string> {
     return (await this.run('GetOOMEvent', 0, opts, (o) => this.agent.GetOOMEvent({}, o))).containerId;
   }

@@ -81,6 +81,9 @@ export interface RuntimeSection {
   disable_new_netns: boolean;
   disable_selinux: boolean;
   sandbox_cgroup_only: boolean;
+  /**
+   * Size the VM at boot from the pod's io.kubernetes.cri.sandbox-cpu-quota / -cpu-period / -memory annotations (a ctr run container: its own limits) and never hot-plug; required by the tdx plugin. false: containers' limits hot-plug vCPUs and memory up to default_maxvcpus / default_maxmemory.
+   */
   static_sandbox_resource_mgmt: boolean;
   enable_vcpus_pinning: boolean;
   sandbox_bind_mounts: string[];

@@ -10,6 +10,7 @@ import { invalidArgument, isEndOfFile, toStatus } from './errors.js';
 import { debug, isDebug, log } from './log.js';
 import { guestMetrics } from './metrics.js';
 import { reseedRandomDev, setGuestDateTime } from './clone.js';
+import { onlineCpuMem } from './online.js';
 import type { Sandbox } from './sandbox.js';
 import { API_VERSION, AGENT_VERSION } from './version.js';
 
@@ -46,6 +47,7 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     CloseStdin: (req, ctx) => handle(ctx, () => (sandbox.closeStdin(req), {})),
     TtyWinResize: (req, ctx) => handle(ctx, () => (sandbox.ttyWinResize(req), {})),
     GetOOMEvent: (_req, ctx) => handle(ctx, async () => ({ containerId: await sandbox.oomEvents.next(ctx.signal) })),
+    OnlineCPUMem: (req, ctx) => handle(ctx, async () => (await onlineCpuMem({ nbCpus: req.nbCpus, cpuOnly: req.cpuOnly }, { signal: ctx.signal }), {})),
     UpdateInterface: (req, ctx) =>
       handle(ctx, () => {
         if (!req.interface) throw invalidArgument('UpdateInterface without an interface');

@@ -23,6 +23,7 @@ export type ClhEndpoint =
   | 'vm.info'
   | 'vm.add-disk'
   | 'vm.remove-device'
+  | 'vm.resize'
   | 'vm.shutdown'
   | 'vm.delete';
 
@@ -129,6 +130,11 @@ export class ClhApiClient {
    */
   async addDisk(disk: ClhDiskConfig, opts?: CallOptions): Promise<PciDeviceInfo | undefined> {
     return (await this.call<PciDeviceInfo>('vm.add-disk', disk, opts)).body;
+  }
+
+  /** `VmResize`: the vCPU count and guest RAM (bytes) the VM should have; 204 when accepted. */
+  async resize(body: { desired_vcpus?: number; desired_ram?: number }, opts?: CallOptions): Promise<void> {
+    await this.call('vm.resize', body, opts);
   }
 
   /** Asks for a device's removal; the 204 means the request was accepted (removal is ACPI-based). */

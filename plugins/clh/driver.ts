@@ -113,6 +113,10 @@ export class ClhVm implements VmHandle {
   #ping: VmmPing | undefined;
   #starting: Promise<void> | undefined;
   #stopping: Promise<VmExit> | undefined;
+  /** What vm.resize last brought the VM to (vm.create's sizes until then). */
+  #vcpus: number | undefined;
+  #ramBytes: number | undefined;
+  #resizing: Promise<unknown> = Promise.resolve();
 
   constructor(ctx: VmContext, opts: ClhVmOptions = {}) {
     if (!isClhSpec(ctx.plan.vm.native)) throw new KataError('KATA_ERR_INTERNAL', `ClhVm needs a plan rendered by the clh plugin, got one for "${ctx.plan.vm.hypervisor}"`, { plugin: PLUGIN_NAME });
@@ -155,6 +159,57 @@ export class ClhVm implements VmHandle {
   start(): Promise<void> {
     this.#starting ??= this.#start();
     return this.#starting;
+  }
+
+  /**
+   * `vm.resize` with `desired_vcpus`: Cloud Hypervisor adds vCPUs up to `max_vcpus`, or removes
+   * them (the guest ejects them through ACPI); resolves with the count asked for once accepted.
+   */
+  resizeVcpus(n: number): Promise<number> {
+    return this.#serialResize(async () => {
+      this.#mustRun('resize the vCPUs');
+      const cpus = this.#vmConfig.cpus ?? { boot_vcpus: 1, max_vcpus: 1 };
+      if (!Number.isInteger(n) || n < 1 || n > cpus.max_vcpus) {
+        throw hotplugError(`cannot resize to ${n} vCPUs: the VM was created with max_vcpus = ${cpus.max_vcpus} (default_maxvcpus)`, { fix: 'raise default_maxvcpus in [hypervisor.clh]' });
+      }
+      if (n === (this.#vcpus ?? cpus.boot_vcpus)) return n;
+      await this.#api.resize({ desired_vcpus: n }).catch((e: unknown) => {
+        throw hotplugError(`vm.resize to ${n} vCPUs: ${reason(e)}`, { cause: e });
+      });
+      this.#vcpus = n;
+      this.#log.info({ vcpus: n }, 'vCPUs resized');
+      return n;
+    });
+  }
+
+  /**
+   * `vm.resize` with `desired_ram` (bytes), up to `size + hotplug_size`; memory is only added
+   * (ACPI memory hot-plug cannot take it back). Resolves with the MiB the VM has.
+   */
+  resizeMemory(mib: number): Promise<number> {
+    return this.#serialResize(async () => {
+      this.#mustRun('resize the memory');
+      const memory = this.#vmConfig.memory ?? { size: 0 };
+      const current = this.#ramBytes ?? memory.size;
+      const want = mib * 1024 * 1024;
+      if (want <= current) return Math.floor(current / (1024 * 1024));
+      const max = memory.size + (memory.hotplug_size ?? 0);
+      if (!Number.isInteger(mib) || want > max) {
+        throw hotplugError(`cannot resize memory to ${mib} MiB: the VM was created with ${Math.floor(max / 1048576)} MiB at most (default_maxmemory)`, { fix: 'raise default_maxmemory in [hypervisor.clh]' });
+      }
+      await this.#api.resize({ desired_ram: want }).catch((e: unknown) => {
+        throw hotplugError(`vm.resize to ${mib} MiB: ${reason(e)}`, { cause: e });
+      });
+      this.#ramBytes = want;
+      this.#log.info({ memoryMiB: mib }, 'memory resized');
+      return mib;
+    });
+  }
+
+  #serialResize<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#resizing.then(fn, fn);
+    this.#resizing = run.catch(() => undefined);
+    return run;
   }
 
   async hotplugBlock(dev: BlockDeviceSpec): Promise<HotpluggedBlock> {

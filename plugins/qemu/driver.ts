@@ -41,6 +41,7 @@ import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
 import { applyTemplateRole, hotplugNetDevices, reserveNicPorts, restoreDeviceState, saveDeviceState } from './template.js';
+import { CpuMemoryHotplug } from './resize.js';
 
 /** The pid file the driver writes in the run directory. */
 export const PID_FILE = 'qemu.pid';
@@ -106,6 +107,7 @@ export class QemuVm implements VmHandle {
   #stopRequested = false;
   #qmp: QmpClient | undefined;
   #hotplug: BlockHotplug | undefined;
+  #resize: CpuMemoryHotplug | undefined;
   #accelerator: { accelerator: Accelerator; reason: string } | undefined;
   /** Files QEMU or the driver create in the run directory, removed by stop(). */
   #created: string[] = [];
@@ -159,6 +161,16 @@ export class QemuVm implements VmHandle {
   /** Detaches a disk; `timeoutMs` bounds the wait for the guest to release it. */
   async unplugBlock(id: string, opts: { timeoutMs?: number } = {}): Promise<void> {
     return this.#running('unplug a disk').unplug(id, opts);
+  }
+
+  /** Hot-plugs vCPUs up to `n` (device_add of the CPUs query-hotpluggable-cpus offers), or unplugs hot-plugged ones down to it. */
+  async resizeVcpus(n: number): Promise<number> {
+    return this.#resizer('resize the vCPUs').resizeVcpus(n);
+  }
+
+  /** Hot-plugs a pc-dimm so that the VM has at least `mib` MiB; memory is never taken back. */
+  async resizeMemory(mib: number): Promise<number> {
+    return this.#resizer('resize the memory').resizeMemory(mib);
   }
 
   /** Freezes the guest's vCPUs (QMP `stop`); the QEMU process and its devices stay. */
@@ -222,6 +234,12 @@ export class QemuVm implements VmHandle {
       });
       const diskPorts = nicPorts.length > 0 ? { ...spec, hotplugPorts: spec.hotplugPorts.slice(0, -nicPorts.length) } : spec;
       this.#hotplug = new BlockHotplug(qmp, diskPorts, this.#log, { unplugTimeoutMs: this.#opts.unplugTimeoutMs });
+      this.#resize = new CpuMemoryHotplug(qmp, spec, this.#log, {
+        maxMiB: this.#ctx.plan.vm.memory.maxMiB,
+        slotsTaken: spec.devices.filter((d) => d.type === 'nvdimm').length,
+        cpuUnplugTimeoutMs: this.#opts.unplugTimeoutMs,
+        cpuUnplug: this.#accelerator.accelerator === 'kvm',
+      });
       if (template?.role === 'clone') {
         await restoreDeviceState(qmp, template.files);
         await hotplugNetDevices(qmp, spec, nets, nicPorts);
@@ -400,6 +418,11 @@ export class QemuVm implements VmHandle {
       throw new KataError('KATA_ERR_HOTPLUG', `cannot ${what}: the VM is ${this.#state === 'exited' ? 'no longer running' : this.#state === 'stopping' ? 'stopping' : 'not started'}`, { plugin: PLUGIN_NAME });
     }
     return this.#hotplug;
+  }
+
+  #resizer(what: string): CpuMemoryHotplug {
+    if (this.#state !== 'running' || !this.#resize) throw new KataError('KATA_ERR_HOTPLUG', `cannot ${what}: the VM is ${this.#state}`, { plugin: PLUGIN_NAME });
+    return this.#resize;
   }
 
   async #imageSize(spec: QemuLaunchSpec): Promise<number | undefined> {

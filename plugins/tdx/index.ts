@@ -75,6 +75,14 @@ export default definePlugin({
           fix: 'set firmware, e.g. "/usr/share/ovmf/OVMF.inteltdx.fd" (QEMU) or "/usr/share/td-shim/td-shim.bin" (Cloud Hypervisor)',
         });
       }
+      if (!cfg.runtime.static_sandbox_resource_mgmt) {
+        verdict.veto({
+          key: 'runtime.static_sandbox_resource_mgmt',
+          value: false,
+          reason: "a TD cannot hot-plug vCPUs or memory, so it must be sized at boot for the pod's containers (Kata's TDX configurations set static_sandbox_resource_mgmt = true)",
+          fix: "set static_sandbox_resource_mgmt = true in [runtime]: the VM then boots with default_vcpus / default_memory plus the pod's limits from its sandbox annotations",
+        });
+      }
       if (cfg.agent.debug_console_enabled) {
         verdict.veto({
           key: 'agent.kata.debug_console_enabled',

@@ -83,13 +83,14 @@ interface Validators {
   readonly VmConfig: OpenApiValidator;
   readonly DiskConfig: OpenApiValidator;
   readonly VmRemoveDevice: OpenApiValidator;
+  readonly VmResize: OpenApiValidator;
   readonly source: string;
 }
 
 export async function loadValidators(): Promise<Validators> {
   const file = referenceFile(CLH_OPENAPI) ?? CLH_API_SUBSET;
-  const [VmConfig, DiskConfig, VmRemoveDevice] = await Promise.all(['VmConfig', 'DiskConfig', 'VmRemoveDevice'].map((c) => compileComponent(file, c, { closed: true })));
-  return { VmConfig: VmConfig!, DiskConfig: DiskConfig!, VmRemoveDevice: VmRemoveDevice!, source: file };
+  const [VmConfig, DiskConfig, VmRemoveDevice, VmResize] = await Promise.all(['VmConfig', 'DiskConfig', 'VmRemoveDevice', 'VmResize'].map((c) => compileComponent(file, c, { closed: true })));
+  return { VmConfig: VmConfig!, DiskConfig: DiskConfig!, VmRemoveDevice: VmRemoveDevice!, VmResize: VmResize!, source: file };
 }
 
 type Json = Record<string, unknown>;
@@ -214,6 +215,8 @@ export class ClhSimulator {
         return this.#addDisk(body);
       case 'vm.remove-device':
         return this.#removeDevice(String(body.id));
+      case 'vm.resize':
+        return this.#resize(body);
       case 'vm.shutdown':
         this.#needVm();
         if (this.#state !== 'Running') throw new ApiError(500, ['Error shutting down VM', `Invalid VM state transition: ${this.#state} to Shutdown`]);
@@ -285,6 +288,27 @@ export class ClhSimulator {
     const vsock = config.vsock as { socket: string } | undefined;
     if (vsock) await this.#listenVsock(vsock.socket);
     this.#state = 'Running';
+    return { status: 204 };
+  }
+
+  /**
+   * vm.resize as Cloud Hypervisor checks it: vCPUs within max_vcpus, RAM within size +
+   * hotplug_size; the VM config then shows the new boot_vcpus and hotplugged_size. The QEMU guest
+   * behind the simulator does not get the vCPUs or memory (no hot-plug is simulated).
+   */
+  #resize(body: Json): { status: number } {
+    const config = this.#needVm();
+    const cpus = config.cpus as { boot_vcpus: number; max_vcpus: number };
+    const memory = config.memory as { size: number; hotplug_size?: number; hotplugged_size?: number };
+    if (typeof body.desired_vcpus === 'number' && body.desired_vcpus > cpus.max_vcpus) {
+      throw new ApiError(500, ['Error resizing VM', `Error resizing vCPUs: desired vCPUs ${body.desired_vcpus} above max_vcpus ${cpus.max_vcpus}`]);
+    }
+    if (typeof body.desired_ram === 'number') {
+      if (body.desired_ram > memory.size + (memory.hotplug_size ?? 0)) throw new ApiError(500, ['Error resizing VM', 'Error resizing RAM: not enough hot-pluggable memory (hotplug_size)']);
+      if (body.desired_ram < memory.size + (memory.hotplugged_size ?? 0)) throw new ApiError(500, ['Error resizing VM', 'Error resizing RAM: ACPI memory hot-plug cannot remove memory']);
+    }
+    if (typeof body.desired_vcpus === 'number') cpus.boot_vcpus = body.desired_vcpus;
+    if (typeof body.desired_ram === 'number') memory.hotplugged_size = body.desired_ram - memory.size;
     return { status: 204 };
   }
 
@@ -423,7 +447,7 @@ export class ClhSimulator {
   }
 }
 
-const ROUTES: Record<string, { method: 'GET' | 'PUT'; schema?: 'VmConfig' | 'DiskConfig' | 'VmRemoveDevice' }> = {
+const ROUTES: Record<string, { method: 'GET' | 'PUT'; schema?: 'VmConfig' | 'DiskConfig' | 'VmRemoveDevice' | 'VmResize' }> = {
   'vmm.ping': { method: 'GET' },
   'vmm.shutdown': { method: 'PUT' },
   'vm.create': { method: 'PUT', schema: 'VmConfig' },
@@ -431,6 +455,7 @@ const ROUTES: Record<string, { method: 'GET' | 'PUT'; schema?: 'VmConfig' | 'Dis
   'vm.info': { method: 'GET' },
   'vm.add-disk': { method: 'PUT', schema: 'DiskConfig' },
   'vm.remove-device': { method: 'PUT', schema: 'VmRemoveDevice' },
+  'vm.resize': { method: 'PUT', schema: 'VmResize' },
   'vm.shutdown': { method: 'PUT' },
   'vm.delete': { method: 'PUT' },
 };

@@ -50,7 +50,7 @@ ${opts.extra}
 
 [agent.kata]
 dial_timeout = 120
-`;
+${opts.extra.includes('confidential_guest = true') ? '\n[runtime]\n# A TD is sized at boot: the tdx plugin vetoes anything else.\nstatic_sandbox_resource_mgmt = true\n' : ''}`;
 }
 
 const BLOCK = 'shared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"';
@@ -258,6 +258,33 @@ describe('Cloud Hypervisor driver against the API simulator @integration', funct
         await running.stop();
       }
       assert.equal(existsSync(runDir), false, 'run dir removed, virtiofsd socket with it');
+    });
+
+    it('resizes the VM with vm.resize (desired_vcpus, desired_ram), bodies valid against the OpenAPI spec, within max_vcpus and size + hotplug_size', async () => {
+      const log = path.join(tmp.path, 'resize.jsonl');
+      restoreEnv = simEnv({ CLH_SIM_GUEST: 'none', CLH_SIM_REQUEST_LOG: log, CLH_SIM_FEATURES: 'kvm' });
+      const text = clhConfig({ kernel: fakeKernel(), initrd: tmp.file('initrd', 'x'), extra: `${BLOCK}\ndefault_maxmemory = 2048` }).replace('default_maxvcpus = 1', 'default_maxvcpus = 4');
+      const running = await launchVm(await loadValidatedConfig({ text }), { sandboxId: 'clh-resize', runRoot: path.join(tmp.path, 'run-resize') });
+      const vm = running.vm as ClhVm;
+      try {
+        assert.equal(await vm.resizeVcpus(3), 3);
+        assert.equal(await vm.resizeMemory(1024), 1024);
+        assert.equal(await vm.resizeMemory(768), 1024, 'memory is not taken back');
+        assert.equal(await vm.resizeVcpus(2), 2);
+        await assert.rejects(vm.resizeVcpus(5), (e: KataError) => e.code === 'KATA_ERR_HOTPLUG' && /max_vcpus = 4/.test(e.message));
+        await assert.rejects(vm.resizeMemory(4096), (e: KataError) => e.code === 'KATA_ERR_HOTPLUG' && /2048 MiB at most/.test(e.message));
+        const resizes = requests(log).filter((r) => r.endpoint === 'vm.resize');
+        assert.deepEqual(resizes.map((r) => [r.body, r.status]), [
+          [{ desired_vcpus: 3 }, 204],
+          [{ desired_ram: 1024 * 1024 * 1024 }, 204],
+          [{ desired_vcpus: 2 }, 204],
+        ]);
+        const info = await vm.api.info();
+        assert.equal((info.config as any).cpus.boot_vcpus, 2);
+        assert.equal((info.config as any).memory.hotplugged_size, 512 * 1024 * 1024);
+      } finally {
+        await running.stop();
+      }
     });
 
     for (const format of ['json', 'text'] as const) {

@@ -1091,6 +1091,56 @@ export const AddARPNeighborsRequest: MessageCodec<AddARPNeighborsRequest> = {
   },
 };
 
+/** grpc.OnlineCPUMemRequest */
+export interface OnlineCPUMemRequest {
+  /** Return only once everything is online (the runtime always asks for this). */
+  wait: boolean;
+  /** vCPUs that must come online; 0: do not wait for any. */
+  nbCpus: number;
+  cpuOnly: boolean;
+}
+
+function encOnlineCPUMemRequest(m: MessageInit<OnlineCPUMemRequest>, w: Writer): Writer {
+  if (m.wait) w.uint32(8).bool(m.wait);
+  if (m.nbCpus) w.uint32(16).uint32(m.nbCpus);
+  if (m.cpuOnly) w.uint32(24).bool(m.cpuOnly);
+  return w;
+}
+
+function decOnlineCPUMemRequest(r: Reader, end: number): OnlineCPUMemRequest {
+  const m: OnlineCPUMemRequest = { wait: false, nbCpus: 0, cpuOnly: false };
+  while (r.pos < end) {
+    const tag = readTag(r);
+    switch (tag >>> 3) {
+      case 1:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.wait = r.bool();
+        break;
+      case 2:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.nbCpus = r.uint32();
+        break;
+      case 3:
+        if ((tag & 7) !== 0) skipField(r, tag);
+        else m.cpuOnly = r.bool();
+        break;
+      default:
+        skipField(r, tag);
+    }
+  }
+  checkEnd(r, end);
+  return m;
+}
+
+export const OnlineCPUMemRequest: MessageCodec<OnlineCPUMemRequest> = {
+  typeName: 'grpc.OnlineCPUMemRequest',
+  encode: (m) => encOnlineCPUMemRequest(m, Writer.create()).finish(),
+  decode: (bytes) => {
+    const r = Reader.create(bytes);
+    return decOnlineCPUMemRequest(r, r.len);
+  },
+};
+
 /** grpc.GetOOMEventRequest */
 export interface GetOOMEventRequest {}
 
@@ -3936,6 +3986,8 @@ export const AgentService = service('grpc.AgentService', {
    * container (a long poll: the runtime keeps one call pending for the sandbox's lifetime).
    */
   GetOOMEvent: method('GetOOMEvent', GetOOMEventRequest, OOMEvent),
+  /** Onlines hot-plugged vCPUs (nb_cpus of them) and, unless cpu_only, hot-plugged memory blocks. */
+  OnlineCPUMem: method('OnlineCPUMem', OnlineCPUMemRequest, Empty),
   UpdateInterface: method('UpdateInterface', UpdateInterfaceRequest, Interface),
   UpdateRoutes: method('UpdateRoutes', UpdateRoutesRequest, Routes),
   ListInterfaces: method('ListInterfaces', ListInterfacesRequest, Interfaces),

@@ -67,6 +67,9 @@ export default definePlugin({
 `;
 }
 
+/** A TD is sized at boot: the tdx plugin vetoes anything else. */
+const TD_SIZING = 'static_sandbox_resource_mgmt = true';
+
 /** One hypervisor section body, used unchanged under [hypervisor.recorder], [hypervisor.qemu] and [hypervisor.clh]. */
 function section(lines: string): string {
   return `kernel = "/k"\ninitrd = "/i"\nfirmware = "${FIRMWARE}"\nconfidential_guest = true\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n${lines}\n`;
@@ -87,8 +90,8 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
     tmp.cleanup();
   });
 
-  const recorderConfig = (lines: string, plugin = recorder) => `[hypervisor.recorder]\n${section(lines)}\n[runtime]\nplugins = ["${plugin}"]\n`;
-  const builtinConfig = (hv: 'qemu' | 'clh', lines: string) => `[hypervisor.${hv}]\n${section(lines)}`;
+  const recorderConfig = (lines: string, plugin = recorder) => `[hypervisor.recorder]\n${section(lines)}\n[runtime]\n${TD_SIZING}\nplugins = ["${plugin}"]\n`;
+  const builtinConfig = (hv: 'qemu' | 'clh', lines: string) => `[hypervisor.${hv}]\n${section(lines)}\n[runtime]\n${TD_SIZING}\n`;
 
   it('receives the TDX settings and the virtio-fs device as intents, as the built-in hypervisors do', async () => {
     const j = await judgeConfig({ text: recorderConfig(VIRTIO_FS_OPT_IN) });
@@ -145,7 +148,7 @@ describe('the plan as intents, seen by a third-party hypervisor plugin (a record
 
   it('fails the validated config phase, naming the plugin and the capability, when it cannot render TDX or vhost-user-fs', async () => {
     const limited = tmp.file('limited.mjs', recorderSource(['render:device:console']).replaceAll("'recorder'", "'limited'").replace('hypervisor:recorder', 'hypervisor:limited'));
-    const text = `[hypervisor.limited]\n${section(VIRTIO_FS_OPT_IN)}\n[runtime]\nplugins = ["${limited}"]\n`;
+    const text = `[hypervisor.limited]\n${section(VIRTIO_FS_OPT_IN)}\n[runtime]\n${TD_SIZING}\nplugins = ["${limited}"]\n`;
     const j = await judgeConfig({ text });
     assert.equal(j.valid, false);
     assert.equal(j.plan, undefined);

@@ -14,7 +14,9 @@ const MIB = 1024 * 1024;
 
 /** A `[hypervisor.clh]` config without shared fs or block devices (so only clh is loaded), plus `extra` lines. */
 function toml(extra = '', base = 'shared_fs = "none"\ndisable_block_device_use = true'): string {
-  return `[hypervisor.clh]\nimage = "${IMAGE}"\n${base}\n${extra}\n`;
+  // A TD is sized at boot: the tdx plugin vetoes anything else.
+  const runtime = extra.includes('confidential_guest = true') ? '[runtime]\nstatic_sandbox_resource_mgmt = true\n' : '';
+  return `[hypervisor.clh]\nimage = "${IMAGE}"\n${base}\n${extra}\n${runtime}`;
 }
 
 async function planOf(text: string): Promise<{ plan: SandboxPlan; vm: ClhLaunchSpec; body: ClhVmConfig; config: KataConfig }> {

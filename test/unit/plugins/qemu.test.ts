@@ -16,7 +16,9 @@ function toml(keys: Record<string, TomlValue> = {}): string {
   const lines = Object.entries(all)
     .filter(([, v]) => v !== undefined)
     .map(([k, v]) => `${k} = ${JSON.stringify(v)}`);
-  return `[hypervisor.qemu]\n${lines.join('\n')}\n`;
+  // A TD is sized at boot: the tdx plugin vetoes anything else.
+  const runtime = all.confidential_guest === true ? '[runtime]\nstatic_sandbox_resource_mgmt = true\n' : '';
+  return `[hypervisor.qemu]\n${lines.join('\n')}\n${runtime}`;
 }
 
 const IMAGE = { initrd: undefined, image: '/usr/share/kata-containers/kata-containers.img' };
