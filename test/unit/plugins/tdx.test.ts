@@ -19,7 +19,8 @@ function tdxConfig(lines = '', agent = ''): string {
     if (v === undefined) keys.delete(k);
     else keys.set(k, v);
   }
-  return `[hypervisor.qemu]\n${[...keys].map(([k, v]) => `${k} = ${v}`).join('\n')}\n\n[agent.kata]\n${agent}\n`;
+  // A TD is sized at boot (the plugin vetoes hot-plug sizing: configuration case qemu-tdx-hotplug-sizing-vetoed).
+  return `[hypervisor.qemu]\n${[...keys].map(([k, v]) => `${k} = ${v}`).join('\n')}\n\n[agent.kata]\n${agent}\n\n[runtime]\nstatic_sandbox_resource_mgmt = true\n`;
 }
 
 describe('the tdx plugin, through the test kit', () => {
