@@ -18,7 +18,7 @@
  * time each `ctr run -d` took (VM boot included) is printed beside it.
  *
  *     npm run bench:density [-- --pods N] [--variants previous,shipped] [--settle SECONDS] [--json] [--dump DIR]
- *         [--try 'key=value;key=value' …]   (more variants: the shipped file with these keys changed)
+ *         [--try '[templated:]key=value;key=value' …]   (more variants: the shipped file with these keys changed)
  *
  * Everything is torn down at the end (tasks killed and removed, containerd stopped and its
  * leftovers reported). Needs qemu-system-x86_64, containerd and ctr; builds the guest image if missing.
@@ -101,18 +101,23 @@ export const VARIANTS: readonly DensityVariant[] = [
     },
   },
   { name: 'shipped', about: 'configs/configuration-qemu.toml as shipped', config: (t) => t },
-  {
-    name: 'templated',
-    about: 'shipped, with [factory] enable_template: every pod a copy-on-write clone of one template (its memory file on a tmpfs, paid once per host, not in the figures)',
-    config: (t, dir) => `${t}\n[factory]\nenable_template = true\ntemplate_path = "${path.join(dir, 'template')}"\n`,
+  templated('templated', 'shipped, with [factory] enable_template: every pod a copy-on-write clone of one template (its memory file on a tmpfs, paid once per host, not in the figures)', (t) => t),
+];
+
+/** A variant whose pods are clones of a template made for it from `edit(shipped)`. */
+function templated(name: string, about: string, edit: (shipped: string) => string): DensityVariant {
+  return {
+    name,
+    about,
+    config: (t, dir) => `${edit(t)}\n[factory]\nenable_template = true\ntemplate_path = "${path.join(dir, 'template')}"\n`,
     setup: (config, env) => factory('init', config, env),
     teardown: (config, env) => factory('destroy', config, env),
     check: (argv, dir) => {
       const ram = argv.find((a) => a.startsWith('memory-backend-file,')) ?? '';
       if (!ram.includes(`mem-path=${path.join(dir, 'template', 'memory')},share=off`)) throw new Error(`a templated pod booted cold (its RAM: ${ram || 'anonymous'})`);
     },
-  },
-];
+  };
+}
 
 interface PodFigures {
   id: string;
@@ -136,7 +141,7 @@ const { values: opts } = parseArgs({
     json: { type: 'boolean', default: false },
     /** Copy each QEMU's /proc/<pid>/smaps (and the shim's) into this directory, for a closer look. */
     dump: { type: 'string' },
-    /** One more variant: the shipped configuration with `key=value[;key=value]` under [hypervisor.qemu] (TOML values), `env:NAME=value` for the shim's environment. */
+    /** One more variant: the shipped configuration with `key=value[;key=value]` under [hypervisor.qemu] (TOML values), `env:NAME=value` for the shim's environment; `templated:` first makes it a templated variant. */
     try: { type: 'string', multiple: true, default: [] },
   },
 });
@@ -152,13 +157,16 @@ const chosen = opts.variants.split(',').filter(Boolean).map((name) => {
 for (const [i, spec] of opts.try.entries()) {
   const pairs: [string, string][] = [];
   const env: Record<string, string> = {};
-  for (const kv of spec.split(';')) {
+  const isTemplated = spec.startsWith('templated:');
+  for (const kv of spec.replace(/^templated:/, '').split(';')) {
     const m = /^(env:)?([A-Za-z0-9_]+)=(.+)$/.exec(kv.trim());
     if (!m) throw new Error(`--try ${spec}: give key=value pairs separated by ";" (env:NAME=value for the shim's environment)`);
     if (m[1]) env[m[2]!] = m[3]!;
     else pairs.push([m[2]!, m[3]!]);
   }
-  chosen.push({ name: `try${i}`, about: `shipped with ${spec}`, env, config: (t) => pairs.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t) });
+  const edit = (t: string) => pairs.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t);
+  if (isTemplated) chosen.push({ ...templated(`try${i}`, `shipped with ${spec}`, edit), env });
+  else chosen.push({ name: `try${i}`, about: `shipped with ${spec}`, env, config: edit });
 }
 if (chosen.length === 0) throw new Error('no variant to measure');
 
