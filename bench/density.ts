@@ -7,7 +7,10 @@
  *
  * - `previous`: the shipped configuration with the defaults before issue 16 (default_memory = 512,
  *   QEMU's default TCG translation buffer, no free-page-reporting balloon, the guest's swiotlb);
- * - `shipped`: configs/configuration-qemu.toml as it is.
+ * - `shipped`: configs/configuration-qemu.toml as it is;
+ * - `templated`: the shipped file with `[factory] enable_template` on a template made for the run
+ *   (`kata-runtime factory init` in the variant's temp directory before its pods, `factory destroy`
+ *   after them, also on Ctrl-C): every pod is a clone (checked on QEMU's argv).
  *
  * A variant is a name, a configuration derived from the shipped file and extra environment for the
  * shim: a `templated` variant (VM templating, the factory) is one more entry in {@link VARIANTS}.
@@ -15,16 +18,17 @@
  * time each `ctr run -d` took (VM boot included) is printed beside it.
  *
  *     npm run bench:density [-- --pods N] [--variants previous,shipped] [--settle SECONDS] [--json] [--dump DIR]
- *         [--try 'key=value;key=value' …]   (more variants: the shipped file with these keys changed)
+ *         [--try '[templated:]key=value;key=value' …]   (more variants: the shipped file with these keys changed)
  *
  * Everything is torn down at the end (tasks killed and removed, containerd stopped and its
  * leftovers reported). Needs qemu-system-x86_64, containerd and ctr; builds the guest image if missing.
  */
+import { execFile } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as delay } from 'node:timers/promises';
-import { parseArgs } from 'node:util';
+import { parseArgs, promisify } from 'node:util';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { BUSYBOX_IMAGE, startContainerd, type TestContainerd } from '../test/helpers/containerd.js';
 import { ensureGuestImage } from '../test/helpers/guest.js';
@@ -35,13 +39,14 @@ import { median } from './stats.js';
 import { pssKiB, qemuPssSplit, type QemuPssSplit } from './pss.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
+const run = promisify(execFile);
 
 /** One column of the comparison. */
 export interface DensityVariant {
   readonly name: string;
   readonly about: string;
-  /** The configuration file's text, from the shipped one (kernel and initrd already pointed at the image). */
-  config(shipped: string): string;
+  /** The configuration file's text, from the shipped one (kernel and initrd already pointed at the image); `dir` is the variant's own temp directory. */
+  config(shipped: string, dir: string): string;
   /** Extra environment for containerd and so for the shims it starts. */
   readonly env?: Record<string, string>;
   /**
@@ -51,6 +56,21 @@ export interface DensityVariant {
    */
   setup?(config: string, env: Record<string, string>): Promise<void>;
   teardown?(config: string, env: Record<string, string>): Promise<void>;
+  /** Throws when a pod's QEMU (its argv) is not what the variant claims to measure. */
+  check?(qemuArgv: readonly string[], dir: string): void;
+}
+
+const KATA_RUNTIME = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
+
+/** `kata-runtime --config <config> factory <command>` with the variant's environment. */
+async function factory(command: 'init' | 'destroy', config: string, env: Record<string, string>): Promise<void> {
+  const t0 = performance.now();
+  try {
+    await run(process.execPath, [KATA_RUNTIME, '--config', config, 'factory', command], { env: { ...process.env, ...env }, timeout: 600_000 });
+  } catch (e) {
+    throw new Error(`kata-runtime factory ${command} failed: ${(e as { stderr?: string }).stderr ?? String(e)}`);
+  }
+  process.stderr.write(`      [density] factory ${command}: ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
 }
 
 /**
@@ -81,7 +101,23 @@ export const VARIANTS: readonly DensityVariant[] = [
     },
   },
   { name: 'shipped', about: 'configs/configuration-qemu.toml as shipped', config: (t) => t },
+  templated('templated', 'shipped, with [factory] enable_template: every pod a copy-on-write clone of one template (its memory file on a tmpfs, paid once per host, not in the figures)', (t) => t),
 ];
+
+/** A variant whose pods are clones of a template made for it from `edit(shipped)`. */
+function templated(name: string, about: string, edit: (shipped: string) => string): DensityVariant {
+  return {
+    name,
+    about,
+    config: (t, dir) => `${edit(t)}\n[factory]\nenable_template = true\ntemplate_path = "${path.join(dir, 'template')}"\n`,
+    setup: (config, env) => factory('init', config, env),
+    teardown: (config, env) => factory('destroy', config, env),
+    check: (argv, dir) => {
+      const ram = argv.find((a) => a.startsWith('memory-backend-file,')) ?? '';
+      if (!ram.includes(`mem-path=${path.join(dir, 'template', 'memory')},share=off`)) throw new Error(`a templated pod booted cold (its RAM: ${ram || 'anonymous'})`);
+    },
+  };
+}
 
 interface PodFigures {
   id: string;
@@ -105,7 +141,7 @@ const { values: opts } = parseArgs({
     json: { type: 'boolean', default: false },
     /** Copy each QEMU's /proc/<pid>/smaps (and the shim's) into this directory, for a closer look. */
     dump: { type: 'string' },
-    /** One more variant: the shipped configuration with `key=value[;key=value]` under [hypervisor.qemu] (TOML values), `env:NAME=value` for the shim's environment. */
+    /** One more variant: the shipped configuration with `key=value[;key=value]` under [hypervisor.qemu] (TOML values), `env:NAME=value` for the shim's environment; `templated:` first makes it a templated variant. */
     try: { type: 'string', multiple: true, default: [] },
   },
 });
@@ -121,13 +157,16 @@ const chosen = opts.variants.split(',').filter(Boolean).map((name) => {
 for (const [i, spec] of opts.try.entries()) {
   const pairs: [string, string][] = [];
   const env: Record<string, string> = {};
-  for (const kv of spec.split(';')) {
+  const isTemplated = spec.startsWith('templated:');
+  for (const kv of spec.replace(/^templated:/, '').split(';')) {
     const m = /^(env:)?([A-Za-z0-9_]+)=(.+)$/.exec(kv.trim());
     if (!m) throw new Error(`--try ${spec}: give key=value pairs separated by ";" (env:NAME=value for the shim's environment)`);
     if (m[1]) env[m[2]!] = m[3]!;
     else pairs.push([m[2]!, m[3]!]);
   }
-  chosen.push({ name: `try${i}`, about: `shipped with ${spec}`, env, config: (t) => pairs.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t) });
+  const edit = (t: string) => pairs.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t);
+  if (isTemplated) chosen.push({ ...templated(`try${i}`, `shipped with ${spec}`, edit), env });
+  else chosen.push({ name: `try${i}`, about: `shipped with ${spec}`, env, config: edit });
 }
 if (chosen.length === 0) throw new Error('no variant to measure');
 
@@ -145,16 +184,18 @@ async function measureVariant(variant: DensityVariant, tmp: TempDir, image: { ke
   const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8')
     .replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`)
     .replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`);
-  const text = variant.config(shipped);
+  const text = variant.config(shipped, dir);
   const config = tmp.file(`${variant.name}/configuration.toml`, text);
   const ctx = { skip: () => { throw new Error('containerd and ctr are not installed'); } } as unknown as Mocha.Context;
   const sub = new TempDir(`kata-bench-density-${variant.name}-`);
   const env = { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SBS_ROOT: path.join(dir, 'sbs'), ...variant.env };
-  await variant.setup?.(config, env);
   let ctrd: TestContainerd;
   try {
+    await variant.setup?.(config, env);
+    if (interrupted) throw new Error('interrupted');
     ctrd = await startContainerd(ctx, { pathPrefix: [shimBinDir(sub)], env });
   } catch (err) {
+    sub.cleanup();
     await variant.teardown?.(config, env);
     throw err;
   }
@@ -181,6 +222,7 @@ async function measureVariant(variant: DensityVariant, tmp: TempDir, image: { ke
       const ppid = Number(/^\d+ \(.*\) \S (\d+) /s.exec(readFileSync(`/proc/${qemu}/stat`, 'latin1'))![1]);
       const shimArgv = readFileSync(`/proc/${ppid}/cmdline`, 'latin1');
       if (!shimArgv.includes('containerd-shim-kata-v2')) throw new Error(`QEMU ${qemu}'s parent ${ppid} is not the shim: ${shimArgv}`);
+      variant.check?.(readFileSync(`/proc/${qemu}/cmdline`, 'latin1').split('\0'), dir);
       if (opts.dump) {
         mkdirSync(opts.dump, { recursive: true });
         writeFileSync(path.join(opts.dump, `${id}.qemu.smaps`), readFileSync(`/proc/${qemu}/smaps`));

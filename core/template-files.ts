@@ -23,8 +23,11 @@ import type { VmTemplateFiles } from './vm.js';
 /** The capability a hypervisor plugin declares when its VMs can be saved as a template and cloned. */
 export const TEMPLATE_CAPABILITY = 'vm:template';
 
-/** Bumped when the layout or the fingerprint's inputs change: older templates are then stale. */
-export const TEMPLATE_FORMAT = 1;
+/**
+ * Bumped when the layout, the fingerprint's inputs or the template VM's devices change: older
+ * templates are then stale. 2: no free-page-reporting balloon in a template or a clone.
+ */
+export const TEMPLATE_FORMAT = 2;
 
 /** What `template.json` holds. */
 export interface TemplateMeta {

@@ -14,6 +14,8 @@
  * (`netdev_add` tap + `device_add` virtio-net-pci into the last free hot-plug root ports, which the
  * disks then do not use), and the agent configures them by MAC as on a cold boot.
  *
+ * Neither has the free-page-reporting balloon (see applyTemplateRole).
+ *
  * Both get a `vmgenid` device: every QEMU process has its own generation ID, and Linux reseeds its
  * CRNG when the ID changes under it, i.e. as soon as a clone resumes.
  *
@@ -51,6 +53,12 @@ export function applyTemplateRole(spec: QemuLaunchSpec, role: VmTemplateRole): v
     throw new KataError('KATA_ERR_INTERNAL', 'a VM with shared guest memory (virtio-fs) cannot be a template or a clone', { plugin: PLUGIN_NAME });
   }
   spec.memory.file = { path: shellSafe(role.files.memoryFile), share: role.role === 'save' };
+  // No balloon (reclaim_guest_freed_memory): QEMU (7.2 here, before 8.1) discards a reported free
+  // page of file-backed RAM by punching a hole in the file even when the mapping is private, so a
+  // clone's guest would zero pages of the template's memory file under every other clone (seen
+  // with strace: fallocate(PUNCH_HOLE) on the file from a clone). Both roles drop it: the saved
+  // device state must fit the clone's devices.
+  spec.devices = spec.devices.filter((d) => d.type !== 'virtio-balloon-pci');
   spec.devices.push({ type: 'vmgenid', id: VMGENID_ID, props: { guid: 'auto' } });
   if (role.role === 'clone') spec.extraArgs.push('-S', '-incoming', 'defer');
 }

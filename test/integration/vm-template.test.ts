@@ -11,7 +11,12 @@ import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_pr
 import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { setTimeout as delay } from 'node:timers/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { createLogger } from '../../core/logger.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
+import { loadValidatedConfig } from '../../core/runtime.js';
+import { Sandbox } from '../../core/sandbox.js';
+import type { QemuVm } from '../../plugins/qemu/driver.js';
 import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
 import { createPodAndPeer, peerServer, removeNetns } from '../helpers/netns.js';
@@ -163,6 +168,37 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     assert.ok(!msgs.includes('VM restored from the template'));
   });
 
+  it("boots cold when the clone's agent stays silent (its guest paused after the restore), and leaves no clone behind", async () => {
+    const logs: { msg: string; err?: { code?: string } }[] = [];
+    const log = createLogger({ level: 'info', stream: { write: (l: string) => logs.push(JSON.parse(l) as { msg: string }) } });
+    const validated = await loadValidatedConfig({ text: configText(), log });
+    const silenced: { pid: number }[] = [];
+    // The restore succeeds and QEMU runs; the guest is frozen, so the agent channel never answers.
+    validated.hooks.vmStarted.tapPromise('test:silent-clone', async (ctx, vm) => {
+      if (ctx.template?.role !== 'clone') return;
+      await (vm as QemuVm).qmp?.execute('stop');
+      silenced.push({ pid: vm.pid as number });
+    });
+    const t0 = performance.now();
+    const sandbox = await Sandbox.create(validated, { sandboxId: 'silent-clone', runRoot: runRoot(), log });
+    try {
+      assert.equal(silenced.length, 1, 'the sandbox was first started as a clone');
+      const fallback = logs.filter((l) => l.msg === "the clone's agent did not answer: cold boot");
+      assert.equal(fallback.length, 1, logs.map((l) => l.msg).join('\n'));
+      assert.equal(fallback[0]?.err?.code, 'KATA_ERR_AGENT_UNREACHABLE');
+      assert.notEqual(sandbox.running.ctx.template?.role, 'clone');
+      assert.ok(performance.now() - t0 >= 15_000, 'the clone had its 15 s to answer');
+      const clone = silenced[0]!;
+      assert.notEqual(sandbox.running.vm.pid, clone.pid);
+      assert.deepEqual(processesMentioning(`${templateDir}/memory`).map((p) => p.pid), [], "the silent clone's QEMU is gone");
+      // The cold-booted sandbox works: its agent answers.
+      assert.match(await sandbox.guestMetrics(), /^kata_guest_/m);
+    } finally {
+      await sandbox.stop();
+    }
+    assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+  });
+
   it('boots cold when the device state cannot be restored, and leaves no clone behind', async () => {
     const state = path.join(templateDir, 'state');
     const saved = readFileSync(state);
@@ -257,6 +293,8 @@ describe('VM templates: clones through containerd-shim-kata-v2 under containerd 
       const argv = qemus[0]?.argv ?? [];
       assert.ok(argv.includes(`memory-backend-file,id=guest-ram,size=512M,mem-path=${templateDir}/memory,share=off`), argv.join(' '));
       assert.deepEqual(argv.slice(argv.indexOf('-incoming'), argv.indexOf('-incoming') + 2), ['-incoming', 'defer']);
+      // The shipped configuration has reclaim_guest_freed_memory on: its balloon would punch holes in the template's file.
+      assert.deepEqual(argv.filter((a) => a.startsWith('virtio-balloon-pci')), []);
       const exec = await c.ctr(['task', 'exec', '--exec-id', 'e1', id, 'cat', '/hello'], { timeoutMs: 60_000 });
       assert.equal(exec.code, 0, exec.stderr);
       assert.equal(exec.stdout, 'hello\n');

@@ -63,8 +63,8 @@ describe('VM templating in the validated config phase', () => {
 
 describe('QEMU launch description for template roles', () => {
   const files = { dir: '/run/t', memoryFile: '/run/t/memory', stateFile: '/run/t/state' };
-  const argvFor = async (role?: 'save' | 'clone') => {
-    const v = await loadValidatedConfig({ text: qemu() });
+  const argvFor = async (role?: 'save' | 'clone', extra = '') => {
+    const v = await loadValidatedConfig({ text: qemu(extra) });
     // The plan's own launch description, as the driver gets it.
     const spec = substituteTokens(v.plan.vm.native as QemuLaunchSpec, { sandboxDir: '/run/sb' });
     if (role) applyTemplateRole(spec, { role, files });
@@ -88,6 +88,14 @@ describe('QEMU launch description for template roles', () => {
     // Everything else is the same machine: the saved device state must fit the clone.
     const strip = (argv: string[]) => argv.filter((a) => !a.startsWith('memory-backend-file') && !['-S', '-incoming', 'defer'].includes(a));
     assert.deepEqual(strip(save), strip(clone));
+  });
+
+  it('leaves the free-page-reporting balloon out of a template and a clone (a clone would punch holes in the template file), not out of a cold boot', async () => {
+    const balloon = (argv: string[]) => argv.filter((a) => a.startsWith('virtio-balloon-pci'));
+    const reclaim = 'reclaim_guest_freed_memory = true';
+    assert.deepEqual(balloon(await argvFor(undefined, reclaim)), ['virtio-balloon-pci,id=balloon0,free-page-reporting=on']);
+    assert.deepEqual(balloon(await argvFor('save', reclaim)), []);
+    assert.deepEqual(balloon(await argvFor('clone', reclaim)), []);
   });
 
   it("keeps the last hot-plug root ports for a clone's network interfaces, and refuses when none would be left for the rootfs disk", () => {
