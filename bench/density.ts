@@ -81,6 +81,19 @@ export const VARIANTS: readonly DensityVariant[] = [
     },
   },
   { name: 'shipped', about: 'configs/configuration-qemu.toml as shipped', config: (t) => t },
+  {
+    name: 'agent-disk',
+    about: 'the agent payload on the builder\'s agent.img (NVDIMM, DAX) with the agent-less initramfs-base.cpio.gz',
+    config: (t) => {
+      const dir = path.dirname(/^initrd = "(.*)"$/m.exec(t)?.[1] ?? '');
+      const disk: [string, string][] = [
+        ['initrd', `"${path.join(dir, 'initramfs-base.cpio.gz')}"`],
+        ['image', `"${path.join(dir, 'agent.img')}"`],
+        ['disable_image_nvdimm', 'false'],
+      ];
+      return disk.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t);
+    },
+  },
 ];
 
 interface PodFigures {
