@@ -435,11 +435,13 @@ describe('configs/configuration-qemu.toml', function () {
     assert.equal(verdict.hypervisor, 'qemu');
   });
 
-  it('points kernel (the uncompressed one, which boots twice as fast) and initrd at what the builder writes for root', async () => {
+  it('points kernel (the uncompressed one, which boots twice as fast), initrd and image (the agent disk, on an NVDIMM) at what the builder writes for root', async () => {
     const qemu = (parseToml(await readFile(CONFIG, 'utf8')) as { hypervisor: { qemu: Record<string, unknown> } }).hypervisor.qemu;
     const out = guestImagePaths(defaultCacheDir({}, 0));
     assert.equal(qemu.kernel, out.vmlinux);
-    assert.equal(qemu.initrd, out.initrd);
+    assert.equal(qemu.initrd, out.baseInitrd);
+    assert.equal(qemu.image, out.agentDisk);
+    assert.equal(qemu.disable_image_nvdimm, false);
     assert.equal(qemu.machine_type, 'q35');
     assert.equal(qemu.shared_fs, 'virtio-9p');
     assert.equal(qemu.block_device_driver, 'virtio-blk');
