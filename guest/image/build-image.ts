@@ -6,7 +6,8 @@
  *   node dist/guest/image/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]   (npm run guest:build)
  *
  * The initramfs is two archives back to back: the base (gzip'd cpio) and the agent (plain cpio,
- * agent-payload.ts). Idempotent: `<cache>/guest/manifest.json` records what the outputs were
+ * agent-payload.ts). With the agent, the base archive is also written alone (initramfs-base.cpio.gz)
+ * beside agent.img, the agent's files on a read-only disk (agent-disk.ts), to boot together. Idempotent: `<cache>/guest/manifest.json` records what the outputs were
  * built from (builder code, guest/rootfs, module list, package versions, the agent's inputs) and
  * their sha256. When all of it still holds, the builder says so and does nothing; when only the
  * agent's inputs changed, it keeps the base archive and replaces the agent archive.
