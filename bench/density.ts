@@ -31,7 +31,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs, promisify } from 'node:util';
 import { PACKAGE_ROOT } from '../core/paths.js';
 import { BUSYBOX_IMAGE, startContainerd, type TestContainerd } from '../test/helpers/containerd.js';
-import { ensureGuestImage } from '../test/helpers/guest.js';
+import { ensureGuestImage, type GuestImage } from '../test/helpers/guest.js';
 import { qemuBinary } from '../test/helpers/qemu.js';
 import { shimBinDir } from '../test/helpers/shim.js';
 import { TempDir } from '../test/helpers/tmp.js';
@@ -85,10 +85,21 @@ export function setQemuKey(text: string, key: string, value: string | undefined)
   return without.replace(/^\[hypervisor\.qemu\]\n/m, `[hypervisor.qemu]\n${key} = ${value}\n`);
 }
 
+/** The shipped configuration with the agent inside the initramfs (the full initramfs.cpio.gz) instead of on the agent disk. */
+function agentInInitramfs(t: string): string {
+  const dir = path.dirname(/^initrd = "(.*)"$/m.exec(t)?.[1] ?? '');
+  const inRam: [string, string | undefined][] = [
+    ['initrd', `"${path.join(dir, 'initramfs.cpio.gz')}"`],
+    ['image', undefined],
+    ['disable_image_nvdimm', 'true'],
+  ];
+  return inRam.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t);
+}
+
 export const VARIANTS: readonly DensityVariant[] = [
   {
     name: 'previous',
-    about: 'default_memory = 512, QEMU\'s 1 GiB TCG buffer, no balloon, the guest\'s 64 MiB swiotlb (the defaults before issue 16)',
+    about: 'default_memory = 512, QEMU\'s 1 GiB TCG buffer, no balloon, the guest\'s 64 MiB swiotlb, the agent in the initramfs (the defaults before issue 16)',
     config: (t) => {
       const old: [string, string | undefined][] = [
         ['default_memory', '512'],
@@ -97,10 +108,11 @@ export const VARIANTS: readonly DensityVariant[] = [
         // Linux's default swiotlb size, which also keeps the qemu plugin from adding swiotlb=noforce.
         ['kernel_params', '"swiotlb=32768"'],
       ];
-      return old.reduce((acc, [k, v]) => setQemuKey(acc, k, v), t);
+      return old.reduce((acc, [k, v]) => setQemuKey(acc, k, v), agentInInitramfs(t));
     },
   },
   { name: 'shipped', about: 'configs/configuration-qemu.toml as shipped', config: (t) => t },
+  { name: 'initramfs', about: 'the agent inside the initramfs (initramfs.cpio.gz, no agent disk), as shipped before the agent disk', config: agentInInitramfs },
   templated('templated', 'shipped, with [factory] enable_template: every pod a copy-on-write clone of one template (its memory file on a tmpfs, paid once per host, not in the figures)', (t) => t),
 ];
 
@@ -178,12 +190,13 @@ function guestRamOf(text: string): number {
   return m ? Number(m[1]) : 2048;
 }
 
-async function measureVariant(variant: DensityVariant, tmp: TempDir, image: { kernel: string; initrd: string }): Promise<VariantResult> {
+async function measureVariant(variant: DensityVariant, tmp: TempDir, image: GuestImage): Promise<VariantResult> {
   const dir = path.join(tmp.path, variant.name);
   const runRoot = path.join(dir, 'run');
   const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8')
     .replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`)
-    .replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`);
+    .replace(/^initrd = .*$/m, `initrd = "${image.agentDisk?.initrd ?? image.initrd}"`)
+    .replace(/^image = .*$/m, image.agentDisk ? `image = "${image.agentDisk.image}"` : '');
   const text = variant.config(shipped, dir);
   const config = tmp.file(`${variant.name}/configuration.toml`, text);
   const ctx = { skip: () => { throw new Error('containerd and ctr are not installed'); } } as unknown as Mocha.Context;

@@ -19,10 +19,8 @@ const RULES: readonly Rule[] = [
     cfg.hypervisor.default_memory === 0
       ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'default_memory'), value: 0, reason: 'VM memory cannot be zero', fix: 'set default_memory to the guest memory in MiB, e.g. 2048' }
       : undefined,
-  (cfg) =>
-    nonEmpty(cfg.hypervisor.image) && nonEmpty(cfg.hypervisor.initrd)
-      ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'initrd'), value: cfg.hypervisor.initrd, reason: 'image and initrd path cannot be both set', fix: 'keep either image or initrd, not both' }
-      : undefined,
+  // Unlike Kata, image and initrd may both be set: Debian's kernel has its NVDIMM and ext4 drivers
+  // as modules, so the initramfs boots and mounts the image (the guest image builder's agent disk).
   (cfg) =>
     !nonEmpty(cfg.hypervisor.image) && !nonEmpty(cfg.hypervisor.initrd)
       ? { code: 'KATA_ERR_CONFIG_VALUE', key: hvKey(cfg, 'image'), reason: 'missing image and initrd path: the guest needs a root filesystem', fix: 'set image (a guest disk image) or initrd (a guest initramfs)' }

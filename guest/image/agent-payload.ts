@@ -18,7 +18,7 @@
  *                        at the paths ldd prints
  */
 import { createHash } from 'node:crypto';
-import { copyFile, readFile, realpath, stat } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -221,8 +221,25 @@ export async function agentInputs(nodePath: string = process.execPath): Promise<
   };
 }
 
-/** Writes the agent archive (uncompressed newc) to `out`; `work` is a scratch directory for the stripped node. */
-export async function writeAgentArchive(inputs: AgentInputs, out: string, work: string): Promise<AgentManifest> {
+/** Writes directory and file entries under `root` (relative paths made by this module, never from a pod). */
+async function writeTree(entries: readonly CpioEntry[], root: string): Promise<void> {
+  for (const e of entries) {
+    const dest = path.join(root, e.path);
+    if (e.kind === 'dir') await mkdir(dest, { recursive: true, mode: e.mode });
+    else if (e.kind === 'file') {
+      await mkdir(path.dirname(dest), { recursive: true });
+      if (typeof e.data === 'string') await copyFile(e.data, dest);
+      else await writeFile(dest, e.data);
+      await chmod(dest, e.mode);
+    }
+  }
+}
+
+/**
+ * Writes the agent archive (uncompressed newc) to `out`; `work` is a scratch directory for the stripped node.
+ * With `treeDir`, the same files are also written there as a directory tree (the agent disk's contents).
+ */
+export async function writeAgentArchive(inputs: AgentInputs, out: string, work: string, treeDir?: string): Promise<AgentManifest> {
   let nodeFile = inputs.node.path;
   let stripped = false;
   if (inputs.strip) {
@@ -258,6 +275,7 @@ export async function writeAgentArchive(inputs: AgentInputs, out: string, work: 
   const w = new CpioWriter(out, { gzip: false });
   for (const e of entries) await w.add(e);
   await w.finish();
+  if (treeDir !== undefined) await writeTree(entries, treeDir);
   return {
     inputsSha256: inputs.sha256,
     bundleSha256: inputs.bundleSha256,

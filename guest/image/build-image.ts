@@ -6,7 +6,8 @@
  *   node dist/guest/image/build-image.js [--cache-dir DIR] [--force] [--no-agent] [--node PATH]   (npm run guest:build)
  *
  * The initramfs is two archives back to back: the base (gzip'd cpio) and the agent (plain cpio,
- * agent-payload.ts). Idempotent: `<cache>/guest/manifest.json` records what the outputs were
+ * agent-payload.ts). With the agent, the base archive is also written alone (initramfs-base.cpio.gz)
+ * beside agent.img, the agent's files on a read-only disk (agent-disk.ts), to boot together. Idempotent: `<cache>/guest/manifest.json` records what the outputs were
  * built from (builder code, guest/rootfs, module list, package versions, the agent's inputs) and
  * their sha256. When all of it still holds, the builder says so and does nothing; when only the
  * agent's inputs changed, it keeps the base archive and replaces the agent archive.
@@ -20,15 +21,16 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { pipeline } from 'node:stream/promises';
 import { KataError } from '../../core/errors.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
+import { writeAgentDisk } from './agent-disk.js';
 import { agentInputs, writeAgentArchive, type AgentInputs, type AgentManifest } from './agent-payload.js';
 import { CpioGzWriter, collectTree, type CpioEntry } from './cpio.js';
 import { ensureBusyboxRootfs } from './busybox-rootfs.js';
 import { aptDownload, aptListsPresent, findTool, requireTools, resolvePackages, run, unpackDeb, type DebPackage, type KernelPackage } from './debian.js';
-import { GUEST_MODULES, depmod, moduleDirOf, selectModules, stageModules } from './kernel-modules.js';
+import { AGENT_DISK_MODULES, GUEST_MODULES, depmod, moduleDirOf, selectModules, stageModules } from './kernel-modules.js';
 import { extractVmlinux } from './vmlinux.js';
 
 /** Bumped when the image layout changes in a way a reader of the manifest should know about. */
-export const BUILDER_VERSION = '2';
+export const BUILDER_VERSION = '3';
 export const KERNEL_META_PACKAGE = 'linux-image-amd64';
 export const BUSYBOX_PACKAGE = 'busybox-static';
 /** Files copied as they are into the initramfs root (/init, /etc/acpi/…). Not compiled: read at run time. */
@@ -36,9 +38,13 @@ export const GUEST_ROOTFS_DIR = path.join(PACKAGE_ROOT, 'guest', 'rootfs');
 const OUTPUT_KERNEL = 'vmlinuz';
 const OUTPUT_VMLINUX = 'vmlinux';
 const OUTPUT_INITRD = 'initramfs.cpio.gz';
+/** The base archive alone (no /agent): the initrd to boot with {@link OUTPUT_AGENT_DISK}. */
+const OUTPUT_BASE_INITRD = 'initramfs-base.cpio.gz';
+/** The agent payload as a read-only ext4 disk image (agent-disk.ts), for `image =` on an NVDIMM. */
+const OUTPUT_AGENT_DISK = 'agent.img';
 const MANIFEST = 'manifest.json';
 /** The compiled builder modules, hashed into the manifest: a change to the builder rebuilds the image. */
-const BUILDER_MODULES = ['build-image.js', 'cpio.js', 'debian.js', 'kernel-modules.js', 'vmlinux.js'];
+const BUILDER_MODULES = ['build-image.js', 'agent-disk.js', 'cpio.js', 'debian.js', 'kernel-modules.js', 'vmlinux.js'];
 
 export interface GuestImagePaths {
   /** `<cache>/guest` */
@@ -48,6 +54,10 @@ export interface GuestImagePaths {
   /** The same kernel uncompressed, bootable through PVH: about twice as fast under TCG. */
   readonly vmlinux: string;
   readonly initrd: string;
+  /** The initramfs without the agent, booted together with {@link agentDisk}. */
+  readonly baseInitrd: string;
+  /** The agent disk image (agent-disk.ts). */
+  readonly agentDisk: string;
   readonly manifest: string;
 }
 
@@ -58,6 +68,8 @@ export function guestImagePaths(cacheDir: string): GuestImagePaths {
     kernel: path.join(dir, OUTPUT_KERNEL),
     vmlinux: path.join(dir, OUTPUT_VMLINUX),
     initrd: path.join(dir, OUTPUT_INITRD),
+    baseInitrd: path.join(dir, OUTPUT_BASE_INITRD),
+    agentDisk: path.join(dir, OUTPUT_AGENT_DISK),
     manifest: path.join(dir, MANIFEST),
   };
 }
@@ -102,7 +114,12 @@ export interface GuestManifest {
   readonly agent: AgentManifest | null;
   readonly agentSkipped?: string;
   /** vmlinux is there only when the kernel can be booted through PVH (see `vmlinuxSkipped`). */
-  readonly outputs: Record<typeof OUTPUT_KERNEL | typeof OUTPUT_INITRD, OutputInfo> & { readonly [OUTPUT_VMLINUX]?: OutputInfo };
+  readonly outputs: Record<typeof OUTPUT_KERNEL | typeof OUTPUT_INITRD, OutputInfo> & {
+    readonly [OUTPUT_VMLINUX]?: OutputInfo;
+    /** With the agent only: the base initramfs and the agent disk, booted together. */
+    readonly [OUTPUT_BASE_INITRD]?: OutputInfo;
+    readonly [OUTPUT_AGENT_DISK]?: OutputInfo;
+  };
   /** Why no vmlinux was written. */
   readonly vmlinuxSkipped?: string;
   readonly builtAt: string;
@@ -138,6 +155,8 @@ export interface BuildResult {
   /** The PVH-bootable uncompressed kernel, when there is one. */
   readonly vmlinux: string | undefined;
   readonly initrd: string;
+  /** The agent-less initramfs and the agent disk to boot it with (`image =`), when built with the agent. */
+  readonly agentDisk: { readonly initrd: string; readonly image: string } | undefined;
   readonly manifestPath: string;
   readonly kernelVersion: string;
   readonly manifest: GuestManifest;
@@ -205,6 +224,8 @@ async function staleReason(m: GuestManifest, local: LocalInputs, paths: GuestIma
     [OUTPUT_KERNEL, paths.kernel],
     [OUTPUT_INITRD, paths.initrd],
     [OUTPUT_VMLINUX, paths.vmlinux],
+    [OUTPUT_BASE_INITRD, paths.baseInitrd],
+    [OUTPUT_AGENT_DISK, paths.agentDisk],
   ] as const) {
     const want = m.outputs[name];
     if (!want) continue;
@@ -271,6 +292,7 @@ export async function buildGuestImage(opts: BuildOptions = {}): Promise<BuildRes
     kernel: paths.kernel,
     vmlinux: manifest.outputs[OUTPUT_VMLINUX] ? paths.vmlinux : undefined,
     initrd: paths.initrd,
+    agentDisk: manifest.outputs[OUTPUT_AGENT_DISK] ? { initrd: paths.baseInitrd, image: paths.agentDisk } : undefined,
     manifestPath: paths.manifest,
     kernelVersion: manifest.kernel.release,
     manifest,
@@ -387,6 +409,38 @@ async function composeInitrd(base: string, agentArchive: string | undefined, out
   await pipeline(createReadStream(agentArchive), createWriteStream(out, { flags: 'a' }));
 }
 
+const diskTemps = (paths: GuestImagePaths) => [paths.baseInitrd, paths.agentDisk].map((f) => path.join(paths.dir, `.${path.basename(f)}.${process.pid}.tmp`));
+
+function withoutDisk(outputs: GuestManifest['outputs']): GuestManifest['outputs'] {
+  const { [OUTPUT_BASE_INITRD]: _base, [OUTPUT_AGENT_DISK]: _disk, ...rest } = outputs;
+  return rest;
+}
+
+/**
+ * With the agent tree: the base archive alone and the agent disk, written to temp files; `install`
+ * renames them into place. Without: no outputs, and `install` removes stale ones.
+ */
+async function stageAgentDisk(
+  paths: GuestImagePaths,
+  base: string,
+  tree: string | undefined,
+  step: StepContext['step'],
+): Promise<{ outputs: Partial<Record<typeof OUTPUT_BASE_INITRD | typeof OUTPUT_AGENT_DISK, OutputInfo>>; install: () => Promise<void> }> {
+  const [tmpBase, tmpDisk] = diskTemps(paths) as [string, string];
+  if (tree === undefined) {
+    return { outputs: {}, install: async () => void (await Promise.all([paths.baseInitrd, paths.agentDisk].map((f) => rm(f, { force: true })))) };
+  }
+  await copyFile(base, tmpBase);
+  await step('make the agent disk (MBR + ext4, mke2fs -d)', () => writeAgentDisk(tree, tmpDisk), (bytes) => `${bytes} bytes`);
+  return {
+    outputs: { [OUTPUT_BASE_INITRD]: await sha256File(tmpBase), [OUTPUT_AGENT_DISK]: await sha256File(tmpDisk) },
+    install: async () => {
+      await rename(tmpBase, paths.baseInitrd);
+      await rename(tmpDisk, paths.agentDisk);
+    },
+  };
+}
+
 /** Keeps the cached base archive and replaces the agent archive after it (the kernel and modules are untouched). */
 async function rebuildAgent(paths: GuestImagePaths, cached: GuestManifest, agent: AgentInputs | undefined, ctx: StepContext): Promise<GuestManifest> {
   const { step } = ctx;
@@ -401,25 +455,27 @@ async function rebuildAgent(paths: GuestImagePaths, cached: GuestManifest, agent
     await writeFile(base, baseBytes);
     const agentArchive = path.join(work, 'agent.cpio');
     const agentManifest = agent
-      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
+      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work, path.join(work, 'agent-tree')), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
       : null;
     await composeInitrd(base, agentManifest ? agentArchive : undefined, tmpInitrd);
+    const disk = await stageAgentDisk(paths, base, agentManifest ? path.join(work, 'agent-tree') : undefined, step);
     const { agentSkipped: _dropped, ...rest } = cached;
     const manifest: GuestManifest = {
       ...rest,
       agent: agentManifest,
       ...(agentManifest ? {} : { agentSkipped: NO_AGENT }),
-      outputs: { ...cached.outputs, [OUTPUT_INITRD]: await sha256File(tmpInitrd) },
+      outputs: { ...withoutDisk(cached.outputs), [OUTPUT_INITRD]: await sha256File(tmpInitrd), ...disk.outputs },
       builtAt: new Date().toISOString(),
       buildMs: Math.round(performance.now() - ctx.t0),
     };
     await writeFile(tmpManifest, `${JSON.stringify(manifest, null, 2)}\n`);
     await rename(tmpInitrd, paths.initrd);
+    await disk.install();
     await rename(tmpManifest, paths.manifest);
     return manifest;
   } finally {
     await rm(work, { recursive: true, force: true });
-    await Promise.all([tmpInitrd, tmpManifest].map((f) => rm(f, { force: true })));
+    await Promise.all([tmpInitrd, tmpManifest, ...diskTemps(paths)].map((f) => rm(f, { force: true })));
   }
 }
 
@@ -479,7 +535,9 @@ async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInp
       'select modules',
       async () => {
         await depmod(kroot, kernel.release);
-        return selectModules(kmodDir, GUEST_MODULES);
+        const all = await selectModules(kmodDir, [...GUEST_MODULES, ...AGENT_DISK_MODULES]);
+        // /init loads the NVDIMM drivers itself, only when booted with the agent disk.
+        return { ...all, load: all.load.filter((m) => !AGENT_DISK_MODULES.includes(m)) };
       },
       (s) => `${s.load.length} to load, ${s.files.length} files with dependencies${s.builtin.length ? `, built in: ${s.builtin.join(' ')}` : ''}`,
     );
@@ -495,9 +553,10 @@ async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInp
     await step('pack the base archive (cpio newc + gzip)', () => packInitramfs(stage, base), () => path.basename(paths.initrd));
     const agentArchive = path.join(work, 'agent.cpio');
     const agentManifest = agent
-      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
+      ? await step('pack the agent archive (cpio newc, plain)', () => writeAgentArchive(agent, agentArchive, work, path.join(work, 'agent-tree')), (m) => `${m.archiveBytes} bytes, node ${m.node.stripped ? 'stripped' : 'as is'}`)
       : null;
     await composeInitrd(base, agentManifest ? agentArchive : undefined, tmpInitrd);
+    const disk = await stageAgentDisk(paths, base, agentManifest ? path.join(work, 'agent-tree') : undefined, step);
     const baseInfo = await sha256File(base);
 
     return await step(
@@ -518,6 +577,7 @@ async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInp
             [OUTPUT_KERNEL]: await sha256File(tmpKernel),
             [OUTPUT_INITRD]: await sha256File(tmpInitrd),
             ...(vmlinux.ok ? { [OUTPUT_VMLINUX]: await sha256File(tmpVmlinux) } : {}),
+            ...disk.outputs,
           },
           ...(vmlinux.ok ? {} : { vmlinuxSkipped: vmlinux.why }),
           builtAt: new Date().toISOString(),
@@ -529,6 +589,7 @@ async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInp
         if (vmlinux.ok) await rename(tmpVmlinux, paths.vmlinux);
         else await rm(paths.vmlinux, { force: true });
         await rename(tmpInitrd, paths.initrd);
+        await disk.install();
         await rename(tmpManifest, paths.manifest);
         return manifest;
       },
@@ -536,7 +597,7 @@ async function build(paths: GuestImagePaths, local: LocalInputs, agent: AgentInp
     );
   } finally {
     await rm(work, { recursive: true, force: true });
-    await Promise.all([tmpKernel, tmpVmlinux, tmpInitrd, tmpManifest].map((f) => rm(f, { force: true })));
+    await Promise.all([tmpKernel, tmpVmlinux, tmpInitrd, tmpManifest, ...diskTemps(paths)].map((f) => rm(f, { force: true })));
   }
 }
 

@@ -60,6 +60,13 @@ export const GUEST_MODULES: readonly string[] = Object.freeze([
   'virtio_balloon',
 ]);
 
+/**
+ * Shipped but not in /init's load list: /init loads them only when booted with the agent disk
+ * (`root=/dev/pmem…`): the ACPI NFIT driver finds QEMU's NVDIMM, nd_pmem makes /dev/pmem0 (with
+ * libnvdimm and the DAX core as dependencies).
+ */
+export const AGENT_DISK_MODULES: readonly string[] = Object.freeze(['nfit', 'nd_pmem']);
+
 /** Module name as the kernel spells it: `crc32c-intel.ko.xz` → `crc32c_intel`. */
 export function moduleName(file: string): string {
   return path.basename(file).replace(/\.ko(\.(xz|zst|gz))?$/, '').replaceAll('-', '_');

@@ -260,7 +260,10 @@ export function renderQemuLaunchSpec(vm: VmDescription, cfg: KataConfig, caps: R
   }
 
   if (image !== undefined && nvdimmImage) {
-    spec.objects.push({ type: 'memory-backend-file', id: QEMU_IDS.imageMemory, props: { 'mem-path': image.path, size: IMAGE_SIZE, readonly: true, share: false } });
+    // share=on although read-only: the pages are the host page cache's either way, and VM
+    // templating's x-ignore-shared leaves a shared RAM block out of the migration stream (a
+    // private one would be written into a clone's read-only mapping).
+    spec.objects.push({ type: 'memory-backend-file', id: QEMU_IDS.imageMemory, props: { 'mem-path': image.path, size: IMAGE_SIZE, readonly: true, share: true } });
     spec.devices.push({ type: 'nvdimm', id: QEMU_IDS.imageNvdimm, props: { memdev: QEMU_IDS.imageMemory, unarmed: true } });
   } else if (image !== undefined) {
     spec.extraArgs.push('-blockdev', rawBlockdev(QEMU_IDS.imageNode, image.path, true));

@@ -13,6 +13,8 @@ export interface GuestImage {
   cacheDir: string;
   /** An ext4 busybox container rootfs next to the initrd (guest/image/busybox-rootfs.ts). */
   busyboxRootfs?: string;
+  /** The agent-less initramfs and the agent disk (`image =`) to boot it with, when the builder made them. */
+  agentDisk?: { initrd: string; image: string };
 }
 
 let pending: Promise<GuestImage> | undefined;
@@ -35,7 +37,7 @@ export async function ensureGuestImage(): Promise<GuestImage> {
     const r = await buildGuestImage({ cacheDir, log: (line) => process.stderr.write(`      [guest:build] ${line}\n`) });
     const busyboxRootfs = await ensureBusyboxRootfs(r.initrd, (line) => process.stderr.write(`      [guest:build] ${line}\n`));
     // The uncompressed kernel boots directly (PVH), about twice as fast under TCG as the bzImage.
-    return { kernel: r.vmlinux ?? r.kernel, initrd: r.initrd, kernelVersion: r.kernelVersion, cacheDir, busyboxRootfs };
+    return { kernel: r.vmlinux ?? r.kernel, initrd: r.initrd, kernelVersion: r.kernelVersion, cacheDir, busyboxRootfs, ...(r.agentDisk ? { agentDisk: r.agentDisk } : {}) };
   })();
   try {
     return await pending;

@@ -20,8 +20,16 @@ export function shimBinDir(tmp: TempDir): string {
   return bin;
 }
 
-/** `configs/configuration-qemu.toml` with the guest image's kernel and initrd, written to `<tmp>/configuration.toml`. */
-export function shimConfig(tmp: TempDir, image: Pick<GuestImage, 'kernel' | 'initrd'>): string {
+/**
+ * `configs/configuration-qemu.toml` with the guest image's kernel, initrd and agent disk (`image`), written to
+ * `<tmp>/configuration.toml`. Without an agent disk: the initramfs with the agent, and no `image`.
+ */
+export function shimConfig(tmp: TempDir, image: Pick<GuestImage, 'kernel' | 'initrd' | 'agentDisk'>): string {
   const shipped = readFileSync(path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml'), 'utf8');
-  return tmp.file('configuration.toml', shipped.replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`).replace(/^initrd = .*$/m, `initrd = "${image.initrd}"`));
+  const disk = image.agentDisk;
+  const text = shipped
+    .replace(/^kernel = .*$/m, `kernel = "${image.kernel}"`)
+    .replace(/^initrd = .*$/m, `initrd = "${disk ? disk.initrd : image.initrd}"`)
+    .replace(/^image = .*\n/m, disk ? `image = "${disk.image}"\n` : '');
+  return tmp.file('configuration.toml', text);
 }

@@ -73,7 +73,8 @@ describe('guest image builder @integration', function () {
     assert.equal(statSync(image.initrd).size, m.outputs['initramfs.cpio.gz'].bytes);
     // Work files stay out of the cache directory.
     // busybox-rootfs.ext4 is the container rootfs made from the initramfs (guest/image/busybox-rootfs.ts).
-    const expected = ['busybox-rootfs.ext4', 'initramfs.cpio.gz', 'manifest.json', ...(m.outputs.vmlinux ? ['vmlinux'] : []), 'vmlinuz'];
+    // agent.img and initramfs-base.cpio.gz: the agent disk and the initramfs to boot it with.
+    const expected = [...(m.agent ? ['agent.img'] : []), 'busybox-rootfs.ext4', ...(m.agent ? ['initramfs-base.cpio.gz'] : []), 'initramfs.cpio.gz', 'manifest.json', ...(m.outputs.vmlinux ? ['vmlinux'] : []), 'vmlinuz'];
     assert.deepEqual(readdirSync(path.dirname(image.kernel)).filter((f) => !f.startsWith('.build.lock')).sort(), expected);
     if (m.outputs.vmlinux) assert.equal(sha256(guestImagePaths(image.cacheDir).vmlinux), m.outputs.vmlinux.sha256);
     else assert.ok(m.vmlinuxSkipped, 'says why there is no vmlinux');
@@ -100,7 +101,10 @@ describe('guest image builder @integration', function () {
 
   it('packs busybox, /init, the modules with their modules.dep and an empty agent slot', () => {
     const m = manifestOf(image);
-    const files = readInitramfs(image.initrd);
+    // The base archive: the head of initramfs.cpio.gz, and on its own initramfs-base.cpio.gz.
+    const base = guestImagePaths(image.cacheDir).baseInitrd;
+    assert.equal(createHash('sha256').update(readFileSync(image.initrd).subarray(0, m.initramfs.baseBytes)).digest('hex'), sha256(base));
+    const files = readInitramfs(base);
     const modDir = `lib/modules/${image.kernelVersion}`;
     const busybox = files.get('bin/busybox');
     assert.ok(busybox && busybox.data.length > 500_000, 'bin/busybox (static)');
@@ -322,6 +326,104 @@ describe('guest boot under TCG @integration', function () {
   });
 });
 
+describe('the agent disk (agent.img + initramfs-base.cpio.gz) under TCG @integration', function () {
+  this.timeout(600_000);
+  let image: GuestImage;
+  let guest: { kill(): Promise<void>; dir: TempDir } | undefined;
+
+  before(async function () {
+    if (spawnSync(QEMU, ['--version']).error) this.skip();
+    image = await ensureGuestImage();
+  });
+  afterEach(async () => {
+    await guest?.kill();
+    guest?.dir.cleanup();
+    guest = undefined;
+  });
+
+  /** Boots the agent-less initramfs with the agent disk as an NVDIMM or a virtio-blk disk; returns the console once the agent started. */
+  async function bootWithDisk(how: 'nvdimm' | 'virtio-blk'): Promise<string> {
+    const disk = image.agentDisk;
+    assert.ok(disk, 'the builder made an agent disk');
+    const dir = new TempDir('kata-ts-agent-disk-');
+    const log = path.join(dir.path, 'console.log');
+    const root = how === 'nvdimm' ? 'root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro' : 'root=/dev/vda1 rootflags=data=ordered,errors=remount-ro';
+    // prettier-ignore
+    const argv = [
+      '-no-user-config', '-nodefaults', '-display', 'none', '-no-reboot', '-accel', 'tcg', '-cpu', 'max',
+      '-kernel', image.kernel, '-initrd', disk.initrd, '-append', `console=ttyS0 panic=-1 ${root} ro rootfstype=ext4`,
+      '-serial', `file:${log}`,
+      ...(how === 'nvdimm'
+        ? ['-machine', 'q35,nvdimm=on', '-m', '512,slots=1,maxmem=2G',
+          '-object', `memory-backend-file,id=agentdisk,mem-path=${disk.image},size=${statSync(disk.image).size},readonly=on,share=off`,
+          '-device', 'nvdimm,id=nv0,memdev=agentdisk,unarmed=on']
+        : ['-machine', 'q35', '-m', '512',
+          '-blockdev', `driver=raw,node-name=agentdisk,read-only=on,file.driver=file,file.filename=${disk.image},file.read-only=on`,
+          '-device', 'virtio-blk-pci,drive=agentdisk']),
+    ];
+    const qemu = spawn(QEMU, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    qemu.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    let exit: number | null | undefined;
+    const exited = new Promise<void>((resolve) => qemu.on('exit', (c) => ((exit = c), resolve())));
+    guest = {
+      dir,
+      kill: async () => {
+        if (exit === undefined) qemu.kill('SIGKILL');
+        await exited;
+      },
+    };
+    const deadline = Date.now() + 180_000;
+    for (;;) {
+      const text = existsSync(log) ? readFileSync(log, 'latin1').replaceAll('\r', '') : '';
+      // The agent starts, then gives up on its virtio-serial port (none here): started is enough.
+      if (/^KATA-TS-AGENT: started pid=\d+ node=v/m.test(text)) return text;
+      if (exit !== undefined) assert.fail(`QEMU exited (${exit}): ${stderr}\n${text.slice(-2000)}`);
+      if (Date.now() > deadline) assert.fail(`the agent did not start within 180 s; console:\n${text.slice(-3000)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  it('is written by the builder with its manifest entries, a DAX header and an MBR at 0 and at 2 MiB', () => {
+    const disk = image.agentDisk;
+    assert.ok(disk);
+    const m = JSON.parse(readFileSync(guestImagePaths(image.cacheDir).manifest, 'utf8')) as GuestManifest;
+    for (const [name, file] of [['agent.img', disk.image], ['initramfs-base.cpio.gz', disk.initrd]] as const) {
+      const info = m.outputs[name];
+      assert.ok(info, `${name} in the manifest`);
+      assert.equal(createHash('sha256').update(readFileSync(file)).digest('hex'), info.sha256);
+    }
+    const bytes = statSync(disk.image).size;
+    assert.equal(bytes % (2 * 1024 * 1024), 0);
+    const head = readFileSync(disk.image).subarray(0, 2 * 1024 * 1024 + 512);
+    assert.equal(head.toString('latin1', 4096, 4096 + 15), 'NVDIMM_PFN_INFO');
+    assert.equal(head.readUInt16LE(510), 0xaa55);
+    assert.equal(head.readUInt16LE(2 * 1024 * 1024 + 510), 0xaa55);
+    assert.equal(head.readUInt32LE(446 + 8) - head.readUInt32LE(2 * 1024 * 1024 + 446 + 8), 4096, 'the two partitions are the same bytes, 2 MiB apart');
+    // The base archive has no agent: the agent disk brings it.
+    assert.ok(statSync(disk.initrd).size < 16 * 1024 * 1024);
+  });
+
+  it('on an NVDIMM: /init loads nfit and nd_pmem, mounts /dev/pmem0p1 read-only with DAX and runs the agent from it', async () => {
+    const text = await bootWithDisk('nvdimm');
+    const mounted = /^KATA-TS-GUEST: agent disk \/dev\/pmem0p1 mounted \((.*)\)$/m.exec(text);
+    assert.ok(mounted, text.slice(-2000));
+    const opts = (mounted[1] as string).split(',');
+    assert.ok(opts.includes('ro'), mounted[1]);
+    assert.ok(opts.includes('dax=always'), mounted[1]);
+    assert.match(text, /^KATA-TS-GUEST: exec \/agent\/start$/m);
+    assert.doesNotMatch(text, /modprobe \S+ failed|cannot mount the agent disk|DAX unsupported/);
+  });
+
+  it('as a read-only virtio-blk disk: /init mounts /dev/vda1 (the MBR at byte 0) and runs the agent from it', async () => {
+    const text = await bootWithDisk('virtio-blk');
+    const mounted = /^KATA-TS-GUEST: agent disk \/dev\/vda1 mounted \((.*)\)$/m.exec(text);
+    assert.ok(mounted, text.slice(-2000));
+    assert.ok((mounted[1] as string).split(',').includes('ro'));
+    assert.match(text, /^KATA-TS-GUEST: exec \/agent\/start$/m);
+  });
+});
+
 describe('configs/configuration-qemu.toml', function () {
   this.timeout(60_000);
   const CONFIG = path.join(PACKAGE_ROOT, 'configs', 'configuration-qemu.toml');
@@ -333,11 +435,13 @@ describe('configs/configuration-qemu.toml', function () {
     assert.equal(verdict.hypervisor, 'qemu');
   });
 
-  it('points kernel (the uncompressed one, which boots twice as fast) and initrd at what the builder writes for root', async () => {
+  it('points kernel (the uncompressed one, which boots twice as fast), initrd and image (the agent disk, on an NVDIMM) at what the builder writes for root', async () => {
     const qemu = (parseToml(await readFile(CONFIG, 'utf8')) as { hypervisor: { qemu: Record<string, unknown> } }).hypervisor.qemu;
     const out = guestImagePaths(defaultCacheDir({}, 0));
     assert.equal(qemu.kernel, out.vmlinux);
-    assert.equal(qemu.initrd, out.initrd);
+    assert.equal(qemu.initrd, out.baseInitrd);
+    assert.equal(qemu.image, out.agentDisk);
+    assert.equal(qemu.disable_image_nvdimm, false);
     assert.equal(qemu.machine_type, 'q35');
     assert.equal(qemu.shared_fs, 'virtio-9p');
     assert.equal(qemu.block_device_driver, 'virtio-blk');

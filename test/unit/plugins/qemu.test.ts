@@ -388,6 +388,8 @@ describe('qemu plugin', () => {
       assert.equal(mem.props['mem-path'], IMAGE.image);
       assert.equal(mem.props.size, IMAGE_SIZE);
       assert.equal(mem.props.readonly, 'on');
+      // Shared: a VM template's x-ignore-shared migration leaves it out of the stream.
+      assert.equal(mem.props.share, 'on');
       assert.equal(only(devicesOf(argv, 'nvdimm'), 'nvdimm').props.memdev, mem.props.id);
       assert.equal(optionsOf(argv, '-machine')[0]?.props.nvdimm, 'on');
       assert.ok(vm.memory.maxMiB >= vm.memory.sizeMiB + 1024, 'room for the NVDIMM above the RAM');
