@@ -65,6 +65,8 @@ export function explain(j: Judgement): string {
 }
 
 function shellQuote(s: string): string {
-  return /^[A-Za-z0-9_\-+=.,/:@%]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+  if (/^[A-Za-z0-9_\-+=.,/:@%]+$/.test(s)) return s;
+  // POSIX single quotes; a quote inside becomes '\'' (close, escaped quote, reopen).
+  return "'" + s.split("'").join("'\\''") + "'";
 }
 
