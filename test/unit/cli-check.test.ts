@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, cpSync, readFileSync } from 'node:fs';
+import { chmodSync, cpSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { hostChecks, mergeChecks, type CheckReport, type CheckStatus, type HostCheck } from '../../cli/check.js';
 import type { SandboxPlan } from '../../core/plan.js';
@@ -206,14 +206,16 @@ ${opts.extra ?? ''}
 
     it('reports the version and features vmm.ping gives, and leaves no VMM running', async () => {
       process.env.CLH_SIM_FEATURES = 'kvm,io_uring';
-      const r = await check(simConfig('clh-ping', false), 'intel-kvm');
+      // A mark only the simulators this test starts inherit: others (another run on the host) are not ours to count.
+      const mark = `clh-ping-${process.pid}-${Date.now()}`;
+      process.env.KATA_TS_TEST_MARK = mark;
+      const r = await check(simConfig('clh-ping', false), 'intel-kvm').finally(() => delete process.env.KATA_TS_TEST_MARK);
       const api = r.report?.checks.find((c) => c.id === 'hypervisor-api');
       assert.equal(api?.status, 'info');
       assert.match(api?.message ?? '', /version 53\.0\.0 .*features: kvm, io_uring/);
       assert.equal(statuses(r.report?.checks ?? [])['hypervisor-tdx'], 'info');
       assert.equal(r.code, 0, r.stderr);
-      const left = spawnSync('pgrep', ['-f', 'clh-simulator-main'], { encoding: 'utf8' }).stdout.trim();
-      assert.equal(left, '', 'no simulator left running');
+      assert.deepEqual(processesMarked(mark), [], 'no simulator left running');
     });
 
     it('fails a TDX configuration when the binary lacks the tdx feature, and passes it when it has it', async () => {
@@ -355,3 +357,18 @@ describe('hostChecks', () => {
     });
   });
 });
+
+/** Pids of the processes whose environment holds KATA_TS_TEST_MARK=`mark` (this one excluded). */
+function processesMarked(mark: string): number[] {
+  const needle = Buffer.from(`KATA_TS_TEST_MARK=${mark}\0`);
+  return readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d) && Number(d) !== process.pid)
+    .filter((d) => {
+      try {
+        return readFileSync(`/proc/${d}/environ`).includes(needle);
+      } catch {
+        return false; // gone, or not ours to read
+      }
+    })
+    .map(Number);
+}
