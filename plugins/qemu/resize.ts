@@ -25,6 +25,15 @@ export const RESIZE_DEFAULTS = Object.freeze({
   cpuUnplugTimeoutMs: 10_000,
 });
 
+/** x86-64 Linux adds hot-plugged memory in sections of 128 MiB (SECTION_SIZE_BITS = 27). */
+const GUEST_MEMORY_SECTION = 128 * 1024 * 1024;
+
+/** An entry of QMP's query-memory-devices (pc-dimm, nvdimm, …): where it sits in the guest's address space. */
+interface MemoryDeviceInfo {
+  type: string;
+  data?: { addr?: number; size?: number };
+}
+
 /**
  * Why hot-plugged vCPUs stay under TCG. With QEMU 7.2 (Debian 12) and TCG, a vCPU unplug the guest
  * completes leaves QEMU's heap corrupted: the next PCI device unplug (a container's disk) aborts it
@@ -189,14 +198,32 @@ export class CpuMemoryHotplug {
     } catch (e) {
       throw resizeError(`cannot hot-plug ${mib} MiB: object-add of its memory backend failed: ${reason(e)}`, { cause: e });
     }
+    const addr = await this.#nextDimmAddress();
     try {
-      await this.#qmp.execute('device_add', { driver: 'pc-dimm', id: dimm, memdev: mem });
+      await this.#qmp.execute('device_add', { driver: 'pc-dimm', id: dimm, memdev: mem, ...(addr === undefined ? {} : { addr }) });
     } catch (e) {
       await this.#qmp.execute('object-del', { id: mem }).catch((err: unknown) => this.#log.error({ err, id: mem }, 'could not remove the memory backend of a failed DIMM'));
       throw resizeError(`cannot hot-plug ${mib} MiB: device_add pc-dimm failed: ${reason(e)}; its memory backend was removed again`, { cause: e });
     }
     this.#dimms.push({ id: dimm, mib });
-    this.#log.info({ dimm, mib, memoryMiB: this.memoryMiB }, 'memory hot-plugged');
+    this.#log.info({ dimm, mib, memoryMiB: this.memoryMiB, addr }, 'memory hot-plugged');
+  }
+
+  /**
+   * Where the next DIMM goes: past every memory device, aligned to the guest's memory section
+   * (128 MiB on x86-64). QEMU would put it right after the last one, and Linux cannot add memory
+   * that starts inside a section: after an image NVDIMM whose size is no multiple of 128 MiB, the
+   * DIMM was plugged but never appeared in the guest. Undefined (QEMU chooses) when there is no
+   * device yet or QEMU does not say.
+   */
+  async #nextDimmAddress(): Promise<number | undefined> {
+    const devices = await this.#qmp.execute<MemoryDeviceInfo[]>('query-memory-devices').catch(() => undefined);
+    const ends = (Array.isArray(devices) ? devices : [])
+      .map((d) => (typeof d.data?.addr === 'number' && typeof d.data.size === 'number' ? d.data.addr + d.data.size : undefined))
+      .filter((e): e is number => e !== undefined && Number.isSafeInteger(e));
+    if (ends.length === 0) return undefined;
+    const end = Math.max(...ends);
+    return Math.ceil(end / GUEST_MEMORY_SECTION) * GUEST_MEMORY_SECTION;
   }
 
   #serial<T>(fn: () => Promise<T>): Promise<T> {

@@ -14,8 +14,11 @@ interface Sent {
   readonly args: Record<string, unknown> | undefined;
 }
 
-/** A QEMU with `max` possible CPUs (one booted), which fails the commands named in `fail`. */
-function fakeQemu(max: number, fail: Set<string> = new Set()) {
+/**
+ * A QEMU with `max` possible CPUs (one booted), which fails the commands named in `fail`;
+ * query-memory-devices answers `memoryDevices` (QEMU's shape: type and data.addr/size).
+ */
+function fakeQemu(max: number, fail: Set<string> = new Set(), memoryDevices: unknown[] = []) {
   const sent: Sent[] = [];
   const present = new Set<string>(['cpu-0']);
   const backlog: QmpEvent[] = [];
@@ -35,6 +38,7 @@ function fakeQemu(max: number, fail: Set<string> = new Set()) {
           return present.has(id) ? { ...c, 'qom-path': `/machine/peripheral/${id}` } : c;
         });
       }
+      if (command === 'query-memory-devices') return memoryDevices;
       if (command === 'device_add' && typeof args?.driver === 'string' && args.driver.endsWith('-cpu')) present.add(String(args.id));
       if (command === 'device_del') {
         present.delete(String(args?.id));
@@ -99,8 +103,17 @@ describe('qemu vCPU and memory hot-plug (CpuMemoryHotplug)', () => {
     assert.equal(await hp.resizeMemory(640), 768, 'memory is not taken back');
     assert.deepEqual(sent, [
       { command: 'object-add', args: { 'qom-type': 'memory-backend-ram', id: 'hotmem0', size: 256 * 1024 * 1024 } },
+      { command: 'query-memory-devices', args: undefined },
       { command: 'device_add', args: { driver: 'pc-dimm', id: 'dimm0', memdev: 'hotmem0' } },
     ]);
+  });
+
+  it('puts a DIMM at the next 128 MiB boundary past the memory devices (an image NVDIMM of 112 MiB): Linux adds whole sections only', async () => {
+    const GiB = 1024 * 1024 * 1024;
+    const nvdimm = { type: 'nvdimm', data: { id: 'nv0', addr: 4 * GiB, size: 112 * 1024 * 1024, slot: 0, node: 0, memdev: '/objects/mem0', hotplugged: false, hotpluggable: true } };
+    const { qmp, sent } = fakeQemu(4, new Set(), [nvdimm]);
+    await new CpuMemoryHotplug(qmp, SPEC, silentLogger(), { slotsTaken: 1 }).resizeMemory(640);
+    assert.deepEqual(sent.find((s) => s.command === 'device_add')?.args, { driver: 'pc-dimm', id: 'dimm0', memdev: 'hotmem0', addr: 4 * GiB + 128 * 1024 * 1024 });
   });
 
   it('uses a shareable memfd backend when guest RAM is shared (vhost-user daemons map it)', async () => {
@@ -113,7 +126,7 @@ describe('qemu vCPU and memory hot-plug (CpuMemoryHotplug)', () => {
     const { qmp, sent } = fakeQemu(4, new Set(['device_add:pc-dimm']));
     const hp = new CpuMemoryHotplug(qmp, SPEC, silentLogger());
     await assert.rejects(hp.resizeMemory(768), (e: KataError) => e.code === 'KATA_ERR_HOTPLUG' && /backend was removed again/.test(e.message));
-    assert.deepEqual(sent.map((s) => s.command), ['object-add', 'device_add', 'object-del']);
+    assert.deepEqual(sent.map((s) => s.command), ['object-add', 'query-memory-devices', 'device_add', 'object-del']);
     assert.equal(hp.memoryMiB, 512);
   });
 
