@@ -33,14 +33,21 @@ export interface RunDirOwner {
   readonly startTime: string;
 }
 
+/**
+ * The fields of a `/proc/<pid>/stat` text from field 3 (state) on: index 0 is field 3. The command
+ * name (field 2) may hold spaces and parentheses, so they are counted from the last ')'.
+ */
+export function procStatFields(stat: string): string[] | undefined {
+  const close = stat.lastIndexOf(')');
+  return close < 0 ? undefined : stat.slice(close + 1).trim().split(/\s+/);
+}
+
 /** The start time of a process (field 22 of /proc/<pid>/stat), or undefined when there is no such process. */
 export function processStartTime(pid: number, proc = '/proc'): string | undefined {
   try {
-    const stat = readFileSync(path.join(proc, String(pid), 'stat'), 'latin1');
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const fields = procStatFields(readFileSync(path.join(proc, String(pid), 'stat'), 'latin1'));
     // fields[0] is field 3 (state): a zombie has ended.
-    if (fields[0] === 'Z') return undefined;
+    if (fields === undefined || fields[0] === 'Z') return undefined;
     return fields[19];
   } catch {
     return undefined;

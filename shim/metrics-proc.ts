@@ -5,6 +5,7 @@
  * `/proc/<pid>/smaps_rollup`, open descriptors from `/proc/<pid>/fd`.
  */
 import { readFile, readdir } from 'node:fs/promises';
+import { procStatFields } from '../core/run-dirs.js';
 
 /** USER_HZ: /proc/<pid>/stat counts CPU time in these ticks (100 on every Linux ABI). */
 export const CLOCK_TICKS = 100;
@@ -20,10 +21,9 @@ export interface ProcStat {
 
 /** `/proc/<pid>/stat`: the fields after the command name, which may itself hold spaces and parentheses. */
 export function parseProcStat(text: string): ProcStat | undefined {
-  const close = text.lastIndexOf(')');
-  if (close < 0) return undefined;
-  // Field 3 (state) is the first after ")"; utime is field 14, num_threads field 20.
-  const f = text.slice(close + 1).trim().split(/\s+/);
+  const f = procStatFields(text);
+  if (f === undefined) return undefined;
+  // f[0] is field 3 (state); utime is field 14, num_threads field 20.
   const at = (field: number) => Number(f[field - 3]);
   const stat = { utime: at(14), stime: at(15), cutime: at(16), cstime: at(17), numThreads: at(20) };
   return Object.values(stat).every((v) => Number.isFinite(v)) ? stat : undefined;

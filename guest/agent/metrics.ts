@@ -8,7 +8,7 @@
  * Written by hand rather than with a client library: the agent imports only wire/ and Node.
  */
 import { readFile, readdir } from 'node:fs/promises';
-import { SANDBOX_CGROUP } from './cgroups.js';
+import { SANDBOX_CGROUP, parseFlatKeyed } from './cgroups.js';
 
 /** Where the agent gives each container its cgroup (`<root>/<container-id>`, cgroup v2 files): cgroups.ts says. */
 export const CONTAINER_CGROUP_ROOT = SANDBOX_CGROUP;
@@ -148,9 +148,9 @@ export async function readContainerCgroups(root: string = CONTAINER_CGROUP_ROOT)
     ids.map(async (id) => {
       const dir = `${root}/${id}`;
       const [cpuStat, memCurrent, memMax, pids] = await Promise.all(['cpu.stat', 'memory.current', 'memory.max', 'pids.current'].map((f) => readOrUndefined(`${dir}/${f}`)));
-      const usage = /^usage_usec (\d+)$/m.exec(cpuStat ?? '');
+      const usage = parseFlatKeyed(cpuStat ?? '').get('usage_usec');
       const c: { -readonly [K in keyof ContainerCgroup]: ContainerCgroup[K] } = { id };
-      if (usage) c.cpuSeconds = Number(usage[1]) / 1e6;
+      if (usage !== undefined) c.cpuSeconds = Number(usage) / 1e6;
       const mem = nonNegativeInteger(memCurrent);
       if (mem !== undefined) c.memoryBytes = mem;
       const max = nonNegativeInteger(memMax);
