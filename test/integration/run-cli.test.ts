@@ -12,6 +12,7 @@ import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
 import { qemuBinary, qemuLeftBehind, qemuProcessesMentioning } from '../helpers/qemu.js';
 import { STACK_FRAME } from '../helpers/cli.js';
 import { TempDir } from '../helpers/tmp.js';
+import { useSharedTemplate } from '../helpers/template.js';
 import { until } from '../helpers/wait.js';
 
 const BIN = path.join(PACKAGE_ROOT, 'dist', 'bundle', 'kata-runtime.mjs');
@@ -22,6 +23,8 @@ describe('kata-runtime run @integration', function () {
   let image: GuestImage;
   let tmp: TempDir;
   let config: string;
+  /** The configuration without templating. */
+  let coldText: string;
   let n = 0;
   const runRoot = () => path.join(tmp.path, 'run');
   const rootfs = () => {
@@ -36,10 +39,12 @@ describe('kata-runtime run @integration', function () {
     image = await ensureGuestImage();
     if (!image.busyboxRootfs) this.skip();
     tmp = new TempDir('kata-run-cli-');
-    config = tmp.file(
-      'configuration.toml',
-      `[hypervisor.qemu]\npath = "${qemuBinary()}"\nkernel = "${image.kernel}"\ninitrd = "${image.initrd}"\ndefault_memory = 512\nshared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n[agent.kata]\ndial_timeout = 120\n`,
-    );
+    coldText = `[hypervisor.qemu]\npath = "${qemuBinary()}"\nkernel = "${image.kernel}"\ninitrd = "${image.initrd}"\ndefault_memory = 512\nshared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n[agent.kata]\ndial_timeout = 120\n`;
+    config = tmp.file('configuration.toml', coldText);
+    // What this suite tests is `run` around a sandbox (stdio, status, signals, teardown), so its
+    // sandboxes are clones of a VM template; the virtio-scsi case below, the shipped configuration
+    // and `npm run demo` boot cold, as do the guest, agent and lifecycle suites.
+    useSharedTemplate(config);
   });
   after(async () => {
     if (tmp) {
@@ -165,7 +170,9 @@ describe('kata-runtime run @integration', function () {
   ] as const) {
     it(`on ${signal} ${moment} stops the VM, removes the run directory and exits 128+n, with no error`, async () => {
       const root = path.join(tmp.path, `run-${n}`);
-      const child = spawn(process.execPath, [BIN, '--config', config, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
+      // Moments of a boot (the agent's console lines): a cold boot.
+      const cold = tmp.file('configuration-cold.toml', coldText);
+      const child = spawn(process.execPath, [BIN, '--config', cold, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
       let stderr = '';
       let stdout = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -191,7 +198,7 @@ describe('kata-runtime run @integration', function () {
   });
 
   it('runs a container on a block rootfs hot-plugged over virtio-scsi (block_device_driver = "virtio-scsi"), mounted from the SCSI disk', () => {
-    const scsiConfig = tmp.file('configuration-scsi.toml', readFileSync(config, 'utf8').replace('block_device_driver = "virtio-blk"', 'block_device_driver = "virtio-scsi"'));
+    const scsiConfig = tmp.file('configuration-scsi.toml', coldText.replace('block_device_driver = "virtio-blk"', 'block_device_driver = "virtio-scsi"'));
     assert.match(readFileSync(scsiConfig, 'utf8'), /block_device_driver = "virtio-scsi"/);
     const script = 'dev=$(awk \'$2=="/"{print $1}\' /proc/self/mounts); echo $dev; readlink -f /sys/class/block/${dev#/dev/}';
     const r = spawnSync(process.execPath, [BIN, '--config', scsiConfig, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', script], { encoding: 'utf8', env: env() });

@@ -19,6 +19,7 @@ import { TempDir } from '../helpers/tmp.js';
 import { until as untilFast, within } from '../helpers/wait.js';
 import { liveProcesses, processesMentioning } from '../helpers/procs.js';
 import { shimBinDir, shimConfig } from '../helpers/shim.js';
+import { useSharedTemplate } from '../helpers/template.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
 
@@ -61,6 +62,9 @@ describe('containerd-shim-kata-v2 with the real containerd @integration', functi
     tmp = new TempDir('kata-shim-e2e-');
     runRoot = path.join(tmp.path, 'run');
     config = shimConfig(tmp, image);
+    // The boot is not this suite's subject: its sandboxes are clones of a VM template (the cold
+    // boot through the shim is what shim-cri, resources, shim-resize and the network suites run).
+    useSharedTemplate(config);
     // The standard configuration directories a pod's config_path annotation may choose from, relocated.
     sysroot = path.join(tmp.path, 'sysroot');
     ctrd = await startContainerd(this, { pathPrefix: [shimBinDir(tmp)], env: { KATA_CONF_FILE: config, KATA_TS_RUN_ROOT: runRoot, KATA_TS_SYSROOT: sysroot, KATA_TS_SBS_ROOT: path.join(tmp.path, 'sbs') } });
