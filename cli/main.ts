@@ -211,7 +211,8 @@ export async function main(argv: readonly string[], io: CliIO = processIO, opts:
 }
 
 async function versionCommand(ctx: Pick<CommandContext, 'io'>): Promise<number> {
-  ctx.io.out(`kata-runtime  : ${runtimeVersion()}\n   plugin API : ${(await import('../core/plugin-api.js')).PLUGIN_API_VERSION}\n`);
+  const { PLUGIN_API_VERSION } = await import('../core/plugin-api.js');
+  ctx.io.out(`kata-runtime  : ${runtimeVersion()}\n   plugin API : ${PLUGIN_API_VERSION}\n`);
   return EXIT.OK;
 }
 
