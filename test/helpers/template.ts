@@ -7,11 +7,12 @@
  * configuration clone the same template). Everything a suite proves about the sandbox then holds
  * for clones, and the cold boot keeps its own coverage in every suite that does not call this
  * (the guest, the agent, `kata-runtime run`, hot-plug, networking, CRI …). The templates are
- * destroyed when the test process exits (`factory destroy`: tmpfs unmounted, files removed).
+ * destroyed when the test process exits (`factory destroy`: tmpfs unmounted, files removed), and
+ * those of a run that was killed before it could are removed by the next run.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { appendFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { DIST_ROOT } from '../../core/paths.js';
 
@@ -39,6 +40,7 @@ export function useSharedTemplate(config: string): string | undefined {
   const dir = path.join(ROOT, createHash('sha256').update(text).digest('hex').slice(0, 16));
   appendFileSync(config, `\n[factory]\nenable_template = true\ntemplate_path = "${dir}"\n`);
   if (!made.has(dir)) {
+    if (made.size === 0) sweepDeadRuns();
     mkdirSync(ROOT, { recursive: true, mode: 0o700 });
     const copy = `${dir}.toml`;
     writeFileSync(copy, readFileSync(config));
@@ -50,6 +52,23 @@ export function useSharedTemplate(config: string): string | undefined {
     }
   }
   return dir;
+}
+
+/** A run that was killed (no exit handler ran) left its templates mounted: remove them. */
+function sweepDeadRuns(): void {
+  for (const name of readdirSync('/run')) {
+    const m = /^kata-ts-test-templates-(\d+)$/.exec(name);
+    if (!m || Number(m[1]) === process.pid || existsSync(`/proc/${m[1]}`)) continue;
+    const root = path.join('/run', name);
+    for (const f of readdirSync(root).filter((n) => n.endsWith('.toml'))) {
+      try {
+        factory('destroy', path.join(root, f));
+      } catch {
+        // Its tmpfs may be gone already; rmSync below says if anything is still mounted.
+      }
+    }
+    rmSync(root, { recursive: true, force: true });
+  }
 }
 
 /** Destroys this process's templates (also run at exit). */
