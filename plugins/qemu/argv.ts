@@ -115,7 +115,15 @@ export function renderQemuArgv(spec: QemuLaunchSpec, opts: RenderOptions): strin
   // The translation buffer only exists under TCG; QEMU's default (1 GiB) fills up as the guest runs
   // new code and is never given back, so a small guest is better served by a small one.
   const tb = spec.tcgTbSizeMiB ?? 0;
-  argv.push('-accel', opts.accelerator === 'tcg' && tb > 0 ? `tcg,tb-size=${tb}` : opts.accelerator);
+  const tcg: string[] = ['tcg'];
+  if (tb > 0) tcg.push(`tb-size=${tb}`);
+  // Multi-threaded TCG gives each vCPU thread its own regions of that buffer, handed out in turn
+  // and all given back only when it is flushed; a vCPU hot-plugged while every region is taken
+  // aborts QEMU 7.2 (tcg/region.c: tcg_region_initial_alloc__locked: assertion failed). That
+  // happened in about half the hot-plugs with a 40 MiB buffer. One TCG thread for all vCPUs has
+  // one context and nothing to hand out: where vCPUs may be hot-plugged, that is what QEMU gets.
+  if (spec.smp.maxcpus > spec.smp.cpus) tcg.push('thread=single');
+  argv.push('-accel', opts.accelerator === 'tcg' ? tcg.join(',') : opts.accelerator);
 
   // `-cpu host` needs KVM; `max` is TCG's "everything it can emulate".
   const model = spec.cpu.model === 'host' && opts.accelerator === 'tcg' ? 'max' : spec.cpu.model;

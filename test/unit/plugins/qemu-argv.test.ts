@@ -57,6 +57,13 @@ describe('renderQemuArgv', () => {
     assert.deepEqual(valuesOf(argv, '-accel'), ['tcg']);
   });
 
+  it('runs TCG in one thread when vCPUs may be hot-plugged (QEMU 7.2 aborts plugging one into a full MTTCG buffer), and never says so to KVM', () => {
+    const pluggable = { ...handBuilt(), smp: { cpus: 1, maxcpus: 4 }, tcgTbSizeMiB: 40 };
+    assert.deepEqual(valuesOf(renderQemuArgv(pluggable, { accelerator: 'tcg' }), '-accel'), ['tcg,tb-size=40,thread=single']);
+    assert.deepEqual(valuesOf(renderQemuArgv(pluggable, { accelerator: 'kvm' }), '-accel'), ['kvm']);
+    assert.deepEqual(valuesOf(renderQemuArgv({ ...pluggable, smp: { cpus: 2, maxcpus: 2 } }, { accelerator: 'tcg' }), '-accel'), ['tcg,tb-size=40']);
+  });
+
   it('backs shared memory with a shareable memfd covering all of -m', () => {
     const argv = renderQemuArgv(handBuilt(), { accelerator: 'kvm' });
     assert.equal(valuesOf(argv, '-object')[0], 'memory-backend-memfd,id=guest-ram,size=2048M,share=on');
