@@ -646,6 +646,9 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       await until('the shim\'s reader and writer of the deleted exec closing', () => held(never.paths.stdin) === client);
 
       await within(h.task.CloseIO({ id: 'c1', stdin: true }), 'CloseIO');
+      // The close itself runs on libuv's thread pool and may land just after CloseIO's answer (a
+      // full unit run on a loaded machine saw it): wait for it, then the reader must still be there.
+      await until('CloseIO closing the shim\'s writer', () => held(io.paths.stdin) <= client + 1);
       assert.equal(held(io.paths.stdin), client + 1, 'CloseIO closes the shim\'s writer; the reader stays for what the client still writes');
       h.container('c1').exit(0);
       await within(h.task.Wait({ id: 'c1' }), 'Wait');
