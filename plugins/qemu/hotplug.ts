@@ -260,11 +260,13 @@ function describeWhere(w: HotpluggedBlock): string {
   return w.scsiAddr !== undefined ? `SCSI ${w.scsiAddr}` : `PCI ${w.pciPath}`;
 }
 
-function hotplugError(message: string, opts: { cause?: unknown; fix?: string } = {}): KataError {
+/** A KATA_ERR_HOTPLUG error of this plugin (disks here, vCPUs and memory in resize.ts). */
+export function hotplugError(message: string, opts: { cause?: unknown; fix?: string } = {}): KataError {
   return new KataError('KATA_ERR_HOTPLUG', message, { plugin: PLUGIN_NAME, ...opts });
 }
 
-function reason(e: unknown): string {
+/** A failure as one line: QMP's error class and text, a KataError's text and code. */
+export function reason(e: unknown): string {
   if (e instanceof QmpError) return `${e.class}: ${e.desc}`;
   if (e instanceof KataError) return `${e.text} [${e.code}]`;
   return e instanceof Error ? e.message : String(e);

@@ -17,6 +17,7 @@
  */
 import { KataError, type Logger } from '../../core/plugin-api.js';
 import { PLUGIN_NAME } from './config.js';
+import { hotplugError, reason } from './hotplug.js';
 import type { QemuLaunchSpec } from './launch-spec.js';
 import { QmpError, type QmpClient, type QmpEvent } from './qmp.js';
 
@@ -97,9 +98,9 @@ export class CpuMemoryHotplug {
 
   resizeVcpus(n: number): Promise<number> {
     return this.#serial(async () => {
-      if (!Number.isInteger(n) || n < 1) throw resizeError(`cannot resize to ${n} vCPUs: not a positive integer`);
+      if (!Number.isInteger(n) || n < 1) throw hotplugError(`cannot resize to ${n} vCPUs: not a positive integer`);
       if (n > this.#maxCpus) {
-        throw resizeError(`cannot hot-plug up to ${n} vCPUs: the VM was started with maxcpus=${this.#maxCpus} (default_maxvcpus)`, { fix: 'raise default_maxvcpus in [hypervisor.qemu]' });
+        throw hotplugError(`cannot hot-plug up to ${n} vCPUs: the VM was started with maxcpus=${this.#maxCpus} (default_maxvcpus)`, { fix: 'raise default_maxvcpus in [hypervisor.qemu]' });
       }
       if (n > this.vcpus) await this.#addCpus(n - this.vcpus);
       else if (n < this.vcpus) await this.#removeCpus(this.vcpus - Math.max(n, this.#bootCpus));
@@ -109,14 +110,14 @@ export class CpuMemoryHotplug {
 
   resizeMemory(mib: number): Promise<number> {
     return this.#serial(async () => {
-      if (!Number.isInteger(mib) || mib < 1) throw resizeError(`cannot resize memory to ${mib} MiB: not a positive integer`);
+      if (!Number.isInteger(mib) || mib < 1) throw hotplugError(`cannot resize memory to ${mib} MiB: not a positive integer`);
       const add = mib - this.memoryMiB;
       if (add <= 0) return this.memoryMiB;
       if (this.memoryMiB + add > this.#maxMiB) {
-        throw resizeError(`cannot hot-plug ${add} MiB: the VM would have ${this.memoryMiB + add} MiB, above its maxmem of ${this.#maxMiB} MiB (default_maxmemory)`, { fix: 'raise default_maxmemory in [hypervisor.qemu]' });
+        throw hotplugError(`cannot hot-plug ${add} MiB: the VM would have ${this.memoryMiB + add} MiB, above its maxmem of ${this.#maxMiB} MiB (default_maxmemory)`, { fix: 'raise default_maxmemory in [hypervisor.qemu]' });
       }
       if (this.#dimms.length >= this.#slots) {
-        throw resizeError(`cannot hot-plug ${add} MiB: all ${this.#slots} memory slots are in use (memory_slots)`, { fix: 'raise memory_slots in [hypervisor.qemu]' });
+        throw hotplugError(`cannot hot-plug ${add} MiB: all ${this.#slots} memory slots are in use (memory_slots)`, { fix: 'raise memory_slots in [hypervisor.qemu]' });
       }
       await this.#addDimm(add);
       return this.memoryMiB;
@@ -126,7 +127,7 @@ export class CpuMemoryHotplug {
   async #addCpus(count: number): Promise<void> {
     const all = await this.#qmp.execute<HotpluggableCpu[]>('query-hotpluggable-cpus');
     const free = all.filter((c) => c['qom-path'] === undefined && c['vcpus-count'] === 1).sort((a, b) => compareTopology(a.props, b.props));
-    if (free.length < count) throw resizeError(`cannot hot-plug ${count} vCPUs: QEMU has ${free.length} free CPU slots`);
+    if (free.length < count) throw hotplugError(`cannot hot-plug ${count} vCPUs: QEMU has ${free.length} free CPU slots`);
     const added: string[] = [];
     for (const cpu of free.slice(0, count)) {
       const id = `cpu-${Object.values(cpu.props).join('-')}`;
@@ -137,7 +138,7 @@ export class CpuMemoryHotplug {
           for (const a of added.reverse()) await this.#unplugCpu(a).catch((err: unknown) => this.#log.error({ err, cpu: a }, 'could not unplug a vCPU of a failed hot-plug'));
         }
         const undone = added.length === 0 ? '' : this.#cpuUnplug ? `; the ${added.length} vCPU(s) added before it were unplugged again` : `; the ${added.length} vCPU(s) added before it stay, offline (${CPU_UNPLUG_UNSAFE})`;
-        throw resizeError(`device_add of vCPU ${id} failed: ${reason(e)}${undone}`, { cause: e });
+        throw hotplugError(`device_add of vCPU ${id} failed: ${reason(e)}${undone}`, { cause: e });
       }
       added.push(id);
       this.#cpus.push(id);
@@ -196,14 +197,14 @@ export class CpuMemoryHotplug {
     try {
       await this.#qmp.execute('object-add', { ...backend, id: mem, size: mib * MIB });
     } catch (e) {
-      throw resizeError(`cannot hot-plug ${mib} MiB: object-add of its memory backend failed: ${reason(e)}`, { cause: e });
+      throw hotplugError(`cannot hot-plug ${mib} MiB: object-add of its memory backend failed: ${reason(e)}`, { cause: e });
     }
     const addr = await this.#nextDimmAddress();
     try {
       await this.#qmp.execute('device_add', { driver: 'pc-dimm', id: dimm, memdev: mem, ...(addr === undefined ? {} : { addr }) });
     } catch (e) {
       await this.#qmp.execute('object-del', { id: mem }).catch((err: unknown) => this.#log.error({ err, id: mem }, 'could not remove the memory backend of a failed DIMM'));
-      throw resizeError(`cannot hot-plug ${mib} MiB: device_add pc-dimm failed: ${reason(e)}; its memory backend was removed again`, { cause: e });
+      throw hotplugError(`cannot hot-plug ${mib} MiB: device_add pc-dimm failed: ${reason(e)}; its memory backend was removed again`, { cause: e });
     }
     this.#dimms.push({ id: dimm, mib });
     this.#log.info({ dimm, mib, memoryMiB: this.memoryMiB, addr }, 'memory hot-plugged');
@@ -240,14 +241,4 @@ function compareTopology(a: Record<string, number>, b: Record<string, number>): 
     if (d !== 0) return d;
   }
   return 0;
-}
-
-function resizeError(message: string, opts: { cause?: unknown; fix?: string } = {}): KataError {
-  return new KataError('KATA_ERR_HOTPLUG', message, { plugin: PLUGIN_NAME, ...opts });
-}
-
-function reason(e: unknown): string {
-  if (e instanceof QmpError) return `${e.class}: ${e.desc}`;
-  if (e instanceof KataError) return `${e.text} [${e.code}]`;
-  return e instanceof Error ? e.message : String(e);
 }
