@@ -1,5 +1,7 @@
 import { buildGuestImage, defaultCacheDir } from '../../guest/image/build-image.js';
 import { ensureBusyboxRootfs } from '../../guest/image/busybox-rootfs.js';
+import { qemuBinary } from './qemu.js';
+import { TempDir } from './tmp.js';
 
 /** Paths of the guest image the tests boot (built by guest/image/build-image.ts into the cache dir). */
 export interface GuestImage {
@@ -45,4 +47,29 @@ export async function ensureGuestImage(): Promise<GuestImage> {
     pending = undefined; // a failed build is retried by the next caller
     throw err;
   }
+}
+
+/**
+ * The set-up of a suite that boots sandboxes from the guest image with the busybox rootfs:
+ * mocha `before` skips the suite without QEMU or a busybox rootfs, builds the image and makes a
+ * temporary directory named with `prefix`; `after` removes it. Read the fields in tests and hooks
+ * (they are set by `before`).
+ */
+export function guestImageSuite(prefix: string): { readonly image: GuestImage; readonly tmp: TempDir } {
+  const state: { image?: GuestImage; tmp?: TempDir } = {};
+  before(async function () {
+    if (!qemuBinary()) this.skip();
+    state.image = await ensureGuestImage();
+    if (!state.image.busyboxRootfs) this.skip();
+    state.tmp = new TempDir(prefix);
+  });
+  after(() => state.tmp?.cleanup());
+  return {
+    get image() {
+      return state.image as GuestImage;
+    },
+    get tmp() {
+      return state.tmp as TempDir;
+    },
+  };
 }

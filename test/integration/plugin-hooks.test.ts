@@ -8,9 +8,8 @@ import path from 'node:path';
 import { definePlugin } from '../../core/plugin-api.js';
 import { loadValidatedConfig } from '../../core/runtime.js';
 import { Sandbox } from '../../core/sandbox.js';
-import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
-import { TempDir } from '../helpers/tmp.js';
+import { guestImageSuite } from '../helpers/guest.js';
+import { qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 
 const BLOCK = 'shared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"';
 
@@ -32,25 +31,17 @@ function recorder(calls: string[]) {
 
 describe('plugin lifecycle hooks in a real sandbox @integration', function () {
   this.timeout(600_000);
-  let image: GuestImage;
-  let tmp: TempDir;
+  const suite = guestImageSuite('kata-hooks-');
 
-  before(async function () {
-    if (!qemuBinary()) this.skip();
-    image = await ensureGuestImage();
-    if (!image.busyboxRootfs) this.skip();
-    tmp = new TempDir('kata-hooks-');
-  });
-  after(() => tmp?.cleanup());
 
   it('calls agentReady, the container hooks (the exit once, with its status) and sandboxStopped in order', async () => {
     const calls: string[] = [];
-    const runRoot = path.join(tmp.path, 'run');
-    const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK), plugins: [recorder(calls)] });
+    const runRoot = path.join(suite.tmp.path, 'run');
+    const validated = await loadValidatedConfig({ text: sandboxConfigText(suite.image, BLOCK), plugins: [recorder(calls)] });
     const sandbox = await Sandbox.create(validated, { sandboxId: 'sb-hooks', runRoot });
     try {
-      const disk = path.join(tmp.path, 'c1.ext4');
-      copyFileSync(image.busyboxRootfs as string, disk);
+      const disk = path.join(suite.tmp.path, 'c1.ext4');
+      copyFileSync(suite.image.busyboxRootfs as string, disk);
       const c = await sandbox.createContainer({ id: 'c1', rootfs: { kind: 'block', path: disk, fstype: 'ext4' }, process: { args: ['sh', '-c', 'exit 7'] } });
       await c.start();
       assert.equal(await c.wait(), 7);

@@ -13,9 +13,8 @@ import { Sandbox } from '../../core/sandbox.js';
 import type { KataError } from '../../core/errors.js';
 import type { ResourceDemand } from '../../core/resources.js';
 import type { QemuVm } from '../../plugins/qemu/driver.js';
-import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { TempDir } from '../helpers/tmp.js';
-import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
+import { guestImageSuite } from '../helpers/guest.js';
+import { qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 
 const MIB = 1024 * 1024;
 const BLOCK = 'shared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"';
@@ -23,20 +22,12 @@ const cpus = (n: number): ResourceDemand => ({ cpuQuota: n * 100_000, cpuPeriod:
 
 describe('sandbox vCPU and memory hot-plug @integration', function () {
   this.timeout(600_000);
-  let image: GuestImage;
-  let tmp: TempDir;
+  const suite = guestImageSuite('kata-resize-');
 
-  before(async function () {
-    if (!qemuBinary()) this.skip();
-    image = await ensureGuestImage();
-    if (!image.busyboxRootfs) this.skip();
-    tmp = new TempDir('kata-resize-');
-  });
-  after(() => tmp?.cleanup());
 
   async function boot(id: string, hypervisor: string): Promise<{ sandbox: Sandbox; runRoot: string }> {
-    const runRoot = path.join(tmp.path, `run-${id}`);
-    const validated = await loadValidatedConfig({ text: sandboxConfigText(image, `${BLOCK}\n${hypervisor}`) });
+    const runRoot = path.join(suite.tmp.path, `run-${id}`);
+    const validated = await loadValidatedConfig({ text: sandboxConfigText(suite.image, `${BLOCK}\n${hypervisor}`) });
     return { sandbox: await Sandbox.create(validated, { sandboxId: id, runRoot }), runRoot };
   }
 
@@ -48,8 +39,8 @@ describe('sandbox vCPU and memory hot-plug @integration', function () {
 
   /** Creates a container with these limits whose process prints what the guest has, and leaves it created for the caller to delete. */
   async function probe(sandbox: Sandbox, id: string, demand: ResourceDemand | undefined) {
-    const rootfs = path.join(tmp.path, `${id}.ext4`);
-    copyFileSync(image.busyboxRootfs as string, rootfs);
+    const rootfs = path.join(suite.tmp.path, `${id}.ext4`);
+    copyFileSync(suite.image.busyboxRootfs as string, rootfs);
     const c = await sandbox.createContainer({
       id,
       rootfs: { kind: 'block', path: rootfs, fstype: 'ext4' },

@@ -11,9 +11,8 @@ import { loadValidatedConfig } from '../../core/runtime.js';
 import { Sandbox, type Container } from '../../core/sandbox.js';
 import type { KataError } from '../../core/errors.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
-import { ensureGuestImage, type GuestImage } from '../helpers/guest.js';
-import { TempDir } from '../helpers/tmp.js';
-import { qemuBinary, qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
+import { guestImageSuite } from '../helpers/guest.js';
+import { qemuLeftBehind, sandboxConfigText } from '../helpers/qemu.js';
 import { text } from 'node:stream/consumers';
 
 
@@ -27,30 +26,22 @@ function mountsUnder(dir: string): string[] {
 
 describe('sandbox lifecycle @integration', function () {
   this.timeout(600_000);
-  let image: GuestImage;
-  let tmp: TempDir;
+  const suite = guestImageSuite('kata-sandbox-');
   let rootfsDir: string;
 
-  before(async function () {
-    if (!qemuBinary()) this.skip();
-    image = await ensureGuestImage();
-    if (!image.busyboxRootfs) this.skip();
-    tmp = new TempDir('kata-sandbox-');
-  });
-  after(() => tmp?.cleanup());
 
   /** A private copy of the busybox rootfs image, so containers can write to it. */
   function freshImage(name: string): string {
-    const p = path.join(tmp.path, `${name}.ext4`);
-    copyFileSync(image.busyboxRootfs as string, p);
+    const p = path.join(suite.tmp.path, `${name}.ext4`);
+    copyFileSync(suite.image.busyboxRootfs as string, p);
     return p;
   }
 
   describe('with a block-device rootfs (hot-plugged virtio-blk)', () => {
     let sandbox: Sandbox;
-    const runRoot = () => path.join(tmp.path, 'run-block');
+    const runRoot = () => path.join(suite.tmp.path, 'run-block');
     before(async () => {
-      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(suite.image, BLOCK) });
       sandbox = await Sandbox.create(validated, { sandboxId: 'sb-block', runRoot: runRoot() });
     });
     after(async () => {
@@ -161,7 +152,7 @@ describe('sandbox lifecycle @integration', function () {
       }
       const disks = (await (sandbox.running.vm as unknown as { disks?: unknown[] }).disks) ?? [];
       assert.deepEqual(disks, [], 'every hot-plugged disk was unplugged');
-      assert.deepEqual(mountsUnder(tmp.path), []);
+      assert.deepEqual(mountsUnder(suite.tmp.path), []);
       const left = readdirSync(path.join(runRoot(), 'sb-block')).sort();
       assert.ok(!left.some((f) => f.startsWith('rootfs')), `run dir: ${left.join(', ')}`);
     });
@@ -169,22 +160,22 @@ describe('sandbox lifecycle @integration', function () {
 
   describe('with a directory rootfs (virtio-9p)', () => {
     let sandbox: Sandbox;
-    const runRoot = () => path.join(tmp.path, 'run-9p');
+    const runRoot = () => path.join(suite.tmp.path, 'run-9p');
     before(async function () {
       if (process.getuid?.() !== 0) this.skip(); // the shared rootfs is a bind mount
-      rootfsDir = path.join(tmp.path, 'rootfs-dir');
+      rootfsDir = path.join(suite.tmp.path, 'rootfs-dir');
       execFileSync('mkdir', ['-p', rootfsDir]);
-      const mnt = path.join(tmp.path, 'mnt');
+      const mnt = path.join(suite.tmp.path, 'mnt');
       execFileSync('mkdir', ['-p', mnt]);
       // Unpack the busybox image into a directory (debugfs needs no mount).
-      execFileSync('debugfs', ['-R', `rdump / ${rootfsDir}`, image.busyboxRootfs as string], { stdio: 'ignore' });
-      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, NINEP) });
+      execFileSync('debugfs', ['-R', `rdump / ${rootfsDir}`, suite.image.busyboxRootfs as string], { stdio: 'ignore' });
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(suite.image, NINEP) });
       sandbox = await Sandbox.create(validated, { sandboxId: 'sb-9p', runRoot: runRoot() });
     });
     after(async () => {
       await sandbox?.stop();
       assert.deepEqual(await qemuLeftBehind(runRoot()), []);
-      assert.deepEqual(mountsUnder(tmp.path), []);
+      assert.deepEqual(mountsUnder(suite.tmp.path), []);
     });
 
     it('runs a container whose rootfs directory is shared, and sees its files', async () => {
@@ -206,16 +197,16 @@ describe('sandbox lifecycle @integration', function () {
 
   describe('failures', () => {
     it('reports an unreachable agent clearly and tears the VM down', async () => {
-      const runRoot = path.join(tmp.path, 'run-unreachable');
-      const validated = await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) });
+      const runRoot = path.join(suite.tmp.path, 'run-unreachable');
+      const validated = await loadValidatedConfig({ text: sandboxConfigText(suite.image, BLOCK) });
       await assert.rejects(Sandbox.create(validated, { sandboxId: 'sb-noagent', runRoot, agentDialTimeoutMs: 200 }), (e: KataError) => e.code === 'KATA_ERR_AGENT_UNREACHABLE');
       assert.deepEqual(await qemuLeftBehind(runRoot), []);
       assert.equal(existsSync(path.join(runRoot, 'sb-noagent')), false);
     });
 
     it('makes a waiting container fail, not hang, when the agent dies', async () => {
-      const runRoot = path.join(tmp.path, 'run-agent-dies');
-      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) }), { sandboxId: 'sb-agent-dies', runRoot });
+      const runRoot = path.join(suite.tmp.path, 'run-agent-dies');
+      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(suite.image, BLOCK) }), { sandboxId: 'sb-agent-dies', runRoot });
       try {
         const c = await sandbox.createContainer({ id: 'bystander', rootfs: { kind: 'block', path: freshImage('bystander'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
         await c.start();
@@ -235,8 +226,8 @@ describe('sandbox lifecycle @integration', function () {
     });
 
     it('makes a waiting container fail, not hang, when the VM dies', async () => {
-      const runRoot = path.join(tmp.path, 'run-die');
-      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(image, BLOCK) }), { sandboxId: 'sb-die', runRoot });
+      const runRoot = path.join(suite.tmp.path, 'run-die');
+      const sandbox = await Sandbox.create(await loadValidatedConfig({ text: sandboxConfigText(suite.image, BLOCK) }), { sandboxId: 'sb-die', runRoot });
       try {
         const c = await sandbox.createContainer({ id: 'victim', rootfs: { kind: 'block', path: freshImage('victim'), fstype: 'ext4' }, process: { args: ['sleep', '100'] } });
         await c.start();
