@@ -2,8 +2,10 @@
  * Pod density (issue 16): the host memory of N idle sandboxes, each a `ctr run -d … sleep` through
  * our shim under a private containerd (test/helpers/containerd.ts) with QEMU and the project's guest
  * image, as the sum of the proportional set sizes (PSS, /proc/<pid>/smaps_rollup) of every QEMU and
- * every shim. One run measures several variants side by side, each with its own containerd, one
- * after the other, and prints per-pod figures and each variant's ratio against the first one:
+ * every shim, and their unique set sizes (USS, private pages: what one more pod adds, however many
+ * run; PSS falls as pods are added, since pods share code and the template's pages). One run
+ * measures several variants side by side, each with its own containerd, one after the other, and
+ * prints per-pod figures and each variant's ratio against the first one:
  *
  * - `previous`: the shipped configuration with the defaults before issue 16 (default_memory = 512,
  *   QEMU's default TCG translation buffer, no free-page-reporting balloon, the guest's swiotlb);
@@ -36,7 +38,7 @@ import { qemuBinary } from '../test/helpers/qemu.js';
 import { shimBinDir } from '../test/helpers/shim.js';
 import { TempDir } from '../test/helpers/tmp.js';
 import { median } from './stats.js';
-import { pssKiB, qemuPssSplit, type QemuPssSplit } from './pss.js';
+import { pssKiB, qemuPssSplit, ussKiB, type QemuPssSplit } from './pss.js';
 
 const RUNTIME = 'io.containerd.kata.v2';
 const run = promisify(execFile);
@@ -136,6 +138,9 @@ interface PodFigures {
   startMs: number;
   qemuKiB: number;
   shimKiB: number;
+  /** Unique set sizes (private pages): what this pod alone holds, however many pods run. */
+  qemuUssKiB: number;
+  shimUssKiB: number;
   split: QemuPssSplit;
 }
 
@@ -242,7 +247,10 @@ async function measureVariant(variant: DensityVariant, tmp: TempDir, image: Gues
         writeFileSync(path.join(opts.dump, `${id}.shim.smaps`), readFileSync(`/proc/${ppid}/smaps`));
         writeFileSync(path.join(opts.dump, `${id}.qemu.argv`), readFileSync(`/proc/${qemu}/cmdline`, 'latin1').split('\0').join('\n'));
       }
-      result.pods.push({ id, startMs: starts[id]!, qemuKiB: pssKiB(qemu), shimKiB: pssKiB(ppid), split: qemuPssSplit(qemu, result.guestRamMiB) });
+      result.pods.push({
+        id, startMs: starts[id]!, qemuKiB: pssKiB(qemu), shimKiB: pssKiB(ppid), qemuUssKiB: ussKiB(qemu), shimUssKiB: ussKiB(ppid),
+        split: qemuPssSplit(qemu, result.guestRamMiB),
+      });
     }
   } finally {
     for (const id of started) {
@@ -289,6 +297,8 @@ const perPod = (r: VariantResult) => {
     qemu: sum((p) => p.qemuKiB) / n,
     shim: sum((p) => p.shimKiB) / n,
     total: sum((p) => p.qemuKiB + p.shimKiB) / n,
+    qemuUss: sum((p) => p.qemuUssKiB) / n,
+    shimUss: sum((p) => p.shimUssKiB) / n,
     sum: sum((p) => p.qemuKiB + p.shimKiB),
     split: Object.fromEntries((Object.keys(r.pods[0]!.split) as (keyof QemuPssSplit)[]).map((k) => [k, sum((p) => p.split[k]) / n])) as unknown as QemuPssSplit,
     startMs: median(r.pods.map((p) => p.startMs)),
@@ -305,6 +315,7 @@ if (opts.json) {
     const v = chosen.find((x) => x.name === r.variant)!;
     console.log(`\n${r.variant}: ${v.about}`);
     console.log(`   per pod   QEMU ${MiB(p.qemu)}   shim ${MiB(p.shim)}   total ${MiB(p.total)}   ratio ${(p.total / base.total).toFixed(2)}x against ${results[0]!.variant}`);
+    console.log(`   private   QEMU ${MiB(p.qemuUss)}   shim ${MiB(p.shimUss)}   total ${MiB(p.qemuUss + p.shimUss)}   (USS: what one more pod adds, however many run)`);
     console.log(`   all ${pods} pods ${MiB(p.sum)}    ctr run -d median ${(p.startMs / 1000).toFixed(2)} s`);
     console.log(`   QEMU per pod: guest RAM ${MiB(p.split.guestRam)}  TCG buffer ${MiB(p.split.tcg)}  heap ${MiB(p.split.heap)}  files ${MiB(p.split.files)}  other anon ${MiB(p.split.otherAnon)}`);
     for (const pod of r.pods) console.log(`     ${pod.id.padEnd(14)} QEMU ${MiB(pod.qemuKiB)}  shim ${MiB(pod.shimKiB)}  start ${(pod.startMs / 1000).toFixed(2)} s`);

@@ -10,6 +10,17 @@ export function pssKiB(pid: number): number {
   return rollupField(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'), 'Pss');
 }
 
+/**
+ * Unique set size of one process, KiB: its private pages (`Private_Clean` + `Private_Dirty` of
+ * `/proc/<pid>/smaps_rollup`), the memory only it maps, which the host gets back when it exits.
+ * Unlike PSS it does not depend on how many other processes share the rest: it is what one more
+ * pod adds, however many run.
+ */
+export function ussKiB(pid: number): number {
+  const text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  return rollupField(text, 'Private_Clean') + rollupField(text, 'Private_Dirty');
+}
+
 /** A field (`Pss`, `Rss`, `Anonymous` …) of an smaps_rollup text, KiB. */
 export function rollupField(text: string, field: string): number {
   const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(text);

@@ -25,6 +25,7 @@ import { BUILTIN_PLUGINS } from '../plugins/builtin.js';
 import { ensureGuestImage } from '../test/helpers/guest.js';
 import { qemuBinary } from '../test/helpers/qemu.js';
 import { TempDir } from '../test/helpers/tmp.js';
+import { pssKiB } from './pss.js';
 import { Targets, median, ms } from './stats.js';
 
 useBuiltinPlugins(BUILTIN_PLUGINS);
@@ -54,12 +55,6 @@ enable_template = true
 template_path = "${templateDir}"
 `;
 
-/** Proportional set size of a process, KiB (/proc/<pid>/smaps_rollup). */
-function pssKiB(pid: number | undefined): number {
-  if (pid === undefined) return NaN;
-  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
-  return m ? Number(m[1]) : NaN;
-}
 
 const validated = await loadValidatedConfig({ text });
 const cold: number[] = [];
@@ -80,7 +75,7 @@ try {
       (kind === 'cold' ? cold : clone).push(took);
       if (i === 0) {
         await delay(2000);
-        pss[kind] = pssKiB(sandbox.running.vm.pid);
+        pss[kind] = sandbox.running.vm.pid === undefined ? NaN : pssKiB(sandbox.running.vm.pid);
       }
       await sandbox.stop();
       console.log(`  run ${i + 1}/${RUNS} ${kind.padEnd(5)} ${ms(took)}`);

@@ -39,7 +39,9 @@ interface MemoryDeviceInfo {
  * Why hot-plugged vCPUs stay under TCG. With QEMU 7.2 (Debian 12) and TCG, a vCPU unplug the guest
  * completes leaves QEMU's heap corrupted: the next PCI device unplug (a container's disk) aborts it
  * with "double free or corruption" or SIGSEGV (seen in test/integration/sandbox-resize.test.ts's
- * first runs). KVM does not run vCPUs through TCG's per-CPU structures.
+ * first runs). KVM does not run vCPUs through TCG's per-CPU structures. One TCG thread
+ * (`thread=single`, which argv.ts renders where vCPUs may be hot-plugged) does not avoid it: with
+ * unplug forced on, QEMU aborted at the next disk unplug in every run.
  */
 export const CPU_UNPLUG_UNSAFE = 'QEMU under TCG corrupts its heap after a vCPU unplug (a later device unplug then crashes it), so vCPUs are only unplugged with KVM';
 

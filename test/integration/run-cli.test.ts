@@ -23,8 +23,9 @@ describe('kata-runtime run @integration', function () {
   let image: GuestImage;
   let tmp: TempDir;
   let config: string;
-  /** The configuration without templating. */
+  /** The configuration without templating, as text and as a file (for the tests that need a cold boot). */
   let coldText: string;
+  let coldConfig: string;
   let n = 0;
   const runRoot = () => path.join(tmp.path, 'run');
   const rootfs = () => {
@@ -41,6 +42,7 @@ describe('kata-runtime run @integration', function () {
     tmp = new TempDir('kata-run-cli-');
     coldText = `[hypervisor.qemu]\npath = "${qemuBinary()}"\nkernel = "${image.kernel}"\ninitrd = "${image.initrd}"\ndefault_memory = 512\nshared_fs = "none"\ndisable_block_device_use = false\nblock_device_driver = "virtio-blk"\n[agent.kata]\ndial_timeout = 120\n`;
     config = tmp.file('configuration.toml', coldText);
+    coldConfig = tmp.file('configuration-cold.toml', coldText);
     // What this suite tests is `run` around a sandbox (stdio, status, signals, teardown), so its
     // sandboxes are clones of a VM template; the virtio-scsi case below, the shipped configuration
     // and `npm run demo` boot cold, as do the guest, agent and lifecycle suites.
@@ -171,8 +173,7 @@ describe('kata-runtime run @integration', function () {
     it(`on ${signal} ${moment} stops the VM, removes the run directory and exits 128+n, with no error`, async () => {
       const root = path.join(tmp.path, `run-${n}`);
       // Moments of a boot (the agent's console lines): a cold boot.
-      const cold = tmp.file('configuration-cold.toml', coldText);
-      const child = spawn(process.execPath, [BIN, '--config', cold, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [BIN, '--config', coldConfig, 'run', '--rootfs', rootfs(), '--', 'sh', '-c', 'echo started; sleep 1000'], { env: { ...env(), KATA_TS_RUN_ROOT: root }, stdio: ['ignore', 'pipe', 'pipe'] });
       let stderr = '';
       let stdout = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));

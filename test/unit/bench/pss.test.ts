@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { pssKiB, rollupField, splitQemuSmaps } from '../../../bench/pss.js';
+import { readFileSync } from 'node:fs';
+import { pssKiB, rollupField, splitQemuSmaps, ussKiB } from '../../../bench/pss.js';
 
 /** One smaps entry: a header line and the fields the splitter reads. */
 const entry = (range: string, perms: string, name: string, pssKiB: number) =>
@@ -26,10 +27,20 @@ describe('splitQemuSmaps', () => {
   });
 });
 
-describe('rollupField and pssKiB', () => {
+describe('rollupField, pssKiB and ussKiB', () => {
   it('read a field of smaps_rollup, and this process has a PSS', () => {
     assert.equal(rollupField('Rss:  100 kB\nPss:   42 kB\n', 'Pss'), 42);
     assert.throws(() => rollupField('Rss: 1 kB\n', 'Pss'));
     assert.ok(pssKiB(process.pid) > 0);
+  });
+
+  it('ussKiB is this process\'s private pages: more than nothing, less than its RSS, and it grows with memory only it touches', () => {
+    const rss = () => rollupField(readFileSync('/proc/self/smaps_rollup', 'utf8'), 'Rss');
+    const before = ussKiB(process.pid);
+    assert.ok(before > 0 && before <= rss(), `USS ${before} KiB, RSS ${rss()} KiB`);
+    const held = Buffer.alloc(32 * 1024 * 1024, 1);
+    const after = ussKiB(process.pid);
+    assert.ok(after - before >= 30 * 1024, `USS grew by ${after - before} KiB for 32 MiB written`);
+    assert.equal(held[held.length - 1], 1);
   });
 });
