@@ -7,6 +7,7 @@
  *   status   whether a template exists and matches this configuration (exit 0 either way)
  *   destroy  remove it: no process, file or mount is left
  */
+import os from 'node:os';
 import { readConfigFile } from '../core/config/parse.js';
 import { KataError } from '../core/errors.js';
 import { loadValidatedConfig } from '../core/runtime.js';
@@ -18,6 +19,7 @@ import { EXIT, type CommandContext } from './main.js';
 import { withCacheDir } from './run.js';
 
 const SUBCOMMANDS = ['init', 'status', 'destroy'] as const;
+const INIT_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 export async function factoryCommand(ctx: CommandContext): Promise<number> {
   const [sub, ...rest] = ctx.args;
@@ -47,7 +49,28 @@ export async function factoryCommand(ctx: CommandContext): Promise<number> {
     return EXIT.OK;
   }
   const runRoot = ctx.io.env.KATA_TS_RUN_ROOT || DEFAULT_RUN_ROOT;
-  const r = await initTemplate(validated, { runRoot, log: ctx.log });
+  // Ctrl-C, SIGTERM or SIGHUP while the template VM boots: init stops it and removes what it made
+  // (tmpfs, directory, lock), then we exit 128+n.
+  const abort = new AbortController();
+  let interrupted: NodeJS.Signals | undefined;
+  const onSignal = (sig: NodeJS.Signals) => {
+    interrupted ??= sig;
+    ctx.log.info({ signal: sig }, 'interrupted: removing the unfinished template');
+    abort.abort();
+  };
+  for (const s of INIT_SIGNALS) process.on(s, onSignal);
+  let r: Awaited<ReturnType<typeof initTemplate>>;
+  try {
+    r = await initTemplate(validated, { runRoot, log: ctx.log, signal: abort.signal });
+  } catch (e) {
+    if (interrupted) {
+      ctx.io.err(`kata-runtime: factory init interrupted (${interrupted}): nothing was left behind\n`);
+      return 128 + (os.constants.signals[interrupted] ?? 0);
+    }
+    throw e;
+  } finally {
+    for (const s of INIT_SIGNALS) process.off(s, onSignal);
+  }
   if (ctx.flags.json) report(r.status, { created: r.created, ...(r.ms !== undefined ? { ms: Math.round(r.ms) } : {}) });
   else ctx.io.out(r.created ? `vm factory initialized: template made in ${config.factory.template_path} (${Math.round(r.ms ?? 0)} ms)\n` : `vm factory already initialized: ${config.factory.template_path} matches this configuration\n`);
   return EXIT.OK;

@@ -290,8 +290,8 @@ export const ERROR_CODES = Object.freeze({
     fix: 'chown root and chmod go-w the file and directory named (a directory others must write to needs the sticky bit, like /tmp), or install the file in a root-owned directory.',
   },
   KATA_ERR_TEMPLATE: {
-    meaning: 'A `kata-runtime factory` command could not make, read or remove the VM template under [factory] template_path (templating not enabled, the template VM did not boot or its state could not be saved, the tmpfs could not be mounted), or a path unfit for a template was configured. A sandbox never fails for a missing, stale or unrestorable template: it boots cold and logs why.',
-    fix: 'Set [factory] enable_template = true with a hypervisor that declares vm:template (qemu, shared_fs other than virtio-fs), run as root, keep template_path an absolute path of letters, digits and `/._-`; read the error and the template VM console log it names, then run `kata-runtime factory destroy` and `factory init` again.',
+    meaning: 'A `kata-runtime factory` command could not make, read or remove the VM template under [factory] template_path (templating not enabled, the template VM did not boot or its state could not be saved, the tmpfs could not be mounted, another init or destroy holds the lock, the directory is not a template made by init), or a path unfit for a template was configured. A sandbox never fails for a missing, stale, untrusted or unrestorable template: it boots cold and logs why.',
+    fix: 'Set [factory] enable_template = true with a hypervisor that declares vm:template (qemu, shared_fs other than virtio-fs), run as root, keep template_path an absolute path of letters, digits and `/._-` (no trailing or double `/`); read the error and the template VM console log it names, then run `kata-runtime factory destroy` and `factory init` again.',
   },
   KATA_ERR_INTERNAL: {
     meaning: 'An unexpected internal error (a bug in the runtime).',

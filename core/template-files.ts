@@ -14,8 +14,12 @@
  * hypervisor binary, kernel, initrd, image and firmware files) is in it.
  */
 import { createHash } from 'node:crypto';
+import { existsSync, lstatSync, realpathSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { TEMPLATE_PATH } from './config/rules.js';
+import { KataError } from './errors.js';
+import { trustCheckApplies, trustProblem } from './trusted-path.js';
 import type { SandboxPlan } from './plan.js';
 import type { KataConfig } from './config/types.js';
 import type { VmTemplateFiles } from './vm.js';
@@ -25,9 +29,10 @@ export const TEMPLATE_CAPABILITY = 'vm:template';
 
 /**
  * Bumped when the layout, the fingerprint's inputs or the template VM's devices change: older
- * templates are then stale. 2: no free-page-reporting balloon in a template or a clone.
+ * templates are then stale. 2: no free-page-reporting balloon in a template or a clone. 3: the
+ * qemu plugin records the accelerator a template was saved under (plugins/qemu/template.ts).
  */
-export const TEMPLATE_FORMAT = 2;
+export const TEMPLATE_FORMAT = 3;
 
 /** What `template.json` holds. */
 export interface TemplateMeta {
@@ -50,6 +55,46 @@ export interface FileIdentity {
 
 export interface TemplateLayout extends VmTemplateFiles {
   readonly metaFile: string;
+}
+
+/**
+ * The template directory as the kernel names it: `template_path` with its existing ancestors'
+ * symlinks resolved (`/var/run/…` is `/run/…` on most hosts), so that it matches the mount table
+ * and every process finds the same lock. Throws KATA_ERR_TEMPLATE (key factory.template_path) when
+ * the path, or what it resolves to, is not a plain absolute path.
+ */
+export function resolveTemplateDir(dir: string): string {
+  const plain = (p: string) => TEMPLATE_PATH.test(p);
+  if (!plain(dir)) {
+    throw new KataError('KATA_ERR_TEMPLATE', `template_path "${dir}" is not a plain absolute path`, { key: 'factory.template_path', value: dir, fix: 'use a plain absolute directory such as /run/vc/vm/template' });
+  }
+  let existing = dir;
+  while (!existsSync(existing) && existing !== '/') existing = path.dirname(existing);
+  const resolved = path.join(realpathSync(existing), path.relative(existing, dir));
+  if (!plain(resolved)) {
+    throw new KataError('KATA_ERR_TEMPLATE', `template_path "${dir}" resolves to "${resolved}", which is not a plain absolute path`, { key: 'factory.template_path', value: dir, fix: 'point template_path at a directory whose real path holds only letters, digits and /._-' });
+  }
+  return resolved;
+}
+
+/**
+ * Why the template's files cannot be trusted by a root runtime, or undefined: each must be a
+ * regular file (not a symlink) owned by root and writable by nobody else, in directories only root
+ * can change (core/trusted-path.ts), or another user could plant the guest memory every sandbox
+ * starts from. Judged only when this process runs as root, as the plugin and binary paths are.
+ */
+function untrustedTemplate(files: TemplateLayout): string | undefined {
+  if (!trustCheckApplies()) return undefined;
+  for (const f of [files.metaFile, files.stateFile, files.memoryFile]) {
+    try {
+      if (lstatSync(f).isSymbolicLink()) return `${f} is a symlink`;
+      const p = trustProblem(f);
+      if (p) return `${p.offender === p.realPath ? p.realPath : `the directory ${p.offender} of ${p.realPath}`} ${p.why} (owner uid ${p.uid}, mode ${p.mode.toString(8).padStart(4, '0')})`;
+    } catch (e) {
+      return `${f} cannot be checked (${(e as NodeJS.ErrnoException).code ?? String(e)})`;
+    }
+  }
+  return undefined;
 }
 
 export function templateLayout(dir: string): TemplateLayout {
@@ -92,8 +137,14 @@ export interface TemplateStatus {
 
 /** Whether the template under `[factory] template_path` exists and matches this configuration. */
 export async function templateStatus(config: KataConfig, plan: SandboxPlan): Promise<TemplateStatus> {
-  const dir = config.factory.template_path;
   const enabled = config.factory.enable_template;
+  let dir: string;
+  try {
+    dir = resolveTemplateDir(config.factory.template_path);
+  } catch (e) {
+    const { fingerprint } = await templateFingerprint(plan);
+    return { enabled, path: config.factory.template_path, fingerprint, exists: false, usable: false, reason: (e as Error).message };
+  }
   const files = templateLayout(dir);
   const { fingerprint } = await templateFingerprint(plan);
   const base = { enabled, path: dir, fingerprint };
@@ -118,5 +169,7 @@ export async function templateStatus(config: KataConfig, plan: SandboxPlan): Pro
   if (meta.fingerprint !== fingerprint) {
     return unusable(`the template was made for another configuration or other guest files (fingerprint ${meta.fingerprint.slice(0, 12)}, now ${fingerprint.slice(0, 12)}): run \`kata-runtime factory destroy\` and \`factory init\``);
   }
+  const untrusted = untrustedTemplate(files);
+  if (untrusted) return unusable(`the template's files cannot be trusted: ${untrusted} (\`kata-runtime factory init\` makes them root's, on a tmpfs only root can write)`);
   return { ...base, exists, usable: true, meta };
 }

@@ -7,10 +7,12 @@ import type { Problem } from '../errors.js';
 import { hvKey, type KataConfig } from './types.js';
 
 /**
- * A template directory the runtime accepts: absolute, letters, digits and `/._-` only, no `..`.
- * Its files reach QEMU's `exec:` migration URI, which QEMU hands to /bin/sh.
+ * A template directory the runtime accepts: absolute, letters, digits and `/._-` only, no `.` or
+ * `..` component, no empty one (`//`) and no trailing `/`, so that the path is written one way
+ * only (the mount table and the init lock beside the directory compare it as a string). Its files
+ * reach QEMU's `exec:` migration URI, which QEMU hands to /bin/sh.
  */
-export const TEMPLATE_PATH = /^(?!.*\/\.\.?(\/|$))\/[A-Za-z0-9._\/-]{1,200}$/;
+export const TEMPLATE_PATH = /^(?!.*\/\.\.?(\/|$))(?!.*\/\/)(?!.*\/$)\/[A-Za-z0-9._\/-]{1,200}$/;
 
 type Rule = (cfg: KataConfig) => Problem | undefined;
 
@@ -49,7 +51,7 @@ const RULES: readonly Rule[] = [
           code: 'KATA_ERR_CONFIG_VALUE',
           key: 'factory.template_path',
           value: cfg.factory.template_path,
-          reason: 'the template path must be absolute and hold only letters, digits, "/", ".", "_" and "-" (no "." or ".." component): it reaches the hypervisor\'s migration command',
+          reason: 'the template path must be absolute and hold only letters, digits, "/", ".", "_" and "-" (no "." or ".." component, no "//", no trailing "/"): it reaches the hypervisor\'s migration command',
           fix: 'use a plain absolute directory such as /run/vc/vm/template',
         }
       : undefined,

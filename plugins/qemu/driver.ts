@@ -40,7 +40,7 @@ import { IMAGE_SIZE, PLUGIN_NAME, QEMU_IDS, qemuSection } from './config.js';
 import { BlockHotplug, HOTPLUG_DEFAULTS } from './hotplug.js';
 import { isQemuSpec, renderNetDevices, type QemuLaunchSpec } from './launch-spec.js';
 import { QmpClient } from './qmp.js';
-import { applyTemplateRole, hotplugNetDevices, reserveNicPorts, restoreDeviceState, saveDeviceState } from './template.js';
+import { applyTemplateRole, checkTemplateAccelerator, hotplugNetDevices, recordTemplateAccelerator, reserveNicPorts, restoreDeviceState, saveDeviceState } from './template.js';
 import { CpuMemoryHotplug } from './resize.js';
 
 /** The pid file the driver writes in the run directory. */
@@ -183,6 +183,7 @@ export class QemuVm implements VmHandle {
     const template = this.#ctx.template;
     if (template?.role !== 'save') throw new KataError('KATA_ERR_INTERNAL', 'saveTemplate() on a VM that was not started as a template', { plugin: PLUGIN_NAME });
     await saveDeviceState(this.#qmpWhileRunning('save the VM template'), template.files);
+    if (this.#accelerator) await recordTemplateAccelerator(template.files, this.#accelerator.accelerator);
     this.#log.info({ template: template.files.dir }, 'template VM state saved');
   }
 
@@ -213,6 +214,7 @@ export class QemuVm implements VmHandle {
       this.#log.info({ accelerator: this.#accelerator.accelerator, requested: planned.accelerator, reason: this.#accelerator.reason }, `QEMU accelerator: ${this.#accelerator.accelerator}`);
       const spec = substituteTokens(planned, { sandboxDir: this.#ctx.runDir, imageSizeBytes: await this.#imageSize(planned) });
       const template = this.#ctx.template;
+      if (template?.role === 'clone') await checkTemplateAccelerator(template.files, this.#accelerator.accelerator);
       // Interfaces found in the pod's namespace at sandbox start.
       const nets = this.#ctx.network?.devices ?? [];
       // A clone's devices must be the template's: its NICs are hot-plugged after the restore.

@@ -22,6 +22,8 @@
  * QEMU runs an `exec:` URI with /bin/sh -c: the paths are checked to hold only plain characters
  * before they are put in one (and the core's config rule allows no other template_path).
  */
+import { readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { KataError, type NetIntent, type VmTemplateFiles, type VmTemplateRole } from '../../core/plugin-api.js';
 import { effectiveDevice } from './argv.js';
@@ -101,6 +103,32 @@ export async function restoreDeviceState(qmp: QmpClient, files: VmTemplateFiles,
   await qmp.execute('migrate-incoming', { uri: `exec:cat ${state}` });
   await waitForMigration(qmp, `restoring the VM from the template state ${files.stateFile}`, timeoutMs);
   await qmp.execute('cont');
+}
+
+/**
+ * The accelerator a template was saved under, in `<template dir>/qemu-accelerator`. It is not in
+ * the configuration's fingerprint: `accelerator = "auto"` is resolved when QEMU starts (KVM when
+ * /dev/kvm is usable), and it decides the CPU model (`host` or `max`), so a template saved under
+ * TCG must not be restored under KVM, or the reverse.
+ */
+export function acceleratorFile(files: VmTemplateFiles): string {
+  return path.join(files.dir, 'qemu-accelerator');
+}
+
+export async function recordTemplateAccelerator(files: VmTemplateFiles, accelerator: string): Promise<void> {
+  await writeFile(acceleratorFile(files), `${accelerator}\n`, { mode: 0o600 });
+}
+
+/** Throws KATA_ERR_TEMPLATE (the core then boots cold, logging it) unless the template was saved under `accelerator`. */
+export async function checkTemplateAccelerator(files: VmTemplateFiles, accelerator: string): Promise<void> {
+  const saved = (await readFile(acceleratorFile(files), 'utf8').catch(() => '')).trim();
+  if (saved !== accelerator) {
+    throw new KataError('KATA_ERR_TEMPLATE', `the template in ${files.dir} was saved under ${saved ? `QEMU's ${saved}` : 'an unknown accelerator'}, and this VM runs under ${accelerator}: its CPU state does not fit`, {
+      plugin: PLUGIN_NAME,
+      key: 'hypervisor.qemu.accelerator',
+      fix: 'run `kata-runtime factory destroy` and `factory init` on this host as it is now',
+    });
+  }
 }
 
 /**

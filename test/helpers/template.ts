@@ -15,10 +15,13 @@ import { createHash } from 'node:crypto';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { DIST_ROOT } from '../../core/paths.js';
+import { processStartTime } from '../../core/run-dirs.js';
 
 const KATA_RUNTIME = path.join(DIST_ROOT, 'bundle', 'kata-runtime.mjs');
 /** This process's templates: a tmpfs each, mounted under this directory by `factory init`. */
 const ROOT = `/run/kata-ts-test-templates-${process.pid}`;
+/** In ROOT: this process's start time (/proc/<pid>/stat), so that a later run whose pid is the same tells it apart. */
+const OWNER = 'owner';
 /** Template directory → a copy of the configuration that made it (for `factory destroy` at exit). */
 const made = new Map<string, string>();
 
@@ -42,6 +45,7 @@ export function useSharedTemplate(config: string): string | undefined {
   if (!made.has(dir)) {
     if (made.size === 0) sweepDeadRuns();
     mkdirSync(ROOT, { recursive: true, mode: 0o700 });
+    writeFileSync(path.join(ROOT, OWNER), `${processStartTime(process.pid) ?? ''}\n`);
     const copy = `${dir}.toml`;
     writeFileSync(copy, readFileSync(config));
     made.set(dir, copy);
@@ -54,19 +58,44 @@ export function useSharedTemplate(config: string): string | undefined {
   return dir;
 }
 
+/** Whether the run that made `root` (pid `pid`) is still running: its pid alive with the start time it recorded. */
+function runAlive(root: string, pid: number): boolean {
+  const recorded = (() => {
+    try {
+      return readFileSync(path.join(root, OWNER), 'utf8').trim();
+    } catch {
+      return undefined;
+    }
+  })();
+  const now = processStartTime(pid);
+  return now !== undefined && (recorded === undefined || recorded === '' || recorded === now);
+}
+
+/** Lazily unmounts whatever is still mounted at or below `root` (a template whose `destroy` failed), deepest first, so that removing `root` cannot reach into a live tmpfs. */
+function unmountUnder(root: string): void {
+  const mounts = readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' ')[4])
+    .filter((m): m is string => !!m && (m === root || m.startsWith(`${root}/`)))
+    .sort((a, b) => b.length - a.length);
+  for (const m of mounts) execFileSync('umount', ['-l', m]);
+}
+
 /** A run that was killed (no exit handler ran) left its templates mounted: remove them. */
 function sweepDeadRuns(): void {
   for (const name of readdirSync('/run')) {
     const m = /^kata-ts-test-templates-(\d+)$/.exec(name);
-    if (!m || Number(m[1]) === process.pid || existsSync(`/proc/${m[1]}`)) continue;
+    if (!m || Number(m[1]) === process.pid) continue;
     const root = path.join('/run', name);
+    if (runAlive(root, Number(m[1]))) continue;
     for (const f of readdirSync(root).filter((n) => n.endsWith('.toml'))) {
       try {
         factory('destroy', path.join(root, f));
       } catch {
-        // Its tmpfs may be gone already; rmSync below says if anything is still mounted.
+        // Its tmpfs may be gone already; what is still mounted is unmounted below.
       }
     }
+    unmountUnder(root);
     rmSync(root, { recursive: true, force: true });
   }
 }
@@ -81,7 +110,10 @@ export function destroySharedTemplates(): void {
     }
   }
   made.clear();
-  if (existsSync(ROOT)) rmSync(ROOT, { recursive: true, force: true });
+  if (existsSync(ROOT)) {
+    unmountUnder(ROOT);
+    rmSync(ROOT, { recursive: true, force: true });
+  }
 }
 
 process.on('exit', destroySharedTemplates);

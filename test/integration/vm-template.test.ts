@@ -90,6 +90,26 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
     tmp.cleanup();
   });
 
+  it('factory init interrupted (SIGINT) while its VM boots exits 130 and leaves no VM, tmpfs, directory or lock', async () => {
+    const child = spawn(process.execPath, [BIN, '--config', config, 'factory', 'init'], { env: env(), stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
+    const vmRunDir = path.join(runRoot(), `vm-template-${child.pid}`);
+    // Once the template VM runs (its QEMU wrote its pid), well before its agent answers.
+    for (let i = 0; i < 600 && !existsSync(path.join(vmRunDir, 'qemu.pid')); i++) await delay(50);
+    assert.ok(existsSync(path.join(vmRunDir, 'qemu.pid')), `the template VM did not start: ${stderr}`);
+    assert.equal(mountsUnder(templateDir).length, 1, 'init had mounted its tmpfs');
+    child.kill('SIGINT');
+    assert.equal(await exited, 130, stderr);
+    assert.match(stderr, /factory init interrupted \(SIGINT\)/);
+    assert.deepEqual(await qemuLeftBehind(tmp.path), []);
+    assert.deepEqual(mountsUnder(templateDir), []);
+    assert.equal(existsSync(templateDir), false, 'the template directory is removed');
+    assert.equal(existsSync(`${templateDir}.lock`), false, 'the lock is removed');
+    assert.equal(existsSync(vmRunDir), false, "the template VM's run directory is removed");
+  });
+
   it('factory status reports no template; init makes one on a tmpfs; init again does nothing and says so', () => {
     assert.deepEqual([status().exists, status().usable], [false, false]);
     const first = cli(['factory', 'init', '--json']);
@@ -210,6 +230,23 @@ describe('VM templates: kata-runtime factory and clones @integration', function 
       assert.ok(messages(r.stderr).includes('restoring the VM from the template failed: cold boot'), r.stderr);
     } finally {
       writeFileSync(state, saved);
+    }
+    assert.deepEqual(await qemuLeftBehind(runRoot()), []);
+  });
+
+  it('boots cold when the template was saved under another accelerator (accelerator = "auto" resolved otherwise then), before starting a clone', async () => {
+    const file = path.join(templateDir, 'qemu-accelerator');
+    const saved = readFileSync(file, 'utf8');
+    assert.equal(saved, 'tcg\n', 'this host has no KVM: the template was saved under TCG');
+    try {
+      writeFileSync(file, 'kvm\n');
+      const r = await runAsync(['--rootfs', rootfs(), '--', 'echo', 'cold']);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout, 'cold\n');
+      assert.ok(messages(r.stderr).includes('restoring the VM from the template failed: cold boot'), r.stderr);
+      assert.match(r.stderr, /saved under QEMU's kvm, and this VM runs under tcg/);
+    } finally {
+      writeFileSync(file, saved);
     }
     assert.deepEqual(await qemuLeftBehind(runRoot()), []);
   });

@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { judgeConfig, loadValidatedConfig } from '../../../core/runtime.js';
-import { TEMPLATE_CAPABILITY, templateFingerprint, templateLayout, templateStatus } from '../../../core/template-files.js';
+import { TEMPLATE_CAPABILITY, resolveTemplateDir, templateFingerprint, templateLayout, templateStatus } from '../../../core/template-files.js';
 import type { KataError } from '../../../core/errors.js';
+import { processStartTime } from '../../../core/run-dirs.js';
 import { destroyTemplate, initTemplate, takeInitLock } from '../../../core/template.js';
 import { renderQemuArgv, substituteTokens, type QemuLaunchSpec } from '../../../plugins/qemu/index.js';
-import { applyTemplateRole, reserveNicPorts, VMGENID_ID } from '../../../plugins/qemu/template.js';
+import { applyTemplateRole, checkTemplateAccelerator, recordTemplateAccelerator, reserveNicPorts, VMGENID_ID } from '../../../plugins/qemu/template.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const FIRMWARE = '/usr/share/ovmf/OVMF.inteltdx.fd';
@@ -47,8 +48,8 @@ describe('VM templating in the validated config phase', () => {
     assert.ok(p.fix && p.fix.includes('enable_template = false'));
   });
 
-  for (const bad of ['relative/path', '/tmp/a b', '/tmp/../etc', '/tmp/x;reboot', '/tmp/$(id)']) {
-    it(`refuses template_path ${JSON.stringify(bad)}: it would reach QEMU's exec: migration command`, async () => {
+  for (const bad of ['relative/path', '/tmp/a b', '/tmp/../etc', '/tmp/x;reboot', '/tmp/$(id)', '/run/vc/vm/template/', '/run//vc/vm/template', '/run/./vc']) {
+    it(`refuses template_path ${JSON.stringify(bad)}: it would reach QEMU's exec: migration command, or name a directory two ways`, async () => {
       const j = await judgeConfig({ text: qemu('', `enable_template = true\ntemplate_path = ${JSON.stringify(bad)}`) });
       const p = j.problems.find((x) => x.key === 'factory.template_path');
       assert.equal(p?.code, 'KATA_ERR_CONFIG_VALUE');
@@ -114,6 +115,26 @@ describe('QEMU launch description for template roles', () => {
   });
 });
 
+describe('the accelerator a QEMU template was saved under', () => {
+  let tmp: TempDir;
+  beforeEach(() => (tmp = new TempDir('kata-tmpl-accel-')));
+  afterEach(() => tmp.cleanup());
+
+  it('lets a clone restore only under the accelerator the template was saved under (accelerator = "auto" is resolved at start)', async () => {
+    const files = templateLayout(tmp.path);
+    await assert.rejects(checkTemplateAccelerator(files, 'tcg'), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && /unknown accelerator/.test(e.message));
+    await recordTemplateAccelerator(files, 'tcg');
+    await checkTemplateAccelerator(files, 'tcg');
+    await assert.rejects(checkTemplateAccelerator(files, 'kvm'), (e: KataError) => {
+      assert.equal(e.code, 'KATA_ERR_TEMPLATE');
+      assert.equal(e.key, 'hypervisor.qemu.accelerator');
+      assert.match(e.message, /saved under QEMU's tcg, and this VM runs under kvm/);
+      assert.match(e.fix ?? '', /factory destroy/);
+      return true;
+    });
+  });
+});
+
 describe('template status', () => {
   let tmp: TempDir;
   beforeEach(() => (tmp = new TempDir('kata-tmpl-unit-')));
@@ -151,7 +172,7 @@ describe('template status', () => {
     assert.match(await reason(), /not the 512 MiB/);
     rmSync(files.memoryFile);
     assert.match(await reason(), /memory file .* is missing/);
-    await destroyTemplate(files.dir);
+    rmSync(files.dir, { recursive: true });
     const s = await templateStatus(v.config, v.plan);
     assert.equal(s.exists, false);
     assert.match(s.reason ?? '', /no template/);
@@ -180,17 +201,60 @@ describe('template status', () => {
     // A pid above the kernel's maximum (4194304) belongs to no process.
     writeFileSync(`${dir}.lock`, '4194305\n');
     const again = await takeInitLock(dir);
-    assert.equal(readFileSync(`${dir}.lock`, 'utf8'), `${process.pid}\n`);
+    const mine = readFileSync(`${dir}.lock`, 'utf8');
+    assert.match(mine, new RegExp(`^${process.pid} \\d+\n$`), 'the lock names this process by pid and start time');
     await again();
     assert.equal(existsSync(`${dir}.lock`), false);
+    // This pid with another start time: the pid was reused by a process that is not an init.
+    writeFileSync(`${dir}.lock`, `${process.pid} 1\n`);
+    const third = await takeInitLock(dir);
+    // A release does not remove a lock that is no longer its own; a live holder (pid 1, its own
+    // start time) keeps it.
+    const init = `1 ${processStartTime(1)}\n`;
+    writeFileSync(`${dir}.lock`, init);
+    await third();
+    assert.equal(readFileSync(`${dir}.lock`, 'utf8'), init);
+    await assert.rejects(takeInitLock(dir), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && e.key === 'factory.template_path' && /\(pid 1\) holds the template lock/.test(e.message));
+    rmSync(`${dir}.lock`);
   });
 
-  it('destroy removes only the template files and its directory, and does nothing when there is none', async () => {
+  it('destroy takes the same lock: it refuses while an init holds it', async () => {
     const { files } = await setup();
+    const release = await takeInitLock(files.dir);
+    await assert.rejects(destroyTemplate(files.dir), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && e.message.includes('holds the template lock'));
+    await release();
+  });
+
+  it('destroy leaves alone a directory with no tmpfs on it (not made by factory init), removes it only when empty, and does nothing when there is none', async () => {
+    const { files } = await setup();
+    await assert.rejects(destroyTemplate(files.dir), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && e.key === 'factory.template_path' && /no tmpfs is mounted there/.test(e.message));
+    for (const f of [files.memoryFile, files.stateFile, files.metaFile]) assert.ok(existsSync(f), `${f} was left alone`);
+    rmSync(files.dir, { recursive: true });
+    mkdirSync(files.dir);
     assert.deepEqual(await destroyTemplate(files.dir), { removed: true });
     assert.deepEqual(await destroyTemplate(files.dir), { removed: false });
-    mkdirSync(files.dir);
-    writeFileSync(path.join(files.dir, 'not-ours'), 'x');
-    await assert.rejects(destroyTemplate(files.dir), { code: 'KATA_ERR_TEMPLATE' });
+    assert.equal(existsSync(`${files.dir}.lock`), false, 'the lock is released');
+  });
+
+  it('resolves template_path through symlinked directories above it (/var/run is /run), so the mount table and the lock see one path', () => {
+    mkdirSync(path.join(tmp.path, 'real'));
+    symlinkSync(path.join(tmp.path, 'real'), path.join(tmp.path, 'link'));
+    assert.equal(resolveTemplateDir(path.join(tmp.path, 'link', 'vm', 'template')), path.join(tmp.path, 'real', 'vm', 'template'));
+    assert.throws(() => resolveTemplateDir('/run/vc/'), (e: KataError) => e.code === 'KATA_ERR_TEMPLATE' && e.key === 'factory.template_path');
+  });
+
+  it('as root, does not use template files another user could have written: a file writable by others, or a symlink', async function () {
+    if (process.geteuid?.() !== 0) this.skip();
+    const { v, files } = await setup();
+    chmodSync(files.stateFile, 0o666);
+    const a = await templateStatus(v.config, v.plan);
+    assert.equal(a.usable, false);
+    assert.match(a.reason ?? '', /cannot be trusted: .*state is writable by group or others/);
+    chmodSync(files.stateFile, 0o600);
+    assert.equal((await templateStatus(v.config, v.plan)).usable, true);
+    writeFileSync(path.join(tmp.path, 'elsewhere'), readFileSync(files.metaFile));
+    rmSync(files.metaFile);
+    symlinkSync(path.join(tmp.path, 'elsewhere'), files.metaFile);
+    assert.match((await templateStatus(v.config, v.plan)).reason ?? '', /template\.json is a symlink/);
   });
 });
