@@ -29,7 +29,8 @@
  * parent's only child. The container's PID 1 gets only the signals it handles (plus SIGKILL),
  * as with every runtime.
  */
-import { lstat, readlink, stat } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { lstat, open, readlink, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { LinuxDevice, Mount, POSIXRlimit, StringUser, User } from '../../wire/agent/proto.gen.js';
 import { internal, invalidArgument } from './errors.js';
@@ -199,6 +200,66 @@ export async function secureJoin(root: string, containerPath: string): Promise<s
   const out = await walkInRoot(root, containerPath, true);
   if (out === undefined) throw invalidArgument(`${JSON.stringify(containerPath)}: too many levels of symbolic links in the container`);
   return out;
+}
+
+/** At most this much of a container's /etc/passwd or /etc/group is read (a 1 MiB passwd has thousands of users). */
+export const MAX_USER_FILE_BYTES = 1024 * 1024;
+
+/**
+ * The text of the container's file `containerPath` (resolved inside `root`), for /etc/passwd and
+ * /etc/group: undefined unless it is a regular file of at most {@link MAX_USER_FILE_BYTES}. The
+ * container chose what is there: a FIFO would block one of libuv's threads for good (O_NONBLOCK,
+ * then the type is checked), a link to /dev/zero or a huge file would fill the agent's memory,
+ * and a symlink swapped in after the resolution is not followed (O_NOFOLLOW).
+ */
+export async function readFileInRoot(root: string, containerPath: string): Promise<string | undefined> {
+  const real = await resolveInRoot(root, containerPath);
+  if (!real) return undefined;
+  let fh: FileHandle;
+  try {
+    fh = await open(real, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > MAX_USER_FILE_BYTES) return undefined;
+    const buf = Buffer.alloc(Math.min(st.size, MAX_USER_FILE_BYTES));
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return buf.subarray(0, bytesRead).toString('utf8');
+  } catch {
+    return undefined;
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
+/**
+ * Opens the directory `containerPath` of the container whose root is `root`, resolved inside the
+ * root as {@link secureJoin} does, then opened one component at a time with O_NOFOLLOW through
+ * the previous component's descriptor (`/proc/self/fd/N/name`): a component the container turned
+ * into a symlink after the resolution fails (ELOOP) instead of being followed out of the root. The
+ * handle pins the directory: a process started with `/proc/<agent pid>/fd/<fd>` as its working
+ * directory gets exactly it, whatever happens to the path meanwhile. The caller closes it.
+ */
+export async function openDirInRoot(root: string, containerPath: string): Promise<FileHandle> {
+  const resolved = await secureJoin(root, containerPath);
+  const flags = fsConstants.O_RDONLY | fsConstants.O_DIRECTORY;
+  let dir = await open(root, flags);
+  try {
+    for (const c of path.posix.relative(root, resolved).split('/').filter((x) => x !== '')) {
+      const next = await open(`/proc/self/fd/${dir.fd}/${c}`, flags | fsConstants.O_NOFOLLOW);
+      await dir.close();
+      dir = next;
+    }
+    return dir;
+  } catch (e) {
+    await dir.close();
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw invalidArgument(`chdir to cwd ${JSON.stringify(containerPath)}: no such directory in the container`);
+    if (code === 'ELOOP') throw invalidArgument(`cwd ${JSON.stringify(containerPath)}: a symlink appeared on its path while it was resolved; try again`);
+    throw e;
+  }
 }
 
 async function walkInRoot(root: string, containerPath: string, keepMissing: boolean): Promise<string | undefined> {
@@ -536,15 +597,22 @@ export interface ProcessPlan {
   readonly rlimits: readonly POSIXRlimit[];
 }
 
-/** Where the final exec happens: chrooted into `root` (the container's init) or inside the namespaces of `pid` (an exec). */
-export type ExecTarget = { readonly kind: 'root'; readonly root: string } | { readonly kind: 'ns'; readonly pid: number };
+/**
+ * Where the final exec happens: chrooted into `root` (the container's init), or inside the
+ * namespaces and root of `pid` (an exec) with `cwdDir` as its working directory.
+ *
+ * nsenter opens its `-w` directory before it enters the root, in the agent's view of the files,
+ * so a path such as `<root>/<cwd>` would follow a symlink the container planted (`/work -> /`)
+ * out of the root and leave the process's working directory outside its chroot. So `-w` is never
+ * a path into the container: the init's script has changed into the working directory and
+ * checked it is inside the root (`-w.`), and an exec gets a directory the agent holds open
+ * ({@link openDirInRoot}: `/proc/<agent pid>/fd/<fd>`).
+ */
+export type ExecTarget = { readonly kind: 'root'; readonly root: string } | { readonly kind: 'ns'; readonly pid: number; readonly cwdDir: string };
 
 /** `busybox env -i ENV… busybox [setpriv --nnp busybox] nsenter … -S uid -G gid -- ARGS…` */
 export function finalChain(plan: ProcessPlan, target: ExecTarget): string[] {
-  const where =
-    target.kind === 'root'
-      ? [`-r${target.root}`, `-w${path.posix.join(target.root, plan.cwd)}`]
-      : ['-t', String(target.pid), '-m', '-u', '-p', '-r', `-w${path.posix.join(`/proc/${target.pid}/root`, plan.cwd)}`];
+  const where = target.kind === 'root' ? [`-r${target.root}`, '-w.'] : ['-t', String(target.pid), '-m', '-u', '-p', '-r', `-w${target.cwdDir}`];
   return [
     BUSYBOX,
     'env',
@@ -577,6 +645,8 @@ export interface InitSpec {
   readonly targets: ReadonlyMap<string, string>;
   /** The container's cgroup in the guest: `cgroup` mounts show it (read-only). */
   readonly cgroupDir?: string | undefined;
+  /** The process's working directory in the guest: {@link secureJoin} of the root and `cwd` (checked again in the script). */
+  readonly cwdTarget: string;
 }
 
 /** The word fd 3 carries from the agent to let a prepared container go. */
@@ -595,6 +665,11 @@ export function initScript(plan: ProcessPlan, spec: InitSpec): Script {
   addMounts(s, spec.mounts, spec.devices, spec.targets, spec.cgroupDir);
   if (spec.readonly) s.line`"$b" mount -o remount,bind,ro ${root} || fail ${'cannot make the rootfs read-only'}`;
   addUlimits(s, plan.rlimits);
+  // The working directory, after the mounts (it may be in a volume): nsenter's `-w.` keeps it. The
+  // path was resolved inside the root; the physical path of where `cd` landed is checked, so a
+  // symlink that appeared meanwhile cannot take the process out of its root (see ExecTarget).
+  s.line`cd -P -- ${spec.cwdTarget} 2>/dev/null || fail ${`chdir to cwd ${JSON.stringify(plan.cwd)}: no such directory in the container`}`;
+  s.line`case "$(pwd -P)" in ${root}|${root}/*) ;; *) fail ${`cwd ${JSON.stringify(plan.cwd)} resolves outside the container's root`} ;; esac`;
   s.line`echo ${READY_WORD} >&3`;
   // The agent closing fd 3 instead (RemoveContainer before StartContainer) ends the container here.
   s.line`read -r go <&3 || exit 1`;
@@ -609,9 +684,9 @@ export function initArgv(plan: ProcessPlan, spec: InitSpec): string[] {
   return [BUSYBOX, 'unshare', '-m', '-u', '-p', '-f', '--propagation=private', '--', ...setup];
 }
 
-/** argv of an exec'd process, entering the namespaces and root of `initPid`. */
-export function execArgv(plan: ProcessPlan, initPid: number): string[] {
-  const chain = finalChain(plan, { kind: 'ns', pid: initPid });
+/** argv of an exec'd process, entering the namespaces and root of `initPid`, in the directory `cwdDir` (see ExecTarget). */
+export function execArgv(plan: ProcessPlan, initPid: number, cwdDir: string): string[] {
+  const chain = finalChain(plan, { kind: 'ns', pid: initPid, cwdDir });
   if (plan.rlimits.length === 0) return chain;
   const s = new Script();
   s.line`fail() { echo "kata-ts-agent: $*" >&2; exit 126; }`;

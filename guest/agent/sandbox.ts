@@ -41,6 +41,8 @@ import {
   initArgv,
   lookPath,
   mountTargets,
+  openDirInRoot,
+  readFileInRoot,
   resolveInRoot,
   secureJoin,
   resolveUser,
@@ -230,11 +232,13 @@ export class Sandbox {
       if (!st?.isDirectory()) throw invalidArgument(`container ${id}: root.path ${root} is not a directory in the guest`);
       // Mount targets are compared with their real paths in the setup: start from the root's.
       const realRoot = await realpath(root);
-      if (!spec.Root.Readonly) await mkdir(await secureJoin(realRoot, checkGuestPath(proc.Cwd || '/', 'process cwd')), { recursive: true }).catch(() => undefined);
+      const cwdTarget = await secureJoin(realRoot, checkGuestPath(proc.Cwd || '/', 'process cwd'));
+      if (!spec.Root.Readonly) await mkdir(cwdTarget, { recursive: true }).catch(() => undefined);
       const plan = await this.plan(proc, req.stringUser, root, root, spec.Root.Readonly);
       const devices = spec.Linux?.Devices ?? [];
       const argv = initArgv(plan, {
         root: realRoot,
+        cwdTarget,
         readonly: spec.Root.Readonly,
         hostname: spec.Hostname || this.hostname,
         mounts: spec.Mounts,
@@ -335,9 +339,20 @@ export class Sandbox {
     const pid = await c.init.pid();
     if (pid === undefined) throw failedPrecondition(`container ${c.id} is not running`);
     const plan = await this.plan(req.process, req.stringUser, `/proc/${pid}/root`, c.root, true);
-    const argv = execArgv(plan, pid);
-    const p = await GuestProcess.spawn(c.id, req.execId, c.cgroupDir ? joinCgroupArgv(c.cgroupDir, argv) : argv, { terminal: terminalOf(req.process) });
+    // Held open until the process ends: nsenter takes it as the working directory by its
+    // /proc/<agent>/fd path (see ExecTarget in oci.ts).
+    const cwd = await openDirInRoot(`/proc/${pid}/root`, plan.cwd);
+    let p: GuestProcess;
+    try {
+      const argv = execArgv(plan, pid, `/proc/${process.pid}/fd/${cwd.fd}`);
+      p = await GuestProcess.spawn(c.id, req.execId, c.cgroupDir ? joinCgroupArgv(c.cgroupDir, argv) : argv, { terminal: terminalOf(req.process) });
+    } catch (e) {
+      await cwd.close();
+      throw e;
+    }
     c.processes.set(req.execId, p);
+    const release = () => void cwd.close().catch(() => undefined);
+    void p.exited.then(release, release);
     void p.exited.then((status) => {
       this.sawExit();
       log(`exec ${req.execId} in container ${c.id} exited with status ${status}`);
@@ -526,11 +541,7 @@ export class Sandbox {
 
   /** The process as the agent will run it; `checkCwd`: the working directory must already exist (the agent makes an init's when the root is writable). */
   private async plan(proc: Process, stringUser: StringUser | undefined, rootInAgent: string, rootForFiles: string, checkCwd: boolean): Promise<ProcessPlan> {
-    const read = async (p: string) => {
-      const real = await resolveInRoot(rootInAgent, p);
-      return real ? readFile(real, 'utf8').catch(() => undefined) : undefined;
-    };
-    const files: UserFiles = { passwd: await read('/etc/passwd'), group: await read('/etc/group') };
+    const files: UserFiles = { passwd: await readFileInRoot(rootInAgent, '/etc/passwd'), group: await readFileInRoot(rootInAgent, '/etc/group') };
     const user = resolveUser(proc.User, stringUser, files);
     const env = buildEnv(proc.Env, user.home, proc.Terminal);
     const cwd = checkGuestPath(proc.Cwd || '/', 'process cwd');

@@ -462,6 +462,24 @@ describe('guest agent in a TCG guest @integration', function () {
     assert.ok(existsSync(path.join(rootfs, 'etc', 'kata-ts-mnt')), 'the mount point was made in the image\'s /etc');
   });
 
+  it("keeps the working directory inside the container's root when the image links it to / (the init's and an exec's)", async () => {
+    const c = client as AgentClient;
+    const rootfs = path.join(share, 'c9p', 'rootfs');
+    // In the image, /wd → /: inside the root that is the container's /, never the guest's.
+    symlinkSync('/', path.join(rootfs, 'wd'));
+    const probe = 'pwd; cat ./kata-ts-rootfs';
+    await c.createContainer({ containerId: 'cwd', execId: 'cwd', storages: [], OCI: spec(`${SHARED}/c9p/rootfs`, ['sh', '-c', `${probe}; sleep 100`], { cwd: '/wd' }) });
+    await c.startContainer({ containerId: 'cwd' });
+    await c.execProcess({ containerId: 'cwd', execId: 'e-cwd', process: { Args: ['sh', '-c', probe], Env: ['PATH=/bin'], Cwd: '/wd', User: { UID: 1000, GID: 1000 } } });
+    const [execOut, execStatus] = await Promise.all([readToEnd(c, 'stdout', 'cwd', 'e-cwd'), c.waitProcess({ containerId: 'cwd', execId: 'e-cwd' })]);
+    await c.signalProcess({ containerId: 'cwd', execId: 'cwd', signal: 9 });
+    const [initOut] = await Promise.all([readToEnd(c, 'stdout', 'cwd'), c.waitProcess({ containerId: 'cwd', execId: '' })]);
+    await c.removeContainer({ containerId: 'cwd', timeout: 0 });
+    assert.equal(initOut, '/\n9p rootfs\n', "the init's working directory is the container's /");
+    assert.equal(execStatus, 0, execOut);
+    assert.equal(execOut, '/\n9p rootfs\n', "the exec's working directory is the container's /");
+  });
+
   it('removes containers, unmounting a storage with its last user', async () => {
     const c = client as AgentClient;
     for (const id of ['c1', 'c2', 'c3', 'c4']) {

@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readlinkSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { GrpcCode } from '../../../wire/ttrpc/codes.js';
 import { TtrpcError } from '../../../wire/ttrpc/errors.js';
@@ -34,6 +34,9 @@ import {
   resolveInRoot,
   resolveUser,
   secureJoin,
+  openDirInRoot,
+  readFileInRoot,
+  MAX_USER_FILE_BYTES,
   type InitSpec,
   type ProcessPlan,
 } from '../../../guest/agent/oci.js';
@@ -225,6 +228,49 @@ describe('guest agent: OCI process to command line', () => {
       assert.throws(() => checkMountOptions({ destination: '/d', type: 'tmpfs', source: '-oexec,suid', options: [] }, '/d'), hasCode(GrpcCode.INVALID_ARGUMENT));
     });
 
+    it('opens a working directory inside the root however the image links it (nsenter gets it by /proc/<agent>/fd), and refuses one that is missing or not a directory', async () => {
+      const tmp = new TempDir('kata-ts-cwd-');
+      try {
+        const r = realpathSync(tmp.path);
+        mkdirSync(path.join(r, 'app', 'sub'), { recursive: true });
+        writeFileSync(path.join(r, 'app', 'file'), 'x');
+        symlinkSync('/', path.join(r, 'work'));
+        symlinkSync('app', path.join(r, 'rel'));
+        for (const [cwd, want] of [['/work', r], ['/rel/sub', path.join(r, 'app', 'sub')], ['/work/../app', path.join(r, 'app')]] as const) {
+          const h = await openDirInRoot(r, cwd);
+          try {
+            assert.equal(readlinkSync(`/proc/self/fd/${h.fd}`), want, cwd);
+          } finally {
+            await h.close();
+          }
+        }
+        await assert.rejects(openDirInRoot(r, '/nowhere'), (e: TtrpcError) => e.code === GrpcCode.INVALID_ARGUMENT && /no such directory/.test(e.message));
+        await assert.rejects(openDirInRoot(r, '/app/file'), hasCode(GrpcCode.INVALID_ARGUMENT));
+      } finally {
+        tmp.cleanup();
+      }
+    });
+
+    it('reads /etc/passwd only when it is a regular file of at most 1 MiB: a FIFO does not block the agent, a huge file is not read', async function () {
+      if (spawnSync('mkfifo', ['--version']).error) this.skip();
+      const tmp = new TempDir('kata-ts-passwd-');
+      try {
+        const r = realpathSync(tmp.path);
+        mkdirSync(path.join(r, 'etc'));
+        writeFileSync(path.join(r, 'etc', 'passwd'), 'root:x:0:0::/root:/bin/sh\n');
+        assert.equal(await readFileInRoot(r, '/etc/passwd'), 'root:x:0:0::/root:/bin/sh\n');
+        assert.equal(spawnSync('mkfifo', [path.join(r, 'etc', 'group')]).status, 0);
+        const t0 = Date.now();
+        assert.equal(await readFileInRoot(r, '/etc/group'), undefined);
+        assert.ok(Date.now() - t0 < 1000, 'a FIFO is not waited on');
+        writeFileSync(path.join(r, 'etc', 'passwd'), Buffer.alloc(MAX_USER_FILE_BYTES + 1, 0x61));
+        assert.equal(await readFileInRoot(r, '/etc/passwd'), undefined);
+        assert.equal(await readFileInRoot(r, '/etc/shadow'), undefined);
+      } finally {
+        tmp.cleanup();
+      }
+    });
+
     it('resolves mount targets inside the root: symlinks absolute or climbing land in it, missing parts are kept', async () => {
       const tmp = new TempDir('kata-ts-targets-');
       try {
@@ -287,7 +333,7 @@ describe('guest agent: OCI process to command line', () => {
 
   describe('command lines', () => {
     const spec = async (root: string, over: Partial<InitSpec> = {}): Promise<InitSpec> => {
-      const base = { root, readonly: false, hostname: '', mounts: [], devices: [], ...over };
+      const base = { root, readonly: false, hostname: '', mounts: [], devices: [], cwdTarget: `${root}/work`, ...over };
       return { ...base, targets: await mountTargets(root, base.mounts, base.devices) };
     };
 
@@ -303,18 +349,28 @@ describe('guest agent: OCI process to command line', () => {
       const shift = Number(/shift (\d+)/.exec(script)?.[1]);
       assert.deepEqual(argv.slice(13 + shift), finalChain(PLAN, { kind: 'root', root: '/run/c1' }), 'the chain follows the data');
       assert.deepEqual(argv.slice(13 + shift), [
-        '/bin/busybox', 'env', '-i', '--', 'PATH=/bin', 'A=b c', 'HOME=/root', '/bin/busybox', 'nsenter', '-r/run/c1', '-w/run/c1/work', '-S', '1000', '-G', '100', '--', 'sh', '-c', "echo 'it''s'; exit 3",
+        '/bin/busybox', 'env', '-i', '--', 'PATH=/bin', 'A=b c', 'HOME=/root', '/bin/busybox', 'nsenter', '-r/run/c1', '-w.', '-S', '1000', '-G', '100', '--', 'sh', '-c', "echo 'it''s'; exit 3",
       ]);
     });
 
+    it("changes into the working directory in the script and checks where it landed is inside the root, so nsenter's -w is never a path into the container", async () => {
+      const s = initScript(PLAN, await spec('/run/c1'));
+      const script = s.lines.map((l) => expand(s, l)).join('\n');
+      const cd = script.indexOf('cd -P -- /run/c1/work ');
+      const check = script.indexOf('case "$(pwd -P)" in /run/c1|/run/c1/*) ;; *) fail cwd "/work" resolves outside the container\'s root ;; esac');
+      const ready = script.indexOf('echo ready >&3');
+      assert.ok(cd > 0 && cd < check && check < ready, script);
+    });
+
     it('execs into the namespaces and root of the init, with no-new-privileges and rlimits when asked', () => {
-      assert.deepEqual(finalChain({ ...PLAN, env: [], args: ['id'] }, { kind: 'ns', pid: 42 }), [
-        '/bin/busybox', 'env', '-i', '--', '/bin/busybox', 'nsenter', '-t', '42', '-m', '-u', '-p', '-r', '-w/proc/42/root/work', '-S', '1000', '-G', '100', '--', 'id',
+      const target = { kind: 'ns', pid: 42, cwdDir: '/proc/7/fd/21' } as const;
+      assert.deepEqual(finalChain({ ...PLAN, env: [], args: ['id'] }, target), [
+        '/bin/busybox', 'env', '-i', '--', '/bin/busybox', 'nsenter', '-t', '42', '-m', '-u', '-p', '-r', '-w/proc/7/fd/21', '-S', '1000', '-G', '100', '--', 'id',
       ]);
-      const nnp = finalChain({ ...PLAN, env: [], args: ['id'], noNewPrivileges: true }, { kind: 'ns', pid: 42 });
+      const nnp = finalChain({ ...PLAN, env: [], args: ['id'], noNewPrivileges: true }, target);
       assert.deepEqual(nnp.slice(4, 8), ['/bin/busybox', 'setpriv', '--nnp', '/bin/busybox']);
-      assert.deepEqual(execArgv(PLAN, 42), finalChain(PLAN, { kind: 'ns', pid: 42 }), 'no shell without rlimits');
-      const limited = execArgv({ ...PLAN, rlimits: [{ Type: 'RLIMIT_NOFILE', Hard: 10n, Soft: 10n }] }, 42);
+      assert.deepEqual(execArgv(PLAN, 42, '/proc/7/fd/21'), finalChain(PLAN, target), 'no shell without rlimits');
+      const limited = execArgv({ ...PLAN, rlimits: [{ Type: 'RLIMIT_NOFILE', Hard: 10n, Soft: 10n }] }, 42, '/proc/7/fd/21');
       assert.deepEqual(limited.slice(0, 3), ['/bin/busybox', 'sh', '-c']);
       assert.match(limited[3] as string, /ulimit -H "\$\{\d\}" "\$\{\d\}"[\s\S]*shift \d+\nexec "\$@"\n$/);
       assert.equal(limited[4], 'kata-ts-exec');
@@ -340,7 +396,7 @@ describe('guest agent: OCI process to command line', () => {
         if (spawnSync('sh', ['-c', 'true']).error) this.skip();
         tmp = new TempDir('kata-ts-setup-');
         root = path.join(realpathSync(tmp.path), 'rootfs');
-        mkdirSync(root);
+        mkdirSync(path.join(root, 'work'), { recursive: true });
         log = path.join(tmp.path, 'calls');
         stub = path.join(tmp.path, 'busybox');
         // readlink is the host's; every other applet only records its argv (one record per call).
@@ -396,12 +452,25 @@ describe('guest agent: OCI process to command line', () => {
         assert.ok(made(['mount', '-t', 'tmpfs', '-o', 'size=1m', `tmpfs${payload}`, `${root}/t\`touch ${marker}\``]), JSON.stringify(r.calls));
       });
 
+      it('ends in the working directory, and stops when that has become a symlink out of the root since it was resolved', async () => {
+        const ok = runSetup(initScript({ ...PLAN, args: ['true'] }, await spec(root)));
+        assert.equal(ok.fd3, `${READY_WORD}\n`, ok.stderr);
+        // The image's /work2 → / was resolved inside the root; then it became a link out of it.
+        const s = initScript(PLAN, await spec(root, { cwdTarget: path.join(root, 'work2') }));
+        symlinkSync(tmp.path, path.join(root, 'work2'));
+        const r = runSetup(s);
+        assert.notEqual(r.status, 0);
+        assert.equal(r.fd3, `cwd "/work" resolves outside the container's root\n`);
+        const missing = runSetup(initScript(PLAN, await spec(root, { cwdTarget: path.join(root, 'nowhere') })));
+        assert.equal(missing.fd3, `chdir to cwd "/work": no such directory in the container\n`);
+      });
+
       it('stops before mounting on a target that has become a symlink out of the root since it was resolved', async () => {
         const mounts = [{ destination: '/late/x', type: 'tmpfs', source: 'tmpfs', options: [] }];
         const targets = await mountTargets(root, mounts, []);
         // What an earlier mount in the list could bring: a symlink on the way out of the root.
         symlinkSync(tmp.path, path.join(root, 'late'));
-        const r = runSetup(initScript(PLAN, { root, readonly: false, hostname: '', mounts, devices: [], targets }));
+        const r = runSetup(initScript(PLAN, { root, readonly: false, hostname: '', mounts, devices: [], targets, cwdTarget: path.join(root, 'work') }));
         assert.notEqual(r.status, 0);
         assert.equal(r.fd3, "/late/x resolves outside the container's root\n");
         assert.deepEqual(r.calls, [], 'no mkdir, no mount');
