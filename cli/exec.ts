@@ -9,7 +9,7 @@
  * as it is and the command ends once stdin has ended and the console has been quiet for a second.
  */
 import http from 'node:http';
-import { existsSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import type { Duplex } from 'node:stream';
 import type { ReadStream, WriteStream } from 'node:tty';
 import { KataError } from '../core/errors.js';
@@ -20,22 +20,39 @@ import { LocalTerminal } from './tty.js';
 /** Ctrl-]: detaches from the console. */
 export const DETACH_KEY = 0x1d;
 
+/** How long the shim has to accept or refuse an attach. */
+export const ATTACH_TIMEOUT_MS = 10_000;
+/** The most of a refusal's body that is read (its JSON `message`). */
+const MAX_REFUSAL_BYTES = 4096;
+
 /** Connects to the debug console of `sandboxId`; refusals are KATA_ERR_DEBUG_CONSOLE (or KATA_ERR_INVALID_ID). */
-export function attachDebugConsole(sandboxId: string, env: NodeJS.ProcessEnv = process.env): Promise<Duplex> {
+export function attachDebugConsole(sandboxId: string, env: NodeJS.ProcessEnv = process.env, timeoutMs = ATTACH_TIMEOUT_MS): Promise<Duplex> {
   const socketPath = shimMonitorSocket(sandboxId, env);
-  if (!existsSync(socketPath)) {
+  try {
+    statSync(socketPath);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    // The management sockets are root's (/run/vc/sbs is 0700): not finding one as another user says nothing about the sandbox.
+    if (code === 'EACCES') {
+      return Promise.reject(new KataError('KATA_ERR_DEBUG_CONSOLE', `cannot look for sandbox "${sandboxId}": permission denied on ${socketPath}`, { key: 'sandbox-id', value: sandboxId, fix: 'run kata-runtime exec as root: the shims\' management sockets are root only' }));
+    }
     return Promise.reject(new KataError('KATA_ERR_DEBUG_CONSOLE', `no running sandbox "${sandboxId}": ${socketPath} does not exist`, { key: 'sandbox-id', value: sandboxId }));
   }
   return new Promise((resolve, reject) => {
     const req = http.request({ socketPath, path: '/debug-console', method: 'GET', headers: { Connection: 'Upgrade', Upgrade: DEBUG_CONSOLE_PROTOCOL } });
+    // A shim that accepts the connection and never answers must not hold the terminal forever.
+    req.setTimeout(timeoutMs, () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
     req.once('upgrade', (_res, socket, head) => {
+      socket.setTimeout(0);
       if (head.length) socket.unshift(head);
       resolve(socket);
     });
     req.once('response', (res) => {
       let body = '';
       res.setEncoding('utf8');
-      res.on('data', (d: string) => (body += d.slice(0, 4096)));
+      res.on('data', (d: string) => {
+        if (body.length < MAX_REFUSAL_BYTES) body += d.slice(0, MAX_REFUSAL_BYTES - body.length);
+      });
       res.once('end', () => {
         let message = `the shim refused the debug console (HTTP ${res.statusCode})`;
         try {
