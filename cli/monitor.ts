@@ -21,7 +21,11 @@ import { EXIT, usageError, type CommandContext } from './main.js';
 
 /** Kata's kata-monitor default. */
 export const DEFAULT_LISTEN = '127.0.0.1:8090';
-/** How long one sandbox's scrape may take. */
+/**
+ * How long one sandbox's scrape may take: twice the 1.5 s the shim gives its guest
+ * (shim/metrics.ts GUEST_METRICS_TIMEOUT_MS), so that a slow guest costs the sandbox its guest
+ * figures only.
+ */
 export const SCRAPE_TIMEOUT_MS = 3_000;
 /** The largest answer read from one shim. */
 export const SHIM_ANSWER_MAX_BYTES = 4 * 1024 * 1024;

@@ -12,12 +12,21 @@ import { KataMonitor, parseListen } from '../../cli/monitor.js';
 import { parsePromText, type PromFamily } from '../../core/prom-text.js';
 import { ShimMonitor } from '../../shim/monitor.js';
 import type { SandboxFigures } from '../../shim/metrics.js';
+import { GrpcCode } from '../../wire/ttrpc/codes.js';
 import { CLI } from '../helpers/cli.js';
 import { TempDir } from '../helpers/tmp.js';
 import { until } from '../helpers/wait.js';
 
 function figures(guest: string, pod: Record<string, string> = {}): SandboxFigures {
   return { hypervisorPid: () => process.pid, startPhases: () => ({ vm_start: 1 }), guestMetrics: async () => guest, podLabels: () => pod };
+}
+
+/** A guest that never answers: the agent client gives up after the shim's timeout, as the ttrpc client does. */
+function hungGuest(): SandboxFigures {
+  return {
+    ...figures(''),
+    guestMetrics: ({ timeoutMs }) => new Promise((_, reject) => setTimeout(() => reject(Object.assign(new Error(`GetMetrics: no reply within ${timeoutMs} ms`), { grpcCode: GrpcCode.DEADLINE_EXCEEDED })), timeoutMs)),
+  };
 }
 
 function samples(f: PromFamily[], name: string): Record<string, string>[] {
@@ -102,6 +111,16 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
       assert.deepEqual(samples(f, 'kata_monitor_scrape_count').map((s) => s.__value), ['1']);
       assert.ok(f.find((x) => x.name === 'kata_monitor_scrape_durations_histogram_milliseconds'));
       assert.ok(f.find((x) => x.name === 'kata_monitor_process_cpu_seconds_total'));
+    });
+
+    it("keeps a sandbox whose guest does not answer, with the shim's and the hypervisor's figures, within its own scrape timeout", async () => {
+      const a = await ShimMonitor.start('pod-a', { debugConsoleSocket: () => undefined, figures: hungGuest() }, { KATA_TS_SBS_ROOT: root });
+      closers.push(() => a.close());
+      const f = parsePromText(await new KataMonitor({ root }).render());
+      assert.deepEqual(samples(f, 'kata_hypervisor_threads').map((s) => s.sandbox_id), ['pod-a']);
+      assert.deepEqual(samples(f, 'kata_shim_agent_metrics_up').map((s) => [s.sandbox_id, s.__value]), [['pod-a', '0']]);
+      assert.deepEqual(samples(f, 'kata_shim_agent_metrics_errors_total').map((s) => [s.reason, s.__value]), [['timeout', '1']]);
+      assert.deepEqual(samples(f, 'kata_monitor_scrape_failed_count').map((s) => s.__value), ['0']);
     });
 
     it('answers with its own figures when there is no sandbox, or no sbs root at all', async () => {
