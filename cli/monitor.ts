@@ -3,10 +3,11 @@
  * /metrics` scrapes every sandbox's management socket (`<sbs root>/<id>/shim-monitor.sock`, served
  * by its shim: shim/monitor.ts) in parallel, each within {@link SCRAPE_TIMEOUT_MS} and
  * {@link SHIM_ANSWER_MAX_BYTES}, puts `sandbox_id` (and the pod's `cri_name`, `cri_namespace`,
- * `cri_uid` where the shim knows them) on every sample, and adds its own `kata_monitor_*`
- * figures. A sandbox whose socket does not answer, answers late or answers anything but
- * well-formed Prometheus text is left out and counted (`kata_monitor_scrape_failed_count`); the
- * scrape itself never fails for it.
+ * `cri_uid` where the shim knows them) on every sample in place of any `sandbox_id` or `cri_*`
+ * label the answer carried, merges the families by the types the runtime defines for them, and
+ * adds its own `kata_monitor_*` figures. A sandbox whose socket does not answer, answers late or
+ * answers anything but well-formed Prometheus text is left out and counted
+ * (`kata_monitor_scrape_failed_count`); the scrape itself never fails for it.
  */
 import http from 'node:http';
 import net from 'node:net';
@@ -14,9 +15,11 @@ import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import { identifierProblem } from '../core/identifiers.js';
-import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
+import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily, type PromType } from '../core/prom-text.js';
 import { sbsRoot } from '../core/shim-monitor.js';
 import type { Logger } from '../core/logger.js';
+import { GUEST_METRICS } from '../guest/agent/metric-families.js';
+import { ShimMetrics } from '../shim/metrics.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 
 /** Kata's kata-monitor default. */
@@ -37,6 +40,9 @@ export const SCRAPE_CONCURRENCY = 16;
 export const SHIM_METRIC_PREFIXES = ['kata_shim_', 'kata_hypervisor_', 'kata_agent_', 'kata_guest_'] as const;
 
 const POD_INFO = 'kata_shim_pod_info';
+
+/** Labels only the monitor puts on a sample: a shim's answer (its guest's part above all) cannot bring its own. */
+const MONITOR_LABEL = (label: string) => label === 'sandbox_id' || label.startsWith('cri_');
 
 /** `host:port` or `[v6]:port`, the port decimal 0..65535; refusals are KATA_ERR_MONITOR naming --listen. */
 export function parseListen(value: string): { host: string; port: number } {
@@ -107,6 +113,7 @@ interface MonitorOptions {
 export class KataMonitor {
   #registry: Promise<import('prom-client').Registry> | undefined;
   #metrics: Promise<{ shims: import('prom-client').Gauge; scrapes: import('prom-client').Counter; failed: import('prom-client').Counter; durations: import('prom-client').Histogram }> | undefined;
+  #types: Promise<Map<string, PromType>> | undefined;
   #inFlight: Promise<string> | undefined;
 
   constructor(readonly opts: MonitorOptions) {}
@@ -127,6 +134,15 @@ export class KataMonitor {
     return this.#metrics;
   }
 
+  /**
+   * The type of every family the runtime defines (the shim's and the guest's): the merge keeps
+   * these whatever a sandbox declares, so no sandbox can retype a family for the others.
+   */
+  #knownTypes(): Promise<Map<string, PromType>> {
+    this.#types ??= ShimMetrics.types().then((shim) => new Map([...Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.type] as const), ...shim]));
+    return this.#types;
+  }
+
   /** The sandbox ids with a directory under the root (identifiers only). */
   async sandboxes(): Promise<string[]> {
     try {
@@ -141,7 +157,7 @@ export class KataMonitor {
     try {
       const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS);
       const families = parsePromText(text, { maxBytes: SHIM_ANSWER_MAX_BYTES, maxSamples: SHIM_ANSWER_MAX_SAMPLES, allowedPrefixes: SHIM_METRIC_PREFIXES });
-      return withLabels(families, [['sandbox_id', id], ...criLabels(families)]);
+      return withLabels(families, [['sandbox_id', id], ...criLabels(families)], MONITOR_LABEL);
     } catch (e) {
       const reason = (e as { reason?: ScrapeFailure }).reason ?? 'invalid';
       return { reason, message: e instanceof Error ? e.message : String(e) };
@@ -155,11 +171,11 @@ export class KataMonitor {
   }
 
   async #render(): Promise<string> {
-    const own = await this.#own();
+    const [own, types] = await Promise.all([this.#own(), this.#knownTypes()]);
     const t0 = performance.now();
     own.scrapes.inc();
     const ids = await this.sandboxes();
-    const results: (PromFamily[] | undefined)[] = new Array(ids.length);
+    const results: ({ id: string; families: PromFamily[] } | undefined)[] = new Array(ids.length);
     let next = 0;
     const worker = async () => {
       while (next < ids.length) {
@@ -167,7 +183,7 @@ export class KataMonitor {
         const id = ids[i]!;
         const r = await this.scrapeSandbox(id);
         if (Array.isArray(r)) {
-          results[i] = r;
+          results[i] = { id, families: r };
         } else {
           own.failed.inc();
           this.opts.log?.info({ sandbox: id, reason: r.reason, err: r.message }, 'sandbox left out of the scrape');
@@ -175,11 +191,14 @@ export class KataMonitor {
       }
     };
     await Promise.all(Array.from({ length: Math.min(SCRAPE_CONCURRENCY, ids.length) }, worker));
-    const scraped = results.filter((r): r is PromFamily[] => r !== undefined);
+    const scraped = results.filter((r) => r !== undefined);
     own.shims.set(scraped.length);
     own.durations.observe(performance.now() - t0);
-    const merged = formatPromText(mergeFamilies(scraped, (name) => this.opts.log?.warn({ metric: name }, 'a sandbox reported a metric with another type; left out')));
-    return (await (await this.#registry!).metrics()) + merged;
+    const merged = mergeFamilies(
+      scraped.map((r) => r.families),
+      { types, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
+    );
+    return (await (await this.#registry!).metrics()) + formatPromText(merged);
   }
 
   /** An HTTP server answering GET /metrics (not yet listening). */

@@ -9,6 +9,7 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { KataMonitor, parseListen } from '../../cli/monitor.js';
+import { createLogger } from '../../core/logger.js';
 import { parsePromText, type PromFamily } from '../../core/prom-text.js';
 import { ShimMonitor } from '../../shim/monitor.js';
 import type { SandboxFigures } from '../../shim/metrics.js';
@@ -121,6 +122,37 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
       assert.deepEqual(samples(f, 'kata_shim_agent_metrics_up').map((s) => [s.sandbox_id, s.__value]), [['pod-a', '0']]);
       assert.deepEqual(samples(f, 'kata_shim_agent_metrics_errors_total').map((s) => [s.reason, s.__value]), [['timeout', '1']]);
       assert.deepEqual(samples(f, 'kata_monitor_scrape_failed_count').map((s) => s.__value), ['0']);
+    });
+
+    it('keeps the type the runtime gives a family, so that a guest retyping it hides only its own samples', async () => {
+      const env = { KATA_TS_SBS_ROOT: root };
+      const gauge = '# HELP kata_guest_meminfo Memory.\n# TYPE kata_guest_meminfo gauge\nkata_guest_meminfo{item="mem_total"} 2\n';
+      // pod-a comes first in the merge (sandbox ids in order).
+      const a = await ShimMonitor.start('pod-a', { debugConsoleSocket: () => undefined, figures: figures(gauge.replace('gauge', 'counter').replace(' 2', ' 1')) }, env);
+      const b = await ShimMonitor.start('pod-b', { debugConsoleSocket: () => undefined, figures: figures(gauge) }, env);
+      closers.push(() => a.close(), () => b.close());
+      const lines: { sandbox?: string; metric?: string }[] = [];
+      const log = createLogger({ level: 'warn', stream: { write: (l) => void lines.push(JSON.parse(l) as { sandbox?: string; metric?: string }) } });
+      const f = parsePromText(await new KataMonitor({ root, log }).render());
+      assert.equal(f.find((x) => x.name === 'kata_guest_meminfo')?.type, 'gauge');
+      assert.deepEqual(samples(f, 'kata_guest_meminfo').map((s) => [s.sandbox_id, s.__value]), [['pod-b', '2']]);
+      assert.deepEqual(lines.map((l) => [l.sandbox, l.metric]), [['pod-a', 'kata_guest_meminfo']]);
+    });
+
+    it('takes no sandbox_id or cri_* label from an answer: a guest of a pod without CRI labels cannot lend itself some', async () => {
+      const guest = '# HELP kata_guest_load Load.\n# TYPE kata_guest_load gauge\nkata_guest_load{cri_namespace="kube-system",cri_name="coredns",cri_uid="u-x",cri_other="y",sandbox_id="other",item="load1"} 0.5\n';
+      const a = await ShimMonitor.start('pod-a', { debugConsoleSocket: () => undefined, figures: figures(guest) }, { KATA_TS_SBS_ROOT: root });
+      const b = await ShimMonitor.start('pod-b', { debugConsoleSocket: () => undefined, figures: figures(guest, { cri_name: 'web', cri_namespace: 'default', cri_uid: 'u-b' }) }, { KATA_TS_SBS_ROOT: root });
+      closers.push(() => a.close(), () => b.close());
+      const f = parsePromText(await new KataMonitor({ root }).render());
+      assert.deepEqual(
+        f.find((x) => x.name === 'kata_guest_load')?.samples.map((s) => s.labels),
+        [
+          [['sandbox_id', 'pod-a'], ['item', 'load1']],
+          [['sandbox_id', 'pod-b'], ['cri_uid', 'u-b'], ['cri_name', 'web'], ['cri_namespace', 'default'], ['item', 'load1']],
+        ],
+      );
+      assert.deepEqual(samples(f, 'kata_shim_pod_info').map((s) => [s.sandbox_id, s.cri_name]), [['pod-b', 'web']]);
     });
 
     it('answers with its own figures when there is no sandbox, or no sbs root at all', async () => {
