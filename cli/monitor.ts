@@ -2,13 +2,15 @@
  * `kata-runtime monitor [--listen HOST:PORT]`: kata-monitor's job. An HTTP server whose `GET
  * /metrics` scrapes every sandbox's management socket (`<sbs root>/<id>/shim-monitor.sock`, served
  * by its shim: shim/monitor.ts) in parallel, each within {@link SCRAPE_TIMEOUT_MS} and
- * {@link SHIM_ANSWER_MAX_BYTES}, puts `sandbox_id` (and the pod's `cri_name`, `cri_namespace`,
- * `cri_uid` where the shim knows them) on every sample in place of any `sandbox_id` or `cri_*`
- * label the answer carried, merges the families by the types the runtime defines for them, and
- * adds its own `kata_monitor_*` figures. A sandbox whose socket does not answer, answers late or
- * answers anything but well-formed Prometheus text is left out and counted
- * (`kata_monitor_scrape_failed_count`); the scrape itself never fails for it.
+ * {@link SHIM_ANSWER_MAX_BYTES} and the whole round within {@link ROUND_DEADLINE_MS}, puts
+ * `sandbox_id` (and the pod's `cri_name`, `cri_namespace`, `cri_uid` where the shim knows them) on
+ * every sample in place of any `sandbox_id` or `cri_*` label the answer carried, merges the
+ * families by the types the runtime defines for them, and adds its own `kata_monitor_*` figures.
+ * A sandbox whose socket does not answer, answers late or answers anything but well-formed
+ * Prometheus text is left out and counted (`kata_monitor_scrape_failed_count`); the scrape itself
+ * never fails for it. A merged answer is served again for {@link CACHE_MS}.
  */
+import { setMaxListeners } from 'node:events';
 import http from 'node:http';
 import net from 'node:net';
 import { readdir } from 'node:fs/promises';
@@ -30,6 +32,18 @@ export const DEFAULT_LISTEN = '127.0.0.1:8090';
  * figures only.
  */
 export const SCRAPE_TIMEOUT_MS = 3_000;
+/**
+ * How long one round of scrapes may take; the answer has what was gathered by then. Below
+ * Prometheus's default scrape_timeout (10 s), and hung shims cannot add {@link SCRAPE_TIMEOUT_MS}
+ * per {@link SCRAPE_CONCURRENCY} of them.
+ */
+export const ROUND_DEADLINE_MS = 8_000;
+/** How long a merged answer is served again: a client asking in a loop cannot make the monitor scrape every shim back to back. */
+export const CACHE_MS = 2_000;
+/** The most connections the HTTP server holds at once (a scraper needs one). */
+export const MAX_CONNECTIONS = 64;
+/** How long a request may take to arrive (headers included), and a connection may stay idle. */
+export const HTTP_TIMEOUT_MS = 30_000;
 /** The largest answer read from one shim. */
 export const SHIM_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
 /** The most samples taken from one shim. */
@@ -58,12 +72,24 @@ export function parseListen(value: string): { host: string; port: number } {
 }
 
 /** Why a sandbox was left out of a scrape. */
-export type ScrapeFailure = 'unreachable' | 'timeout' | 'status' | 'too_large' | 'invalid';
+export type ScrapeFailure = 'unreachable' | 'timeout' | 'deadline' | 'status' | 'too_large' | 'invalid';
 
-/** GET /metrics on one management socket, bounded in time and size. */
-export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, maxBytes = SHIM_ANSWER_MAX_BYTES): Promise<string> {
+/** GET /metrics on one management socket, bounded in time and size; `signal` ends it early (the round's deadline). */
+export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, maxBytes = SHIM_ANSWER_MAX_BYTES, signal?: AbortSignal): Promise<string> {
   return new Promise((resolve, reject) => {
-    const fail = (reason: ScrapeFailure, message: string) => reject(Object.assign(new Error(message), { reason }));
+    if (signal?.aborted) {
+      reject(Object.assign(new Error('the round of scrapes ran out of time before this sandbox'), { reason: 'deadline' }));
+      return;
+    }
+    // Settling drops the timer and the abort listener at once: the round's signal holds one listener per scrape under way.
+    const settle = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', abort);
+    };
+    const fail = (reason: ScrapeFailure, message: string) => {
+      settle();
+      reject(Object.assign(new Error(message), { reason }));
+    };
     const req = http.get({ socketPath, path: '/metrics', headers: { Accept: 'text/plain' } }, (res) => {
       if (res.statusCode !== 200) {
         res.resume();
@@ -81,14 +107,21 @@ export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, 
         }
         chunks.push(d);
       });
-      res.once('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+      res.once('end', () => {
+        settle();
+        resolve(Buffer.concat(chunks).toString('utf8'));
+      });
       res.once('error', (err) => fail('unreachable', err.message));
     });
     const timer = setTimeout(() => {
       req.destroy();
       fail('timeout', `no answer within ${timeoutMs} ms`);
     }, timeoutMs);
-    req.once('close', () => clearTimeout(timer));
+    const abort = () => {
+      req.destroy();
+      fail('deadline', 'the round of scrapes ran out of time');
+    };
+    signal?.addEventListener('abort', abort, { once: true });
     req.once('error', (err) => fail('unreachable', err.message));
   });
 }
@@ -107,6 +140,8 @@ interface MonitorOptions {
   readonly root: string;
   readonly log?: Logger;
   readonly timeoutMs?: number;
+  readonly deadlineMs?: number;
+  readonly cacheMs?: number;
 }
 
 /** kata-monitor: scrapes the sandboxes under `root` and answers their merged metrics. */
@@ -115,6 +150,7 @@ export class KataMonitor {
   #metrics: Promise<{ shims: import('prom-client').Gauge; scrapes: import('prom-client').Counter; failed: import('prom-client').Counter; durations: import('prom-client').Histogram }> | undefined;
   #types: Promise<Map<string, PromType>> | undefined;
   #inFlight: Promise<string> | undefined;
+  #cached: { text: string; at: number } | undefined;
 
   constructor(readonly opts: MonitorOptions) {}
 
@@ -153,9 +189,9 @@ export class KataMonitor {
   }
 
   /** One sandbox's families with its labels, or why it is left out. */
-  async scrapeSandbox(id: string): Promise<PromFamily[] | { reason: ScrapeFailure; message: string }> {
+  async scrapeSandbox(id: string, signal?: AbortSignal): Promise<PromFamily[] | { reason: ScrapeFailure; message: string }> {
     try {
-      const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS);
+      const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS, SHIM_ANSWER_MAX_BYTES, signal);
       const families = parsePromText(text, { maxBytes: SHIM_ANSWER_MAX_BYTES, maxSamples: SHIM_ANSWER_MAX_SAMPLES, allowedPrefixes: SHIM_METRIC_PREFIXES });
       return withLabels(families, [['sandbox_id', id], ...criLabels(families)], MONITOR_LABEL);
     } catch (e) {
@@ -164,9 +200,16 @@ export class KataMonitor {
     }
   }
 
-  /** The merged answer; concurrent requests share one round of scrapes. */
+  /** The merged answer; concurrent requests share one round of scrapes, and later ones its answer for {@link CACHE_MS}. */
   render(): Promise<string> {
-    this.#inFlight ??= this.#render().finally(() => (this.#inFlight = undefined));
+    const cached = this.#cached;
+    if (cached && performance.now() - cached.at < (this.opts.cacheMs ?? CACHE_MS)) return Promise.resolve(cached.text);
+    this.#inFlight ??= this.#render()
+      .then((text) => {
+        this.#cached = { text, at: performance.now() };
+        return text;
+      })
+      .finally(() => (this.#inFlight = undefined));
     return this.#inFlight;
   }
 
@@ -176,12 +219,15 @@ export class KataMonitor {
     own.scrapes.inc();
     const ids = await this.sandboxes();
     const results: ({ id: string; families: PromFamily[] } | undefined)[] = new Array(ids.length);
+    const round = new AbortController();
+    setMaxListeners(SCRAPE_CONCURRENCY, round.signal);
+    const deadline = setTimeout(() => round.abort(), this.opts.deadlineMs ?? ROUND_DEADLINE_MS);
     let next = 0;
     const worker = async () => {
       while (next < ids.length) {
         const i = next++;
         const id = ids[i]!;
-        const r = await this.scrapeSandbox(id);
+        const r = await this.scrapeSandbox(id, round.signal);
         if (Array.isArray(r)) {
           results[i] = { id, families: r };
         } else {
@@ -191,6 +237,7 @@ export class KataMonitor {
       }
     };
     await Promise.all(Array.from({ length: Math.min(SCRAPE_CONCURRENCY, ids.length) }, worker));
+    clearTimeout(deadline);
     const scraped = results.filter((r) => r !== undefined);
     own.shims.set(scraped.length);
     own.durations.observe(performance.now() - t0);
@@ -203,7 +250,7 @@ export class KataMonitor {
 
   /** An HTTP server answering GET /metrics (not yet listening). */
   server(): http.Server {
-    return http.createServer((req, res) => {
+    const server = http.createServer({ requestTimeout: HTTP_TIMEOUT_MS, headersTimeout: HTTP_TIMEOUT_MS }, (req, res) => {
       if (req.method !== 'GET' || !(req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
         res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found: GET /metrics\n');
         return;
@@ -213,6 +260,10 @@ export class KataMonitor {
         (err: unknown) => res.writeHead(500, { 'Content-Type': 'text/plain' }).end(`cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`),
       );
     });
+    // What one client can hold: Node's defaults are no connection limit and no idle timeout.
+    server.maxConnections = MAX_CONNECTIONS;
+    server.setTimeout(HTTP_TIMEOUT_MS);
+    return server;
   }
 }
 

@@ -8,7 +8,7 @@ import { mkdirSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { KataMonitor, parseListen } from '../../cli/monitor.js';
+import { HTTP_TIMEOUT_MS, KataMonitor, MAX_CONNECTIONS, parseListen } from '../../cli/monitor.js';
 import { createLogger } from '../../core/logger.js';
 import { parsePromText, type PromFamily } from '../../core/prom-text.js';
 import { ShimMonitor } from '../../shim/monitor.js';
@@ -155,6 +155,30 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
       assert.deepEqual(samples(f, 'kata_shim_pod_info').map((s) => [s.sandbox_id, s.cri_name]), [['pod-b', 'web']]);
     });
 
+    it('serves a merged answer again for a while instead of scraping every shim for every request', async () => {
+      let hits = 0;
+      await rawShim('pod-a', (_req, res) => (hits++, res.end('# TYPE kata_shim_x gauge\nkata_shim_x 1\n')));
+      const monitor = new KataMonitor({ root, cacheMs: 300 });
+      const first = await monitor.render();
+      for (let i = 0; i < 5; i++) assert.equal(await monitor.render(), first);
+      assert.equal(hits, 1);
+      await new Promise((r) => setTimeout(r, 350));
+      await monitor.render();
+      assert.equal(hits, 2);
+    });
+
+    it('answers at the round deadline with what it gathered, however many shims hang', async () => {
+      await rawShim('a-good', (_req, res) => res.end('# TYPE kata_shim_x gauge\nkata_shim_x 1\n'));
+      // More hung shims than are scraped at once: without a deadline they would take two timeouts.
+      for (let i = 0; i < 20; i++) await rawShim(`hung-${i}`, () => undefined);
+      const t0 = performance.now();
+      const f = parsePromText(await new KataMonitor({ root, timeoutMs: 2_000, deadlineMs: 300 }).render());
+      const took = performance.now() - t0;
+      assert.ok(took < 1_500, `took ${Math.round(took)} ms`);
+      assert.deepEqual(samples(f, 'kata_shim_x').map((s) => s.sandbox_id), ['a-good']);
+      assert.deepEqual(samples(f, 'kata_monitor_scrape_failed_count').map((s) => s.__value), ['20']);
+    });
+
     it('answers with its own figures when there is no sandbox, or no sbs root at all', async () => {
       const f = parsePromText(await new KataMonitor({ root: path.join(tmp.path, 'none') }).render());
       assert.deepEqual(samples(f, 'kata_monitor_running_shim_count').map((s) => s.__value), ['0']);
@@ -170,6 +194,25 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
       assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
       assert.ok(parsePromText(await res.text()).length > 0);
       assert.equal((await fetch(`http://127.0.0.1:${port}/`)).status, 404);
+    });
+
+    it(`holds at most ${MAX_CONNECTIONS} connections, and gives each request and idle connection ${HTTP_TIMEOUT_MS / 1000} s`, async () => {
+      const server = new KataMonitor({ root }).server();
+      assert.equal(server.requestTimeout, HTTP_TIMEOUT_MS);
+      assert.equal(server.headersTimeout, HTTP_TIMEOUT_MS);
+      assert.equal(server.timeout, HTTP_TIMEOUT_MS);
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      const port = (server.address() as net.AddressInfo).port;
+      const held: net.Socket[] = [];
+      closers.push(() => new Promise((r) => (held.forEach((s) => s.destroy()), server.close(r))));
+      for (let i = 0; i < MAX_CONNECTIONS; i++) held.push(net.connect(port, '127.0.0.1'));
+      await until('the server to hold them', () => new Promise<boolean>((r) => server.getConnections((_e, n) => r(n === MAX_CONNECTIONS))), 5_000, 20);
+      const dropped = new Promise((r) => server.once('drop', r));
+      await assert.rejects(fetch(`http://127.0.0.1:${port}/metrics`));
+      await dropped;
+      held.pop()!.destroy();
+      await until('a connection to be free', () => new Promise<boolean>((r) => server.getConnections((_e, n) => r(n < MAX_CONNECTIONS))), 5_000, 20);
+      assert.equal((await fetch(`http://127.0.0.1:${port}/metrics`)).status, 200);
     });
   });
 
