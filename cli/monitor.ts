@@ -11,6 +11,7 @@
  * never fails for it. A merged answer is served again for {@link CACHE_MS}.
  */
 import { setMaxListeners } from 'node:events';
+import type { Dirent } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { readdir } from 'node:fs/promises';
@@ -22,6 +23,7 @@ import { sbsRoot } from '../core/shim-monitor.js';
 import type { Logger } from '../core/logger.js';
 import { GUEST_METRICS } from '../guest/agent/metric-families.js';
 import { ShimMetrics } from '../shim/metrics.js';
+import { describeError } from './io.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 
 /** Kata's kata-monitor default. */
@@ -136,6 +138,14 @@ function criLabels(families: readonly PromFamily[]): [string, string][] {
   });
 }
 
+/** The sbs root cannot be read: as a non-root user, Kata's /run/vc/sbs (root's, 0700) is the usual reason. */
+function sbsRootError(root: string, e: NodeJS.ErrnoException): KataError {
+  if (e.code === 'EACCES' || e.code === 'EPERM') {
+    return new KataError('KATA_ERR_MONITOR_SBS_ROOT', `cannot read the sandbox directory ${root}: ${e.code} (running as uid ${process.getuid?.() ?? '?'})`, { value: root, cause: e });
+  }
+  return new KataError('KATA_ERR_MONITOR_SBS_ROOT', `cannot read the sandbox directory ${root}: ${e.code ?? e.message}`, { value: root, cause: e, fix: 'check that the sbs root (KATA_TS_SBS_ROOT, default /run/vc/sbs) is a directory' });
+}
+
 interface MonitorOptions {
   readonly root: string;
   readonly log?: Logger;
@@ -179,13 +189,17 @@ export class KataMonitor {
     return this.#types;
   }
 
-  /** The sandbox ids with a directory under the root (identifiers only). */
+  /** The sandbox ids with a directory under the root (identifiers only); none while there is no root. */
   async sandboxes(): Promise<string[]> {
+    let entries: Dirent[];
     try {
-      return (await readdir(this.opts.root, { withFileTypes: true })).filter((e) => e.isDirectory() && identifierProblem(e.name) === undefined).map((e) => e.name).sort();
-    } catch {
-      return [];
+      entries = await readdir(this.opts.root, { withFileTypes: true });
+    } catch (e) {
+      // No sandbox has run on this host yet.
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw sbsRootError(this.opts.root, e as NodeJS.ErrnoException);
     }
+    return entries.filter((e) => e.isDirectory() && identifierProblem(e.name) === undefined).map((e) => e.name).sort();
   }
 
   /** One sandbox's families with its labels, or why it is left out. */
@@ -257,7 +271,10 @@ export class KataMonitor {
       }
       this.render().then(
         (text) => res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8' }).end(text),
-        (err: unknown) => res.writeHead(500, { 'Content-Type': 'text/plain' }).end(`cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`),
+        (err: unknown) => {
+          this.opts.log?.error({ err }, 'cannot gather the metrics');
+          res.writeHead(500, { 'Content-Type': 'text/plain' }).end(err instanceof KataError ? describeError(err) : `cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`);
+        },
       );
     });
     // What one client can hold: Node's defaults are no connection limit and no idle timeout.
@@ -272,6 +289,8 @@ export async function monitorCommand(ctx: CommandContext): Promise<number> {
   const { host, port } = parseListen(ctx.flags.listen ?? DEFAULT_LISTEN);
   const root = sbsRoot(ctx.io.env);
   const monitor = new KataMonitor({ root, log: ctx.log });
+  // Refused now rather than served as a host without sandboxes: the sbs root is root's (0700).
+  await monitor.sandboxes();
   const server = monitor.server();
   await new Promise<void>((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) =>

@@ -3,18 +3,20 @@
  * (ShimMonitor with given figures) and by raw servers that misbehave, under a temp sbs root.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { HTTP_TIMEOUT_MS, KataMonitor, MAX_CONNECTIONS, parseListen } from '../../cli/monitor.js';
+import { findExecutable } from '../../core/child.js';
+import { KataError } from '../../core/errors.js';
 import { createLogger } from '../../core/logger.js';
 import { parsePromText, type PromFamily } from '../../core/prom-text.js';
 import { ShimMonitor } from '../../shim/monitor.js';
 import type { SandboxFigures } from '../../shim/metrics.js';
 import { GrpcCode } from '../../wire/ttrpc/codes.js';
-import { CLI } from '../helpers/cli.js';
+import { CLI, STACK_FRAME } from '../helpers/cli.js';
 import { TempDir } from '../helpers/tmp.js';
 import { until } from '../helpers/wait.js';
 
@@ -179,6 +181,19 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
       assert.deepEqual(samples(f, 'kata_monitor_scrape_failed_count').map((s) => s.__value), ['20']);
     });
 
+    it('refuses with KATA_ERR_MONITOR_SBS_ROOT, logged and answered 500, an sbs root it cannot read', async () => {
+      writeFileSync(root, 'not a directory');
+      await assert.rejects(new KataMonitor({ root }).render(), (e: unknown) => e instanceof KataError && e.code === 'KATA_ERR_MONITOR_SBS_ROOT' && e.message.includes('ENOTDIR'));
+      const lines: { msg?: string; err?: { code?: string } }[] = [];
+      const server = new KataMonitor({ root, log: createLogger({ level: 'error', stream: { write: (l) => void lines.push(JSON.parse(l) as { msg?: string; err?: { code?: string } }) } }) }).server();
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      closers.push(() => new Promise((r) => server.close(r)));
+      const res = await fetch(`http://127.0.0.1:${(server.address() as net.AddressInfo).port}/metrics`);
+      assert.equal(res.status, 500);
+      assert.match(await res.text(), /code: KATA_ERR_MONITOR_SBS_ROOT/);
+      assert.deepEqual(lines.map((l) => l.err?.code), ['KATA_ERR_MONITOR_SBS_ROOT']);
+    });
+
     it('answers with its own figures when there is no sandbox, or no sbs root at all', async () => {
       const f = parsePromText(await new KataMonitor({ root: path.join(tmp.path, 'none') }).render());
       assert.deepEqual(samples(f, 'kata_monitor_running_shim_count').map((s) => s.__value), ['0']);
@@ -217,6 +232,24 @@ describe('kata-runtime monitor (cli/monitor.ts)', () => {
   });
 
   describe('the command', () => {
+    it('refuses, as a user who cannot read the sbs root, with KATA_ERR_MONITOR_SBS_ROOT saying to run as root, exit 1', function () {
+      if (process.getuid?.() !== 0 || !findExecutable('setpriv')) this.skip();
+      const tmp = new TempDir('kata-monitor-nobody-');
+      try {
+        const sbs = path.join(tmp.path, 'sbs');
+        mkdirSync(sbs, { mode: 0o700 });
+        chmodSync(tmp.path, 0o755);
+        const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'monitor', '--listen', '127.0.0.1:0'], { encoding: 'utf8', env: { ...process.env, KATA_TS_SBS_ROOT: sbs }, timeout: 20_000 });
+        assert.equal(r.status, 1, r.stderr);
+        assert.match(r.stderr, /cannot read the sandbox directory .*sbs: EACCES \(running as uid 65534\)/);
+        assert.match(r.stderr, /fix: Run kata-runtime monitor as root/);
+        assert.match(r.stderr, /code: KATA_ERR_MONITOR_SBS_ROOT/);
+        assert.doesNotMatch(r.stderr, STACK_FRAME);
+      } finally {
+        tmp.cleanup();
+      }
+    });
+
     it('refuses an address it cannot listen on with KATA_ERR_MONITOR, exit 1', async () => {
       const taken = net.createServer();
       await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
