@@ -2,27 +2,50 @@
  * `kata-runtime monitor [--listen HOST:PORT]`: kata-monitor's job. An HTTP server whose `GET
  * /metrics` scrapes every sandbox's management socket (`<sbs root>/<id>/shim-monitor.sock`, served
  * by its shim: shim/monitor.ts) in parallel, each within {@link SCRAPE_TIMEOUT_MS} and
- * {@link SHIM_ANSWER_MAX_BYTES}, puts `sandbox_id` (and the pod's `cri_name`, `cri_namespace`,
- * `cri_uid` where the shim knows them) on every sample, and adds its own `kata_monitor_*`
- * figures. A sandbox whose socket does not answer, answers late or answers anything but
- * well-formed Prometheus text is left out and counted (`kata_monitor_scrape_failed_count`); the
- * scrape itself never fails for it.
+ * {@link SHIM_ANSWER_MAX_BYTES} and the whole round within {@link ROUND_DEADLINE_MS}, puts
+ * `sandbox_id` (and the pod's `cri_name`, `cri_namespace`, `cri_uid` where the shim knows them) on
+ * every sample in place of any `sandbox_id` or `cri_*` label the answer carried, merges the
+ * families by the types the runtime defines for them, and adds its own `kata_monitor_*` figures.
+ * A sandbox whose socket does not answer, answers late or answers anything but well-formed
+ * Prometheus text is left out and counted (`kata_monitor_scrape_failed_count`); the scrape itself
+ * never fails for it. A merged answer is served again for {@link CACHE_MS}.
  */
+import { setMaxListeners } from 'node:events';
+import type { Dirent } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import { identifierProblem } from '../core/identifiers.js';
-import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
+import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily, type PromType } from '../core/prom-text.js';
 import { sbsRoot } from '../core/shim-monitor.js';
 import type { Logger } from '../core/logger.js';
+import { GUEST_METRICS } from '../guest/agent/metric-families.js';
+import { ShimMetrics } from '../shim/metrics.js';
+import { describeError } from './io.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 
 /** Kata's kata-monitor default. */
 export const DEFAULT_LISTEN = '127.0.0.1:8090';
-/** How long one sandbox's scrape may take. */
+/**
+ * How long one sandbox's scrape may take: twice the 1.5 s the shim gives its guest
+ * (shim/metrics.ts GUEST_METRICS_TIMEOUT_MS), so that a slow guest costs the sandbox its guest
+ * figures only.
+ */
 export const SCRAPE_TIMEOUT_MS = 3_000;
+/**
+ * How long one round of scrapes may take; the answer has what was gathered by then. Below
+ * Prometheus's default scrape_timeout (10 s), and hung shims cannot add {@link SCRAPE_TIMEOUT_MS}
+ * per {@link SCRAPE_CONCURRENCY} of them.
+ */
+export const ROUND_DEADLINE_MS = 8_000;
+/** How long a merged answer is served again: a client asking in a loop cannot make the monitor scrape every shim back to back. */
+export const CACHE_MS = 2_000;
+/** The most connections the HTTP server holds at once (a scraper needs one). */
+export const MAX_CONNECTIONS = 64;
+/** How long a request may take to arrive (headers included), and a connection may stay idle. */
+export const HTTP_TIMEOUT_MS = 30_000;
 /** The largest answer read from one shim. */
 export const SHIM_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
 /** The most samples taken from one shim. */
@@ -33,6 +56,9 @@ export const SCRAPE_CONCURRENCY = 16;
 export const SHIM_METRIC_PREFIXES = ['kata_shim_', 'kata_hypervisor_', 'kata_agent_', 'kata_guest_'] as const;
 
 const POD_INFO = 'kata_shim_pod_info';
+
+/** Labels only the monitor puts on a sample: a shim's answer (its guest's part above all) cannot bring its own. */
+const MONITOR_LABEL = (label: string) => label === 'sandbox_id' || label.startsWith('cri_');
 
 /** `host:port` or `[v6]:port`, the port decimal 0..65535; refusals are KATA_ERR_MONITOR naming --listen. */
 export function parseListen(value: string): { host: string; port: number } {
@@ -48,12 +74,24 @@ export function parseListen(value: string): { host: string; port: number } {
 }
 
 /** Why a sandbox was left out of a scrape. */
-export type ScrapeFailure = 'unreachable' | 'timeout' | 'status' | 'too_large' | 'invalid';
+export type ScrapeFailure = 'unreachable' | 'timeout' | 'deadline' | 'status' | 'too_large' | 'invalid';
 
-/** GET /metrics on one management socket, bounded in time and size. */
-export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, maxBytes = SHIM_ANSWER_MAX_BYTES): Promise<string> {
+/** GET /metrics on one management socket, bounded in time and size; `signal` ends it early (the round's deadline). */
+export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, maxBytes = SHIM_ANSWER_MAX_BYTES, signal?: AbortSignal): Promise<string> {
   return new Promise((resolve, reject) => {
-    const fail = (reason: ScrapeFailure, message: string) => reject(Object.assign(new Error(message), { reason }));
+    if (signal?.aborted) {
+      reject(Object.assign(new Error('the round of scrapes ran out of time before this sandbox'), { reason: 'deadline' }));
+      return;
+    }
+    // Settling drops the timer and the abort listener at once: the round's signal holds one listener per scrape under way.
+    const settle = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', abort);
+    };
+    const fail = (reason: ScrapeFailure, message: string) => {
+      settle();
+      reject(Object.assign(new Error(message), { reason }));
+    };
     const req = http.get({ socketPath, path: '/metrics', headers: { Accept: 'text/plain' } }, (res) => {
       if (res.statusCode !== 200) {
         res.resume();
@@ -71,14 +109,21 @@ export function scrapeSocket(socketPath: string, timeoutMs = SCRAPE_TIMEOUT_MS, 
         }
         chunks.push(d);
       });
-      res.once('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+      res.once('end', () => {
+        settle();
+        resolve(Buffer.concat(chunks).toString('utf8'));
+      });
       res.once('error', (err) => fail('unreachable', err.message));
     });
     const timer = setTimeout(() => {
       req.destroy();
       fail('timeout', `no answer within ${timeoutMs} ms`);
     }, timeoutMs);
-    req.once('close', () => clearTimeout(timer));
+    const abort = () => {
+      req.destroy();
+      fail('deadline', 'the round of scrapes ran out of time');
+    };
+    signal?.addEventListener('abort', abort, { once: true });
     req.once('error', (err) => fail('unreachable', err.message));
   });
 }
@@ -93,17 +138,29 @@ function criLabels(families: readonly PromFamily[]): [string, string][] {
   });
 }
 
+/** The sbs root cannot be read: as a non-root user, Kata's /run/vc/sbs (root's, 0700) is the usual reason. */
+function sbsRootError(root: string, e: NodeJS.ErrnoException): KataError {
+  if (e.code === 'EACCES' || e.code === 'EPERM') {
+    return new KataError('KATA_ERR_MONITOR_SBS_ROOT', `cannot read the sandbox directory ${root}: ${e.code} (running as uid ${process.getuid?.() ?? '?'})`, { value: root, cause: e });
+  }
+  return new KataError('KATA_ERR_MONITOR_SBS_ROOT', `cannot read the sandbox directory ${root}: ${e.code ?? e.message}`, { value: root, cause: e, fix: 'check that the sbs root (KATA_TS_SBS_ROOT, default /run/vc/sbs) is a directory' });
+}
+
 interface MonitorOptions {
   readonly root: string;
   readonly log?: Logger;
   readonly timeoutMs?: number;
+  readonly deadlineMs?: number;
+  readonly cacheMs?: number;
 }
 
 /** kata-monitor: scrapes the sandboxes under `root` and answers their merged metrics. */
 export class KataMonitor {
   #registry: Promise<import('prom-client').Registry> | undefined;
   #metrics: Promise<{ shims: import('prom-client').Gauge; scrapes: import('prom-client').Counter; failed: import('prom-client').Counter; durations: import('prom-client').Histogram }> | undefined;
+  #types: Promise<Map<string, PromType>> | undefined;
   #inFlight: Promise<string> | undefined;
+  #cached: { text: string; at: number } | undefined;
 
   constructor(readonly opts: MonitorOptions) {}
 
@@ -123,47 +180,70 @@ export class KataMonitor {
     return this.#metrics;
   }
 
-  /** The sandbox ids with a directory under the root (identifiers only). */
+  /**
+   * The type of every family the runtime defines (the shim's and the guest's): the merge keeps
+   * these whatever a sandbox declares, so no sandbox can retype a family for the others.
+   */
+  #knownTypes(): Promise<Map<string, PromType>> {
+    this.#types ??= ShimMetrics.types().then((shim) => new Map([...Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.type] as const), ...shim]));
+    return this.#types;
+  }
+
+  /** The sandbox ids with a directory under the root (identifiers only); none while there is no root. */
   async sandboxes(): Promise<string[]> {
+    let entries: Dirent[];
     try {
-      return (await readdir(this.opts.root, { withFileTypes: true })).filter((e) => e.isDirectory() && identifierProblem(e.name) === undefined).map((e) => e.name).sort();
-    } catch {
-      return [];
+      entries = await readdir(this.opts.root, { withFileTypes: true });
+    } catch (e) {
+      // No sandbox has run on this host yet.
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw sbsRootError(this.opts.root, e as NodeJS.ErrnoException);
     }
+    return entries.filter((e) => e.isDirectory() && identifierProblem(e.name) === undefined).map((e) => e.name).sort();
   }
 
   /** One sandbox's families with its labels, or why it is left out. */
-  async scrapeSandbox(id: string): Promise<PromFamily[] | { reason: ScrapeFailure; message: string }> {
+  async scrapeSandbox(id: string, signal?: AbortSignal): Promise<PromFamily[] | { reason: ScrapeFailure; message: string }> {
     try {
-      const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS);
+      const text = await scrapeSocket(path.join(this.opts.root, id, 'shim-monitor.sock'), this.opts.timeoutMs ?? SCRAPE_TIMEOUT_MS, SHIM_ANSWER_MAX_BYTES, signal);
       const families = parsePromText(text, { maxBytes: SHIM_ANSWER_MAX_BYTES, maxSamples: SHIM_ANSWER_MAX_SAMPLES, allowedPrefixes: SHIM_METRIC_PREFIXES });
-      return withLabels(families, [['sandbox_id', id], ...criLabels(families)]);
+      return withLabels(families, [['sandbox_id', id], ...criLabels(families)], MONITOR_LABEL);
     } catch (e) {
       const reason = (e as { reason?: ScrapeFailure }).reason ?? 'invalid';
       return { reason, message: e instanceof Error ? e.message : String(e) };
     }
   }
 
-  /** The merged answer; concurrent requests share one round of scrapes. */
+  /** The merged answer; concurrent requests share one round of scrapes, and later ones its answer for {@link CACHE_MS}. */
   render(): Promise<string> {
-    this.#inFlight ??= this.#render().finally(() => (this.#inFlight = undefined));
+    const cached = this.#cached;
+    if (cached && performance.now() - cached.at < (this.opts.cacheMs ?? CACHE_MS)) return Promise.resolve(cached.text);
+    this.#inFlight ??= this.#render()
+      .then((text) => {
+        this.#cached = { text, at: performance.now() };
+        return text;
+      })
+      .finally(() => (this.#inFlight = undefined));
     return this.#inFlight;
   }
 
   async #render(): Promise<string> {
-    const own = await this.#own();
+    const [own, types] = await Promise.all([this.#own(), this.#knownTypes()]);
     const t0 = performance.now();
     own.scrapes.inc();
     const ids = await this.sandboxes();
-    const results: (PromFamily[] | undefined)[] = new Array(ids.length);
+    const results: ({ id: string; families: PromFamily[] } | undefined)[] = new Array(ids.length);
+    const round = new AbortController();
+    setMaxListeners(SCRAPE_CONCURRENCY, round.signal);
+    const deadline = setTimeout(() => round.abort(), this.opts.deadlineMs ?? ROUND_DEADLINE_MS);
     let next = 0;
     const worker = async () => {
       while (next < ids.length) {
         const i = next++;
         const id = ids[i]!;
-        const r = await this.scrapeSandbox(id);
+        const r = await this.scrapeSandbox(id, round.signal);
         if (Array.isArray(r)) {
-          results[i] = r;
+          results[i] = { id, families: r };
         } else {
           own.failed.inc();
           this.opts.log?.info({ sandbox: id, reason: r.reason, err: r.message }, 'sandbox left out of the scrape');
@@ -171,25 +251,36 @@ export class KataMonitor {
       }
     };
     await Promise.all(Array.from({ length: Math.min(SCRAPE_CONCURRENCY, ids.length) }, worker));
-    const scraped = results.filter((r): r is PromFamily[] => r !== undefined);
+    clearTimeout(deadline);
+    const scraped = results.filter((r) => r !== undefined);
     own.shims.set(scraped.length);
     own.durations.observe(performance.now() - t0);
-    const merged = formatPromText(mergeFamilies(scraped, (name) => this.opts.log?.warn({ metric: name }, 'a sandbox reported a metric with another type; left out')));
-    return (await (await this.#registry!).metrics()) + merged;
+    const merged = mergeFamilies(
+      scraped.map((r) => r.families),
+      { types, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
+    );
+    return (await (await this.#registry!).metrics()) + formatPromText(merged);
   }
 
   /** An HTTP server answering GET /metrics (not yet listening). */
   server(): http.Server {
-    return http.createServer((req, res) => {
+    const server = http.createServer({ requestTimeout: HTTP_TIMEOUT_MS, headersTimeout: HTTP_TIMEOUT_MS }, (req, res) => {
       if (req.method !== 'GET' || !(req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
         res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found: GET /metrics\n');
         return;
       }
       this.render().then(
         (text) => res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8' }).end(text),
-        (err: unknown) => res.writeHead(500, { 'Content-Type': 'text/plain' }).end(`cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`),
+        (err: unknown) => {
+          this.opts.log?.error({ err }, 'cannot gather the metrics');
+          res.writeHead(500, { 'Content-Type': 'text/plain' }).end(err instanceof KataError ? describeError(err) : `cannot gather the metrics: ${err instanceof Error ? err.message : String(err)}\n`);
+        },
       );
     });
+    // What one client can hold: Node's defaults are no connection limit and no idle timeout.
+    server.maxConnections = MAX_CONNECTIONS;
+    server.setTimeout(HTTP_TIMEOUT_MS);
+    return server;
   }
 }
 
@@ -198,6 +289,8 @@ export async function monitorCommand(ctx: CommandContext): Promise<number> {
   const { host, port } = parseListen(ctx.flags.listen ?? DEFAULT_LISTEN);
   const root = sbsRoot(ctx.io.env);
   const monitor = new KataMonitor({ root, log: ctx.log });
+  // Refused now rather than served as a host without sandboxes: the sbs root is root's (0700).
+  await monitor.sandboxes();
   const server = monitor.server();
   await new Promise<void>((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) =>

@@ -257,6 +257,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: 'kata-runtime monitor cannot serve: --listen is not HOST:PORT with a port from 0 to 65535, or the address cannot be listened on (in use, not an address of this host).',
     fix: 'Give --listen HOST:PORT (e.g. 127.0.0.1:8090, [::1]:8090) with a free port on an address of this host.',
   },
+  KATA_ERR_MONITOR_SBS_ROOT: {
+    meaning: "kata-runtime monitor cannot read the directory of the shims' sockets (/run/vc/sbs, or KATA_TS_SBS_ROOT): as a non-root user, permission is denied (it is root's, mode 0700, as Kata's is).",
+    fix: "Run kata-runtime monitor as root (as Kata's kata-monitor runs), or point KATA_TS_SBS_ROOT at a directory you can read.",
+  },
   KATA_ERR_SHIM: {
     meaning: 'containerd-shim-kata-v2 was started in a way it cannot work with (missing -id, -namespace or bundle, unknown action, socket already served by another shim).',
     fix: 'Let containerd start the shim (runtime type io.containerd.kata.v2); when running it by hand, give -namespace, -id, -address and run it in the bundle directory.',

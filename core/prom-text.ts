@@ -202,33 +202,40 @@ export function formatPromText(families: readonly PromFamily[]): string {
 }
 
 /**
- * Puts `labels` first on every sample, replacing a label of the same name the sample had (a shim
- * or guest cannot pass itself off as another sandbox).
+ * Puts `labels` first on every sample, replacing a label of the same name the sample had and any
+ * label `reserved` says is the caller's to set (a shim or guest cannot pass itself off as another
+ * sandbox, nor lend a sandbox labels it does not have).
  */
-export function withLabels(families: readonly PromFamily[], labels: readonly (readonly [string, string])[]): PromFamily[] {
+export function withLabels(families: readonly PromFamily[], labels: readonly (readonly [string, string])[], reserved: (label: string) => boolean = () => false): PromFamily[] {
   const names = new Set(labels.map(([k]) => k));
-  return families.map((f) => ({ ...f, samples: f.samples.map((s) => ({ ...s, labels: [...labels, ...s.labels.filter(([k]) => !names.has(k))] })) }));
+  return families.map((f) => ({ ...f, samples: f.samples.map((s) => ({ ...s, labels: [...labels, ...s.labels.filter(([k]) => !names.has(k) && !reserved(k))] })) }));
 }
 
 /**
  * Merges the families of several sources into one list, each family once with all its samples
- * together (the format requires it). A family whose type differs from the first source's is left
- * out; `onConflict` hears of it.
+ * together (the format requires it). A family named in `types` has that type whatever the sources
+ * say: a source that gives it another is left out for that family, so that no source can hide the
+ * others' samples by declaring the type first. A family `types` does not name takes the first
+ * source's type, and a later source that disagrees is left out for it. `onConflict` hears of each
+ * family left out, with the index of its source.
  */
-export function mergeFamilies(sources: readonly (readonly PromFamily[])[], onConflict: (name: string) => void = () => undefined): PromFamily[] {
+export function mergeFamilies(
+  sources: readonly (readonly PromFamily[])[],
+  opts: { readonly types?: ReadonlyMap<string, PromType>; readonly onConflict?: (name: string, source: number) => void } = {},
+): PromFamily[] {
   const merged = new Map<string, { name: string; help?: string; type: PromType; samples: PromSample[] }>();
-  for (const families of sources) {
+  sources.forEach((families, source) => {
     for (const f of families) {
       const m = merged.get(f.name);
-      if (!m) {
+      if ((m?.type ?? opts.types?.get(f.name) ?? f.type) !== f.type) {
+        opts.onConflict?.(f.name, source);
+      } else if (!m) {
         merged.set(f.name, { name: f.name, type: f.type, samples: [...f.samples], ...(f.help !== undefined ? { help: f.help } : {}) });
-      } else if (m.type !== f.type) {
-        onConflict(f.name);
       } else {
         m.samples.push(...f.samples);
         if (m.help === undefined && f.help !== undefined) m.help = f.help;
       }
     }
-  }
+  });
   return [...merged.values()];
 }

@@ -9,6 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
+import { CACHE_MS } from '../../cli/monitor.js';
 import { parsePromText, type PromFamily } from '../../core/prom-text.js';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { BUSYBOX_IMAGE, NO_LEFTOVERS, startContainerd, type TestContainerd } from '../helpers/containerd.js';
@@ -127,8 +128,11 @@ describe('Prometheus metrics of a sandbox with the real containerd @integration'
       await c().ctr(['container', 'rm', id]);
     }
     await until('the shim to remove its management socket', () => !existsSync(path.join(sbsRoot, id)), 60_000, 200);
-    const m = await scrapeMonitor();
-    assert.deepEqual(values(m, 'kata_monitor_running_shim_count'), [0]);
+    // The monitor serves its last answer again for CACHE_MS.
+    const m = await until('the monitor to drop the sandbox', async () => {
+      const f = await scrapeMonitor();
+      return values(f, 'kata_monitor_running_shim_count')[0] === 0 && f;
+    }, CACHE_MS + 5_000, 200);
     assert.deepEqual(values(m, 'kata_hypervisor_threads'), []);
     assert.deepEqual(processesMentioning(`${runRoot}/`).map((p) => p.pid), [], 'no QEMU left');
   });

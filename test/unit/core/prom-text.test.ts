@@ -110,11 +110,16 @@ describe('Prometheus text (core/prom-text.ts)', () => {
     );
   });
 
+  it('strips every label the caller reserves, whether or not it sets it', () => {
+    const f = withLabels(parsePromText('m{cri_namespace="kube-system",cri_name="coredns",sandbox_id="other",item="x"} 1'), [['sandbox_id', 'sb1']], (k) => k === 'sandbox_id' || k.startsWith('cri_'));
+    assert.deepEqual(f[0]!.samples[0]!.labels, [['sandbox_id', 'sb1'], ['item', 'x']]);
+  });
+
   it('merges the families of several sources, each once with all its samples, leaving out a family of another type', () => {
     const conflicts: string[] = [];
     const a = withLabels(parsePromText('# HELP m M\n# TYPE m gauge\nm 1\n# TYPE c counter\nc 1'), [['s', 'a']]);
     const b = withLabels(parsePromText('# TYPE m gauge\nm 2\n# TYPE c gauge\nc 5\nz 0'), [['s', 'b']]);
-    const merged = mergeFamilies([a, b], (n) => conflicts.push(n));
+    const merged = mergeFamilies([a, b], { onConflict: (n) => conflicts.push(n) });
     assert.deepEqual(merged.map((f) => [f.name, f.samples.map((s) => s.value)]), [
       ['m', ['1', '2']],
       ['c', ['1']],
@@ -123,5 +128,22 @@ describe('Prometheus text (core/prom-text.ts)', () => {
     assert.deepEqual(conflicts, ['c']);
     // The merged text is itself valid Prometheus text.
     assert.equal(parsePromText(formatPromText(merged)).length, 3);
+  });
+
+  it('keeps the type the table gives a family: a source that declares another is left out for it, first or not', () => {
+    const conflicts: [string, number][] = [];
+    const liar = withLabels(parsePromText('# TYPE kata_guest_meminfo counter\nkata_guest_meminfo{item="mem_total"} 1\n# TYPE kata_guest_x counter\nkata_guest_x 1'), [['s', 'a']]);
+    const honest = withLabels(parsePromText('# TYPE kata_guest_meminfo gauge\nkata_guest_meminfo{item="mem_total"} 2\n# TYPE kata_guest_x gauge\nkata_guest_x 2'), [['s', 'b']]);
+    const merged = mergeFamilies([liar, honest, honest], { types: new Map([['kata_guest_meminfo', 'gauge']]), onConflict: (n, i) => conflicts.push([n, i]) });
+    assert.deepEqual(merged.map((f) => [f.name, f.type, f.samples.map((s) => s.value)]), [
+      // A family the table does not know takes the first source's type.
+      ['kata_guest_x', 'counter', ['1']],
+      ['kata_guest_meminfo', 'gauge', ['2', '2']],
+    ]);
+    assert.deepEqual(conflicts, [
+      ['kata_guest_meminfo', 0],
+      ['kata_guest_x', 1],
+      ['kata_guest_x', 2],
+    ]);
   });
 });

@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parsePromText, type PromFamily } from '../../../core/prom-text.js';
-import { GUEST_METRICS, guestMetrics, meminfoItem, parseLoadavg, parseMeminfo, parseProcStat, readContainerCgroups } from '../../../guest/agent/metrics.js';
+import { GUEST_METRICS } from '../../../guest/agent/metric-families.js';
+import { guestMetrics, meminfoItem, parseLoadavg, parseMeminfo, parseProcStat, readContainerCgroups } from '../../../guest/agent/metrics.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 const MEMINFO = 'MemTotal:        2014648 kB\nMemFree:         1900000 kB\nActive(anon):       1234 kB\nHugePages_Total:       0\nDirectMap4k:       12288 kB\n';
