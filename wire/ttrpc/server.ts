@@ -5,6 +5,7 @@ import { GrpcCode } from './codes.js';
 import { TtrpcError, oversizeMessage } from './errors.js';
 import { FrameBudget, MAX_MESSAGE_LENGTH, MessageType, type Frame, type FrameHeader } from './frame.js';
 import { Request, Response } from './proto.gen.js';
+import { setLongTimeout } from './timer.js';
 import type { MessageInit, RequestOf, ResponseOf, ServiceDescriptor } from './codec.js';
 
 /** What a handler knows about the call it serves. */
@@ -315,16 +316,14 @@ class Connection implements ServerConnection {
       metadata.set(key, [...(metadata.get(key) ?? []), kv.value]);
     }
     const timeoutMs = req.timeoutNano > 0n ? Number(req.timeoutNano / 1_000_000n) : 0;
-    const timer =
-      req.timeoutNano > 0n
-        ? setTimeout(() => ac.abort(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, 'context deadline exceeded')), Math.max(1, timeoutMs))
-        : undefined;
+    const cancelTimer =
+      req.timeoutNano > 0n ? setLongTimeout(() => ac.abort(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, 'context deadline exceeded')), timeoutMs) : undefined;
     const ctx: CallContext = {
       service: req.service,
       method: req.method,
       streamId,
       metadata,
-      deadline: timer ? Date.now() + timeoutMs : undefined,
+      deadline: cancelTimer ? Date.now() + timeoutMs : undefined,
       signal: ac.signal,
     };
     let code: number = GrpcCode.OK;
@@ -342,7 +341,7 @@ class Connection implements ServerConnection {
         this.opts.onHandlerError?.(e, ctx);
       }
     } finally {
-      if (timer) clearTimeout(timer);
+      cancelTimer?.();
       this.active.delete(streamId);
       this.inFlightBytes -= size;
     }
