@@ -33,7 +33,7 @@ import { parseShimFlags, type ShimFlags } from './flags.js';
 import { checkIdentifier, guardTaskIds } from './identifiers.js';
 import { readBundleSpec, SANDBOX_ID_ANNOTATION, type BundleSpec } from './oci.js';
 import { Any, DeleteResponse, RuntimeInfo, Task } from '../wire/containerd/proto.gen.js';
-import { TaskService } from './service.js';
+import { PARKED_TASK_METHODS, TaskService } from './service.js';
 import { timestamp } from './time.js';
 import { SHIPPED_QEMU_CONFIG } from '../core/paths.js';
 import type { PluginSource } from '../core/plugin-api.js';
@@ -224,6 +224,7 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   server.register(
     Task,
     guardTaskIds(service.impl(), (err, method) => log.warn({ err: err.message, code: err.code, call: method }, 'task call refused')),
+    { parked: PARKED_TASK_METHODS },
   );
   process.on('SIGTERM', () => exit(0));
   process.on('SIGINT', () => exit(0));
