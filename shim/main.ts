@@ -293,7 +293,10 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
     for (const m of await mountsUnder(runDir)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
     // The dead shim's management socket (shim/monitor.ts); the id was checked as an identifier.
-    await rm(path.dirname(shimMonitorSocket(sandboxId, io.env)), { recursive: true, force: true }).catch(() => undefined);
+    // Kata's path has no namespace: a live shim of the same sandbox id in another containerd
+    // namespace answers there, and keeps its socket (metrics, debug console).
+    const monitorSock = shimMonitorSocket(sandboxId, io.env);
+    if (!(await canConnect(monitorSock))) await rm(path.dirname(monitorSock), { recursive: true, force: true }).catch(() => undefined);
     await removeShimSocket(sock, socketDir);
   }
   io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));
