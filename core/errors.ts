@@ -253,6 +253,10 @@ export const ERROR_CODES = Object.freeze({
     meaning: "kata-runtime exec cannot attach to the sandbox's guest debug console: no shim serves that sandbox id (no management socket /run/vc/sbs/<id>/shim-monitor.sock), the console is off (debug_console_enabled = false, the default), or another exec is attached.",
     fix: 'Check the sandbox id (ctr task ls, crictl pods); to use the console set debug_console_enabled = true in [agent.kata] (not allowed for TDX) and start the sandbox again; detach the other exec (Ctrl-]).',
   },
+  KATA_ERR_MANAGEMENT_SOCKET: {
+    meaning: "The shim did not open its sandbox's management socket (/run/vc/sbs/<id>/shim-monitor.sock): what is at /run/vc/sbs/<id> is a symlink, not a directory, or a directory of another user, or it cannot be made. The pod runs on without the socket (no metrics, no kata-runtime exec); the shim logs why.",
+    fix: 'Find out who put what is at /run/vc/sbs/<id> there (no shim makes a symlink or a file), remove it, and start the pod again; the shim runs as root, which can make the directory.',
+  },
   KATA_ERR_MONITOR: {
     meaning: 'kata-runtime monitor cannot serve: --listen is not HOST:PORT with a port from 0 to 65535, or the address cannot be listened on (in use, not an address of this host).',
     fix: 'Give --listen HOST:PORT (e.g. 127.0.0.1:8090, [::1]:8090) with a free port on an address of this host.',

@@ -33,7 +33,7 @@ import { parseShimFlags, type ShimFlags } from './flags.js';
 import { checkIdentifier, guardTaskIds } from './identifiers.js';
 import { readBundleSpec, SANDBOX_ID_ANNOTATION, type BundleSpec } from './oci.js';
 import { Any, DeleteResponse, RuntimeInfo, Task } from '../wire/containerd/proto.gen.js';
-import { TaskService } from './service.js';
+import { PARKED_TASK_METHODS, TaskService } from './service.js';
 import { timestamp } from './time.js';
 import { SHIPPED_QEMU_CONFIG } from '../core/paths.js';
 import type { PluginSource } from '../core/plugin-api.js';
@@ -224,6 +224,7 @@ async function serve(flags: ShimFlags, io: ShimEnv): Promise<number> {
   server.register(
     Task,
     guardTaskIds(service.impl(), (err, method) => log.warn({ err: err.message, code: err.code, call: method }, 'task call refused')),
+    { parked: PARKED_TASK_METHODS },
   );
   process.on('SIGTERM', () => exit(0));
   process.on('SIGINT', () => exit(0));
@@ -292,7 +293,10 @@ async function deleteAction(flags: ShimFlags, io: ShimEnv): Promise<number> {
     for (const m of await mountsUnder(runDir)) await unmount(m).catch(() => undefined);
     await rm(runDir, { recursive: true, force: true }).catch(() => undefined);
     // The dead shim's management socket (shim/monitor.ts); the id was checked as an identifier.
-    await rm(path.dirname(shimMonitorSocket(sandboxId, io.env)), { recursive: true, force: true }).catch(() => undefined);
+    // Kata's path has no namespace: a live shim of the same sandbox id in another containerd
+    // namespace answers there, and keeps its socket (metrics, debug console).
+    const monitorSock = shimMonitorSocket(sandboxId, io.env);
+    if (!(await canConnect(monitorSock))) await rm(path.dirname(monitorSock), { recursive: true, force: true }).catch(() => undefined);
     await removeShimSocket(sock, socketDir);
   }
   io.stdout(DeleteResponse.encode({ pid: 0, exitStatus: 128 + 9, exitedAt: timestamp(new Date()) }));

@@ -12,8 +12,8 @@
  * `GET /metrics` answers the sandbox's Prometheus metrics (shim/metrics.ts), as Kata's shim does
  * on the same socket; `kata-runtime monitor` scrapes it.
  */
-import { mkdir, rm } from 'node:fs/promises';
-import { chmodSync } from 'node:fs';
+import { lstat, mkdir, open, rm } from 'node:fs/promises';
+import { chmodSync, constants as fsc } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { canConnect } from './cleanup.js';
@@ -39,6 +39,38 @@ export const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8
 function refuse(socket: Duplex, status: number, reason: string, message: string): void {
   const body = JSON.stringify({ code: 'KATA_ERR_DEBUG_CONSOLE', message });
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+/**
+ * Makes the socket's directory, root-only, or takes the one an earlier shim left once sure it is
+ * this user's own: mkdir takes whatever is already there, a symlink included, and setting the mode
+ * by path would follow one. The directory is opened without following a link and its mode set
+ * through that descriptor, so a link put there in between is refused too. (A directory left by an
+ * earlier shim keeps its mode through mkdir: it is set here.)
+ */
+async function claimDirectory(dir: string, sandboxId: string): Promise<void> {
+  const uid = process.getuid?.();
+  const refuse = (why: string, cause?: unknown) => new KataError('KATA_ERR_MANAGEMENT_SOCKET', `no management socket in ${dir}: ${why}`, { key: 'sandbox-id', value: sandboxId, cause });
+  // Its failure (a file there, a dangling link, no permission) is told by what follows.
+  const made = await mkdir(dir, { recursive: true, mode: 0o700 }).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  let fh;
+  try {
+    fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY | fsc.O_NOFOLLOW);
+  } catch (e) {
+    const st = await lstat(dir).catch(() => undefined);
+    const err = (made ?? e) as NodeJS.ErrnoException;
+    throw refuse(st?.isSymbolicLink() ? 'it is a symlink' : st ? 'it is not a directory' : `it cannot be made (${err.code})`, err);
+  }
+  try {
+    const st = await fh.stat();
+    if (uid !== undefined && st.uid !== uid) throw refuse(`it is owned by uid ${st.uid}, not by this shim's (uid ${uid})`);
+    await fh.chmod(0o700);
+  } finally {
+    await fh.close();
+  }
 }
 
 export class ShimMonitor {
@@ -68,9 +100,7 @@ export class ShimMonitor {
   /** Creates the directory and listens; a stale socket of a dead shim of the same id is replaced. */
   static async start(sandboxId: string, source: MonitorSource, env: NodeJS.ProcessEnv = process.env): Promise<ShimMonitor> {
     const socketPath = shimMonitorSocket(sandboxId, env);
-    await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
-    // A directory left by an earlier shim keeps its mode through mkdir: set it.
-    chmodSync(path.dirname(socketPath), 0o700);
+    await claimDirectory(path.dirname(socketPath), sandboxId);
     // Kata's path has no namespace: the same sandbox id in another containerd namespace must not take a live shim's socket.
     if (await canConnect(socketPath)) {
       throw new KataError('KATA_ERR_DEBUG_CONSOLE', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, { key: 'sandbox-id', value: sandboxId });

@@ -54,6 +54,12 @@ type StatusValue = (typeof Status)[keyof typeof Status];
 export const LOST_EXIT_STATUS = 255;
 /** What a pending Wait on an exec whose Start failed answers (the exec never ran). */
 export const FAILED_START_STATUS = 255;
+/**
+ * Calls that last as long as a process runs: containerd keeps a Wait open for every container and
+ * exec it waits on, on its one connection to the shim. Served parked (wire/ttrpc/server.ts,
+ * RegisterOptions), so that however many there are, Kill, Exec and Delete still get through.
+ */
+export const PARKED_TASK_METHODS = ['Wait'] as const;
 /** How long a process's output may still drain after it exited before its exit is reported anyway. */
 const OUTPUT_DRAIN_MS = 60_000;
 /** After CloseIO, how long the client's FIFO gets to deliver what it holds. */

@@ -60,6 +60,11 @@ export function registerServices(server: TtrpcServer, sandbox: Sandbox): void {
     GetMetrics: (_req, ctx) => handle(ctx, async () => ({ metrics: await guestMetrics() })),
     ReseedRandomDev: (req, ctx) => handle(ctx, async () => (await reseedRandomDev(req.data), {})),
     SetGuestDateTime: (req, ctx) => handle(ctx, async () => (await setGuestDateTime(req.Sec), {})),
+  }, {
+    // The runtime keeps these open on its one connection for as long as a process runs (three a
+    // process, and one GetOOMEvent): served parked, so that they never stop the connection being
+    // read and SignalProcess or ExecProcess still arrive, however many processes run.
+    parked: ['WaitProcess', 'ReadStdout', 'ReadStderr', 'GetOOMEvent'],
   });
   server.register(Health, {
     Check: () => ({ status: HealthCheckResponse_ServingStatus.SERVING }),

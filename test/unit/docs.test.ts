@@ -1,8 +1,9 @@
 /**
- * The documentation that is generated from code must match it.
+ * The documentation that is generated from code must match it, and what it names must exist.
  */
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
 import { ERROR_CODES } from '../../core/errors.js';
@@ -40,6 +41,13 @@ describe('documentation', () => {
   it('starts the README with exactly two command lines', async () => {
     const lines = (await readme()).split('\n');
     assert.deepEqual(lines.slice(0, 4), ['```', 'npm ci && npm run demo', 'npm ci && npm test', '```']);
+  });
+  it('names only files and directories of the repository that exist', async () => {
+    const top = (await readdir(PACKAGE_ROOT, { withFileTypes: true })).filter((d) => d.isDirectory() && !d.name.startsWith('.') && d.name !== 'node_modules' && d.name !== 'dist');
+    const cited = new RegExp(`\`((?:${top.map((d) => d.name).join('|')})/[^\`\\s<]*)\``, 'g');
+    const missing: string[] = [];
+    for (const [, rel] of (await readme()).matchAll(cited)) if (!existsSync(path.join(PACKAGE_ROOT, rel!))) missing.push(rel!);
+    assert.deepEqual([...new Set(missing)], []);
   });
   // The README's example plugin is packed, installed and loaded as an author would in test/unit/plugin-package.test.ts.
 });

@@ -4,6 +4,7 @@ import { GrpcCode } from './codes.js';
 import { TtrpcError, oversizeMessage } from './errors.js';
 import { MAX_MESSAGE_LENGTH, MessageType, type Frame, type FrameHeader } from './frame.js';
 import { Request, Response } from './proto.gen.js';
+import { setLongTimeout } from './timer.js';
 import type { MessageInit, MethodDescriptor, RequestOf, ResponseOf, ServiceDescriptor } from './codec.js';
 
 export interface CallOptions {
@@ -126,12 +127,12 @@ export class TtrpcClient {
     this.nextId += 2;
 
     return new Promise<Uint8Array>((resolve, reject) => {
-      let timer: NodeJS.Timeout | undefined;
+      let cancelTimer: (() => void) | undefined;
       const onAbort = (): void => settle(new TtrpcError(GrpcCode.CANCELLED, `${label}: cancelled`));
       const settle = (result: Uint8Array | TtrpcError): void => {
         if (this.pending.get(id) !== entry) return;
         this.pending.delete(id);
-        if (timer) clearTimeout(timer);
+        cancelTimer?.();
         opts.signal?.removeEventListener('abort', onAbort);
         if (result instanceof TtrpcError) reject(result);
         else resolve(result);
@@ -139,7 +140,7 @@ export class TtrpcClient {
       const entry: Pending = { label, resolve: settle, reject: settle };
       this.pending.set(id, entry);
       if (timeoutMs > 0) {
-        timer = setTimeout(() => settle(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, `${label}: no reply within ${timeoutMs} ms`)), timeoutMs);
+        cancelTimer = setLongTimeout(() => settle(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, `${label}: no reply within ${timeoutMs} ms`)), timeoutMs);
       }
       opts.signal?.addEventListener('abort', onAbort, { once: true });
       try {

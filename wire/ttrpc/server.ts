@@ -5,6 +5,7 @@ import { GrpcCode } from './codes.js';
 import { TtrpcError, oversizeMessage } from './errors.js';
 import { FrameBudget, MAX_MESSAGE_LENGTH, MessageType, type Frame, type FrameHeader } from './frame.js';
 import { Request, Response } from './proto.gen.js';
+import { setLongTimeout } from './timer.js';
 import type { MessageInit, RequestOf, ResponseOf, ServiceDescriptor } from './codec.js';
 
 /** What a handler knows about the call it serves. */
@@ -30,20 +31,41 @@ export type ServiceImpl<S extends ServiceDescriptor> = {
   ) => MessageInit<ResponseOf<S['methods'][K]>> | Promise<MessageInit<ResponseOf<S['methods'][K]>>>;
 };
 
+/** How a service's methods are served. */
+export interface RegisterOptions<M extends string = string> {
+  /**
+   * Methods whose calls wait, for as long as it takes, on something the client cannot hasten: a
+   * process's exit (the shim's Wait, the agent's WaitProcess). containerd keeps one connection to
+   * a shim and one Wait open per process it waits on, so such calls must not hold up the others:
+   * they are "parked", counted apart from {@link ServerLimits.maxInFlightPerConnection} and never
+   * a reason to stop reading. They are bounded by {@link ServerLimits.maxParkedPerConnection} and
+   * {@link ServerLimits.maxParkedBytesPerConnection} instead; a parked call beyond either is
+   * answered RESOURCE_EXHAUSTED at once (pausing would stall the connection until a process
+   * ends, which may be never). Meant for calls with small requests and bounded replies: the
+   * reply of a parked call that ends while the client does not read is written all the same.
+   */
+  readonly parked?: readonly M[];
+}
+
 /**
  * What a server lets its clients make it hold. A client that writes faster than it reads is slowed
  * down (its connection is no longer read), never answered with an error; one that would make the
- * server hold too much of a frame, or takes too long to send one, is disconnected.
+ * server hold too much of a frame, or takes too long to send one, is disconnected. Parked calls
+ * (see {@link RegisterOptions.parked}) have caps of their own, beyond which they are refused.
  */
 export interface ServerLimits {
   /** Bytes of partial (started, unfinished) request frames of all connections together (four frames of the largest size); a connection whose frame does not fit is closed. 16 MiB. */
   maxBufferedFrameBytes: number;
   /** Once a request frame has started, its last byte must arrive within this time, or the connection is closed; 0: no limit. 30 s. */
   frameTimeoutMs: number;
-  /** Calls of one connection running at once; beyond it, the connection is not read until one ends. 128. */
+  /** Calls of one connection running at once, parked ones aside; beyond it, the connection is not read until one ends. 128. */
   maxInFlightPerConnection: number;
-  /** Request bytes of one connection's running calls; beyond it, the connection is not read until calls end. 16 MiB. */
+  /** Request bytes of one connection's running calls, parked ones aside; beyond it, the connection is not read until calls end. 16 MiB. */
   maxInFlightBytesPerConnection: number;
+  /** Parked calls of one connection at once; one more is answered RESOURCE_EXHAUSTED. 4096. */
+  maxParkedPerConnection: number;
+  /** Request bytes of one connection's parked calls (containerd's Wait request, with an exec id and its namespace, is some 200 bytes); a parked call that would go beyond is answered RESOURCE_EXHAUSTED. 4 MiB. */
+  maxParkedBytesPerConnection: number;
   /** Reply bytes written to one connection but not yet read by its client; beyond it, the connection is not read until they drain. 1 MiB. */
   maxPendingReplyBytes: number;
 }
@@ -53,6 +75,8 @@ export const DEFAULT_SERVER_LIMITS: Readonly<ServerLimits> = Object.freeze({
   frameTimeoutMs: 30_000,
   maxInFlightPerConnection: 128,
   maxInFlightBytesPerConnection: 16 << 20,
+  maxParkedPerConnection: 4096,
+  maxParkedBytesPerConnection: 4 << 20,
   maxPendingReplyBytes: 1 << 20,
 });
 
@@ -63,10 +87,12 @@ export interface ServerStats {
   readonly bufferedFrameBytes: number;
   /** The most {@link bufferedFrameBytes} ever was. */
   readonly peakBufferedFrameBytes: number;
-  /** Calls running. */
+  /** Calls running, parked ones included. */
   readonly inFlight: number;
-  /** Request bytes of the calls running. */
+  /** Request bytes of the calls running, parked ones included. */
   readonly inFlightBytes: number;
+  /** Parked calls running (see {@link RegisterOptions.parked}). */
+  readonly parked: number;
   /** Frames decoded but not yet dispatched (their connection is held back). */
   readonly queuedFrames: number;
   /** Reply bytes written but not yet read by the clients. */
@@ -95,14 +121,23 @@ export interface ServerConnection {
 interface ConnectionStats {
   inFlight: number;
   inFlightBytes: number;
+  parked: number;
   queuedFrames: number;
   pendingReplyBytes: number;
   paused: boolean;
 }
 
+/** A method's handler, and whether its calls are parked. */
+interface Method {
+  readonly handler: RawHandler;
+  readonly parked: boolean;
+}
+
 /**
  * The serving side of ttrpc. Each request runs as soon as it arrives, so replies go out in the
- * order handlers finish: a long poll such as WaitProcess does not hold up the calls behind it.
+ * order handlers finish: a long poll such as WaitProcess does not hold up the calls behind it, and
+ * as a parked call (see {@link RegisterOptions.parked}) it does not count toward the calls that
+ * stop the connection being read.
  * Error answers follow the Go server: unknown service or method → UNIMPLEMENTED ("service X",
  * "method X"); an undecodable request, an even or non-increasing stream id → INVALID_ARGUMENT; an
  * oversized request frame → RESOURCE_EXHAUSTED, then the connection is closed (its sender is not
@@ -111,7 +146,7 @@ interface ConnectionStats {
  * is bounded by {@link ServerLimits}.
  */
 export class TtrpcServer {
-  private readonly services = new Map<string, ReadonlyMap<string, RawHandler>>();
+  private readonly services = new Map<string, ReadonlyMap<string, Method>>();
   private readonly connections = new Set<Connection>();
   private readonly listeners = new Set<net.Server>();
   private readonly limits: Readonly<ServerLimits>;
@@ -132,6 +167,7 @@ export class TtrpcServer {
       peakBufferedFrameBytes: this.budget.peak,
       inFlight: sum((s) => s.inFlight),
       inFlightBytes: sum((s) => s.inFlightBytes),
+      parked: sum((s) => s.parked),
       queuedFrames: sum((s) => s.queuedFrames),
       pendingReplyBytes: sum((s) => s.pendingReplyBytes),
       pausedConnections: sum((s) => (s.paused ? 1 : 0)),
@@ -139,7 +175,7 @@ export class TtrpcServer {
   }
 
   /** Serves a generated service; methods without a handler answer UNIMPLEMENTED "method X". */
-  register<S extends ServiceDescriptor>(desc: S, impl: ServiceImpl<S>): this {
+  register<S extends ServiceDescriptor>(desc: S, impl: ServiceImpl<S>, opts: RegisterOptions<Extract<keyof S['methods'], string>> = {}): this {
     const handlers = new Map<string, RawHandler>();
     for (const [name, m] of Object.entries(desc.methods)) {
       const fn = (impl as Record<string, ((req: unknown, ctx: CallContext) => unknown) | undefined>)[name];
@@ -159,13 +195,17 @@ export class TtrpcServer {
         }
       });
     }
-    return this.registerRaw(desc.name, handlers);
+    return this.registerRaw(desc.name, handlers, { parked: opts.parked?.map((k) => desc.methods[k]!.name) });
   }
 
   /** Serves a service given as raw handlers, keyed by bare method name. */
-  registerRaw(serviceName: string, methods: ReadonlyMap<string, RawHandler> | Readonly<Record<string, RawHandler>>): this {
+  registerRaw(serviceName: string, methods: ReadonlyMap<string, RawHandler> | Readonly<Record<string, RawHandler>>, opts: RegisterOptions = {}): this {
     if (this.services.has(serviceName)) throw new Error(`ttrpc: service ${serviceName} is already registered`);
-    this.services.set(serviceName, methods instanceof Map ? methods : new Map(Object.entries(methods)));
+    const handlers = methods instanceof Map ? methods : new Map(Object.entries(methods));
+    const parked = new Set(opts.parked);
+    // A misspelt name would leave the calls it means able to stall the connection: say so now.
+    for (const name of parked) if (!handlers.has(name)) throw new Error(`ttrpc: parked method ${serviceName}/${name} has no handler`);
+    this.services.set(serviceName, new Map([...handlers].map(([name, handler]) => [name, { handler, parked: parked.has(name) }])));
     return this;
   }
 
@@ -207,13 +247,16 @@ class Connection implements ServerConnection {
   private readonly channel: FrameChannel;
   private lastStreamId = 0;
   private readonly active = new Map<number, AbortController>();
+  /** Request bytes of the running calls that are not parked. */
   private inFlightBytes = 0;
+  private parked = 0;
+  private parkedBytes = 0;
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
 
   constructor(
     stream: Duplex,
-    private readonly services: ReadonlyMap<string, ReadonlyMap<string, RawHandler>>,
+    private readonly services: ReadonlyMap<string, ReadonlyMap<string, Method>>,
     private readonly opts: TtrpcServerOptions,
     private readonly limits: Readonly<ServerLimits>,
     budget: FrameBudget,
@@ -241,16 +284,18 @@ class Connection implements ServerConnection {
   stats(): ConnectionStats {
     return {
       inFlight: this.active.size,
-      inFlightBytes: this.inFlightBytes,
+      inFlightBytes: this.inFlightBytes + this.parkedBytes,
+      parked: this.parked,
       queuedFrames: this.channel.queuedFrames,
       pendingReplyBytes: this.channel.pendingWriteBytes,
       paused: this.channel.readPaused,
     };
   }
 
+  /** Parked calls are left out: they may run until a process ends, and the calls behind them must not wait for that. */
   private ready(): boolean {
     return (
-      this.active.size < this.limits.maxInFlightPerConnection &&
+      this.active.size - this.parked < this.limits.maxInFlightPerConnection &&
       this.inFlightBytes < this.limits.maxInFlightBytesPerConnection &&
       this.channel.pendingWriteBytes <= this.limits.maxPendingReplyBytes
     );
@@ -297,34 +342,41 @@ class Connection implements ServerConnection {
       this.sendStatus(f.streamId, GrpcCode.UNIMPLEMENTED, `service ${req.service}`);
       return;
     }
-    const handler = svc.get(req.method);
-    if (!handler) {
+    const m = svc.get(req.method);
+    if (!m) {
       this.sendStatus(f.streamId, GrpcCode.UNIMPLEMENTED, `method ${req.method}`);
       return;
     }
-    void this.run(f.streamId, req, handler, f.length);
+    if (m.parked && (this.parked >= this.limits.maxParkedPerConnection || this.parkedBytes + f.length > this.limits.maxParkedBytesPerConnection)) {
+      const why = `${this.parked} parked calls of ${this.parkedBytes} bytes already wait on this connection (limits ${this.limits.maxParkedPerConnection} calls, ${this.limits.maxParkedBytesPerConnection} bytes)`;
+      this.opts.onLimit?.(`ttrpc: ${req.service}/${req.method} on stream ${f.streamId} refused: ${why}`);
+      this.sendStatus(f.streamId, GrpcCode.RESOURCE_EXHAUSTED, `call refused: ${why}`);
+      return;
+    }
+    void this.run(f.streamId, req, m, f.length);
   }
 
-  private async run(streamId: number, req: Request, handler: RawHandler, size: number): Promise<void> {
+  private async run(streamId: number, req: Request, { handler, parked }: Method, size: number): Promise<void> {
     const ac = new AbortController();
     this.active.set(streamId, ac);
-    this.inFlightBytes += size;
+    if (parked) {
+      this.parked++;
+      this.parkedBytes += size;
+    } else this.inFlightBytes += size;
     const metadata = new Map<string, string[]>();
     for (const kv of req.metadata) {
       const key = kv.key.toLowerCase();
       metadata.set(key, [...(metadata.get(key) ?? []), kv.value]);
     }
     const timeoutMs = req.timeoutNano > 0n ? Number(req.timeoutNano / 1_000_000n) : 0;
-    const timer =
-      req.timeoutNano > 0n
-        ? setTimeout(() => ac.abort(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, 'context deadline exceeded')), Math.max(1, timeoutMs))
-        : undefined;
+    const cancelTimer =
+      req.timeoutNano > 0n ? setLongTimeout(() => ac.abort(new TtrpcError(GrpcCode.DEADLINE_EXCEEDED, 'context deadline exceeded')), timeoutMs) : undefined;
     const ctx: CallContext = {
       service: req.service,
       method: req.method,
       streamId,
       metadata,
-      deadline: timer ? Date.now() + timeoutMs : undefined,
+      deadline: cancelTimer ? Date.now() + timeoutMs : undefined,
       signal: ac.signal,
     };
     let code: number = GrpcCode.OK;
@@ -342,9 +394,12 @@ class Connection implements ServerConnection {
         this.opts.onHandlerError?.(e, ctx);
       }
     } finally {
-      if (timer) clearTimeout(timer);
+      cancelTimer?.();
       this.active.delete(streamId);
-      this.inFlightBytes -= size;
+      if (parked) {
+        this.parked--;
+        this.parkedBytes -= size;
+      } else this.inFlightBytes -= size;
     }
     if (this.channel.closed) return;
     if (code !== GrpcCode.OK) this.sendStatus(streamId, code, message);

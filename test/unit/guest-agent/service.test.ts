@@ -69,6 +69,15 @@ describe('guest agent: RPC table', () => {
     assert.equal(await pending, 'c2');
   });
 
+  it('answers other calls while 200 long polls of the runtime wait on its one connection', async () => {
+    const polls = Array.from({ length: 200 }, () => client.getOOMEvent());
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal((await client.check({ timeoutMs: 2000 })).status, 1, 'a call behind 200 long polls is answered');
+    const ids = Array.from({ length: 200 }, (_, i) => `c${i}`);
+    for (const id of ids) sandbox.oomEvents.push(id);
+    assert.deepEqual((await Promise.all(polls)).sort(), [...ids].sort());
+  });
+
   it('answers NOT_FOUND for containers it does not have', async () => {
     await assert.rejects(client.waitProcess({ containerId: 'c1', execId: '' }), code('NOT_FOUND'));
     await assert.rejects(client.readStdout({ containerId: 'c1', execId: '', len: 1 }), code('NOT_FOUND'));

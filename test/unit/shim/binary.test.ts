@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { Any, DeleteResponse, Options, RuntimeInfo, Task } from '../../../wire/containerd/proto.gen.js';
@@ -35,7 +35,13 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
 
   beforeEach(() => {
     tmp = new TempDir();
-    env = { ...process.env, KATA_TS_SHIM_SOCKET_DIR: path.join(tmp.path, 's'), KATA_TS_RUN_ROOT: path.join(tmp.path, 'run'), TTRPC_ADDRESS: path.join(tmp.path, 'no-containerd.ttrpc') };
+    env = {
+      ...process.env,
+      KATA_TS_SHIM_SOCKET_DIR: path.join(tmp.path, 's'),
+      KATA_TS_RUN_ROOT: path.join(tmp.path, 'run'),
+      KATA_TS_SBS_ROOT: path.join(tmp.path, 'sbs'),
+      TTRPC_ADDRESS: path.join(tmp.path, 'no-containerd.ttrpc'),
+    };
     tmp.file('bundle/config.json', JSON.stringify({ ociVersion: '1.0.2', process: { args: ['true'] }, root: { path: 'rootfs' } }));
     bundle = path.join(tmp.path, 'bundle');
   });
@@ -133,6 +139,26 @@ describe('containerd-shim-kata-v2 start/delete protocol', function () {
       a.kill('SIGKILL');
       b.kill('SIGKILL');
     }
+  });
+
+  it("delete leaves the management socket of a live shim of the same sandbox id (another namespace) alone, and removes a dead one's", async () => {
+    const dir = path.join(tmp.path, 'sbs', 'c1');
+    const sock = path.join(dir, 'shim-monitor.sock');
+    mkdirSync(dir, { recursive: true });
+    const live = net.createServer((c) => c.destroy());
+    await new Promise<void>((resolve) => live.listen(sock, resolve));
+    try {
+      const r = shim([...base, 'c1', '-bundle', bundle, 'delete'], { cwd: bundle, env });
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(statSync(sock).isSocket(), true, "the live shim's management socket is left");
+    } finally {
+      await new Promise((resolve) => live.close(resolve));
+    }
+    // What a killed shim leaves: a socket file nobody listens on.
+    writeFileSync(sock, '');
+    const r = shim([...base, 'c1', '-bundle', bundle, 'delete'], { cwd: bundle, env });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(existsSync(dir), false, "the dead shim's directory is removed");
   });
 
   it('-info prints a RuntimeInfo with the runtime name and version, and the options it was given (containerd 2.x)', () => {

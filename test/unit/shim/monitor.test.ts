@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { chownSync, existsSync, mkdirSync, readdirSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { attachDebugConsole } from '../../../cli/exec.js';
+import { createLogger } from '../../../core/logger.js';
 import { ShimMonitor, shimMonitorSocket } from '../../../shim/monitor.js';
+import { TaskService } from '../../../shim/service.js';
+import { FakeSandboxFactory } from '../../helpers/fake-sandbox.js';
 import { TempDir } from '../../helpers/tmp.js';
 
 /** What a refused attach throws: the code and key, checked by the caller. */
@@ -69,6 +72,62 @@ describe('ShimMonitor (shim-monitor.sock)', () => {
     const second = await ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env);
     closers.push(() => second.close());
     assert.equal(statSync(second.socketPath).isSocket(), true);
+  });
+
+  it("refuses a symlink, a file or another user's directory at <sbs>/<id> with KATA_ERR_MANAGEMENT_SOCKET, touching nothing behind it", async () => {
+    const sbs = path.join(tmp.path, 'sbs');
+    mkdirSync(sbs);
+    const elsewhere = path.join(tmp.path, 'elsewhere');
+    mkdirSync(elsewhere, { mode: 0o755 });
+    symlinkSync(elsewhere, path.join(sbs, 'link'));
+    writeFileSync(path.join(sbs, 'file'), '');
+    symlinkSync(path.join(tmp.path, 'nowhere'), path.join(sbs, 'dangling'));
+    const cases: [string, RegExp][] = [
+      ['link', /: it is a symlink$/],
+      ['file', /: it is not a directory$/],
+      ['dangling', /: it is a symlink$/],
+    ];
+    if (process.getuid?.() === 0) {
+      mkdirSync(path.join(sbs, 'theirs'), { mode: 0o755 });
+      chownSync(path.join(sbs, 'theirs'), 65534, 65534);
+      cases.push(['theirs', /: it is owned by uid 65534, not by this shim's \(uid 0\)$/]);
+    }
+    for (const [id, why] of cases) {
+      await assert.rejects(ShimMonitor.start(id, { debugConsoleSocket: () => undefined }, env), (e: { code: string; key: string; value: string; message: string }) => {
+        assert.deepEqual([e.code, e.key, e.value], ['KATA_ERR_MANAGEMENT_SOCKET', 'sandbox-id', id]);
+        assert.ok(e.message.startsWith(`no management socket in ${path.join(sbs, id)}: `), e.message);
+        assert.match(e.message, why);
+        return true;
+      });
+    }
+    assert.equal(statSync(elsewhere).mode & 0o777, 0o755, 'the mode of what the link names is left');
+    assert.deepEqual(readdirSync(elsewhere), [], 'no socket is made there');
+    if (process.getuid?.() === 0) assert.equal(statSync(path.join(sbs, 'theirs')).mode & 0o777, 0o755);
+  });
+
+  it('lets the shim run its pod without the socket when it is refused, and logs why with the code', async () => {
+    mkdirSync(path.join(tmp.path, 'sbs'));
+    symlinkSync(tmp.path, path.join(tmp.path, 'sbs', 'pod1'));
+    const lines: string[] = [];
+    const factory = new FakeSandboxFactory();
+    const service = new TaskService({
+      createSandbox: factory.createSandbox,
+      namespace: 'default',
+      events: { publish: () => undefined } as never,
+      log: createLogger({ level: 'warn', stream: { write: (l: string) => lines.push(l) } }),
+      runRoot: path.join(tmp.path, 'run'),
+      onShutdown: () => undefined,
+      startMonitor: (id, source) => ShimMonitor.start(id, source, env),
+    });
+    const bundle = path.join(tmp.path, 'bundle');
+    mkdirSync(path.join(bundle, 'rootfs'), { recursive: true });
+    writeFileSync(path.join(bundle, 'config.json'), JSON.stringify({ ociVersion: '1.0.2', process: { args: ['/pause'], cwd: '/' }, root: { path: path.join(bundle, 'rootfs') } }));
+    await service.create({ id: 'pod1', bundle, rootfs: [], stdin: '', stdout: '', stderr: '', terminal: false, checkpoint: '', parentCheckpoint: '' } as never);
+    assert.equal(factory.sandboxes.length, 1, 'the sandbox runs');
+    const warned = lines.map((l) => JSON.parse(l) as { msg: string; err?: { code?: string } }).find((l) => /management socket/.test(l.msg));
+    assert.equal(warned?.err?.code, 'KATA_ERR_MANAGEMENT_SOCKET', lines.join(''));
+    assert.equal(existsSync(path.join(tmp.path, 'shim-monitor.sock')), false);
+    await service.close();
   });
 
   it('refuses the debug console with KATA_ERR_DEBUG_CONSOLE when the sandbox is unknown or its console is off', async () => {

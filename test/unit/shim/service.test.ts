@@ -36,7 +36,7 @@ import {
   type Envelope,
   type Timestamp,
 } from '../../../wire/containerd/proto.gen.js';
-import { FAILED_START_STATUS, TaskService } from '../../../shim/service.js';
+import { FAILED_START_STATUS, PARKED_TASK_METHODS, TaskService } from '../../../shim/service.js';
 import { AgentError } from '../../../core/agent/errors.js';
 import { GrpcCode, TtrpcClient, TtrpcError, TtrpcServer, type MessageCodec, type MessageInit, type ServiceClient } from '../../../wire/ttrpc/index.js';
 import { FakeSandboxFactory, type FakeContainer, type FakeSandbox, type FakeSandboxOptions } from '../../helpers/fake-sandbox.js';
@@ -169,7 +169,7 @@ class Harness {
       },
     });
     await this.#eventsServer.listen(path.join(this.tmp.path, 'containerd.sock.ttrpc'));
-    this.#taskServer.register(Task, this.service.impl());
+    this.#taskServer.register(Task, this.service.impl(), { parked: PARKED_TASK_METHODS });
     const sock = path.join(this.tmp.path, 'shim.sock');
     await this.#taskServer.listen(sock);
     const conn = net.connect(sock);
@@ -534,6 +534,33 @@ describe('shim: task service (containerd.task.v2.Task) on a fake sandbox', funct
       const evs = await h.flushEvents();
       assert.equal(count(evs, TOPICS.exit, 'app1'), 1, evs.map(brief).join(', '));
       assert.equal(count(evs, TOPICS.exit, 'pod1'), 1, evs.map(brief).join(', '));
+    });
+  });
+
+  describe("containerd's one connection", () => {
+    it('answers Exec, Kill and Delete with 200 Waits pending on it, one per running process', async () => {
+      await harness();
+      await h.create('c1', { args: ['/pause'] });
+      await h.task.Start({ id: 'c1' });
+      const execIds = Array.from({ length: 199 }, (_, i) => `e${i}`);
+      for (const e of execIds) {
+        await h.exec('c1', e);
+        await h.task.Start({ id: 'c1', execId: e });
+      }
+      const waits = [h.task.Wait({ id: 'c1' }), ...execIds.map((e) => h.task.Wait({ id: 'c1', execId: e }))];
+      await settle();
+
+      await within(h.exec('c1', 'late'), 'Exec behind 200 Waits');
+      await within(h.task.Kill({ id: 'c1', execId: 'e0', signal: SIGKILL }), 'Kill behind 200 Waits');
+      assert.equal((await within(waits[1]!, 'Wait(e0)')).exitStatus, 128 + SIGKILL);
+      await within(h.task.Delete({ id: 'c1', execId: 'e0' }), 'Delete behind 199 Waits');
+      await within(h.task.Kill({ id: 'c1', signal: SIGKILL }), 'Kill(c1)');
+      for (const e of execIds.slice(1)) h.container('c1').execs.get(e)!.exit(3);
+      const all = await within(Promise.all(waits), 'the 200 Waits');
+      assert.deepEqual(
+        all.map((w) => w.exitStatus),
+        [128 + SIGKILL, 128 + SIGKILL, ...execIds.slice(1).map(() => 3)],
+      );
     });
   });
 

@@ -14,6 +14,7 @@ import { MAX_MESSAGE_LENGTH, MessageType, type DecodedItem } from '../../../wire
 import { method, service } from '../../../wire/ttrpc/codec.js';
 import { KeyValue, Request, Response } from '../../../wire/ttrpc/proto.gen.js';
 import { TempDir } from '../../helpers/tmp.js';
+import { until } from '../../helpers/wait.js';
 import { RawPeer, closeServer, rawServer } from './raw-peer.js';
 
 const SEED = 20261126;
@@ -81,7 +82,10 @@ describe('ttrpc client and server', () => {
         if (delay) await sleep(delay);
         return { key: req.key, value: req.value };
       },
-      Wait: (req) => new Promise((resolve) => releaseWait.push(() => resolve({ key: req.key, value: 'released' }))),
+      Wait: (req, ctx) => {
+        lastCtx = ctx;
+        return new Promise((resolve) => releaseWait.push(() => resolve({ key: req.key, value: 'released' })));
+      },
       Fail: (req) => {
         if (req.key === 'status') throw new TtrpcError(GrpcCode.NOT_FOUND, `container ${req.value} not found`);
         throw new Error(`boom ${req.value}`);
@@ -161,6 +165,22 @@ describe('ttrpc client and server', () => {
     await sleep(250);
     assert.equal(c.droppedReplies, 1);
     assert.equal((await echo.Echo({ key: 'after' })).key, 'after');
+  });
+
+  it('keeps a call whose deadline is beyond what one timer can wait (30 days) running, on both sides', async () => {
+    const echo = connect().service(Echo);
+    const days30 = 30 * 24 * 3600 * 1000;
+    const call = echo.Wait({ key: 'long' }, { timeoutMs: days30 });
+    const outcome = call.then(
+      (r) => r,
+      (e: unknown) => e,
+    );
+    await until('the call to run', () => releaseWait.length === 1);
+    await sleep(50);
+    assert.equal(lastCtx!.signal.aborted, false, `the server aborted the call: ${String(lastCtx!.signal.reason)}`);
+    assert.ok(lastCtx!.deadline! > Date.now() + days30 - 60_000, 'the deadline is 30 days away');
+    releaseWait[0]!();
+    assert.deepEqual(await outcome, { key: 'long', value: 'released' });
   });
 
   it('sends the deadline and the metadata to the server', async () => {

@@ -20,6 +20,8 @@ import { until } from '../../helpers/wait.js';
 const Echo = service('test.Echo', {
   Echo: method('Echo', KeyValue, KeyValue),
   Hold: method('Hold', KeyValue, KeyValue),
+  /** As Hold, but served parked: a long poll such as the shim's Wait. */
+  Park: method('Park', KeyValue, KeyValue),
   Quote: method('Quote', KeyValue, KeyValue),
 });
 
@@ -80,11 +82,12 @@ describe('ttrpc server limits', () => {
         return { key: req.key };
       },
       Hold: () => new Promise((resolve) => release.push(() => resolve({}))),
+      Park: (req) => new Promise((resolve) => release.push(() => resolve({ key: req.key }))),
       Quote: (req) => {
         // A status quoting a huge request, as "container <id> not found" does.
         throw new TtrpcError(GrpcCode.NOT_FOUND, `container "${req.key}" not found`);
       },
-    });
+    }, { parked: ['Park'] });
     await server.listen(sock);
   }
 
@@ -205,6 +208,74 @@ describe('ttrpc server limits', () => {
     await until('released on close', () => server.stats().connections === 0);
     for (const r of release.splice(0)) r();
     await until('no call left', () => server.stats().inFlight === 0);
+  });
+
+  it('does not count parked calls toward the in-flight cap: with 200 parked (pending Waits), other calls are still answered', async () => {
+    await start({});
+    const c = new TtrpcClient(net.connect(sock));
+    try {
+      const echo = c.service(Echo);
+      const parked = Array.from({ length: 200 }, (_, i) => echo.Park({ key: `w${i}` }));
+      await until('200 parked calls', () => server.stats().parked === 200);
+      assert.equal((await echo.Echo({ key: 'kill' })).key, 'kill', 'a call behind 200 parked ones is answered');
+      assert.equal(server.stats().pausedConnections, 0);
+
+      // Ordinary calls still pause the connection at their own cap, parked ones running or not.
+      const held = Array.from({ length: 128 }, () => echo.Hold({}));
+      await until('128 held calls and 200 parked', () => server.stats().inFlight === 328);
+      const behind = echo.Echo({ key: 'behind' });
+      await until('the connection to pause', () => server.stats().pausedConnections === 1);
+      await sleep(50);
+      assert.equal(echoed, 1, 'a call beyond 128 ordinary ones waits');
+      release.splice(200, 1)[0]!();
+      assert.equal((await behind).key, 'behind');
+
+      release.splice(0).forEach((r) => r());
+      assert.deepEqual((await Promise.all(parked)).map((r) => r.key), Array.from({ length: 200 }, (_, i) => `w${i}`));
+      await Promise.all(held);
+      assert.deepEqual(limitEvents, []);
+    } finally {
+      c.close();
+    }
+  });
+
+  it('answers a parked call beyond the parked caps (calls, bytes) RESOURCE_EXHAUSTED at once, never pausing the connection', async () => {
+    await start({ maxParkedPerConnection: 10, maxParkedBytesPerConnection: 64 << 10 });
+    const c = new TtrpcClient(net.connect(sock));
+    const refused = (e: unknown) => {
+      assert.ok(e instanceof TtrpcError);
+      assert.equal(e.code, GrpcCode.RESOURCE_EXHAUSTED);
+      assert.equal(e.origin, 'remote');
+      assert.match(e.statusMessage, /^call refused: \d+ parked calls of \d+ bytes already wait on this connection \(limits 10 calls, 65536 bytes\)$/);
+      return true;
+    };
+    try {
+      const echo = c.service(Echo);
+      const parked = Array.from({ length: 10 }, (_, i) => echo.Park({ key: `w${i}` }));
+      await until('10 parked calls', () => server.stats().parked === 10);
+      await assert.rejects(echo.Park({ key: 'one too many' }), refused);
+      assert.equal((await echo.Echo({ key: 'after' })).key, 'after');
+      release.splice(0).forEach((r) => r());
+      await Promise.all(parked);
+
+      // By bytes: two 30 KiB requests fit in 64 KiB, a third does not.
+      const big = Array.from({ length: 2 }, () => echo.Park({ key: 'x'.repeat(30 << 10) }));
+      await until('2 big parked calls', () => server.stats().parked === 2);
+      await assert.rejects(echo.Park({ key: 'x'.repeat(30 << 10) }), refused);
+      assert.equal(server.stats().pausedConnections, 0);
+      release.splice(0).forEach((r) => r());
+      await Promise.all(big);
+      assert.equal(limitEvents.length, 2);
+      assert.match(limitEvents[0]!, /^ttrpc: test\.Echo\/Park on stream \d+ refused: 10 parked calls of \d+ bytes already wait/);
+      await until('nothing held', () => server.stats().parked === 0 && server.stats().inFlightBytes === 0);
+    } finally {
+      c.close();
+    }
+  });
+
+  it('refuses to serve a parked method that has no handler', () => {
+    const s = new TtrpcServer();
+    assert.throws(() => s.registerRaw('test.Raw', { Echo: () => new Uint8Array(0) }, { parked: ['Wiat'] }), /parked method test\.Raw\/Wiat has no handler/);
   });
 
   it('answers a reply over the frame limit with RESOURCE_EXHAUSTED and keeps serving the connection', async () => {
