@@ -18,11 +18,9 @@ import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import { identifierProblem } from '../core/identifiers.js';
-import { formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily, type PromType } from '../core/prom-text.js';
+import { GUEST_FAMILY_TYPES, formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
 import { sbsRoot } from '../core/shim-monitor.js';
 import type { Logger } from '../core/logger.js';
-import { GUEST_METRICS } from '../guest/agent/metric-families.js';
-import { ShimMetrics } from '../shim/metrics.js';
 import { describeError } from './io.js';
 import { EXIT, usageError, type CommandContext } from './main.js';
 
@@ -158,7 +156,6 @@ interface MonitorOptions {
 export class KataMonitor {
   #registry: Promise<import('prom-client').Registry> | undefined;
   #metrics: Promise<{ shims: import('prom-client').Gauge; scrapes: import('prom-client').Counter; failed: import('prom-client').Counter; durations: import('prom-client').Histogram }> | undefined;
-  #types: Promise<Map<string, PromType>> | undefined;
   #inFlight: Promise<string> | undefined;
   #cached: { text: string; at: number } | undefined;
 
@@ -178,15 +175,6 @@ export class KataMonitor {
       };
     });
     return this.#metrics;
-  }
-
-  /**
-   * The type of every family the runtime defines (the shim's and the guest's): the merge keeps
-   * these whatever a sandbox declares, so no sandbox can retype a family for the others.
-   */
-  #knownTypes(): Promise<Map<string, PromType>> {
-    this.#types ??= ShimMetrics.types().then((shim) => new Map([...Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.type] as const), ...shim]));
-    return this.#types;
   }
 
   /** The sandbox ids with a directory under the root (identifiers only); none while there is no root. */
@@ -228,7 +216,7 @@ export class KataMonitor {
   }
 
   async #render(): Promise<string> {
-    const [own, types] = await Promise.all([this.#own(), this.#knownTypes()]);
+    const own = await this.#own();
     const t0 = performance.now();
     own.scrapes.inc();
     const ids = await this.sandboxes();
@@ -257,7 +245,7 @@ export class KataMonitor {
     own.durations.observe(performance.now() - t0);
     const merged = mergeFamilies(
       scraped.map((r) => r.families),
-      { types, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
+      { types: GUEST_FAMILY_TYPES, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
     );
     return (await (await this.#registry!).metrics()) + formatPromText(merged);
   }

@@ -6,7 +6,17 @@
  * reaches the output unparsed.
  */
 
+import { GUEST_METRICS } from '../wire/agent/metric-families.js';
+
 export type PromType = 'counter' | 'gauge' | 'histogram' | 'summary' | 'untyped';
+
+/**
+ * The type of every family a guest agent reports (wire/agent/metric-families.ts, the table the
+ * agent answers GetMetrics from): a merge keeps these whatever a sandbox declares, so no guest can
+ * retype a family for the others. Only the guest's families need it: a shim passes on nothing from
+ * its guest but `kata_agent_*` and `kata_guest_*` families, and its own come from the runtime.
+ */
+export const GUEST_FAMILY_TYPES: ReadonlyMap<string, PromType> = new Map(Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.type]));
 
 export interface PromSample {
   readonly name: string;

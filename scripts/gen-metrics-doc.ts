@@ -1,7 +1,7 @@
 /**
  * The README's metric list, between `<!-- metrics:start -->` and `<!-- metrics:end -->`, generated
  * from the registries themselves: the shim's (shim/metrics.ts, prom-client), the guest agent's
- * table (guest/agent/metric-families.ts GUEST_METRICS) and kata-runtime monitor's (cli/monitor.ts).
+ * table (wire/agent/metric-families.ts GUEST_METRICS) and kata-runtime monitor's (cli/monitor.ts).
  * prom-client's Node.js runtime figures (`*_nodejs_*`) are one row per registry.
  * `npm run gen` rewrites it; test/unit/metrics-doc.test.ts fails when the README differs.
  */
@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { KataMonitor } from '../cli/monitor.js';
 import { parsePromText } from '../core/prom-text.js';
-import { GUEST_METRICS } from '../guest/agent/metric-families.js';
+import { GUEST_METRICS } from '../wire/agent/metric-families.js';
 import { ShimMetrics } from '../shim/metrics.js';
 
 interface Row {

@@ -13,7 +13,7 @@
  */
 import type { Counter, Gauge, Registry } from 'prom-client';
 import { hotplugCounts } from '../core/counters.js';
-import { formatPromText, parsePromText, PromTextError, type PromType } from '../core/prom-text.js';
+import { formatPromText, parsePromText, PromTextError } from '../core/prom-text.js';
 import { GrpcCode } from '../wire/ttrpc/codes.js';
 import { CRI_LABEL_ANNOTATIONS, type SandboxFigures } from './metrics-labels.js';
 import { CLOCK_TICKS, readProcessFigures, type ProcessFigures } from './metrics-proc.js';
@@ -80,16 +80,6 @@ export class ShimMetrics {
   /** Loads prom-client (imported here, not with the shim: only a scraped shim pays for it). */
   static async create(figures: SandboxFigures, opts: { procRoot?: string; selfPid?: number } = {}): Promise<ShimMetrics> {
     return new ShimMetrics(await import('prom-client'), figures, opts);
-  }
-
-  /**
-   * The type of each family the shim itself reports (not the guest's), read from a registry made
-   * for the purpose: `kata-runtime monitor` merges the sandboxes' answers by these types.
-   */
-  static async types(): Promise<Map<string, PromType>> {
-    const m = await ShimMetrics.create({ hypervisorPid: () => undefined, startPhases: () => ({}), guestMetrics: async () => '', podLabels: () => ({}) });
-    // prom-client's typings give `type` as a numeric enum; the objects hold the type's name.
-    return new Map((m.registry.getMetricsAsArray() as unknown as { name: string; type: PromType }[]).map((f) => [f.name, f.type]));
   }
 
   private constructor(

@@ -9,7 +9,7 @@
  */
 import { readFile, readdir } from 'node:fs/promises';
 import { SANDBOX_CGROUP, parseFlatKeyed } from './cgroups.js';
-import { GUEST_METRICS } from './metric-families.js';
+import { GUEST_METRICS } from '../../wire/agent/metric-families.js';
 
 /** Where the agent gives each container its cgroup (`<root>/<container-id>`, cgroup v2 files): cgroups.ts says. */
 export const CONTAINER_CGROUP_ROOT = SANDBOX_CGROUP;

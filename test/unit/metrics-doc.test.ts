@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../../core/paths.js';
-import { GUEST_METRICS } from '../../guest/agent/metric-families.js';
+import { GUEST_METRICS } from '../../wire/agent/metric-families.js';
 import { generateMetricTable, spliceMetricTable } from '../../scripts/gen-metrics-doc.js';
 
 describe('documentation: metrics', () => {

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parsePromText, type PromFamily } from '../../../core/prom-text.js';
-import { GUEST_METRICS } from '../../../guest/agent/metric-families.js';
+import { GUEST_METRICS } from '../../../wire/agent/metric-families.js';
 import { guestMetrics, meminfoItem, parseLoadavg, parseMeminfo, parseProcStat, readContainerCgroups } from '../../../guest/agent/metrics.js';
 import { TempDir } from '../../helpers/tmp.js';
 

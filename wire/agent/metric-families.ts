@@ -1,8 +1,9 @@
 /**
  * The families the guest agent's GetMetrics reports (guest/agent/metrics.ts): each one's type,
- * labels and meaning. A module of its own, importing nothing, because the host reads it too: the
- * README's list is generated from it, and `kata-runtime monitor` takes the guest families' types
- * from it (a guest cannot retype a family for the other sandboxes) without the agent's code.
+ * labels and meaning. Part of the wire contract between the agent and the host, so it lives with
+ * the protocol and imports nothing: the agent answers with these, the README's list is generated
+ * from it, and `kata-runtime monitor` takes the guest families' types from it (a guest cannot
+ * retype a family for the other sandboxes).
  */
 
 export const GUEST_METRICS = {
