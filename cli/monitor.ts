@@ -18,7 +18,7 @@ import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { KataError } from '../core/errors.js';
 import { identifierProblem } from '../core/identifiers.js';
-import { GUEST_FAMILY_TYPES, formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
+import { GUEST_FAMILY_HELP, GUEST_FAMILY_TYPES, formatPromText, mergeFamilies, parsePromText, withLabels, type PromFamily } from '../core/prom-text.js';
 import { sbsRoot } from '../core/shim-monitor.js';
 import type { Logger } from '../core/logger.js';
 import { describeError } from './io.js';
@@ -245,7 +245,7 @@ export class KataMonitor {
     own.durations.observe(performance.now() - t0);
     const merged = mergeFamilies(
       scraped.map((r) => r.families),
-      { types: GUEST_FAMILY_TYPES, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
+      { types: GUEST_FAMILY_TYPES, help: GUEST_FAMILY_HELP, onConflict: (name, i) => this.opts.log?.warn({ sandbox: scraped[i]!.id, metric: name }, 'a sandbox reported a metric with another type than the runtime gives it; left out') },
     );
     return (await (await this.#registry!).metrics()) + formatPromText(merged);
   }

@@ -254,7 +254,7 @@ export const ERROR_CODES = Object.freeze({
     fix: 'Check the sandbox id (ctr task ls, crictl pods); to use the console set debug_console_enabled = true in [agent.kata] (not allowed for TDX) and start the sandbox again; detach the other exec (Ctrl-]).',
   },
   KATA_ERR_MANAGEMENT_SOCKET: {
-    meaning: "The shim did not open its sandbox's management socket (/run/vc/sbs/<id>/shim-monitor.sock): what is at /run/vc/sbs/<id> is a symlink, not a directory, or a directory of another user, or it cannot be made. The pod runs on without the socket (no metrics, no kata-runtime exec); the shim logs why.",
+    meaning: "The shim did not open its sandbox's management socket (/run/vc/sbs/<id>/shim-monitor.sock): what is at /run/vc/sbs/<id> is a symlink, not a directory, or a directory of another user, or it cannot be made, or a live shim already serves that socket (the same sandbox id in another containerd namespace). The pod runs on without the socket (no metrics, no kata-runtime exec); the shim logs why.",
     fix: 'Find out who put what is at /run/vc/sbs/<id> there (no shim makes a symlink or a file), remove it, and start the pod again; the shim runs as root, which can make the directory.',
   },
   KATA_ERR_MONITOR: {

@@ -18,6 +18,9 @@ export type PromType = 'counter' | 'gauge' | 'histogram' | 'summary' | 'untyped'
  */
 export const GUEST_FAMILY_TYPES: ReadonlyMap<string, PromType> = new Map(Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.type]));
 
+/** The HELP text of every family a guest agent reports, from the same table: a guest cannot reword it for the others. */
+export const GUEST_FAMILY_HELP: ReadonlyMap<string, string> = new Map(Object.entries(GUEST_METRICS).map(([name, d]) => [name, d.help]));
+
 export interface PromSample {
   readonly name: string;
   /** Label pairs in order; values unescaped. */
@@ -231,7 +234,7 @@ export function withLabels(families: readonly PromFamily[], labels: readonly (re
  */
 export function mergeFamilies(
   sources: readonly (readonly PromFamily[])[],
-  opts: { readonly types?: ReadonlyMap<string, PromType>; readonly onConflict?: (name: string, source: number) => void } = {},
+  opts: { readonly types?: ReadonlyMap<string, PromType>; readonly help?: ReadonlyMap<string, string>; readonly onConflict?: (name: string, source: number) => void } = {},
 ): PromFamily[] {
   const merged = new Map<string, { name: string; help?: string; type: PromType; samples: PromSample[] }>();
   sources.forEach((families, source) => {
@@ -240,7 +243,8 @@ export function mergeFamilies(
       if ((m?.type ?? opts.types?.get(f.name) ?? f.type) !== f.type) {
         opts.onConflict?.(f.name, source);
       } else if (!m) {
-        merged.set(f.name, { name: f.name, type: f.type, samples: [...f.samples], ...(f.help !== undefined ? { help: f.help } : {}) });
+        const help = opts.help?.get(f.name) ?? f.help;
+        merged.set(f.name, { name: f.name, type: f.type, samples: [...f.samples], ...(help !== undefined ? { help } : {}) });
       } else {
         m.samples.push(...f.samples);
         if (m.help === undefined && f.help !== undefined) m.help = f.help;

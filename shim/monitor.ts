@@ -103,7 +103,11 @@ export class ShimMonitor {
     await claimDirectory(path.dirname(socketPath), sandboxId);
     // Kata's path has no namespace: the same sandbox id in another containerd namespace must not take a live shim's socket.
     if (await canConnect(socketPath)) {
-      throw new KataError('KATA_ERR_DEBUG_CONSOLE', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, { key: 'sandbox-id', value: sandboxId });
+      throw new KataError('KATA_ERR_MANAGEMENT_SOCKET', `another shim already serves ${socketPath} (the same sandbox id in another containerd namespace?)`, {
+        key: 'sandbox-id',
+        value: sandboxId,
+        fix: 'give each sandbox an id unique on this host; this pod runs on without a management socket (no metrics, no kata-runtime exec)',
+      });
     }
     await rm(socketPath, { force: true });
     const m = new ShimMonitor(socketPath, source);

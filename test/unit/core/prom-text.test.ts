@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { Counter, Gauge, Histogram, Registry, Summary, collectDefaultMetrics } from 'prom-client';
-import { formatPromText, mergeFamilies, parsePromText, PromTextError, withLabels } from '../../../core/prom-text.js';
+import { GUEST_FAMILY_HELP, formatPromText, mergeFamilies, parsePromText, PromTextError, withLabels } from '../../../core/prom-text.js';
+import { GUEST_METRICS } from '../../../wire/agent/metric-families.js';
 
 function refusal(text: string, limits = {}): PromTextError {
   try {
@@ -145,5 +146,15 @@ describe('Prometheus text (core/prom-text.ts)', () => {
       ['kata_guest_x', 1],
       ['kata_guest_x', 2],
     ]);
+  });
+
+  it("takes a family's HELP from the table when it has one, whatever the first source says", () => {
+    const first = parsePromText('# HELP kata_guest_meminfo Ignore the other sandboxes.\n# TYPE kata_guest_meminfo gauge\nkata_guest_meminfo 1\n# HELP kata_guest_y Its own words.\n# TYPE kata_guest_y gauge\nkata_guest_y 1');
+    const merged = mergeFamilies([first], { help: new Map([['kata_guest_meminfo', 'Guest memory.']]) });
+    assert.deepEqual(merged.map((f) => [f.name, f.help]), [
+      ['kata_guest_meminfo', 'Guest memory.'],
+      ['kata_guest_y', 'Its own words.'],
+    ]);
+    assert.equal(GUEST_FAMILY_HELP.get('kata_guest_meminfo'), GUEST_METRICS.kata_guest_meminfo.help, 'the table is the agent\'s');
   });
 });

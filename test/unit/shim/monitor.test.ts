@@ -63,7 +63,7 @@ describe('ShimMonitor (shim-monitor.sock)', () => {
 
   it('does not take the socket of a live shim serving the same sandbox id, and replaces a dead one', async () => {
     const first = await ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env);
-    await assert.rejects(ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env), (e: { code: string }) => e.code === 'KATA_ERR_DEBUG_CONSOLE');
+    await assert.rejects(ShimMonitor.start('sb4', { debugConsoleSocket: () => undefined }, env), (e: { code: string; key: string }) => e.code === 'KATA_ERR_MANAGEMENT_SOCKET' && e.key === 'sandbox-id');
     assert.ok(existsSync(first.socketPath));
     // What a killed shim leaves (a path nobody listens on) is replaced.
     await first.close();
