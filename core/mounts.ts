@@ -8,9 +8,8 @@ import { promisify } from 'node:util';
 
 const run = promisify(execFile);
 
-/** Mount points, in mount order; mountinfo's octal escapes (`\040` for a space) undone. */
-async function mountPoints(): Promise<string[]> {
-  const table = await readFile('/proc/self/mountinfo', 'utf8');
+/** The mount points of a mountinfo text, in mount order; its octal escapes (`\040` for a space) undone. */
+function mountPointsIn(table: string): string[] {
   return table
     .split('\n')
     .map((line) => line.split(' ')[4])
@@ -18,13 +17,24 @@ async function mountPoints(): Promise<string[]> {
     .map((m) => m.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))));
 }
 
+async function mountPoints(): Promise<string[]> {
+  return mountPointsIn(await readFile('/proc/self/mountinfo', 'utf8'));
+}
+
 export async function isMountPoint(target: string): Promise<boolean> {
   return (await mountPoints()).includes(target);
 }
 
+/** What a mountinfo text has mounted at `dir` or below it, deepest first (the order to unmount in). */
+export function mountsUnderIn(table: string, dir: string): string[] {
+  return mountPointsIn(table)
+    .filter((m) => m === dir || m.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+}
+
 /** What is mounted at `dir` or below it, deepest first (the order to unmount in). */
 export async function mountsUnder(dir: string): Promise<string[]> {
-  return (await mountPoints()).filter((m) => m === dir || m.startsWith(`${dir}/`)).sort((a, b) => b.length - a.length);
+  return mountsUnderIn(await readFile('/proc/self/mountinfo', 'utf8'), dir);
 }
 
 /**

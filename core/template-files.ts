@@ -138,15 +138,14 @@ export interface TemplateStatus {
 /** Whether the template under `[factory] template_path` exists and matches this configuration. */
 export async function templateStatus(config: KataConfig, plan: SandboxPlan): Promise<TemplateStatus> {
   const enabled = config.factory.enable_template;
+  const { fingerprint } = await templateFingerprint(plan);
   let dir: string;
   try {
     dir = resolveTemplateDir(config.factory.template_path);
   } catch (e) {
-    const { fingerprint } = await templateFingerprint(plan);
     return { enabled, path: config.factory.template_path, fingerprint, exists: false, usable: false, reason: (e as Error).message };
   }
   const files = templateLayout(dir);
-  const { fingerprint } = await templateFingerprint(plan);
   const base = { enabled, path: dir, fingerprint };
   const [memory, state, metaText] = await Promise.all([
     stat(files.memoryFile).catch(() => undefined),

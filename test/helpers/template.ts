@@ -14,6 +14,7 @@ import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { mountsUnderIn } from '../../core/mounts.js';
 import { DIST_ROOT } from '../../core/paths.js';
 import { processStartTime } from '../../core/run-dirs.js';
 
@@ -73,12 +74,8 @@ function runAlive(root: string, pid: number): boolean {
 
 /** Lazily unmounts whatever is still mounted at or below `root` (a template whose `destroy` failed), deepest first, so that removing `root` cannot reach into a live tmpfs. */
 function unmountUnder(root: string): void {
-  const mounts = readFileSync('/proc/self/mountinfo', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' ')[4])
-    .filter((m): m is string => !!m && (m === root || m.startsWith(`${root}/`)))
-    .sort((a, b) => b.length - a.length);
-  for (const m of mounts) execFileSync('umount', ['-l', m]);
+  // Synchronous: it also runs in the exit handler.
+  for (const m of mountsUnderIn(readFileSync('/proc/self/mountinfo', 'utf8'), root)) execFileSync('umount', ['-l', m]);
 }
 
 /** A run that was killed (no exit handler ran) left its templates mounted: remove them. */
